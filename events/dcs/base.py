@@ -1,0 +1,186 @@
+"""The DCS interface: everything the agent asks of a consensus store.
+
+One abstract class, one module per backend (etcd.py, consul.py), nothing backend-specific leaking
+out (the Patroni `dcs/` model). The agent and the state machine only ever see the types below.
+
+Keys, under ``<prefix>/<cluster>/`` (prefix without a leading slash, default ``pgsidecar``):
+
+    leader              value = member name; bound to the holder's session/lease; its modify
+                        index / mod_revision is the *term* (a fencing token)
+    members/<name>      JSON of the member's state (role, lsn, timeline, api_url, tags, ...);
+                        bound to the member's session/lease, so it vanishes when the agent dies
+    initialize          value = name of the member that won the right to run initdb; never
+                        bound to a session (the cluster stays initialized when that member dies)
+    config              JSON: cluster-wide dynamic config
+    switchover          JSON: a pending switchover command {"from": ..., "to": ..., ...}
+
+Semantics every backend must provide (tests/test_dcs_contract.py states them as tests):
+
+* ``acquire_leader`` is an atomic create-if-absent bound to this agent's session: of concurrent
+  acquirers exactly one wins.
+* When the session expires (no renewal for ``ttl``) or is closed, every key bound to it is deleted
+  (the leader key and the member key) and watchers see the deletion.
+* ``release_leader`` deletes the key only if it is still held by us with the given term, and the
+  key is free at once (no lock-delay).
+* The term strictly increases on every change of leader.
+* ``watch`` yields a full ``ClusterView`` now and after every change under the cluster prefix;
+  after a lost connection it resumes from the last index it saw, without losing a change.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class DCSError(Exception):
+    """The store could not be reached or answered with an error. Transient: the caller retries.
+
+    No transition is ever taken because of a DCSError alone, except that a master that cannot
+    renew its lease fences itself when its own deadline passes."""
+
+
+class SessionLost(DCSError):
+    """Our session/lease no longer exists on the store side (expired or invalidated). Every key
+    bound to it is gone; a master must stop accepting writes at once."""
+
+
+class DuplicateMember(Exception):
+    """Another live agent (a different ``instance_id``) already holds ``members/<name>``."""
+
+
+class AuthError(DCSError):
+    """The store refused our credentials (ACL token, TLS client cert). Not transient: the message
+    names the setting to fix."""
+
+
+@dataclass(frozen=True)
+class Leader:
+    name: str
+    term: int
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """Everything the store knows about one cluster, read at one index."""
+
+    leader: Leader | None = None
+    members: dict[str, dict[str, Any]] = field(default_factory=dict)
+    initialize: str | None = None
+    config: dict[str, Any] | None = None
+    switchover: dict[str, Any] | None = None
+    index: int = 0
+    # keys whose value could not be decoded: (key, reason); skipped and counted, never acted on
+    malformed: tuple[tuple[str, str], ...] = ()
+
+
+def decode_json_object(key: str, raw: bytes | str | None) -> tuple[dict[str, Any] | None, str | None]:
+    """Decode a JSON object stored under ``key``. Returns (value, None) or (None, reason)."""
+    if raw is None:
+        return None, None
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        value = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{key}: not valid JSON ({exc.__class__.__name__})"
+    if not isinstance(value, dict):
+        return None, f"{key}: expected a JSON object, got {type(value).__name__}"
+    return value, None
+
+
+class DCS(abc.ABC):
+    """One agent's connection to the consensus store, scoped to one cluster.
+
+    An agent opens exactly one session (etcd: lease; Consul: session) and binds its member key and,
+    when it wins, the leader key to it."""
+
+    def __init__(self, cluster: str, prefix: str = "pgsidecar") -> None:
+        self.cluster = cluster
+        self.prefix = prefix.strip("/")
+        self.base = f"{self.prefix}/{cluster}/"
+
+    # -- keys -----------------------------------------------------------------------------------
+    def key(self, *parts: str) -> str:
+        return self.base + "/".join(parts)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Check that the store answers. Raises DCSError (or AuthError) otherwise."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Close connections (does not close the session; see close_session)."""
+
+    # -- session --------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def session_ttl(self) -> float:
+        """The TTL the store granted to our session, in seconds (0 before open_session)."""
+
+    @abc.abstractmethod
+    async def open_session(self, ttl: float) -> None:
+        """Create our session/lease with the given TTL (seconds)."""
+
+    @abc.abstractmethod
+    async def renew_session(self) -> None:
+        """Extend our session by its TTL. Raises SessionLost if it no longer exists, DCSError on a
+        transient failure. The caller measures the time it *sent* the request: the lease is valid
+        for at most ``ttl`` after that moment."""
+
+    @abc.abstractmethod
+    async def close_session(self) -> None:
+        """Destroy our session: every key bound to it is deleted at once."""
+
+    # -- leader ---------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def acquire_leader(self, name: str) -> Leader | None:
+        """Atomically create ``leader`` = name bound to our session if it does not exist.
+        Returns the Leader (with its term) if we hold it now, None if someone else does."""
+
+    @abc.abstractmethod
+    async def release_leader(self, name: str, term: int) -> bool:
+        """Delete ``leader`` if it still holds ``name`` at ``term``. True if deleted by us."""
+
+    # -- members --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def register_member(self, name: str, data: dict[str, Any]) -> None:
+        """First write of our member key. Raises DuplicateMember if a live key with the same name
+        carries a different ``instance_id`` in its data; takes over a key of our own previous
+        incarnation (same ``instance_id``)."""
+
+    @abc.abstractmethod
+    async def put_member(self, name: str, data: dict[str, Any]) -> None:
+        """Write our member key, bound to our session."""
+
+    # -- initialize / config / commands --------------------------------------------------------
+    @abc.abstractmethod
+    async def try_initialize(self, name: str) -> bool:
+        """Create ``initialize`` = name if absent (not bound to any session). True if we won."""
+
+    @abc.abstractmethod
+    async def cancel_initialize(self, name: str) -> bool:
+        """Delete ``initialize`` if it still holds ``name`` (our bootstrap failed)."""
+
+    @abc.abstractmethod
+    async def put_config(self, config: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def put_switchover(self, command: dict[str, Any]) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_switchover(self) -> None: ...
+
+    # -- reading --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def read_cluster(self) -> ClusterView:
+        """A consistent read of every key of the cluster."""
+
+    @abc.abstractmethod
+    def watch(self) -> AsyncIterator[ClusterView]:
+        """Yield the current view, then a new view after every change under the cluster prefix.
+        Reconnects by itself (bounded backoff) and resumes from the last index seen; raises
+        nothing but asyncio.CancelledError. While the store is unreachable it yields nothing."""

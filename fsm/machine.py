@@ -1,0 +1,490 @@
+"""The role state machine of one pgsidecar member: theory, table, guards. No I/O.
+
+Theory of operation
+===================
+
+Each member runs one agent. The agent's *role* is one of six states:
+
+    init       the agent has just started; it finds out what data it has and what the cluster
+               looks like, and gets a usable data directory (initdb if it won the ``initialize``
+               key of a new cluster, pg_basebackup from the master otherwise)
+    replica    PostgreSQL runs as a standby (read-only), streaming from the master if there is one
+    candidate  the leader key is free: the member has published a fresh WAL position and compares it
+               with its peers'; the most advanced eligible member races for the key
+    master     the member holds the leader key (a lease in the DCS) and its PostgreSQL is writable
+    demoted    the member was master and is no longer allowed to be: PostgreSQL is being (or has
+               been) stopped; nothing is writable
+    rewinding  the member's data may have forked from the master's timeline (a former master): it
+               is brought back with pg_rewind, or thrown away and recloned when rewind fails
+
+Safety rests on one rule: **only the holder of the leader key may run a writable PostgreSQL.** The
+key is taken by an atomic create-if-absent bound to a lease with a TTL, so two members can never
+both hold it; ``master`` is entered only by ``won_lease`` (guard: the lease is held), and
+``decide`` checks the lease *first* in ``master``, before anything else, even while an effect is in
+flight. The agent's watchdog thread fences PostgreSQL on its own clock when the lease cannot be
+renewed in time (see pgsidecar/watchdog.py); this machine then records the fact as ``lease_lost``.
+PostgreSQL is always started by the agent with the settings of the current role already written,
+so a former master cannot come back writable on its own: from ``init`` it can only go to
+``replica`` (read-only) or ``rewinding``.
+
+Liveness rests on the second rule: **the most advanced replica wins.** When the key vanishes, every
+replica moves to ``candidate`` and republishes its member key with its current (timeline, LSN) and
+``election = <the lost term>``. A candidate races only when no eligible peer is ahead of it (ties:
+higher ``failover_priority``, then the smaller name), after every peer has published a fresh
+position or ``election_timeout`` has passed. A switchover names its target: the target waits until
+it has received the WAL position the old master announced on its way out, and the others stand
+aside for one TTL.
+
+How the machine is driven
+=========================
+
+The runtime (pgsidecar/agent.py) owns one asyncio queue of inputs. For each input it calls
+``step(role, snapshot, input)`` (fsm/inputs.py folds the input into the snapshot, then ``decide``
+picks at most one trigger), fires the trigger on the ``RoleMachine`` (which checks it against the
+table below and produces a Transition record), and runs the effect bound to the trigger
+(pgsidecar/effects.py). The effect's outcome comes back as another input. ``busy`` in the snapshot
+says an effect is in flight; decisions wait for it, except the master's lease check.
+
+Because ``decide`` is a pure function of (role, snapshot) and the snapshot is a pure fold of the
+recorded inputs, replaying a node's recorded inputs into a fresh machine must reproduce its
+recorded transitions exactly (``pgsidecar replay``).
+
+The table
+=========
+
+One row per transition: (source, trigger, dest, why). Every (state, trigger) pair not in the table
+is rejected by the machine (transitions.MachineError); tests/test_fsm_table.py checks every pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from transitions import Machine
+
+from fsm.records import Transition
+from fsm.snapshot import DataState, MemberView, Snapshot
+
+
+class Role(StrEnum):
+    INIT = "init"
+    REPLICA = "replica"
+    CANDIDATE = "candidate"
+    MASTER = "master"
+    DEMOTED = "demoted"
+    REWINDING = "rewinding"
+
+
+class Row(NamedTuple):
+    source: Role
+    trigger: str
+    dest: Role
+    why: str
+
+
+# fmt: off
+I, R, C, M, D, W = Role.INIT, Role.REPLICA, Role.CANDIDATE, Role.MASTER, Role.DEMOTED, Role.REWINDING  # noqa: E741
+
+TABLE: tuple[Row, ...] = (
+    # --- init: get a usable data directory, then start read-only ----------------------------------
+    Row(I, "bootstrap",          I, "The cluster has no initialize key and we have no data: race for the key and run initdb if we win."),
+    Row(I, "clone",              I, "We have no usable data and a master exists: copy it with pg_basebackup."),
+    Row(I, "start_replica",      R, "Our data is a standby's (or there is no master): start PostgreSQL read-only; a writable start needs the lease."),
+    Row(I, "rewind",             W, "Our data last ran as a primary while another member leads: its timeline may have forked, check before starting."),
+    # --- replica: follow the master, stand for election when there is none ------------------------
+    Row(R, "follow",             R, "The master changed: point primary_conninfo at the new one (a reload, no restart)."),
+    Row(R, "restart",            R, "PostgreSQL is not running on a replica: start it again as a standby."),
+    Row(R, "leader_lost",        C, "No member holds the leader key: publish our fresh position and stand for election."),
+    Row(R, "rewind",             W, "Our WAL receiver cannot follow the master's timeline: our history forked, rewind it."),
+    Row(R, "reclone",            I, "Our data directory is gone or unreadable: go back to init, which clones from the master."),
+    # --- candidate: the most advanced eligible member races ---------------------------------------
+    Row(C, "race",               C, "Every eligible peer has published a fresh position and none is ahead of us: try to take the leader key."),
+    Row(C, "won_lease",          M, "We hold the leader key: promote PostgreSQL (or start it as primary)."),
+    Row(C, "lost_race",          R, "Another member took the leader key: follow it."),
+    Row(C, "stand_down",         R, "We may not become master now (DCS unreachable, paused, tagged nofailover, or too far behind)."),
+    # --- master: writable only while the lease is held --------------------------------------------
+    Row(M, "restart_in_place",   M, "PostgreSQL stopped while we hold the lease: restart it as primary on the same timeline."),
+    Row(M, "lease_lost",         D, "We no longer hold the lease (renewal failed past our deadline, or the key is gone or someone else's): stop writes now."),
+    Row(M, "shutdown",           D, "We are asked to stop (SIGTERM, pod deletion): stop PostgreSQL cleanly, then release the lease at once."),
+    Row(M, "switchover",         D, "A switchover to another member was requested: stop cleanly so it receives all our WAL, then release the lease."),
+    Row(M, "start_timeout",      D, "PostgreSQL did not come back within master_start_timeout: give the lease up so a replica can take over."),
+    # --- demoted: a former master, PostgreSQL stopped ---------------------------------------------
+    Row(D, "rejoin",             W, "Another member is master: check our timeline against it (rewind if forked) before starting as its replica."),
+    Row(D, "start_replica",      R, "No member holds the lease: start read-only (our data is the latest we know) and stand for election."),
+    # --- rewinding: a forked former master comes back ---------------------------------------------
+    Row(W, "retry_rewind",       W, "The last pg_rewind attempt failed and attempts remain: try again."),
+    Row(W, "rewound",            R, "Our data now follows the master's timeline (rewound, or no rewind was needed): start as its standby."),
+    Row(W, "reclone",            I, "pg_rewind failed rewind_attempts times: throw the data away and clone afresh."),
+)
+# fmt: on
+
+TRIGGERS: tuple[str, ...] = tuple(sorted({row.trigger for row in TABLE}))
+
+# The effect the runtime runs for each trigger (pgsidecar/effects.py); ``busy`` is set to it.
+EFFECT: dict[str, str] = {
+    "bootstrap": "bootstrap",
+    "clone": "clone",
+    "start_replica": "start_standby",
+    "rewind": "rewind",
+    "follow": "follow",
+    "restart": "start_standby",
+    "leader_lost": "announce",
+    "reclone": "wipe",
+    "race": "acquire",
+    "won_lease": "promote",
+    "lost_race": "none",
+    "stand_down": "none",
+    "restart_in_place": "start_primary",
+    "lease_lost": "fence",
+    "shutdown": "handoff",
+    "switchover": "handoff",
+    "start_timeout": "give_up",
+    "rejoin": "rewind",
+    "retry_rewind": "rewind",
+    "rewound": "start_standby",
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``decide`` returns: a trigger with its reason, or nothing (trigger None) with an
+    optional time (our clock) at which to decide again if no input arrives before."""
+
+    trigger: str | None
+    reason: str = ""
+    wake_at: float | None = None
+
+
+WAIT = Decision(None)
+
+
+def _wait_until(t: float, reason: str = "") -> Decision:
+    return Decision(None, reason, wake_at=t)
+
+
+# --- guards: pure functions of a snapshot ----------------------------------------------------------
+
+
+def lease_valid(s: Snapshot) -> bool:
+    """We hold the lease and, on our own clock, its fencing deadline has not passed."""
+    return s.lease.held and (s.lease.deadline is None or s.now < s.lease.deadline)
+
+
+def eligible(s: Snapshot) -> tuple[bool, str]:
+    """May this member become master at all right now?"""
+    if s.settings.nofailover:
+        return False, "tagged nofailover"
+    if s.settings.failover_priority <= 0:
+        return False, "failover_priority is 0"
+    if s.dcs.paused:
+        return False, "the cluster is paused"
+    if not s.dcs.reachable:
+        return False, "the DCS is unreachable"
+    if not s.pg.running or s.pg.lsn is None or s.pg.timeline is None:
+        return False, "our PostgreSQL is not running or its position is unknown"
+    ref = s.dcs.last_leader_lsn
+    if ref is not None and s.pg.timeline == s.dcs.last_leader_timeline:
+        lag = ref - s.pg.lsn
+        if lag > s.settings.maximum_lag_on_failover:
+            return (
+                False,
+                f"{lag} bytes behind the last master position, above maximum_lag_on_failover",
+            )
+    return True, ""
+
+
+def _peer_eligible(m: MemberView) -> bool:
+    return m.running and not m.nofailover and m.failover_priority > 0
+
+
+def _ahead(peer: MemberView, s: Snapshot) -> bool:
+    """Is ``peer`` a better candidate than we are?"""
+    mine = (s.pg.timeline or 0, s.pg.lsn or 0)
+    if peer.position != mine:
+        return peer.position > mine
+    if peer.failover_priority != s.settings.failover_priority:
+        return peer.failover_priority > s.settings.failover_priority
+    return peer.name < s.name
+
+
+def _fmt_pos(tl: int | None, lsn: int | None) -> str:
+    if lsn is None:
+        return f"TL{tl}/?"
+    return f"TL{tl}/{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def decide(role: Role, s: Snapshot) -> Decision:
+    """The whole decision core: which trigger (if any) to fire now."""
+    leader = s.dcs.leader
+    other_leader = leader is not None and leader.name != s.name
+
+    if role is Role.MASTER:
+        # The lease check comes first, before ``busy``: nothing may keep a master writable
+        # without the lease, not even an effect in flight (the runtime cancels it).
+        if not lease_valid(s):
+            return Decision(
+                "lease_lost", "we no longer hold the leader lease: stop accepting writes"
+            )
+        if leader is not None and leader.name != s.name:
+            return Decision(
+                "lease_lost",
+                f"the leader key names {leader.name} (term {leader.term}): stop accepting writes",
+            )
+        if leader is None and s.lease.term is not None and s.dcs.index > s.lease.term:
+            # a view newer than our acquisition shows no key: it expired or was deleted
+            return Decision(
+                "lease_lost", "the leader key is gone from the DCS: stop accepting writes"
+            )
+        if s.busy:
+            return WAIT
+        if s.stop_requested:
+            return Decision(
+                "shutdown", "asked to stop: stop PostgreSQL cleanly and release the lease"
+            )
+        sw = s.dcs.switchover
+        if (
+            sw is not None
+            and sw.target != s.name
+            and sw.source in (None, s.name)
+            and not s.dcs.paused
+        ):
+            target = s.dcs.members.get(sw.target) if sw.target else None
+            if sw.target is None or (target is not None and target.running):
+                to = sw.target or "the most advanced replica"
+                return Decision(
+                    "switchover",
+                    f"switchover to {to} requested: stop cleanly, then release the lease",
+                )
+        if not s.pg.running:
+            if s.dcs.paused:
+                return WAIT
+            down = s.master_down_since if s.master_down_since is not None else s.now
+            limit = down + s.settings.master_start_timeout
+            if s.now >= limit:
+                return Decision(
+                    "start_timeout",
+                    f"PostgreSQL did not come back within {s.settings.master_start_timeout:g} s: give up the lease",
+                )
+            if s.pg.start_failures == 0 or s.pg.crashed:
+                return Decision(
+                    "restart_in_place",
+                    "PostgreSQL stopped while we hold the lease: restart it as primary, same timeline",
+                    wake_at=limit,
+                )
+            return _wait_until(limit)
+        return WAIT
+
+    if s.busy or s.stop_requested:
+        return WAIT
+
+    if role is Role.INIT:
+        return _decide_init(s)
+    if role is Role.REPLICA:
+        return _decide_replica(s)
+    if role is Role.CANDIDATE:
+        return _decide_candidate(s)
+    if role is Role.DEMOTED:
+        if s.pg.running:
+            return WAIT
+        if other_leader:
+            assert leader is not None
+            return Decision(
+                "rejoin",
+                f"{leader.name} is master at term {leader.term}: check our timeline and rejoin",
+            )
+        if leader is None and s.dcs.reachable and not s.lease.held:
+            return Decision(
+                "start_replica", "no member holds the lease: start read-only and stand for election"
+            )
+        return WAIT
+    if role is Role.REWINDING:
+        if s.rewind_done and other_leader:
+            assert leader is not None
+            return Decision(
+                "rewound", f"our data follows {leader.name}'s timeline: start as its standby"
+            )
+        if s.rewind_failures >= s.settings.rewind_attempts:
+            return Decision(
+                "reclone", f"pg_rewind failed {s.rewind_failures} times: reclone from the master"
+            )
+        if s.rewind_failures > 0 and other_leader:
+            return Decision(
+                "retry_rewind",
+                f"pg_rewind attempt {s.rewind_failures + 1} of {s.settings.rewind_attempts}",
+            )
+        return WAIT
+    raise AssertionError(f"unknown role {role}")
+
+
+def _decide_init(s: Snapshot) -> Decision:
+    leader = s.dcs.leader
+    if s.pg.data is DataState.UNKNOWN or not s.dcs.reachable:
+        return WAIT
+    if leader is not None and leader.name == s.name:
+        # A key of our previous incarnation: the runtime releases it at start-up. Wait for that.
+        return WAIT
+    if s.pg.data in (DataState.MISSING, DataState.INVALID):
+        if leader is not None:
+            return Decision("clone", f"no usable data directory: clone it from {leader.name}")
+        if s.dcs.initialized_by is None and not s.bootstrap_lost:
+            return Decision(
+                "bootstrap", "the cluster is not initialized: race for the initialize key"
+            )
+        return WAIT  # someone else is bootstrapping: clone from it once it leads
+    if leader is not None:
+        if s.pg.data in (DataState.PRIMARY_CLEAN, DataState.PRIMARY_CRASHED) and not s.rewind_done:
+            return Decision(
+                "rewind",
+                f"our data last ran as a primary while {leader.name} leads: check for a forked timeline first",
+            )
+        return Decision("start_replica", f"start read-only as a standby of {leader.name}")
+    return Decision("start_replica", "no master: start read-only and stand for election")
+
+
+def _decide_replica(s: Snapshot) -> Decision:
+    leader = s.dcs.leader
+    if not s.pg.running and s.pg.data in (DataState.MISSING, DataState.INVALID):
+        return Decision("reclone", f"our data directory is {s.pg.data.value}: reclone it")
+    if s.needs_rewind and leader is not None and leader.name != s.name:
+        return Decision(
+            "rewind", f"our WAL receiver cannot follow {leader.name}'s timeline: rewind"
+        )
+    if not s.pg.running:
+        if s.dcs.paused:
+            return WAIT
+        return Decision("restart", "PostgreSQL is not running: start it again as a standby")
+    if leader is not None and leader.name != s.name:
+        if s.upstream != leader.name:
+            return Decision("follow", f"{leader.name} is master at term {leader.term}: follow it")
+        return WAIT
+    if leader is None:
+        ok, why = eligible(s)
+        if not ok:
+            return WAIT
+        return Decision(
+            "leader_lost",
+            "no member holds the leader key: publish our position and stand for election",
+        )
+    return WAIT
+
+
+def _decide_candidate(s: Snapshot) -> Decision:
+    leader = s.dcs.leader
+    if lease_valid(s) and leader is not None and leader.name == s.name:
+        return Decision("won_lease", f"we hold the leader key at term {leader.term}: promote")
+    if lease_valid(s):
+        # acquired, the watch has not shown the key yet: the acquire result is authoritative
+        return Decision("won_lease", f"we hold the leader key at term {s.lease.term}: promote")
+    if leader is not None:
+        return Decision(
+            "lost_race", f"{leader.name} took the leader key at term {leader.term}: follow it"
+        )
+    ok, why = eligible(s)
+    if not ok:
+        return Decision("stand_down", f"we may not become master: {why}")
+    lost = s.dcs.lost_term
+    lost_at = s.dcs.lost_at if s.dcs.lost_at is not None else s.now
+    if s.announced_term != lost:
+        return WAIT  # our own fresh position is not published yet
+    if s.race_lost_term is not None and s.race_lost_term == lost:
+        return WAIT  # we raced for this term and lost; the winner's key is on its way
+    peers = {n: m for n, m in s.dcs.members.items() if n != s.name}
+    sw = s.dcs.switchover
+    if sw is not None and sw.target is not None:
+        if sw.target == s.name:
+            need = s.dcs.last_leader_lsn
+            if need is not None and (s.pg.lsn or 0) < need and s.now < lost_at + s.settings.ttl:
+                return _wait_until(
+                    lost_at + s.settings.ttl,
+                    "switchover target: waiting for the old master's last WAL",
+                )
+            return Decision(
+                "race",
+                "we are the switchover target and have the old master's last WAL: take the key",
+            )
+        target = peers.get(sw.target)
+        if target is not None and target.running and s.now < lost_at + s.settings.ttl:
+            return _wait_until(
+                lost_at + s.settings.ttl, f"switchover to {sw.target}: standing aside"
+            )
+    contenders = [m for m in peers.values() if _peer_eligible(m)]
+    stale = [m.name for m in contenders if m.election != lost]
+    deadline = lost_at + s.settings.election_timeout
+    if stale and s.now < deadline:
+        return _wait_until(deadline, "waiting for fresh positions from " + ", ".join(sorted(stale)))
+    better = sorted(m.name for m in contenders if _ahead(m, s))
+    if better:
+        # Stay candidate: if the better member cannot take the key, its member key lapses with
+        # its session and it drops out of the comparison.
+        return _wait_until(
+            s.now + s.settings.ttl, "a better candidate exists: " + ", ".join(better)
+        )
+    return Decision(
+        "race",
+        f"no eligible member is ahead of our {_fmt_pos(s.pg.timeline, s.pg.lsn)}: take the leader key",
+    )
+
+
+# --- the machine ---------------------------------------------------------------------------------
+
+
+class _Model:
+    state: str
+
+
+class RoleMachine:
+    """A ``transitions`` machine built from TABLE. It checks a trigger against the table and
+    returns the Transition record; it runs no effects (the runtime does)."""
+
+    def __init__(self, cluster: str, node: str, initial: Role = Role.INIT) -> None:
+        self.cluster = cluster
+        self.node = node
+        self._model = _Model()
+        self._machine = Machine(
+            model=self._model,
+            states=[r.value for r in Role],
+            transitions=[
+                {"trigger": row.trigger, "source": row.source.value, "dest": row.dest.value}
+                for row in TABLE
+            ],
+            initial=initial.value,
+            auto_transitions=False,
+            ignore_invalid_triggers=False,
+        )
+
+    @property
+    def role(self) -> Role:
+        return Role(self._model.state)
+
+    def can(self, trigger: str) -> bool:
+        return any(row.source is self.role and row.trigger == trigger for row in TABLE)
+
+    def fire(self, decision: Decision, s: Snapshot, seq: int, wall_time: float) -> Transition:
+        """Fire ``decision.trigger``; raises transitions.MachineError if the table has no such
+        row for the current role."""
+        assert decision.trigger is not None
+        source = self.role
+        trigger: Any = getattr(self._model, decision.trigger, None)
+        if trigger is None:
+            from transitions import MachineError
+
+            raise MachineError(f'"{decision.trigger}" is not a trigger of this machine')
+        trigger()
+        term = s.lease.term if self.role is Role.MASTER and s.lease.term is not None else None
+        if term is None and s.dcs.leader is not None:
+            term = s.dcs.leader.term
+        return Transition(
+            cluster=self.cluster,
+            node=self.node,
+            seq=seq,
+            time=wall_time,
+            source=source.value,
+            dest=self.role.value,
+            trigger=decision.trigger,
+            reason=decision.reason,
+            term=term,
+            timeline=s.pg.timeline,
+            lsn=s.pg.lsn,
+        )

@@ -1,0 +1,323 @@
+"""The guards, scenario by scenario, driven through ``step`` exactly as the runtime drives them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fsm.inputs import Input, step
+from fsm.machine import Role, decide
+from fsm.snapshot import DataState, Snapshot
+
+LSN = 0x3000000
+
+
+def member(
+    name: str, lsn: int = LSN, tl: int = 2, running: bool = True, **kw: Any
+) -> dict[str, Any]:
+    return {
+        "role": kw.pop("role", "replica"),
+        "lsn": lsn,
+        "timeline": tl,
+        "running": running,
+        "streaming": True,
+        "host": "127.0.0.1",
+        "port": 5432,
+        **kw,
+    }
+
+
+def dcs(leader: str | None = None, term: int = 10, **members: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "leader": {"name": leader, "term": term} if leader else None,
+        "members": members,
+        "initialize": "pg1",
+        "config": None,
+        "switchover": None,
+    }
+
+
+def pg(
+    running: bool = True, lsn: int = LSN, tl: int = 2, data: str = "standby", **kw: Any
+) -> dict[str, Any]:
+    return {
+        "data": data,
+        "running": running,
+        "accepting": running,
+        "in_recovery": kw.pop("in_recovery", True),
+        "timeline": tl,
+        "lsn": lsn,
+        "receiver_streaming": kw.pop("streaming", running),
+        **kw,
+    }
+
+
+class Node:
+    """One node's machine driven by inputs, as the agent drives it."""
+
+    def __init__(self, name: str, role: Role = Role.INIT, **settings: Any) -> None:
+        self.role = role
+        self.s = Snapshot(name=name)
+        self.t = 0.0
+        self.log: list[str] = []
+        self.feed("start", settings={"ttl": 10.0, "election_timeout": 1.0, **settings})
+
+    def feed(self, type_: str, dt: float = 0.01, **data: Any) -> list[str]:
+        self.t += dt
+        self.s, taken, self.last = step(self.role, self.s, Input(type_, self.t, data))
+        fired = []
+        for _src, d, dest in taken:
+            assert d.trigger is not None
+            fired.append(d.trigger)
+            self.role = dest
+        self.log += fired
+        return fired
+
+    def done(self, name: str, **data: Any) -> list[str]:
+        return self.feed("effect", name=name, ok=data.pop("ok", True), **data)
+
+
+def test_bootstrap_path_first_member_initdb_then_master() -> None:
+    n = Node("pg1")
+    n.feed("pg", **pg(running=False, data="missing"))
+    d = dcs()
+    d["initialize"] = None
+    assert n.feed("dcs", **d) == ["bootstrap"]
+    assert n.s.busy == "bootstrap"
+    # initdb done: the data dir is a cleanly shut down primary; no leader anywhere
+    n.feed("pg", **pg(running=False, data="primary_clean", tl=1))
+    d["initialize"] = "pg1"
+    n.feed("dcs", **d)
+    assert n.done("bootstrap", won=True) == ["start_replica"]
+    assert n.role is Role.REPLICA
+    # started read-only, no leader: stand for election, publish, race, win, promote
+    assert (
+        n.feed("pg", **pg(tl=1, streaming=False)) == []
+    )  # busy: the start effect has not reported
+    assert n.done("start_standby", upstream=None) == ["leader_lost"]
+    assert n.done("announce", term=0) == ["race"]
+    assert n.feed("lease", held=True, term=11) == []  # acquire still busy
+    assert n.done("acquire", won=True, term=11) == ["won_lease"]
+    assert n.role is Role.MASTER
+
+
+def test_second_member_waits_for_bootstrap_then_clones() -> None:
+    n = Node("pg2")
+    n.feed("pg", **pg(running=False, data="missing"))
+    assert n.feed("dcs", **dcs()) == []  # initialized by pg1, no leader yet: wait
+    assert n.feed("dcs", **dcs("pg1", 11, pg1=member("pg1", role="master"))) == ["clone"]
+    n.feed("pg", **pg(running=False, data="standby"))
+    assert n.done("clone") == ["start_replica"]
+    n.feed("pg", **pg())
+    n.done("start_standby", upstream="pg1")
+    assert n.role is Role.REPLICA and n.s.upstream == "pg1"
+
+
+def test_former_primary_with_another_leader_goes_through_rewinding() -> None:
+    for state in ("primary_clean", "primary_crashed"):
+        n = Node("pg1")
+        n.feed("pg", **pg(running=False, data=state))
+        assert n.feed("dcs", **dcs("pg2", 20, pg2=member("pg2", role="master"))) == ["rewind"]
+        assert n.role is Role.REWINDING
+        assert n.done("rewind", result="rewound") == ["rewound"]
+        assert n.role is Role.REPLICA
+
+
+def test_rewind_failures_are_bounded_then_reclone() -> None:
+    n = Node("pg1", rewind_attempts=2)
+    n.feed("pg", **pg(running=False, data="primary_crashed"))
+    n.feed("dcs", **dcs("pg2", 20, pg2=member("pg2", role="master")))
+    assert n.done("rewind", ok=False) == ["retry_rewind"]
+    assert n.done("rewind", ok=False) == ["reclone"]
+    assert n.role is Role.INIT
+    n.feed("pg", **pg(running=False, data="missing"))
+    assert n.done("wipe") == ["clone"]
+
+
+def replica_following(name: str = "pg2", lsn: int = LSN) -> Node:
+    n = Node(name)
+    n.feed("pg", **pg(running=False, data="standby"))
+    n.feed("dcs", **dcs("pg1", 10, pg1=member("pg1", role="master", lsn=lsn), pg3=member("pg3")))
+    n.feed("pg", **pg(lsn=lsn))
+    n.done("start_standby", upstream="pg1")
+    assert n.role is Role.REPLICA
+    return n
+
+
+def test_most_advanced_replica_races_and_the_other_waits() -> None:
+    ahead, behind = replica_following("pg2"), replica_following("pg3")
+    for n, me, other, my_lsn, other_lsn in (
+        (ahead, "pg2", "pg3", LSN + 100, LSN),
+        (behind, "pg3", "pg2", LSN, LSN + 100),
+    ):
+        n.feed("pg", **pg(lsn=my_lsn))
+        assert n.feed("dcs", **dcs(None, pg3=member("pg3"), pg2=member("pg2"))) == ["leader_lost"]
+        n.done("announce", term=10)
+        # the peer's fresh position arrives
+        members = {
+            me: member(me, lsn=my_lsn, election=10),
+            other: member(other, lsn=other_lsn, election=10),
+        }
+        fired = n.feed("dcs", **dcs(None, **members))
+        if n is ahead:
+            assert fired == ["race"], n.last
+        else:
+            assert fired == [] and n.role is Role.CANDIDATE, "the one behind must not race"
+            assert n.last.wake_at is not None
+
+
+def test_candidate_waits_for_fresh_positions_until_election_timeout() -> None:
+    n = replica_following("pg2")
+    n.feed("dcs", **dcs(None, pg2=member("pg2"), pg3=member("pg3")))
+    assert n.done("announce", term=10) == []  # pg3 has not published a fresh position
+    assert n.last.wake_at is not None
+    # nothing from pg3; the timer fires after election_timeout
+    assert n.feed("timer", dt=1.1) == ["race"]
+
+
+def test_nofailover_never_races() -> None:
+    n = Node("pg2", nofailover=True)
+    n.feed("pg", **pg(running=False))
+    n.feed("dcs", **dcs("pg1", 10, pg1=member("pg1", role="master")))
+    n.feed("pg", **pg())
+    n.done("start_standby", upstream="pg1")
+    assert n.feed("dcs", **dcs(None)) == []
+    assert n.feed("timer", dt=30) == []
+    assert n.role is Role.REPLICA
+
+
+def test_lagging_replica_does_not_race() -> None:
+    n = replica_following("pg2", lsn=LSN + 50 * 1024 * 1024)  # master published LSN + 50 MiB
+    n.feed("pg", **pg(lsn=LSN))  # we are 50 MiB behind, limit is 1 MiB
+    assert n.feed("dcs", **dcs(None)) == []
+    assert n.role is Role.REPLICA
+
+
+def test_switchover_target_races_at_once_others_stand_aside() -> None:
+    target, other = replica_following("pg2"), replica_following("pg3")
+    sw = {"from": "pg1", "to": "pg2", "requested_at": 1.0}
+    for n in (target, other):
+        d = dcs(
+            None, pg1=member("pg1", role="demoted", lsn=LSN), pg2=member("pg2"), pg3=member("pg3")
+        )
+        d["switchover"] = sw
+        assert n.feed("dcs", **d) == ["leader_lost"]
+    assert target.done("announce", term=10) == ["race"]
+    assert other.done("announce", term=10) == []
+    assert other.role is Role.CANDIDATE
+
+
+def test_switchover_target_waits_for_the_old_masters_last_wal() -> None:
+    n = replica_following("pg2")
+    d = dcs(None, pg1=member("pg1", role="demoted", lsn=LSN + 500), pg2=member("pg2"))
+    d["switchover"] = {"from": "pg1", "to": "pg2"}
+    n.feed("dcs", **d)
+    assert n.done("announce", term=10) == []
+    assert n.feed("pg", **pg(lsn=LSN + 500)) == ["race"]
+
+
+def test_replica_follows_a_new_master() -> None:
+    n = replica_following("pg2")
+    assert n.feed("dcs", **dcs("pg3", 12, pg3=member("pg3", role="master"))) == ["follow"]
+    n.done("follow", upstream="pg3")
+    assert n.s.upstream == "pg3"
+
+
+def test_replica_restarts_its_stopped_postgres() -> None:
+    n = replica_following()
+    assert n.feed("pg", **pg(running=False, crashed=True)) == ["restart"]
+
+
+def test_replica_with_deleted_data_reclones() -> None:
+    n = replica_following()
+    assert n.feed("pg", **pg(running=False, data="missing")) == ["reclone"]
+    assert n.role is Role.INIT
+
+
+def master_node() -> Node:
+    n = Node("pg1")
+    n.feed("pg", **pg(running=False, data="standby"))
+    n.feed("dcs", **dcs(None, pg2=member("pg2"), pg3=member("pg3")))
+    n.feed("pg", **pg())
+    n.done("start_standby", upstream=None)
+    n.done("announce", term=0)
+    n.feed(
+        "dcs",
+        **dcs(
+            None,
+            pg1=member("pg1", election=0),
+            pg2=member("pg2", election=0),
+            pg3=member("pg3", election=0),
+        ),
+    )
+    n.feed("lease", held=True, term=30)
+    n.done("acquire", won=True, term=30)
+    n.done("promote")
+    n.feed("dcs", **dcs("pg1", 30, pg1=member("pg1", role="master"), pg2=member("pg2")))
+    assert n.role is Role.MASTER, n.log
+    return n
+
+
+def test_master_demotes_when_the_lease_is_lost_even_while_busy() -> None:
+    n = master_node()
+    n.feed("pg", **pg(running=False, crashed=True, in_recovery=False))
+    assert n.log[-1] == "restart_in_place" and n.s.busy == "start_primary"
+    assert n.feed("lease", held=False) == ["lease_lost"]
+    assert n.role is Role.DEMOTED
+
+
+def test_master_demotes_when_the_key_names_another() -> None:
+    n = master_node()
+    assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["lease_lost"]
+
+
+def test_master_restart_in_place_then_give_up_after_timeout() -> None:
+    n = master_node()
+    assert n.feed("pg", **pg(running=False, crashed=True, in_recovery=False)) == [
+        "restart_in_place"
+    ]
+    n.feed("pg", **pg(running=False, start_failures=1, in_recovery=False))
+    n.done("start_primary", ok=False)
+    assert n.feed("timer", dt=31) == ["start_timeout"]
+
+
+def test_sigterm_on_master_hands_off() -> None:
+    n = master_node()
+    assert n.feed("stop") == ["shutdown"]
+    assert n.s.busy == "handoff"
+
+
+def test_switchover_request_demotes_the_master() -> None:
+    n = master_node()
+    d = dcs("pg1", 30, pg1=member("pg1", role="master"), pg2=member("pg2"))
+    d["switchover"] = {"from": "pg1", "to": "pg2"}
+    assert n.feed("dcs", **d) == ["switchover"]
+    n.feed("pg", **pg(running=False, data="primary_clean", in_recovery=None))
+    assert n.done("handoff") == []
+    # the target took over: the old master rejoins through rewinding
+    assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["rejoin"]
+
+
+def test_paused_cluster_takes_no_automatic_action() -> None:
+    n = replica_following()
+    d = dcs(None)
+    d["config"] = {"pause": True}
+    assert n.feed("dcs", **d) == []
+    assert n.feed("pg", **pg(running=False)) == []
+
+
+def test_malformed_dcs_values_are_ignored_not_acted_on() -> None:
+    n = replica_following()
+    d = dcs("pg1", 10, pg1=member("pg1", role="master"))
+    d["members"]["bad"] = "not an object"
+    d["members"]["pg3"] = {"lsn": "NaN", "timeline": [], "running": "yes"}
+    assert n.feed("dcs", **d) == []
+    assert "bad" not in n.s.dcs.members
+    assert n.s.dcs.members["pg3"].lsn is None
+
+
+def test_decide_is_pure() -> None:
+    n = replica_following()
+    a = decide(n.role, n.s)
+    b = decide(n.role, n.s)
+    assert a == b
+    assert n.s.pg.data is DataState.STANDBY
