@@ -120,12 +120,31 @@ inputs = st.one_of(
 )
 
 
-def run(seq: list[tuple[str, dict[str, Any]]], dts: list[float]) -> None:
+def _master_start() -> tuple[Role, Snapshot, float]:
+    """A node that has just become master the regular way (the prefix of a real bootstrap)."""
+    from tests.test_fsm_decide import Node, dcs, pg
+
+    n = Node(ME)
+    n.feed("pg", **pg(running=False, data="standby"))
+    n.feed("dcs", **dcs(None))
+    n.feed("pg", **pg())
+    n.done("start_standby", upstream=None)
+    n.done("announce", term=0)
+    n.feed("lease", held=True, term=5)
+    n.done("acquire", won=True, term=5)
+    assert n.role is Role.MASTER
+    return n.role, n.s, n.t
+
+
+def run(seq: list[tuple[str, dict[str, Any]]], dts: list[float], from_master: bool = False) -> None:
     role = Role.INIT
     s = Snapshot(name=ME)
     t = 0.0
     rows = {(r.source, r.trigger): r.dest for r in TABLE}
-    s, _, _ = step(role, s, Input("start", t, {"settings": {"ttl": 10.0}}))
+    if from_master:
+        role, s, t = _master_start()
+    else:
+        s, _, _ = step(role, s, Input("start", t, {"settings": {"ttl": 10.0}}))
     for (kind, data), dt in zip(seq, dts, strict=False):
         t += dt
         s, taken, _ = step(role, s, Input(kind, t, data))
@@ -138,7 +157,7 @@ def run(seq: list[tuple[str, dict[str, Any]]], dts: list[float]) -> None:
             assert leader is None or leader.name == ME, "master while the key names another member"
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(inputs, min_size=1, max_size=40), st.lists(st.floats(0, 20), min_size=40, max_size=40)
 )
@@ -196,3 +215,12 @@ def test_the_biased_generator_does_reach_master() -> None:
     assert n.role is Role.MASTER
     n.feed("dcs", **{**dcs(None), "index": 9})
     assert n.role is Role.DEMOTED, "a newer view without the key must demote"
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(inputs, min_size=1, max_size=40), st.lists(st.floats(0, 20), min_size=40, max_size=40))
+def test_a_master_never_stays_master_without_the_lease(
+    seq: list[tuple[str, dict[str, Any]]], dts: list[float]
+) -> None:
+    """From a real master, any input sequence: it leaves master as soon as the lease is gone."""
+    run(seq, dts, from_master=True)
