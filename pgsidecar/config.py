@@ -99,6 +99,8 @@ class ConsulSettings(Strict):
     client_key: Path | None = None
     verify: bool = True
     register_service: bool = True
+    # the Consul servers' session_ttl_min (Consul's default 10 s); a session TTL is never below it
+    session_ttl_min: float = Field(default=10.0, gt=0, le=86400)
 
 
 class DcsSettings(Strict):
@@ -115,6 +117,9 @@ class KafkaSettings(Strict):
     retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=60_000)
     spool_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     linger_ms: int = Field(default=5, ge=0, le=1000)
+    # of the topic the agent creates when it is missing: 1 suits a one-broker local cluster;
+    # use 3 with a production Kafka cluster
+    replication_factor: int = Field(default=1, ge=1)
 
 
 class KubernetesSettings(Strict):

@@ -30,7 +30,9 @@ def read_pid(path: Path) -> int | None:
         return None
 
 
-def terminate(pid: int, sig: int = signal.SIGTERM, timeout: float = 30.0, escalate: bool = True) -> bool:
+def terminate(
+    pid: int, sig: int = signal.SIGTERM, timeout: float = 30.0, escalate: bool = True
+) -> bool:
     """Send ``sig`` and wait until the process is gone (or a zombie); SIGKILL after ``timeout``
     if ``escalate``. Reaps it if it is our child. Returns True if it is gone."""
     try:
@@ -73,7 +75,9 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def free_port_range(count: int, start: int = 20000, end: int = 60000, host: str = "127.0.0.1") -> int:
+def free_port_range(
+    count: int, start: int = 20000, end: int = 60000, host: str = "127.0.0.1"
+) -> int:
     """First port p in [start, end) such that p .. p+count-1 are all free now. Randomised start
     so that concurrent test runs rarely collide."""
     import random

@@ -1,0 +1,5 @@
+import sys
+
+from pgsidecar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,771 @@
+"""The agent runtime: one asyncio queue of inputs, the role machine, and the effects.
+
+Sources of inputs (each a task that only *posts* to the queue, never decides):
+
+    DCS watch         every change of the cluster's keys (event-driven: etcd watch / Consul
+                      blocking query), as a ``dcs`` input
+    lease renewal     a timer at ttl/4; success re-arms the watchdog, SessionLost or the watchdog
+                      firing posts ``lease`` {held: false}
+    PostgreSQL        a health probe every ``probe_interval`` (only changes are posted) and the
+                      postmaster's exit (awaited, so a crash is seen at once)
+    effects           each effect posts its outcome as an ``effect`` input
+    timers            a Decision's ``wake_at``
+    signals, API      SIGTERM -> ``stop``; switchover is a DCS key, so it arrives as a ``dcs`` input
+
+The loop takes one input at a time: record it, ``fsm.inputs.step`` (fold + decide), fire the
+transitions on the RoleMachine, record them, start the effect. Effects run one at a time as tasks
+(``busy`` in the snapshot); the master's fencing effect cancels whatever else is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from events.dcs import DCS, ClusterView, DCSError, DuplicateMember, SessionLost
+from events.dcs.factory import create_dcs
+from events.sinks import JournalSink, LogSink, Sink
+from fsm.inputs import Input, pg_facts, pg_facts_to_dict, step
+from fsm.machine import Decision, Role, RoleMachine
+from fsm.records import Record
+from fsm.snapshot import DataState, PgFacts, Settings, Snapshot
+from pgsidecar.config import AgentConfig, slot_name
+from pgsidecar.postgres.control import Conninfo, PostgresControl, PostgresError
+from pgsidecar.watchdog import Watchdog
+
+log = structlog.get_logger("pgsidecar.agent")
+
+SEQ_BLOCK = 1000
+# how long the master keeps the replication slot of a member whose key has vanished
+SLOT_GRACE = 1800.0
+
+
+class AgentExit(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SeqStore:
+    """seq survives restarts: we reserve blocks of SEQ_BLOCK numbers in state.json (fsync'd), so a
+    restart continues above anything already used (gaps allowed, never a repeat)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        state: dict[str, Any] = {}
+        if path.exists():
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                state = {}
+        self.instance_id: str = state.get("instance_id") or uuid.uuid4().hex
+        self._next = int(state.get("seq_reserved", 0))
+        self._reserved = self._next
+        self._reserve()
+
+    def _reserve(self) -> None:
+        self._reserved = self._next + SEQ_BLOCK
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"instance_id": self.instance_id, "seq_reserved": self._reserved}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def next(self) -> int:
+        self._next += 1
+        if self._next >= self._reserved:
+            self._reserve()
+        return self._next
+
+
+def _view_to_input(view: ClusterView) -> dict[str, Any]:
+    return {
+        "leader": {"name": view.leader.name, "term": view.leader.term} if view.leader else None,
+        "members": view.members,
+        "initialize": view.initialize,
+        "config": view.config,
+        "switchover": view.switchover,
+        "index": view.index,
+    }
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.state_dir = cfg.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.seqs = SeqStore(self.state_dir / "state.json")
+        self.queue: asyncio.Queue[Input] = asyncio.Queue()
+        self.machine = RoleMachine(cfg.cluster, cfg.name)
+        cs = cfg.cluster_settings
+        self.settings = Settings(
+            ttl=cs.ttl,
+            maximum_lag_on_failover=cs.maximum_lag_on_failover,
+            election_timeout=cs.election_timeout,
+            master_start_timeout=cfg.postgresql.master_start_timeout,
+            rewind_attempts=cfg.postgresql.rewind_attempts,
+            nofailover=cfg.tags.nofailover,
+            failover_priority=cfg.tags.failover_priority,
+        )
+        self.snapshot = Snapshot(name=cfg.name, settings=self.settings)
+        self.dcs: DCS = create_dcs(cfg.dcs, cfg.cluster)
+        self.pg = PostgresControl(cfg.postgresql, self.state_dir, cfg.name, log)
+        self.sinks: list[Sink] = [
+            JournalSink(self.state_dir / "journal.jsonl"),
+            LogSink(log),
+            *(extra_sinks or []),
+        ]
+        self.watchdog = Watchdog(fence=self.pg.fence, on_fired=self._watchdog_fired)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._effect_task: asyncio.Task[Any] | None = None
+        self._exit_waiter: asyncio.Task[Any] | None = None
+        self._expected_exit = False
+        self._last_pg: dict[str, Any] | None = None
+        self._last_member: dict[str, Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._leader_term: int | None = None
+        self._stopping = False
+        self._done = asyncio.Event()
+        self.exit_code = 0
+        self.start_time = time.time()
+        self.api: Any = None
+        self.counters: dict[str, int] = {"inputs": 0, "transitions": 0, "malformed_dcs_values": 0}
+        self.dcs_view: ClusterView | None = None
+        self.last_error: str | None = None
+        self._member_last_seen: dict[str, float] = {}
+        self._slot_members: set[str] = set()
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def _emit(self, rec: Record) -> None:
+        for sink in self.sinks:
+            try:
+                sink.emit(rec)
+            except Exception as exc:  # a sink must never stop the machine
+                log.warning("sink_failed", sink=type(sink).__name__, error=str(exc))
+
+    def _term(self) -> int | None:
+        s = self.snapshot
+        if s.lease.held and s.lease.term is not None:
+            return s.lease.term
+        return s.dcs.leader.term if s.dcs.leader else None
+
+    def record_action(self, name: str, outcome: str, started: float, **detail: Any) -> None:
+        body = {
+            "name": name,
+            "outcome": outcome,
+            "duration": round(time.monotonic() - started, 3),
+            **detail,
+        }
+        self._emit(
+            Record(
+                "action",
+                self.cfg.cluster,
+                self.name,
+                self.seqs.next(),
+                time.time(),
+                self._term(),
+                body,
+            )
+        )
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def post(self, type_: str, **data: Any) -> None:
+        self.queue.put_nowait(Input(type_, time.monotonic(), data))
+
+    def _post_threadsafe(self, type_: str, **data: Any) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.post, type_, **data)
+
+    def handle(self, inp: Input) -> None:
+        self.counters["inputs"] += 1
+        self._emit(
+            Record(
+                "input",
+                self.cfg.cluster,
+                self.name,
+                self.seqs.next(),
+                time.time(),
+                self._term(),
+                inp.to_dict(),
+            )
+        )
+        role = self.machine.role
+        snapshot, taken, final = step(role, self.snapshot, inp)
+        self.snapshot = snapshot
+        for _source, decision, _dest in taken:
+            tr = self.machine.fire(decision, snapshot, self.seqs.next(), time.time())
+            self.counters["transitions"] += 1
+            self._emit(tr.to_record())
+            self._on_transition(decision, snapshot)
+        self._schedule_wake(final)
+        if taken:
+            self._publish_member()
+        if inp.type == "dcs" and self.machine.role is Role.MASTER and not snapshot.busy:
+            names = set(snapshot.dcs.members) - {self.name}
+            now = time.monotonic()
+            for n in names:
+                self._member_last_seen[n] = now
+            if names != self._slot_members:
+                self._slot_members = names
+                asyncio.ensure_future(self._sync_slots())
+
+    def _schedule_wake(self, d: Decision) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if d.wake_at is not None and self.loop is not None:
+            delay = max(0.0, d.wake_at - time.monotonic()) + 0.001
+            self._timer = self.loop.call_later(delay, self.post, "timer")
+
+    def _on_transition(self, decision: Decision, s: Snapshot) -> None:
+        trigger = decision.trigger
+        assert trigger is not None
+        effect = getattr(self, f"_fx_{trigger}", None)
+        if (
+            trigger == "lease_lost"
+            and self._effect_task is not None
+            and not self._effect_task.done()
+        ):
+            # nothing may keep a master writable without the lease: cancel whatever runs
+            self._effect_task.cancel()
+        if effect is None:
+            return
+        self._effect_task = asyncio.ensure_future(self._run_effect(trigger, effect))
+
+    async def _run_effect(self, trigger: str, fn: Any) -> None:
+        started = time.monotonic()
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            self.record_action(trigger, "cancelled", started)
+            raise
+        except Exception as exc:
+            self.last_error = f"{trigger}: {exc}"
+            log.error("effect_failed", trigger=trigger, error=str(exc))
+            self.record_action(trigger, "failed", started, error=str(exc)[:500])
+            # a failed effect must still release ``busy``; each effect posts its own outcome on
+            # success, so post a generic failure here
+            from fsm.machine import EFFECT
+
+            self.post("effect", name=EFFECT[trigger], ok=False, error=str(exc)[:200])
+
+    # -- start-up --------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._startup()
+        except AgentExit as exc:
+            log.error("agent_exit", reason=str(exc))
+            await self._teardown()
+            return exc.code
+        self.post("start", settings=self._settings_dict())
+        self._tasks += [
+            asyncio.ensure_future(self._watch_dcs()),
+            asyncio.ensure_future(self._renew_loop()),
+            asyncio.ensure_future(self._probe_loop()),
+        ]
+        try:
+            while not self._done.is_set():
+                get = asyncio.ensure_future(self.queue.get())
+                done_wait = asyncio.ensure_future(self._done.wait())
+                await asyncio.wait({get, done_wait}, return_when=asyncio.FIRST_COMPLETED)
+                done_wait.cancel()
+                if not get.done():
+                    get.cancel()
+                    break
+                self.handle(get.result())
+                if self.snapshot.stop_requested and not self._stopping:
+                    await self._maybe_finish_stop()
+        finally:
+            await self._teardown()
+        return self.exit_code
+
+    def _settings_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self.settings)
+
+    async def _startup(self) -> None:
+        log.info("agent_start", name=self.name, cluster=self.cfg.cluster, dcs=self.cfg.dcs.type)
+        self.pg.write_passfile()
+        # If a postmaster of ours survived (it should not: it dies with its agent), stop it before
+        # anything else: we never resume with a PostgreSQL whose role we did not set.
+        await self._connect_dcs()
+        await self.dcs.open_session(self.settings.ttl)
+        try:
+            await self.dcs.register_member(self.name, self._member_data())
+        except DuplicateMember as exc:
+            raise AgentExit(
+                1,
+                f"another live agent already uses member name {self.name!r} in cluster {self.cfg.cluster!r}: "
+                f"give this member a unique `name` ({exc})",
+            ) from exc
+        view = await self.dcs.read_cluster()
+        if view.leader is not None and view.leader.name == self.name:
+            # The key of our previous incarnation: its PostgreSQL died with it (pdeathsig), so
+            # nothing is writable. Release it so the election starts now rather than after the TTL.
+            released = await self.dcs.release_leader(self.name, view.leader.term)
+            log.info("released_stale_leader_key", term=view.leader.term, released=released)
+        facts = await self.pg.probe()
+        self.post("pg", **pg_facts_to_dict(facts))
+        if self.cfg.api.port:
+            from pgsidecar.api import ApiServer
+
+            self.api = ApiServer(self)
+            await self.api.start()
+
+    async def _connect_dcs(self) -> None:
+        delay = 0.2
+        logged = False
+        while True:
+            try:
+                await self.dcs.connect()
+                return
+            except DCSError as exc:
+                if type(exc).__name__ == "AuthError":
+                    raise AgentExit(2, str(exc)) from exc
+                if not logged:
+                    log.warning("dcs_unreachable_waiting", error=str(exc))
+                    logged = True
+                if self._stopping:
+                    raise AgentExit(0, "stopped while waiting for the DCS") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- input sources ----------------------------------------------------------------------------
+
+    async def _watch_dcs(self) -> None:
+        async for view in self.dcs.watch():
+            self.dcs_view = view
+            if view.malformed:
+                self.counters["malformed_dcs_values"] += len(view.malformed)
+                for key, reason in view.malformed:
+                    log.warning("dcs_value_skipped", key=key, reason=reason)
+            self.post("dcs", **_view_to_input(view))
+
+    async def _renew_loop(self) -> None:
+        ttl = self.settings.ttl
+        interval = max(0.25, ttl / 4)
+        down = False
+        while True:
+            await asyncio.sleep(interval)
+            sent = time.monotonic()
+            try:
+                await asyncio.wait_for(self.dcs.renew_session(), timeout=interval)
+                if down:
+                    down = False
+                if self.snapshot.lease.held:
+                    self.watchdog.arm(self._fence_deadline(sent))
+            except SessionLost:
+                log.warning("session_lost")
+                if self.snapshot.lease.held:
+                    self.pg.fence()
+                    self.watchdog.disarm()
+                    self.post("lease", held=False, term=None)
+                await self._reopen_session()
+            except (TimeoutError, DCSError) as exc:
+                if not down:
+                    down = True
+                    log.warning("lease_renew_failed", error=str(exc) or type(exc).__name__)
+                    self.post("dcs_down")
+
+    async def _reopen_session(self) -> None:
+        with contextlib.suppress(DCSError, asyncio.TimeoutError):
+            await asyncio.wait_for(
+                self.dcs.open_session(self.settings.ttl), timeout=self.settings.ttl / 2
+            )
+            await asyncio.wait_for(
+                self.dcs.put_member(self.name, self._member_data()), timeout=self.settings.ttl / 2
+            )
+
+    def _fence_deadline(self, sent: float) -> float:
+        cs = self.cfg.cluster_settings
+        ttl = self.settings.ttl
+        margin = max(0.5, min(2.0, ttl * 0.15))
+        return sent + ttl * (1 - cs.clock_drift) - margin
+
+    def _watchdog_fired(self) -> None:
+        log.error("fencing_deadline_passed")
+        self._post_threadsafe("lease", held=False, term=None)
+
+    async def _probe_loop(self) -> None:
+        interval = 1.0
+        while True:
+            await self.probe_now()
+            await asyncio.sleep(interval)
+
+    async def probe_now(self) -> PgFacts:
+        facts = await self.pg.probe()
+        if self._exit_waiter is None and facts.running and self.pg.running:
+            self._watch_exit()
+        data = pg_facts_to_dict(facts)
+        if data != self._last_pg:
+            self._last_pg = data
+            self.post("pg", **data)
+        self._publish_member()
+        return facts
+
+    def _watch_exit(self) -> None:
+        if self._exit_waiter is not None and not self._exit_waiter.done():
+            return
+        self._expected_exit = False
+        self._exit_waiter = asyncio.ensure_future(self._await_exit())
+
+    async def _await_exit(self) -> None:
+        code = await self.pg.wait_exit()
+        self._exit_waiter = None
+        if not self._expected_exit:
+            log.warning("postgres_exited", code=code)
+            facts = await self.pg.probe()
+            data = pg_facts_to_dict(facts)
+            data["crashed"] = True
+            self._last_pg = data
+            self.post("pg", **data)
+
+    # -- member key ------------------------------------------------------------------------------
+
+    def _member_data(self, **override: Any) -> dict[str, Any]:
+        s = self.snapshot
+        pg = s.pg
+        data = {
+            "instance_id": self.seqs.instance_id,
+            "role": self.machine.role.value,
+            "state": "running" if pg.running else "stopped",
+            "running": pg.running,
+            "streaming": pg.receiver_streaming,
+            "timeline": pg.timeline,
+            "lsn": pg.lsn,
+            "host": self.cfg.postgresql.host,
+            "port": self.cfg.postgresql.port,
+            "api_url": self.cfg.api.url,
+            "nofailover": self.cfg.tags.nofailover,
+            "failover_priority": self.cfg.tags.failover_priority,
+            "tags": self.cfg.tags.model_dump(),
+            "election": s.announced_term,
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+        }
+        data.update(override)
+        return data
+
+    def _publish_member(self, **override: Any) -> None:
+        data = self._member_data(**override)
+        if data == self._last_member:
+            return
+        self._last_member = data
+        asyncio.ensure_future(self._put_member(data))
+
+    async def _put_member(self, data: dict[str, Any]) -> None:
+        try:
+            await asyncio.wait_for(
+                self.dcs.put_member(self.name, data), timeout=max(1.0, self.settings.ttl / 3)
+            )
+        except (TimeoutError, DCSError) as exc:
+            self._last_member = None  # try again on the next probe
+            log.debug("member_publish_failed", error=str(exc))
+
+    # -- helpers for effects ------------------------------------------------------------------------
+
+    def _leader_conninfo(self, replication: bool) -> tuple[str, Conninfo] | None:
+        s = self.snapshot
+        leader = s.dcs.leader
+        if leader is None or leader.name == self.name:
+            return None
+        m = s.dcs.members.get(leader.name)
+        if m is None or m.conn_host is None or m.conn_port is None:
+            return None
+        if replication:
+            return leader.name, self.pg.replication_conninfo(m.conn_host, m.conn_port)
+        return leader.name, self.pg.superuser_conninfo(m.conn_host, m.conn_port)
+
+    async def _start_pg(self, role: str, upstream: tuple[str, Conninfo] | None) -> None:
+        self.pg.write_config(
+            "primary" if role == "primary" else "standby",
+            upstream[1] if upstream else None,
+            slot_name(self.name) if upstream else None,
+        )
+        failures = self.snapshot.pg.start_failures
+        if failures:
+            await asyncio.sleep(min(5.0, 0.5 * 2**failures))
+        started = time.monotonic()
+        timeout = self.cfg.postgresql.master_start_timeout
+        try:
+            await self.pg.start(timeout=timeout)
+        except PostgresError:
+            facts = await self.pg.probe()
+            data = pg_facts_to_dict(facts)
+            data["start_failures"] = failures + 1
+            self._last_pg = data
+            self.post("pg", **data)
+            raise
+        self.record_action(
+            "start_postgres",
+            "ok",
+            started,
+            as_role=role,
+            upstream=upstream[0] if upstream else None,
+        )
+        self._watch_exit()
+        await self.probe_now()
+
+    async def _stop_pg(self, mode: str) -> None:
+        if not self.pg.running:
+            return
+        self._expected_exit = True
+        started = time.monotonic()
+        await self.pg.stop(mode)  # type: ignore[arg-type]
+        self.record_action("stop_postgres", "ok", started, mode=mode)
+
+    # -- effects, one per trigger (the table's EFFECT column) ----------------------------------------
+
+    async def _fx_bootstrap(self) -> None:
+        won = await self.dcs.try_initialize(self.name)
+        if not won:
+            self.post("effect", name="bootstrap", ok=True, won=False)
+            return
+        started = time.monotonic()
+        try:
+            await self.pg.initdb()
+        except Exception:
+            await self.dcs.cancel_initialize(self.name)
+            raise
+        self.record_action("initdb", "ok", started)
+        await self.probe_now()
+        self.post("effect", name="bootstrap", ok=True, won=True)
+
+    async def _fx_clone(self) -> None:
+        failures = self.snapshot.clone_failures
+        if failures:
+            # back off: the master may not have created the replication role yet
+            await asyncio.sleep(min(10.0, 0.25 * 2**failures))
+        src = self._leader_conninfo(replication=True)
+        if src is None:
+            self.post("effect", name="clone", ok=False, error="no reachable master to clone from")
+            return
+        started = time.monotonic()
+        await self.pg.wipe_data()
+        await self.pg.basebackup(src[1])
+        self.record_action("basebackup", "ok", started, source=src[0])
+        await self.probe_now()
+        self.post("effect", name="clone", ok=True, source=src[0])
+
+    async def _fx_start_replica(self) -> None:
+        up = self._leader_conninfo(replication=True)
+        await self._start_pg("standby", up)
+        self.post("effect", name="start_standby", ok=True, upstream=up[0] if up else None)
+
+    _fx_restart = _fx_start_replica
+    _fx_rewound = _fx_start_replica
+
+    async def _fx_follow(self) -> None:
+        up = self._leader_conninfo(replication=True)
+        if up is None:
+            self.post(
+                "effect", name="follow", ok=False, error="the master's address is not published yet"
+            )
+            return
+        self.pg.write_config("standby", up[1], slot_name(self.name))
+        await self.pg.reload()
+        self.post("effect", name="follow", ok=True, upstream=up[0])
+
+    async def _fx_leader_lost(self) -> None:
+        # publish a fresh position: peers compare theirs with it before anyone races
+        await self.probe_now()
+        term = self.snapshot.dcs.lost_term or 0
+        data = self._member_data(election=term)
+        self._last_member = data
+        await self.dcs.put_member(self.name, data)
+        self.post("effect", name="announce", term=term)
+
+    async def _fx_race(self) -> None:
+        sent = time.monotonic()
+        leader = await self.dcs.acquire_leader(self.name)
+        if leader is not None and leader.name == self.name:
+            self.watchdog.arm(self._fence_deadline(sent))
+            self.post("lease", held=True, term=leader.term)
+            self.post("effect", name="acquire", won=True, term=leader.term)
+        else:
+            self.post("effect", name="acquire", won=False)
+
+    async def _fx_won_lease(self) -> None:
+        started = time.monotonic()
+        if not self.pg.running:
+            await self._start_pg("primary", None)
+        else:
+            facts = await self.pg.probe()
+            if facts.in_recovery:
+                # PostgreSQL removes standby.signal itself on promotion (and fails if it is
+                # already gone), so the primary config is written after, not before
+                await self.pg.promote()
+            self.pg.write_config("primary", None, None)
+            with contextlib.suppress(Exception):
+                await self.pg.reload()
+        self.record_action("promote", "ok", started)
+        try:
+            await self.pg.ensure_roles()
+        except Exception as exc:
+            log.error("ensure_roles_failed", error=str(exc))
+        await self._sync_slots()
+        sw = self.snapshot.dcs.switchover
+        if sw is not None:
+            with contextlib.suppress(DCSError):
+                await self.dcs.delete_switchover()
+        await self.probe_now()
+        self.post("effect", name="promote", ok=True)
+
+    async def _sync_slots(self) -> None:
+        """Keep a physical slot for every member, and for a member that vanished for
+        SLOT_GRACE seconds more (a restarting member must find its slot and the WAL it needs)."""
+        now = time.monotonic()
+        for n in self.snapshot.dcs.members:
+            if n != self.name:
+                self._member_last_seen[n] = now
+        keep = {n for n, seen in self._member_last_seen.items() if now - seen < SLOT_GRACE}
+        try:
+            await self.pg.ensure_slots(keep)
+        except Exception as exc:
+            log.warning("slot_sync_failed", error=str(exc))
+
+    async def _fx_restart_in_place(self) -> None:
+        await self._start_pg("primary", None)
+        self.post("effect", name="start_primary", ok=True)
+
+    async def _fx_lease_lost(self) -> None:
+        self.watchdog.disarm()
+        self.pg.fence()
+        await self._stop_pg("immediate")
+        await self.probe_now()
+        self.post("effect", name="fence", ok=True)
+
+    async def _handoff(self, exiting: bool) -> None:
+        s = self.snapshot
+        term = s.lease.term
+        if self.pg.running:
+            # a checkpoint while still writable makes the shutdown checkpoint short
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.pg.checkpoint(), timeout=5)
+            await self._stop_pg("fast")
+        self.watchdog.disarm()
+        cd = await self.pg.controldata()
+        final = {"role": "demoted", "running": False, "state": "stopped"}
+        if cd.checkpoint_lsn is not None:
+            final.update(lsn=cd.checkpoint_lsn, timeline=cd.timeline)
+        # announce the position we stopped at, then release: the target promotes once it has it
+        with contextlib.suppress(DCSError, asyncio.TimeoutError):
+            await asyncio.wait_for(
+                self.dcs.put_member(self.name, self._member_data(**final)), timeout=2
+            )
+        if term is not None:
+            with contextlib.suppress(DCSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.dcs.release_leader(self.name, term), timeout=2)
+        self.post("lease", held=False, term=None)
+        await self.probe_now()
+        self.post("effect", name="handoff", ok=True)
+
+    async def _fx_shutdown(self) -> None:
+        await self._handoff(exiting=True)
+
+    async def _fx_switchover(self) -> None:
+        await self._handoff(exiting=False)
+
+    async def _fx_start_timeout(self) -> None:
+        await self._stop_pg("immediate")
+        term = self.snapshot.lease.term
+        self.watchdog.disarm()
+        if term is not None:
+            with contextlib.suppress(DCSError):
+                await self.dcs.release_leader(self.name, term)
+        self.post("lease", held=False, term=None)
+        self.post("effect", name="give_up", ok=True)
+
+    async def _fx_rewind(self) -> None:
+        src = self._leader_conninfo(replication=False)
+        if src is None:
+            self.post("effect", name="rewind", ok=False, error="master not reachable")
+            return
+        await self._stop_pg("fast")
+        started = time.monotonic()
+        result = await self.pg.rewind(src[1])
+        self.record_action("pg_rewind", result, started, source=src[0])
+        await self.probe_now()
+        self.post("effect", name="rewind", ok=True, result=result)
+
+    _fx_rejoin = _fx_rewind
+    _fx_retry_rewind = _fx_rewind
+
+    async def _fx_reclone(self) -> None:
+        await self._stop_pg("immediate")
+        started = time.monotonic()
+        await self.pg.wipe_data()
+        self.record_action("wipe_data", "ok", started)
+        await self.probe_now()
+        self.post("effect", name="wipe", ok=True)
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self.snapshot.stop_requested:
+            return
+        log.info("stop_requested")
+        self.post("stop")
+
+    async def _maybe_finish_stop(self) -> None:
+        role = self.machine.role
+        if role is Role.MASTER:
+            return  # the shutdown transition runs the hand-off; we finish after it
+        if role is Role.DEMOTED and self.snapshot.busy:
+            return  # the hand-off is running
+        self._stopping = True
+        if self._effect_task is not None and not self._effect_task.done():
+            self._effect_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._effect_task
+        await self._stop_pg("fast")
+        self._done.set()
+
+    async def _teardown(self) -> None:
+        self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self.pg.running:
+            self._expected_exit = True
+            with contextlib.suppress(Exception):
+                await self.pg.stop("fast")
+        self.watchdog.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.dcs.close_session(), timeout=2)
+        with contextlib.suppress(Exception):
+            await self.dcs.close()
+        if self.api is not None:
+            with contextlib.suppress(Exception):
+                await self.api.stop()
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                await sink.close()
+        log.info("agent_stopped", code=self.exit_code)
+
+
+__all__ = ["Agent", "AgentExit", "DataState", "pg_facts"]

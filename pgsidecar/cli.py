@@ -1,0 +1,282 @@
+"""The `pgsidecar` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pgsidecar.config import AgentConfig, ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+def setup_logging(level: str = "info") -> None:
+    lvl = getattr(logging, level.upper(), logging.INFO)
+    logging.basicConfig(level=lvl, stream=sys.stderr, format="%(message)s")
+    # the transitions library logs every callback at INFO: our own transition records say more
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(sort_keys=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(lvl),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _config_from_args(args: argparse.Namespace) -> AgentConfig:
+    if getattr(args, "config", None):
+        return load_config(args.config)
+    if getattr(args, "dir", None):
+        from pgsidecar.local import LocalCluster
+
+        lc = LocalCluster(Path(args.dir))
+        if not lc.members:
+            raise ConfigError(
+                f"{args.dir} holds no local cluster (no cluster.json); run `pgsidecar local up` first"
+            )
+        return load_config(lc.config_path(lc.members[0].name))
+    raise ConfigError("give --config FILE (an agent's config) or --dir DIR (a local cluster)")
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pgsidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.log_level)
+    from pgsidecar.agent import Agent
+
+    agent = Agent(cfg)
+    return asyncio.run(agent.run())
+
+
+# -- list / switchover -----------------------------------------------------------------------------
+
+
+async def _read_view(cfg: AgentConfig) -> Any:
+    from events.dcs.factory import create_dcs
+
+    dcs = create_dcs(cfg.dcs, cfg.cluster)
+    try:
+        await dcs.connect()
+        return await dcs.read_cluster()
+    finally:
+        await dcs.close()
+
+
+def _fmt_lsn(lsn: int | None) -> str:
+    return "-" if lsn is None else f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from pgsidecar.ops import members_table
+
+    cfg = _config_from_args(args)
+    view = asyncio.run(_read_view(cfg))
+    rows = members_table(view)
+    leader = view.leader.name if view.leader else None
+    if args.json:
+        print(json.dumps({"cluster": cfg.cluster, "leader": leader, "members": rows}, indent=2))
+        return 0
+    print(
+        f"cluster {cfg.cluster}  leader {leader or '-'}  term {view.leader.term if view.leader else '-'}"
+    )
+    hdr = f"{'Member':<10} {'Role':<10} {'Host':<16} {'Port':>6} {'TL':>4} {'LSN':>14} {'Lag(B)':>10} {'Running':<8} API"
+    print(hdr)
+    for r in rows:
+        print(
+            f"{r['name']:<10} {r['role']:<10} {r['host'] or '-':<16} {r['port'] or '-':>6} {r['timeline'] or '-':>4} "
+            f"{_fmt_lsn(r['lsn']):>14} {'-' if r['lag_bytes'] is None else r['lag_bytes']:>10} "
+            f"{'yes' if r['pg_running'] else 'no':<8} {r['api_url'] or '-'}"
+        )
+    return 0
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    from events.dcs.factory import create_dcs
+    from pgsidecar.ops import SwitchoverError, request_switchover, wait_for_leader
+
+    cfg = _config_from_args(args)
+
+    async def go() -> int:
+        dcs = create_dcs(cfg.dcs, cfg.cluster)
+        await dcs.connect()
+        try:
+            try:
+                cmd = await request_switchover(dcs, args.to)
+            except SwitchoverError as exc:
+                print(f"pgsidecar: switchover refused: {exc}", file=sys.stderr)
+                return 1
+            print(f"switchover requested: {cmd['from']} -> {cmd['to'] or 'best replica'}")
+            if args.wait <= 0:
+                return 0
+            view = await wait_for_leader(dcs, cmd["from"], args.wait)
+            if view is None or view.leader is None:
+                print(f"pgsidecar: no new master within {args.wait:g} s", file=sys.stderr)
+                return 1
+            print(f"new master: {view.leader.name} (term {view.leader.term})")
+            return 0
+        finally:
+            await dcs.close()
+
+    return asyncio.run(go())
+
+
+# -- local ----------------------------------------------------------------------------------------
+
+
+def _print_local_status(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"{'Member':<8} {'Role':<10} {'PG port':>7} {'Running':<8} {'Streaming':<9} {'TL':>3}  DSN"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<8} {r['role']:<10} {r['port']:>7} {'yes' if r['pg_running'] else 'no':<8} "
+            f"{'yes' if r['streaming'] else '-':<9} {r['timeline'] or '-':>3}  {r['dsn']}"
+        )
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from pgsidecar.local import LocalCluster, LocalClusterError
+
+    lc = LocalCluster(Path(args.dir))
+    try:
+        if args.local_cmd == "up":
+            if not lc.meta:
+                extra = {}
+                lc.create(
+                    nodes=args.nodes,
+                    ttl=args.ttl,
+                    base_port=args.base_port,
+                    dcs=args.dcs,
+                    cluster=args.cluster,
+                    extra=extra,
+                )
+            rows = lc.up(detach=True, timeout=args.timeout)
+            _print_local_status(rows, False)
+            master = next(r for r in rows if r["role"] == "master")
+            print(f'\nmaster: {master["name"]}\n  psql "{master["dsn"]}"')
+            return 0
+        if not lc.meta:
+            print(f"pgsidecar: {args.dir} holds no local cluster", file=sys.stderr)
+            return 1
+        if args.local_cmd == "down":
+            lc.down()
+            print("stopped")
+            return 0
+        if args.local_cmd == "status":
+            _print_local_status(lc.status(), args.json)
+            return 0
+        if args.local_cmd == "stop":
+            lc.member(args.name)
+            lc.stop_member(args.name)
+            print(f"stopped {args.name}")
+            return 0
+        if args.local_cmd == "start":
+            lc.member(args.name)
+            if lc.meta.get("dcs") == "etcd":
+                lc.start_etcd(detach=True)
+            pid = lc.start_member(args.name, detach=True)
+            print(f"started {args.name} (agent pid {pid})")
+            return 0
+    except LocalClusterError as exc:
+        print(f"pgsidecar: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pgsidecar", description="PostgreSQL high-availability agent")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the agent beside one PostgreSQL instance")
+    r.add_argument("--config", required=True, help="agent YAML config")
+    r.set_defaults(func=cmd_run)
+
+    def target(sp: argparse.ArgumentParser) -> None:
+        g = sp.add_mutually_exclusive_group()
+        g.add_argument("--config", help="an agent's config file (names the DCS and the cluster)")
+        g.add_argument("--dir", help="a local cluster's directory")
+
+    ls = sub.add_parser("list", help="members of the cluster, as the DCS sees them")
+    target(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)
+
+    sw = sub.add_parser(
+        "switchover", help="planned switchover: the target catches up, then promotes"
+    )
+    target(sw)
+    sw.add_argument("--to", help="target member (default: the most advanced replica)")
+    sw.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for the new master (0: do not)"
+    )
+    sw.set_defaults(func=cmd_switchover)
+
+    lo = sub.add_parser("local", help="a local cluster on loopback (etcd + N members)")
+    losub = lo.add_subparsers(dest="local_cmd", required=True)
+    up = losub.add_parser("up", help="create (if needed) and start a local cluster")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--dir", default="./.local-cluster")
+    up.add_argument("--ttl", type=float, default=10.0, help="leader lease TTL, seconds")
+    up.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="first of 2+2N consecutive ports (default: free range)",
+    )
+    up.add_argument("--dcs", choices=["etcd", "consul"], default="etcd")
+    up.add_argument("--cluster", default="local")
+    up.add_argument("--timeout", type=float, default=180)
+    for name, helptext in (("down", "stop everything"), ("status", "members and their DSNs")):
+        sp = losub.add_parser(name, help=helptext)
+        sp.add_argument("--dir", default="./.local-cluster")
+        if name == "status":
+            sp.add_argument("--json", action="store_true")
+    for name, helptext in (
+        ("stop", "SIGTERM one member's agent"),
+        ("start", "start one member's agent"),
+    ):
+        sp = losub.add_parser(name, help=helptext)
+        sp.add_argument("name")
+        sp.add_argument("--dir", default="./.local-cluster")
+    lo.set_defaults(func=cmd_local)
+
+    from pgsidecar import bench
+
+    bench.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"pgsidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""A local cluster on loopback: one etcd and N members (PostgreSQL + its agent) under one dir.
+
+Layout of DIR:
+
+    cluster.json          what `local up` made: cluster name, members, ports, DCS
+    secrets/              generated passwords and the API token (0600)
+    pgpass                a libpq password file for the operator (status DSNs name it)
+    etcd/                 etcd's data, etcd.log, etcd.pid
+    <name>/               one member: agent.yaml, agent.log, agent.pid, pgdata/, journal.jsonl ...
+
+Used by the CLI (`pgsidecar local up|down|status|start|stop`), by the tests and by the
+benchmark. Run as root, PostgreSQL runs as an unprivileged OS user (``postgres`` by default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pgsidecar.procutil import (
+    free_port_range,
+    os_user_ids,
+    pid_alive,
+    read_pid,
+    terminate,
+    traversable_by,
+)
+
+DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class LocalClusterError(Exception):
+    pass
+
+
+@dataclass
+class MemberInfo:
+    name: str
+    pg_port: int
+    api_port: int
+    dir: Path
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+
+def _which(binary: str, hint: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise LocalClusterError(f"{binary} not found on PATH: {hint}")
+    return path
+
+
+class LocalCluster:
+    def __init__(self, dir: Path) -> None:
+        self.dir = dir.resolve()
+        self.meta_path = self.dir / "cluster.json"
+        self.meta: dict[str, Any] = {}
+        if self.meta_path.exists():
+            self.meta = json.loads(self.meta_path.read_text())
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- layout ----------------------------------------------------------------------------------
+
+    @property
+    def cluster(self) -> str:
+        return str(self.meta["cluster"])
+
+    @property
+    def members(self) -> list[MemberInfo]:
+        return [
+            MemberInfo(m["name"], m["pg_port"], m["api_port"], self.dir / m["name"])
+            for m in self.meta.get("members", [])
+        ]
+
+    def member(self, name: str) -> MemberInfo:
+        for m in self.members:
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.members) or "none"
+        raise LocalClusterError(f"no member {name!r} in {self.dir} (members: {known})")
+
+    def dsn(self, name: str, dbname: str = "postgres") -> str:
+        m = self.member(name)
+        return (
+            f"host=127.0.0.1 port={m.pg_port} user=postgres dbname={dbname} "
+            f"passfile={self.dir / 'pgpass'} connect_timeout=3"
+        )
+
+    def config_path(self, name: str) -> Path:
+        return self.dir / name / "agent.yaml"
+
+    # -- creation --------------------------------------------------------------------------------
+
+    def create(
+        self,
+        nodes: int = 3,
+        ttl: float = 10.0,
+        base_port: int | None = None,
+        cluster: str = "local",
+        dcs: str = "etcd",
+        pg_bin: Path = DEFAULT_PG_BIN,
+        pg_user: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        if self.meta_path.exists():
+            raise LocalClusterError(
+                f"{self.dir} already holds a local cluster; `pgsidecar local down --dir {self.dir}` and remove it, "
+                f"or use another --dir"
+            )
+        if nodes < 1:
+            raise LocalClusterError("--nodes must be at least 1")
+        if dcs != "etcd":
+            if dcs == "consul" and shutil.which("consul") is None:
+                raise LocalClusterError(
+                    "--dcs consul needs a `consul` binary on PATH (none is installed here); use --dcs etcd"
+                )
+        if not (pg_bin / "postgres").exists():
+            raise LocalClusterError(
+                f"PostgreSQL binaries not found in {pg_bin}: install postgresql-15 (apt-get install postgresql-15) "
+                f"or pass --pg-bin"
+            )
+        if dcs == "etcd":
+            _which("etcd", "install Debian's etcd-server package (apt-get install etcd-server)")
+        if os.geteuid() == 0:
+            pg_user = pg_user or "postgres"
+            uid, gid = os_user_ids(pg_user)
+        else:
+            pg_user = None
+            uid, gid = os.getuid(), os.getgid()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        blocked = traversable_by(self.dir, uid, gid)
+        if blocked is not None:
+            raise LocalClusterError(
+                f"{blocked} cannot be entered by OS user {pg_user or uid}, who runs PostgreSQL: choose a --dir "
+                f"outside it (for example under /tmp or /var/tmp), or chmod o+x {blocked}"
+            )
+        count = 2 + 2 * nodes
+        base = base_port or free_port_range(count, start=21000, end=40000)
+        secrets_dir = self.dir / "secrets"
+        secrets_dir.mkdir(mode=0o700, exist_ok=True)
+        pw = {k: secrets.token_urlsafe(18) for k in ("superuser", "replication", "api")}
+        for k, v in pw.items():
+            p = secrets_dir / f"{k}.secret"
+            p.write_text(v + "\n")
+            os.chmod(p, 0o600)
+        pgpass = self.dir / "pgpass"
+        pgpass.write_text(
+            f"*:*:*:postgres:{pw['superuser']}\n*:*:*:replicator:{pw['replication']}\n"
+        )
+        os.chmod(pgpass, 0o600)
+        names = [f"pg{i + 1}" for i in range(nodes)]
+        self.meta = {
+            "cluster": cluster,
+            "dcs": dcs,
+            "ttl": ttl,
+            "base_port": base,
+            "etcd": {"client_port": base, "peer_port": base + 1},
+            "pg_bin": str(pg_bin),
+            "pg_user": pg_user,
+            "members": [
+                {"name": n, "pg_port": base + 2 + 2 * i, "api_port": base + 3 + 2 * i}
+                for i, n in enumerate(names)
+            ],
+        }
+        self.meta_path.write_text(json.dumps(self.meta, indent=2))
+        for m in self.members:
+            m.dir.mkdir(exist_ok=True)
+            os.chmod(m.dir, 0o755)
+            self.config_path(m.name).write_text(
+                yaml.safe_dump(self._agent_config(m, extra or {}), sort_keys=False)
+            )
+
+    def _agent_config(self, m: MemberInfo, extra: dict[str, Any]) -> dict[str, Any]:
+        meta = self.meta
+        cfg: dict[str, Any] = {
+            "name": m.name,
+            "cluster": meta["cluster"],
+            "state_dir": str(m.dir),
+            "postgresql": {
+                "bin_dir": meta["pg_bin"],
+                "data_dir": str(m.dir / "pgdata"),
+                "listen": "127.0.0.1",
+                "port": m.pg_port,
+                "superuser": {
+                    "username": "postgres",
+                    "password_file": str(self.dir / "secrets/superuser.secret"),
+                },
+                "replication": {
+                    "username": "replicator",
+                    "password_file": str(self.dir / "secrets/replication.secret"),
+                },
+                "master_start_timeout": 20,
+                "stop_timeout": 20,
+            },
+            "dcs": {
+                "type": "etcd",
+                "etcd": {"endpoints": [f"http://127.0.0.1:{meta['etcd']['client_port']}"]},
+            },
+            "settings": {"ttl": meta["ttl"]},
+            "api": {
+                "listen": "127.0.0.1",
+                "port": m.api_port,
+                "token_file": str(self.dir / "secrets/api.secret"),
+            },
+        }
+        if meta.get("pg_user"):
+            cfg["postgresql"]["os_user"] = meta["pg_user"]
+        for key, value in extra.items():
+            node = cfg
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        return cfg
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def _spawn(self, argv: list[str], log: Path, pidfile: Path, key: str, detach: bool) -> int:
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=str(self.dir),
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        pidfile.write_text(f"{proc.pid}\n")
+        if not detach:
+            self._children[key] = proc
+        return proc.pid
+
+    def start_etcd(self, detach: bool = False) -> None:
+        e = self.meta["etcd"]
+        d = self.dir / "etcd"
+        d.mkdir(exist_ok=True)
+        pid = read_pid(d / "etcd.pid")
+        if pid and pid_alive(pid):
+            return
+        client = f"http://127.0.0.1:{e['client_port']}"
+        peer = f"http://127.0.0.1:{e['peer_port']}"
+        argv = [
+            _which("etcd", "install etcd-server"),
+            "--name",
+            "local",
+            "--data-dir",
+            str(d / "data"),
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"local={peer}",
+            "--initial-cluster-state",
+            "new",
+            "--heartbeat-interval",
+            "100",
+            "--election-timeout",
+            "1000",
+        ]
+        self._spawn(argv, d / "etcd.log", d / "etcd.pid", "etcd", detach)
+        self._wait_http(f"{client}/health", 30, "etcd")
+
+    def stop_etcd(self) -> None:
+        pid = read_pid(self.dir / "etcd" / "etcd.pid")
+        if pid:
+            terminate(pid, signal.SIGTERM, timeout=10)
+            self._reap("etcd")
+
+    def agent_pid(self, name: str) -> int | None:
+        pid = read_pid(self.member(name).dir / "agent.pid")
+        return pid if pid and pid_alive(pid) else None
+
+    def postmaster_pid(self, name: str) -> int | None:
+        path = self.member(name).dir / "pgdata" / "postmaster.pid"
+        pid = read_pid_first_line(path)
+        return pid if pid and pid_alive(pid) else None
+
+    def start_member(self, name: str, detach: bool = False) -> int:
+        m = self.member(name)
+        pid = self.agent_pid(name)
+        if pid:
+            return pid
+        argv = [sys.executable, "-m", "pgsidecar", "run", "--config", str(self.config_path(name))]
+        return self._spawn(argv, m.dir / "agent.log", m.dir / "agent.pid", name, detach)
+
+    def stop_member(self, name: str, timeout: float = 60) -> None:
+        pid = self.agent_pid(name)
+        if pid:
+            terminate(pid, signal.SIGTERM, timeout=timeout)
+        self._reap(name)
+
+    def kill_member(self, name: str, postgres: bool = True) -> None:
+        """Hard death: SIGKILL the agent (and its postmaster with it, at the same instant)."""
+        pids = [self.agent_pid(name)]
+        if postgres:
+            pids.append(self.postmaster_pid(name))
+        for pid in pids:
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for pid in pids:
+            if pid:
+                terminate(pid, signal.SIGKILL, timeout=10)
+        self._reap(name)
+
+    def _reap(self, key: str) -> None:
+        proc = self._children.pop(key, None)
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+    def up(self, detach: bool = False, timeout: float = 180) -> list[dict[str, Any]]:
+        self.start_etcd(detach=detach)
+        for m in self.members:
+            self.start_member(m.name, detach=detach)
+        return self.wait_healthy(timeout=timeout)
+
+    def down(self) -> None:
+        # replicas first, then the master, so the master's hand-off does not trigger a failover
+        # we are about to tear down anyway
+        statuses = {m.name: self.api_status(m.name) for m in self.members}
+        order = sorted(
+            self.members, key=lambda m: (statuses.get(m.name) or {}).get("role") == "master"
+        )
+        for m in order:
+            self.stop_member(m.name, timeout=30)
+            pm = self.postmaster_pid(m.name)
+            if pm:
+                terminate(pm, signal.SIGQUIT, timeout=10)
+        self.stop_etcd()
+
+    # -- observation -----------------------------------------------------------------------------
+
+    def api_status(self, name: str, timeout: float = 1.0) -> dict[str, Any] | None:
+        m = self.member(name)
+        try:
+            with urllib.request.urlopen(f"{m.api_url}/status", timeout=timeout) as resp:
+                data: dict[str, Any] = json.loads(resp.read())
+                return data
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+    def status(self) -> list[dict[str, Any]]:
+        rows = []
+        for m in self.members:
+            st = self.api_status(m.name) or {}
+            rows.append(
+                {
+                    "name": m.name,
+                    "role": st.get("role", "down" if not self.agent_pid(m.name) else "unknown"),
+                    "agent_pid": self.agent_pid(m.name),
+                    "pg_running": st.get("pg_running", False),
+                    "streaming": st.get("streaming", False),
+                    "timeline": st.get("timeline"),
+                    "lsn": st.get("lsn"),
+                    "lag_bytes": st.get("lag_bytes"),
+                    "term": st.get("term"),
+                    "leader": st.get("leader"),
+                    "host": "127.0.0.1",
+                    "port": m.pg_port,
+                    "api_url": m.api_url,
+                    "dsn": self.dsn(m.name),
+                }
+            )
+        return rows
+
+    def master(self) -> str | None:
+        masters = [r["name"] for r in self.status() if r["role"] == "master" and r["pg_running"]]
+        return masters[0] if len(masters) == 1 else None
+
+    def wait_healthy(
+        self, timeout: float = 180, members: list[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Until one master and every other (running) member a streaming replica."""
+        deadline = time.monotonic() + timeout
+        want = members or [m.name for m in self.members]
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            rows = self.status()
+            by = {r["name"]: r for r in rows}
+            masters = [n for n in want if by[n]["role"] == "master" and by[n]["pg_running"]]
+            replicas = [n for n in want if by[n]["role"] == "replica" and by[n]["streaming"]]
+            if len(masters) == 1 and len(replicas) == len(want) - 1:
+                return rows
+            for n in want:
+                if not self.agent_pid(n):
+                    raise LocalClusterError(
+                        f"the agent of {n} is not running; see {self.member(n).dir / 'agent.log'}"
+                    )
+            time.sleep(0.2)
+        raise LocalClusterError(f"cluster not healthy after {timeout:.0f} s: {rows}")
+
+    def _wait_http(self, url: str, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=1):
+                    return
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.1)
+        raise LocalClusterError(f"{what} did not answer at {url} within {timeout:.0f} s")
+
+
+def read_pid_first_line(path: Path) -> int | None:
+    try:
+        return int(path.read_text().splitlines()[0].strip())
+    except (OSError, ValueError, IndexError):
+        return None

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Set-up on a fresh Debian 12 machine, then (unless --deps-only) a local 3-member cluster.
+#
+#   bash scripts/setup.sh               install everything, then `pgsidecar local up --nodes 3 --dir ./.local-cluster`
+#   bash scripts/setup.sh --deps-only   install everything, start nothing (what the tests and CI use)
+#
+# Installs: PostgreSQL 15, etcd, HAProxy and iproute2 from Debian's packages; this package and its
+# test dependencies with pip; the Apache Kafka jars from Maven Central (scripts/kafka.sh fetch).
+# Idempotent: a second run only checks.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+DEPS_ONLY=0
+[[ ${1:-} == --deps-only ]] && DEPS_ONLY=1
+
+SUDO=""
+[[ $(id -u) -ne 0 ]] && SUDO=sudo
+
+need_pkgs=()
+[[ -x /usr/lib/postgresql/15/bin/postgres ]] || need_pkgs+=(postgresql-15 postgresql-client-15)
+command -v etcd >/dev/null || need_pkgs+=(etcd-server)
+command -v etcdctl >/dev/null || need_pkgs+=(etcd-client)
+command -v haproxy >/dev/null || need_pkgs+=(haproxy)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v setpriv >/dev/null || need_pkgs+=(util-linux)
+command -v java >/dev/null || need_pkgs+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || need_pkgs+=(maven)
+if ((${#need_pkgs[@]})); then
+    echo "setup: installing Debian packages: ${need_pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+# Debian's postgresql package may start a default cluster on 5432; we never use it, and our
+# clusters pick free ports, so it is left alone.
+
+PY=${PYTHON:-python3}
+if ! $PY -c "import pgsidecar, pytest, hypothesis, aiokafka, consul, kubernetes_asyncio" 2>/dev/null \
+    || ! command -v pgsidecar >/dev/null; then
+    echo "setup: installing the Python package and its test dependencies"
+    $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+    command -v pyenv >/dev/null && pyenv rehash || true
+fi
+
+if command -v java >/dev/null; then
+    bash scripts/kafka.sh fetch
+fi
+
+if ((DEPS_ONLY)); then
+    echo "setup: dependencies ready"
+    exit 0
+fi
+exec $PY -m pgsidecar local up --nodes 3 --dir ./.local-cluster
