@@ -1,9 +1,219 @@
-"""`pgsidecar bench failover`: measured later in this file."""
+"""`pgsidecar bench failover`: failover figures from a real local cluster, as JSON lines.
+
+For each scenario, repeated N times on a fresh-enough cluster (the same cluster, healthy again
+between runs), with a writer inserting sequential ids through a multi-host read-write DSN:
+
+    sigterm     SIGTERM to the master's agent -> seconds until a write commits on the new master
+    hard_kill   SIGKILL of the master's agent and postmaster together -> same
+    switchover  `switchover` command -> same, plus the longest gap between acknowledged writes
+    rejoin      the killed old master started again -> seconds until it streams from the new one
+
+and for every scenario the acknowledged writes lost. Then the agents' resident memory and idle
+CPU. The benchmark is the parent of every process it starts and reaps them promptly.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pgsidecar.local import LocalCluster
+from pgsidecar.workload import Writer
+
+
+def _wait(pred: Any, timeout: float, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    return None
+
+
+def _new_master(lc: LocalCluster, old: str) -> str | None:
+    m = lc.master()
+    return m if m and m != old else None
+
+
+def _first_write_after(w: Writer, t0: float, timeout: float, not_port: int) -> float | None:
+    t = _wait(lambda: w.first_write_after(t0, not_port), timeout, 0.01)
+    return None if t is None else t - t0
+
+
+def _max_gap(w: Writer, start: float, end: float) -> float:
+    times = [t for t in w.ok_times if start - 1 <= t <= end + 1]
+    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0.0)
+
+
+def _stream_time(lc: LocalCluster, name: str, t0: float, timeout: float) -> float | None:
+    ok = _wait(lambda: (lc.api_status(name, timeout=0.5) or {}).get("streaming"), timeout, 0.05)
+    return None if not ok else time.monotonic() - t0
+
+
+def _proc_stat(pid: int) -> tuple[int, float]:
+    with open(f"/proc/{pid}/status") as fh:
+        rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    return rss, cpu
+
+
+def run_failover_bench(
+    repeat: int, ttl: float, nodes: int, idle_seconds: float, out: Any
+) -> list[dict[str, Any]]:
+    base = Path(tempfile.mkdtemp(prefix="pgsc-bench-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    lc = LocalCluster(base / "c")
+    results: dict[str, list[dict[str, Any]]] = {
+        "sigterm": [],
+        "hard_kill": [],
+        "switchover": [],
+        "rejoin": [],
+    }
+    try:
+        lc.create(nodes=nodes, ttl=ttl)
+        lc.up(detach=False, timeout=180)
+        for _ in range(repeat):
+            # --- SIGTERM of the master's agent
+            lc.wait_healthy(timeout=120)
+            old = lc.master()
+            assert old is not None
+            w = Writer(lc).start()
+            time.sleep(1.0)
+            pid = lc.agent_pid(old)
+            assert pid is not None
+            t0 = time.monotonic()
+            os.kill(pid, signal.SIGTERM)
+            dt = _first_write_after(w, t0, ttl * 3, lc.member(old).pg_port)
+            lc.stop_member(old)
+            time.sleep(0.5)
+            w.stop()
+            results["sigterm"].append(
+                {"seconds_to_first_write": dt, "acked_writes_lost": len(w.lost(lc))}
+            )
+            lc.start_member(old)
+
+            # --- hard kill of the master (agent + postmaster), then its rejoin
+            lc.wait_healthy(timeout=120)
+            old = lc.master()
+            assert old is not None
+            w = Writer(lc).start()
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            lc.kill_member(old, postgres=True)
+            dt = _first_write_after(w, t0, ttl * 4, lc.member(old).pg_port)
+            time.sleep(0.5)
+            w.stop()
+            results["hard_kill"].append(
+                {"seconds_to_first_write": dt, "acked_writes_lost": len(w.lost(lc))}
+            )
+            t1 = time.monotonic()
+            lc.start_member(old)
+            results["rejoin"].append({"seconds_to_streaming": _stream_time(lc, old, t1, 120)})
+
+            # --- planned switchover
+            lc.wait_healthy(timeout=120)
+            old = lc.master()
+            assert old is not None
+            w = Writer(lc).start()
+            time.sleep(1.0)
+            import asyncio
+
+            from events.dcs.factory import create_dcs
+            from pgsidecar.config import load_config
+            from pgsidecar.ops import request_switchover
+
+            cfg = load_config(lc.config_path(old))
+
+            async def switch(cfg: Any = cfg) -> None:
+                dcs = create_dcs(cfg.dcs, cfg.cluster)
+                await dcs.connect()
+                try:
+                    await request_switchover(dcs, None)
+                finally:
+                    await dcs.close()
+
+            t0 = time.monotonic()
+            asyncio.run(switch())
+            dt = _first_write_after(w, t0, ttl * 3, lc.member(old).pg_port)
+            _wait(lambda old=old: _new_master(lc, old), ttl * 3)
+            time.sleep(1.0)
+            w.stop()
+            results["switchover"].append(
+                {
+                    "seconds_to_first_write": dt,
+                    "writes_unavailable_seconds": round(_max_gap(w, t0, t0 + (dt or 0)), 3),
+                    "acked_writes_lost": len(w.lost(lc)),
+                }
+            )
+
+        lines = []
+        for scenario, runs in results.items():
+            line: dict[str, Any] = {
+                "bench": "failover",
+                "scenario": scenario,
+                "ttl": ttl,
+                "repeat": repeat,
+            }
+            keys = {k for r in runs for k in r}
+            for k in sorted(keys):
+                vals = [r[k] for r in runs if r.get(k) is not None]
+                if k == "acked_writes_lost":
+                    line[k] = sum(vals)
+                else:
+                    line[f"{k}_median"] = round(statistics.median(vals), 3) if vals else None
+                    line[f"{k}_runs"] = [None if r.get(k) is None else round(r[k], 3) for r in runs]
+            lines.append(line)
+
+        # --- idle footprint of the agents
+        lc.wait_healthy(timeout=120)
+        before = {m.name: _proc_stat(p) for m in lc.members if (p := lc.agent_pid(m.name))}
+        time.sleep(idle_seconds)
+        after = {m.name: _proc_stat(p) for m in lc.members if (p := lc.agent_pid(m.name))}
+        roles = {r["name"]: r["role"] for r in lc.status()}
+        for name, (rss, cpu) in after.items():
+            lines.append(
+                {
+                    "bench": "agent_idle",
+                    "member": name,
+                    "role": roles.get(name),
+                    "rss_mb": round(rss / 1024, 1),
+                    "cpu_percent_of_a_core": round(100 * (cpu - before[name][1]) / idle_seconds, 2),
+                    "seconds": idle_seconds,
+                }
+            )
+        for line in lines:
+            print(json.dumps(line), file=out, flush=True)
+        return lines
+    finally:
+        lc.down()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "failover":
+        run_failover_bench(args.repeat, args.ttl, args.nodes, args.idle_seconds, sys.stdout)
+        return 0
+    return 2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    pass
+    b = sub.add_parser("bench", help="benchmarks that print JSON lines")
+    b.add_argument("what", choices=["failover"])
+    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--ttl", type=float, default=10.0)
+    b.add_argument("--nodes", type=int, default=3)
+    b.add_argument("--idle-seconds", type=float, default=20.0)
+    b.set_defaults(func=cmd_bench)

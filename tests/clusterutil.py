@@ -7,15 +7,14 @@ import contextlib
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
-
 from pgsidecar.local import LocalCluster
+from pgsidecar.workload import Prober, Writer, multi_host_dsn
+
+__all__ = ["Prober", "Writer", "local_cluster", "multi_host_dsn", "new_master", "wait_for"]
 
 
 @contextlib.contextmanager
@@ -57,133 +56,3 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 def new_master(lc: LocalCluster, old: str | None) -> str | None:
     m = lc.master()
     return m if m is not None and m != old else None
-
-
-def multi_host_dsn(lc: LocalCluster) -> str:
-    hosts = ",".join("127.0.0.1" for _ in lc.members)
-    ports = ",".join(str(m.pg_port) for m in lc.members)
-    return (
-        f"host={hosts} port={ports} user=postgres dbname=postgres passfile={lc.dir / 'pgpass'} "
-        f"target_session_attrs=read-write connect_timeout=2"
-    )
-
-
-@dataclass
-class Writer:
-    """Inserts sequential ids through a multi-host read-write DSN; remembers each id whose COMMIT
-    was acknowledged, and by which server (inet_server_port)."""
-
-    lc: LocalCluster
-    acked: dict[int, int] = field(default_factory=dict)
-    errors: int = 0
-    first_ok_after: dict[float, float] = field(default_factory=dict)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-    last_ok: float = 0.0
-    ok_times: list[float] = field(default_factory=list)
-
-    def start(self) -> Writer:
-        with psycopg.connect(self.lc.dsn(self.lc.master() or "pg1"), autocommit=True) as c:
-            c.execute("CREATE TABLE IF NOT EXISTS writes (id bigint PRIMARY KEY, port int)")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        next_id = 1
-        conn = None
-        while not self._stop.is_set():
-            try:
-                if conn is None:
-                    conn = psycopg.connect(multi_host_dsn(self.lc), autocommit=True)
-                    conn.execute("SET statement_timeout = '2s'")
-                row = conn.execute(
-                    "INSERT INTO writes VALUES (%s, inet_server_port()) RETURNING port", (next_id,)
-                ).fetchone()
-                assert row is not None
-                self.acked[next_id] = int(row[0])
-                now = time.monotonic()
-                self.ok_times.append(now)
-                self.last_ok = now
-                next_id += 1
-            except psycopg.errors.UniqueViolation:
-                # the previous attempt committed but its ack was lost: it is not acknowledged,
-                # move on to the next id
-                next_id += 1
-            except (psycopg.Error, OSError):
-                self.errors += 1
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = None
-                time.sleep(0.02)
-            time.sleep(0.005)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def first_write_after(self, t: float) -> float | None:
-        for x in self.ok_times:
-            if x > t:
-                return x
-        return None
-
-    def lost(self, lc: LocalCluster) -> list[int]:
-        """Acknowledged ids missing on the current master."""
-        master = wait_for(lc.master, 30, what="a master")
-        with psycopg.connect(lc.dsn(master)) as c:
-            present = {r[0] for r in c.execute("SELECT id FROM writes").fetchall()}
-        return sorted(set(self.acked) - present)
-
-
-@dataclass
-class Prober:
-    """Every ~50 ms, tries a write on every member at once (a thread each) and records the rounds
-    in which two or more members committed: moments with two writable masters."""
-
-    lc: LocalCluster
-    rounds: int = 0
-    double_writable: list[tuple[float, list[str]]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> Prober:
-        with psycopg.connect(self.lc.dsn(self.lc.master() or "pg1"), autocommit=True) as c:
-            c.execute("CREATE TABLE IF NOT EXISTS probe (member text, t double precision)")
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _try(self, name: str, out: dict[str, bool]) -> None:
-        try:
-            dsn = self.lc.dsn(name).replace("connect_timeout=3", "connect_timeout=1")
-            with psycopg.connect(dsn, autocommit=True) as c:
-                c.execute("SET statement_timeout = '1s'")
-                c.execute("INSERT INTO probe VALUES (%s, extract(epoch from now()))", (name,))
-                out[name] = True
-        except (psycopg.Error, OSError):
-            out[name] = False
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            out: dict[str, bool] = {}
-            ts = [threading.Thread(target=self._try, args=(m.name, out)) for m in self.lc.members]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join(timeout=5)
-            self.rounds += 1
-            ok = sorted(n for n, v in out.items() if v)
-            if len(ok) > 1:
-                self.double_writable.append((time.time(), ok))
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)

@@ -1185,23 +1185,53 @@ class PostgresControl:
     async def _probe_row(self) -> tuple[Any, ...]:
         async with self._probe_lock:
             for attempt in (1, 2):
-                if self._probe_conn is None or self._probe_conn.closed:
+                fresh = self._probe_conn is None or self._probe_conn.closed
+                if fresh:
                     self._probe_conn = await self._connect(
                         self.superuser_conninfo(), timeout=2.5, statement_timeout=2
                     )
+                conn = self._probe_conn
+                assert conn is not None
+                task = asyncio.ensure_future(self._probe_exec(conn))
+                # not wait_for: cancelling a query makes psycopg send a cancel request and wait
+                # for the server (up to 10 s if it is frozen); the probe returns at once instead
+                # and leaves that clean-up to the abandoned task
                 try:
-                    cur = await asyncio.wait_for(self._probe_conn.execute(_PROBE_SQL), 3)
-                    row = await cur.fetchone()
-                    assert row is not None
-                    return tuple(row)
-                except (psycopg.Error, TimeoutError) as exc:
-                    # a restarted server leaves the kept connection broken: retry once afresh
+                    done, _ = await asyncio.wait({task}, timeout=3)
+                except asyncio.CancelledError:
+                    self._probe_conn = None
+                    self._abandon(conn, task)
+                    raise
+                if not done:
+                    self._probe_conn = None
+                    self._abandon(conn, task)
+                    raise PostgresError("probe query: no answer within 3s")
+                try:
+                    return task.result()
+                except psycopg.Error as exc:
                     await self._close_probe()
-                    if attempt == 2:
-                        raise PostgresError(
-                            f"probe query failed: {str(exc).strip() or type(exc).__name__}"
-                        ) from None
+                    # a restarted server leaves the kept connection broken: retry once afresh
+                    if fresh or attempt == 2:
+                        raise PostgresError(f"probe query failed: {str(exc).strip()}") from None
         raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _probe_exec(conn: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
+        cur = await conn.execute(_PROBE_SQL)
+        row = await cur.fetchone()
+        assert row is not None
+        return tuple(row)
+
+    @staticmethod
+    def _abandon(conn: psycopg.AsyncConnection[Any], task: asyncio.Future[Any]) -> None:
+        def finished(t: asyncio.Future[Any]) -> None:
+            if not t.cancelled():
+                t.exception()  # retrieved: no "exception never retrieved" noise
+            with contextlib.suppress(Exception):
+                conn.pgconn.finish()
+
+        task.add_done_callback(finished)
+        task.cancel()
 
     async def _offline_facts(self, running: bool) -> PgFacts:
         try:
