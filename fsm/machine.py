@@ -392,6 +392,10 @@ def _decide_candidate(s: Snapshot) -> Decision:
         return WAIT  # we raced for this term and lost; the winner's key is on its way
     peers = {n: m for n, m in s.dcs.members.items() if n != s.name}
     sw = s.dcs.switchover
+    if sw is not None and sw.source == s.name and s.now < lost_at + s.settings.ttl:
+        # we are the master being switched away from: another member must take over; we
+        # stand aside for one TTL (if nobody does, we may race again)
+        return _wait_until(lost_at + s.settings.ttl, "we are the switchover source: standing aside")
     if sw is not None and sw.target is not None:
         if sw.target == s.name:
             need = s.dcs.last_leader_lsn

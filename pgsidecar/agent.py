@@ -215,6 +215,7 @@ class Agent:
         self._schedule_wake(final)
         if taken:
             self._publish_member()
+            self._register_service()
         if inp.type == "dcs" and self.machine.role is Role.MASTER and not snapshot.busy:
             names = set(snapshot.dcs.members) - {self.name}
             now = time.monotonic()
@@ -270,13 +271,14 @@ class Agent:
         self.loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop)
+        # "start" is the first input of every run: replay resets its machine there
+        self.post("start", settings=self._settings_dict())
         try:
             await self._startup()
         except AgentExit as exc:
             log.error("agent_exit", reason=str(exc))
             await self._teardown()
             return exc.code
-        self.post("start", settings=self._settings_dict())
         self._tasks += [
             asyncio.ensure_future(self._watch_dcs()),
             asyncio.ensure_future(self._renew_loop()),
@@ -362,7 +364,9 @@ class Agent:
             self.post("dcs", **_view_to_input(view))
 
     async def _renew_loop(self) -> None:
-        ttl = self.settings.ttl
+        # the granted session TTL, not the configured ttl: Consul is given ttl/2 (it may take up
+        # to twice the session TTL to invalidate), etcd the ttl itself
+        ttl = self.dcs.session_ttl or self.settings.ttl
         interval = max(0.25, ttl / 4)
         down = False
         while True:
@@ -398,7 +402,7 @@ class Agent:
 
     def _fence_deadline(self, sent: float) -> float:
         cs = self.cfg.cluster_settings
-        ttl = self.settings.ttl
+        ttl = self.dcs.session_ttl or self.settings.ttl
         margin = max(0.5, min(2.0, ttl * 0.15))
         return sent + ttl * (1 - cs.clock_drift) - margin
 
@@ -481,6 +485,38 @@ class Agent:
         except (TimeoutError, DCSError) as exc:
             self._last_member = None  # try again on the next probe
             log.debug("member_publish_failed", error=str(exc))
+
+    def _register_service(self) -> None:
+        """Consul: keep our PostgreSQL registered as service <cluster> tagged master or replica,
+        with an HTTP check on /primary or /replica, so master.<cluster>.service.consul resolves
+        to the master. Other backends have no such thing."""
+        register = getattr(self.dcs, "register_service", None)
+        if (
+            register is None
+            or self.cfg.dcs.type != "consul"
+            or not self.cfg.dcs.consul.register_service
+        ):
+            return
+        master = self.machine.role is Role.MASTER
+        tag = "master" if master else "replica"
+        check = f"{self.cfg.api.url}/{'primary' if master else 'replica'}"
+
+        async def go() -> None:
+            try:
+                await asyncio.wait_for(
+                    register(
+                        self.cfg.cluster,
+                        [tag],
+                        self.cfg.postgresql.port,
+                        check,
+                        address=self.cfg.postgresql.host,
+                    ),
+                    timeout=5,
+                )
+            except Exception as exc:
+                log.warning("service_registration_failed", error=str(exc))
+
+        asyncio.ensure_future(go())
 
     # -- helpers for effects ------------------------------------------------------------------------
 

@@ -192,7 +192,7 @@ def cmd_local(args: argparse.Namespace) -> int:
             return 0
         if args.local_cmd == "start":
             lc.member(args.name)
-            if lc.meta.get("dcs") == "etcd":
+            if lc.meta.get("dcs") == "etcd" and lc.runs_own_dcs:
                 lc.start_etcd(detach=True)
             pid = lc.start_member(args.name, detach=True)
             print(f"started {args.name} (agent pid {pid})")

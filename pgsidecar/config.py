@@ -154,7 +154,9 @@ class ApiSettings(Strict):
             try:
                 return self.token_file.read_text().strip()
             except OSError as exc:
-                raise ConfigError(f"cannot read api.token_file {self.token_file}: {exc.strerror}") from exc
+                raise ConfigError(
+                    f"cannot read api.token_file {self.token_file}: {exc.strerror}"
+                ) from exc
         return None
 
     @property
@@ -194,7 +196,9 @@ class AgentConfig(Strict):
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
         if self.postgresql.superuser.username == self.postgresql.replication.username:
-            raise ValueError("postgresql.replication.username must differ from postgresql.superuser.username")
+            raise ValueError(
+                "postgresql.replication.username must differ from postgresql.superuser.username"
+            )
         return self
 
 
@@ -240,7 +244,9 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping at the top level, got {type(data).__name__}"
+        )
     data = _apply_env(data, dict(os.environ if environ is None else environ))
     try:
         cfg = AgentConfig.model_validate(data)

@@ -116,7 +116,10 @@ class LocalCluster:
         pg_bin: Path = DEFAULT_PG_BIN,
         pg_user: str | None = None,
         extra: dict[str, Any] | None = None,
+        dcs_url: str | None = None,
     ) -> None:
+        """``dcs_url``: an already running store to use instead of starting one (the tests point
+        a cluster at the Consul emulator this way)."""
         if self.meta_path.exists():
             raise LocalClusterError(
                 f"{self.dir} already holds a local cluster; `pgsidecar local down --dir {self.dir}` and remove it, "
@@ -124,7 +127,7 @@ class LocalCluster:
             )
         if nodes < 1:
             raise LocalClusterError("--nodes must be at least 1")
-        if dcs != "etcd":
+        if dcs != "etcd" and dcs_url is None:
             if dcs == "consul" and shutil.which("consul") is None:
                 raise LocalClusterError(
                     "--dcs consul needs a `consul` binary on PATH (none is installed here); use --dcs etcd"
@@ -134,7 +137,7 @@ class LocalCluster:
                 f"PostgreSQL binaries not found in {pg_bin}: install postgresql-15 (apt-get install postgresql-15) "
                 f"or pass --pg-bin"
             )
-        if dcs == "etcd":
+        if dcs == "etcd" and dcs_url is None:
             _which("etcd", "install Debian's etcd-server package (apt-get install etcd-server)")
         if os.geteuid() == 0:
             pg_user = pg_user or "postgres"
@@ -171,6 +174,7 @@ class LocalCluster:
             "ttl": ttl,
             "base_port": base,
             "etcd": {"client_port": base, "peer_port": base + 1},
+            "dcs_url": dcs_url,
             "pg_bin": str(pg_bin),
             "pg_user": pg_user,
             "members": [
@@ -208,10 +212,7 @@ class LocalCluster:
                 "master_start_timeout": 20,
                 "stop_timeout": 20,
             },
-            "dcs": {
-                "type": "etcd",
-                "etcd": {"endpoints": [f"http://127.0.0.1:{meta['etcd']['client_port']}"]},
-            },
+            "dcs": self._dcs_config(),
             "settings": {"ttl": meta["ttl"]},
             "api": {
                 "listen": "127.0.0.1",
@@ -228,6 +229,18 @@ class LocalCluster:
                 node = node.setdefault(p, {})
             node[parts[-1]] = value
         return cfg
+
+    def _dcs_config(self) -> dict[str, Any]:
+        meta = self.meta
+        url = meta.get("dcs_url") or f"http://127.0.0.1:{meta['etcd']['client_port']}"
+        if meta["dcs"] == "consul":
+            # a local agent (or the emulator) accepts short sessions; real servers' minimum is 10 s
+            return {"type": "consul", "consul": {"url": url, "session_ttl_min": 2}}
+        return {"type": "etcd", "etcd": {"endpoints": [url]}}
+
+    @property
+    def runs_own_dcs(self) -> bool:
+        return not self.meta.get("dcs_url")
 
     # -- processes -------------------------------------------------------------------------------
 
@@ -337,7 +350,8 @@ class LocalCluster:
                 proc.wait(timeout=5)
 
     def up(self, detach: bool = False, timeout: float = 180) -> list[dict[str, Any]]:
-        self.start_etcd(detach=detach)
+        if self.runs_own_dcs:
+            self.start_etcd(detach=detach)
         for m in self.members:
             self.start_member(m.name, detach=detach)
         return self.wait_healthy(timeout=timeout)
@@ -354,7 +368,8 @@ class LocalCluster:
             pm = self.postmaster_pid(m.name)
             if pm:
                 terminate(pm, signal.SIGQUIT, timeout=10)
-        self.stop_etcd()
+        if self.runs_own_dcs:
+            self.stop_etcd()
 
     # -- observation -----------------------------------------------------------------------------
 

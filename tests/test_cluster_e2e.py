@@ -37,8 +37,9 @@ def actions(lc, name):  # type: ignore[no-untyped-def]
     return [r["body"] for r in journal(lc, name) if r["kind"] == "action"]
 
 
-def test_bootstrap_three_members_one_master_two_streaming_replicas() -> None:
-    with local_cluster(ttl=TTL) as lc:
+@pytest.mark.parametrize("dcs", ["etcd", "consul"])
+def test_bootstrap_three_members_one_master_two_streaming_replicas(dcs: str) -> None:
+    with local_cluster(ttl=TTL, dcs=dcs) as lc:
         rows = lc.status()
         roles = sorted(r["role"] for r in rows)
         assert roles == ["master", "replica", "replica"]
@@ -82,8 +83,9 @@ def test_bootstrap_three_members_one_master_two_streaming_replicas() -> None:
                     assert {"cluster", "node", "seq", "time", "term"} <= set(r)
 
 
-def test_sigterm_of_the_master_fails_over_without_waiting_for_the_ttl_and_rejoins() -> None:
-    with local_cluster(ttl=TTL) as lc:
+@pytest.mark.parametrize("dcs", ["etcd", "consul"])
+def test_sigterm_of_the_master_fails_over_without_waiting_for_the_ttl_and_rejoins(dcs: str) -> None:
+    with local_cluster(ttl=TTL, dcs=dcs) as lc:
         old = lc.master()
         w = Writer(lc).start()
         time.sleep(0.5)
@@ -107,8 +109,9 @@ def test_sigterm_of_the_master_fails_over_without_waiting_for_the_ttl_and_rejoin
         assert not any(a["name"] == "basebackup" for a in actions(lc, old)[-10:])
 
 
-def test_hard_kill_of_master_new_master_within_ttl_and_old_rejoins_by_rewind() -> None:
-    with local_cluster(ttl=TTL) as lc:
+@pytest.mark.parametrize("dcs", ["etcd", "consul"])
+def test_hard_kill_of_master_new_master_within_ttl_and_old_rejoins_by_rewind(dcs: str) -> None:
+    with local_cluster(ttl=TTL, dcs=dcs) as lc:
         old = lc.master()
         w = Writer(lc).start()
         time.sleep(1.0)

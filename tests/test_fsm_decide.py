@@ -321,3 +321,28 @@ def test_decide_is_pure() -> None:
     b = decide(n.role, n.s)
     assert a == b
     assert n.s.pg.data is DataState.STANDBY
+
+
+def test_switchover_source_does_not_win_its_own_switchover_back() -> None:
+    """Regression (found by the benchmark): after a switchover to "any replica" the old master
+    restarted read-only, stood for election, won the tie on its name and took the lease back."""
+    n = master_node()
+    sw = {"from": "pg1", "to": None}
+    d = dcs("pg1", 30, pg1=member("pg1", role="master"), pg2=member("pg2"))
+    d["switchover"] = sw
+    assert n.feed("dcs", **d) == ["switchover"]
+    n.feed("pg", **pg(running=False, data="primary_clean", in_recovery=None))
+    n.feed("lease", held=False)
+    d = dcs(None, pg1=member("pg1", role="demoted"), pg2=member("pg2"))
+    d["switchover"] = sw
+    n.feed("dcs", **d)
+    assert n.done("handoff") == ["start_replica"]
+    n.feed("pg", **pg())
+    assert n.done("start_standby", upstream=None) == ["leader_lost"]
+    d = dcs(None, pg1=member("pg1", election=30), pg2=member("pg2", election=30))
+    d["switchover"] = sw
+    n.feed("dcs", **d)
+    assert n.done("announce", term=30) == []
+    assert n.role is Role.CANDIDATE and n.last.wake_at is not None
+    # nobody took over within one TTL: it may race again
+    assert n.feed("timer", dt=11) == ["race"]

@@ -10,4 +10,12 @@ from events.dcs.base import (
     SessionLost,
 )
 
-__all__ = ["DCS", "AuthError", "ClusterView", "DCSError", "DuplicateMember", "Leader", "SessionLost"]
+__all__ = [
+    "DCS",
+    "AuthError",
+    "ClusterView",
+    "DCSError",
+    "DuplicateMember",
+    "Leader",
+    "SessionLost",
+]

@@ -77,7 +77,9 @@ class ClusterView:
     malformed: tuple[tuple[str, str], ...] = ()
 
 
-def decode_json_object(key: str, raw: bytes | str | None) -> tuple[dict[str, Any] | None, str | None]:
+def decode_json_object(
+    key: str, raw: bytes | str | None
+) -> tuple[dict[str, Any] | None, str | None]:
     """Decode a JSON object stored under ``key``. Returns (value, None) or (None, reason)."""
     if raw is None:
         return None, None

@@ -821,6 +821,7 @@ class PostgresControl:
             return
         if not (self.data_dir / "PG_VERSION").exists():
             raise PostgresError(f"start: {self.data_dir} holds no PostgreSQL data directory")
+        self._standby_tli_seen = 0  # a new postmaster (maybe after a rewind): forget the old one
         self._check_traversable(self.data_dir, "data_dir")
         foreign = self._foreign_postmaster()
         if foreign is not None:
@@ -1286,7 +1287,12 @@ class PostgresControl:
         received = int(received) if received is not None else None
         replayed = int(replayed) if replayed is not None else None
         if in_recovery:
-            timeline = received_tli or max(ckpt_tli or 0, minrec_tli or 0) or None
+            # pg_stat_wal_receiver has a row only while the receiver runs, and the checkpoint's
+            # timeline lags; once a master is gone its replicas must still compare the timeline
+            # they had received, so remember the highest one seen since this postmaster started
+            seen = max(getattr(self, "_standby_tli_seen", 0), received_tli or 0)
+            self._standby_tli_seen = seen
+            timeline = max(seen, ckpt_tli or 0, minrec_tli or 0) or None
             positions = [p for p in (received, replayed) if p is not None]
             lsn = max(positions) if positions else None
         else:

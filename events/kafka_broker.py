@@ -1,0 +1,357 @@
+"""A single Apache Kafka broker (KRaft mode, combined broker and controller, loopback only) for
+tests, benchmarks and ``pgsidecar local``: the Python twin of ``scripts/kafka.sh``, with the same
+cache layout and the same files in the broker's directory.
+
+The jars are Apache Kafka's own Maven Central artifacts (``kafka_2.13`` and its runtime
+dependencies), fetched once with Maven into ``$PGSIDECAR_KAFKA_HOME/libs`` (default
+``<repo>/.cache/kafka/libs``). The broker process is our child: we hold its Popen, reap it, and
+stop it by pid; it runs in its own session so that SIGSTOP/SIGKILL reach it and nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from pgsidecar.procutil import pid_alive, read_pid, terminate
+
+KAFKA_VERSION = os.environ.get("PGSIDECAR_KAFKA_VERSION", "3.9.2")
+# kafka_2.13 depends on slf4j-api only; the distribution's binding is slf4j-reload4j.
+SLF4J_VERSION = "1.7.36"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class KafkaBrokerError(RuntimeError):
+    """The broker could not be fetched, formatted or started; the message says why."""
+
+
+def kafka_home() -> Path:
+    return Path(os.environ.get("PGSIDECAR_KAFKA_HOME") or REPO / ".cache" / "kafka")
+
+
+def java_available() -> bool:
+    """True if a ``java`` is on PATH (Kafka 3.9's broker wants Java 11+; this machine has 17)."""
+    return shutil.which("java") is not None
+
+
+def fetched(home: Path | None = None) -> bool:
+    stamp = (home or kafka_home()) / "libs" / ".complete"
+    try:
+        return stamp.read_text().strip() == KAFKA_VERSION
+    except OSError:
+        return False
+
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>pgsidecar</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>{kafka}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.slf4j</groupId>
+      <artifactId>slf4j-reload4j</artifactId>
+      <version>{slf4j}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+
+def fetch(home: Path | None = None, timeout: float = 900.0) -> Path:
+    """Download the broker's jars with Maven unless present; returns the libs dir. Safe to call
+    from several processes at once (a lock file serialises them)."""
+    home = home or kafka_home()
+    libs = home / "libs"
+    if fetched(home):
+        return libs
+    if shutil.which("mvn") is None:
+        raise KafkaBrokerError("mvn not found: apt-get install maven (and a Java 17 runtime)")
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".lock", "w") as lock:
+        deadline = time.monotonic() + timeout
+        # flock with a bound: a stuck fetch elsewhere must not hang us forever
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise KafkaBrokerError(
+                        f"timed out waiting for another fetch ({home}/.lock)"
+                    ) from None
+                time.sleep(0.5)
+        if fetched(home):
+            return libs
+        work = home / f"fetch-{KAFKA_VERSION}"
+        staging = home / "libs.new"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, slf4j=SLF4J_VERSION))
+        cmd = [
+            "mvn",
+            "-q",
+            "-B",
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={staging}",
+        ]
+        try:
+            proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise KafkaBrokerError(f"Maven fetch of kafka_2.13 {KAFKA_VERSION} timed out") from None
+        if proc.returncode != 0 or not list(staging.glob("kafka_2.13-*.jar")):
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+            raise KafkaBrokerError(
+                f"Maven could not fetch kafka_2.13 {KAFKA_VERSION}:\n" + "\n".join(tail)
+            )
+        # rename at the end so that a half-done fetch never looks done
+        shutil.rmtree(libs, ignore_errors=True)
+        staging.rename(libs)
+        (libs / ".complete").write_text(KAFKA_VERSION + "\n")
+        shutil.rmtree(work, ignore_errors=True)
+    return libs
+
+
+def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.connect((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def server_properties(directory: Path, port: int, controller_port: int) -> str:
+    return f"""# written by pgsidecar (events/kafka_broker.py): single-node KRaft on loopback
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs={directory}/data
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+# A killed broker must come back fast in the outage tests: its restart is refused
+# (DUPLICATE_BROKER_REGISTRATION) until the old incarnation's session lapses, 9 s by default.
+broker.session.timeout.ms=3000
+broker.heartbeat.interval.ms=500
+num.recovery.threads.per.data.dir=1
+log.flush.interval.messages=9223372036854775807
+"""
+
+
+def log4j_properties(directory: Path) -> str:
+    return f"""log4j.rootLogger=INFO, file
+log4j.appender.file=org.apache.log4j.RollingFileAppender
+log4j.appender.file.File={directory}/server.log
+log4j.appender.file.MaxFileSize=20MB
+log4j.appender.file.MaxBackupIndex=1
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.state.change.logger=WARN
+"""
+
+
+class KafkaBroker:
+    """One broker whose files live in ``directory``: server.properties, data/, server.log,
+    kafka.out, kafka.pid. ``start`` formats the storage on first use only, so a stopped or killed
+    broker restarts on the same data."""
+
+    def __init__(
+        self,
+        directory: Path | str,
+        port: int,
+        controller_port: int | None = None,
+        *,
+        home: Path | None = None,
+        heap: str = "384m",
+    ) -> None:
+        self.directory = Path(directory).resolve()
+        self.port = port
+        self.controller_port = controller_port if controller_port is not None else port + 1
+        self.home = home or kafka_home()
+        self.heap = heap
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._paused = False
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        if self._proc is not None:
+            return self._proc.pid
+        return read_pid(self.directory / "kafka.pid")
+
+    @property
+    def running(self) -> bool:
+        pid = self.pid
+        if pid is None:
+            return False
+        if self._proc is not None:
+            return self._proc.poll() is None and pid_alive(pid)
+        return pid_alive(pid)
+
+    @staticmethod
+    def java_available() -> bool:
+        return java_available()
+
+    def fetch(self, timeout: float = 900.0) -> Path:
+        return fetch(self.home, timeout)
+
+    def _java(self) -> list[str]:
+        return [
+            "java",
+            "-Xms64m",
+            f"-Xmx{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.directory}/log4j.properties",
+            f"-Dkafka.logs.dir={self.directory}",
+            "-cp",
+            f"{self.home / 'libs'}/*",
+        ]
+
+    def start(self, timeout: float = 90.0) -> None:
+        if not java_available():
+            raise KafkaBrokerError("java not found: apt-get install openjdk-17-jre-headless")
+        if self.running:
+            raise KafkaBrokerError(f"a broker already runs for {self.directory} (pid {self.pid})")
+        self.fetch()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        props = self.directory / "server.properties"
+        props.write_text(server_properties(self.directory, self.port, self.controller_port))
+        (self.directory / "log4j.properties").write_text(log4j_properties(self.directory))
+        if not (self.directory / "data" / "meta.properties").exists():
+            # 16 random bytes, base64url without padding: the form of Kafka's random-uuid
+            cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+            cmd = [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id]
+            cmd += ["-c", str(props), "--ignore-formatted"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            except subprocess.TimeoutExpired:
+                raise KafkaBrokerError("kafka storage format timed out") from None
+            if proc.returncode != 0:
+                raise KafkaBrokerError(f"kafka storage format failed: {proc.stdout}{proc.stderr}")
+        out = open(self.directory / "kafka.out", "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self._proc = subprocess.Popen(
+                [*self._java(), "kafka.Kafka", str(props)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            out.close()
+        self._paused = False
+        (self.directory / "kafka.pid").write_text(f"{self._proc.pid}\n")
+        deadline = time.monotonic() + timeout
+        # The broker opens its listener last, after the controller has unfenced it: a port that
+        # answers is a broker that serves.
+        while not _port_open(self.port):
+            if self._proc.poll() is not None:
+                raise KafkaBrokerError(
+                    f"broker exited with {self._proc.returncode} during start; "
+                    f"last lines of {self.directory}/server.log:\n{self._log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise KafkaBrokerError(
+                    f"broker did not answer on {self.bootstrap} within {timeout:.0f}s:\n{self._log_tail()}"
+                )
+            time.sleep(0.1)
+
+    def _log_tail(self, lines: int = 15) -> str:
+        text = ""
+        for name in ("kafka.out", "server.log"):
+            with contextlib.suppress(OSError):
+                text += (self.directory / name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _signal(self, sig: int) -> None:
+        pid = self.pid
+        if pid is not None and self.running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def pause(self) -> None:
+        """SIGSTOP: the broker keeps its sockets open but answers nothing (a hung broker)."""
+        self._signal(signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+        self._paused = False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (a controlled shutdown), SIGKILL after ``timeout``; reaps the process."""
+        self._terminate(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: the broker dies without a clean shutdown (its logs are recovered on start)."""
+        self._terminate(signal.SIGKILL, 10.0)
+
+    def _terminate(self, sig: int, timeout: float) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        if self._paused:
+            # a stopped process does not run its SIGTERM handler until continued
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            self._paused = False
+        if self._proc is not None:
+            proc = self._proc
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            self._proc = None
+        else:
+            # started by another process (scripts/kafka.sh or an earlier run): by pid file
+            terminate(pid, sig, timeout=timeout)
+        with contextlib.suppress(FileNotFoundError):
+            (self.directory / "kafka.pid").unlink()
+
+    def __enter__(self) -> KafkaBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,522 @@
+"""The contract every DCS backend meets, stated only against events.dcs.base.DCS.
+
+Runs once per backend through the ``dcs_backend`` fixture (tests/conftest.py). What a backend
+fixture provides, besides ``make_dcs(cluster) -> DCS`` (not yet connected):
+
+* ``make_dcs.min_ttl`` (optional, default 2): the smallest session TTL the store accepts; the
+  expiry tests use it (etcd: 2 s; Consul: 10 s).
+* Test hooks on each DCS instance (not part of the production interface):
+  ``await d._drop_watch_connection()`` breaks the connection of every running ``watch()`` as a
+  network failure would; ``await d._put_raw(full_key, value: bytes)`` writes a value verbatim,
+  without a session, under a full store key as returned by ``d.key(...)``.
+* Isolation: DCS instances made by one test with the same cluster name share keys; nothing leaks
+  between tests or between two runs of the suite.
+
+Bounds: a watch delivers a change in under 1 s; a session that is not renewed is gone (and its
+keys with it) within 2 * ttl + 2 s (Consul may keep a session up to twice its TTL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from events.dcs.base import DCS, ClusterView, DuplicateMember, SessionLost
+
+WATCH_LATENCY_BOUND = 1.0
+
+
+def ttl_of(make_dcs: Any) -> float:
+    return float(getattr(make_dcs, "min_ttl", 2.0))
+
+
+def expiry_bound(ttl: float) -> float:
+    return 2 * ttl + 2.0
+
+
+async def new_dcs(make_dcs: Any, cluster: str = "c1", *, session: bool = True) -> DCS:
+    d: DCS = make_dcs(cluster)
+    await d.connect()
+    if session:
+        await d.open_session(ttl_of(make_dcs))
+    return d
+
+
+class Watcher:
+    """Runs ``dcs.watch()`` in a task and records (arrival time, view) of every view."""
+
+    def __init__(self, dcs: DCS) -> None:
+        self.dcs = dcs
+        self.views: list[tuple[float, ClusterView]] = []
+        self._new = asyncio.Event()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        gen = self.dcs.watch()
+        try:
+            async for view in gen:
+                self.views.append((time.monotonic(), view))
+                self._new.set()
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
+
+    @property
+    def last(self) -> ClusterView | None:
+        return self.views[-1][1] if self.views else None
+
+    async def wait_for(
+        self, pred: Callable[[ClusterView], bool], within: float, after: int = 0
+    ) -> tuple[float, ClusterView]:
+        """The first view (from position ``after`` on) that satisfies ``pred``."""
+        deadline = time.monotonic() + within
+        pos = after
+        while True:
+            while pos < len(self.views):
+                at, view = self.views[pos]
+                pos += 1
+                if pred(view):
+                    return at, view
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(
+                    f"no matching view within {within} s; last view: {self.last!r}"
+                )
+            if self.task.done():
+                raise AssertionError(f"watch ended: {self.task!r}")
+            self._new.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new.wait(), remaining)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+@pytest.fixture
+async def watchers() -> Any:
+    started: list[Watcher] = []
+
+    def start(dcs: DCS) -> Watcher:
+        w = Watcher(dcs)
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        await w.stop()
+
+
+# -- leader --------------------------------------------------------------------------------------
+
+
+async def test_empty_cluster_reads_as_empty(dcs_backend: Any) -> None:
+    d = await new_dcs(dcs_backend, session=False)
+    view = await d.read_cluster()
+    assert view.leader is None
+    assert view.members == {}
+    assert view.initialize is None and view.config is None and view.switchover is None
+    assert view.malformed == ()
+    assert d.session_ttl == 0
+
+
+async def test_session_ttl_is_what_was_granted(dcs_backend: Any) -> None:
+    ttl = ttl_of(dcs_backend)
+    d = await new_dcs(dcs_backend)
+    assert ttl <= d.session_ttl <= ttl + 1
+
+
+async def test_exactly_one_of_concurrent_acquirers_wins(dcs_backend: Any) -> None:
+    contenders = [await new_dcs(dcs_backend) for _ in range(5)]
+    results = await asyncio.gather(*(d.acquire_leader(f"m{i}") for i, d in enumerate(contenders)))
+    winners = [(i, r) for i, r in enumerate(results) if r is not None]
+    assert len(winners) == 1, results
+    i, leader = winners[0]
+    assert leader.name == f"m{i}" and leader.term > 0
+
+    view = await contenders[0].read_cluster()
+    assert view.leader == leader
+    # the holder asking again keeps the same term (acquire is idempotent for the holder)
+    assert await contenders[i].acquire_leader(f"m{i}") == leader
+    # another session using the holder's name does not hold the key
+    impostor = await new_dcs(dcs_backend)
+    assert await impostor.acquire_leader(f"m{i}") is None
+    assert (await impostor.read_cluster()).leader == leader
+
+
+async def test_release_frees_the_key_at_once(dcs_backend: Any) -> None:
+    a = await new_dcs(dcs_backend)
+    b = await new_dcs(dcs_backend)
+    la = await a.acquire_leader("a")
+    assert la is not None
+    assert await b.acquire_leader("b") is None
+
+    assert await a.release_leader("a", la.term) is True
+    # no lock-delay: the other contender takes it on its very next attempt
+    lb = await b.acquire_leader("b")
+    assert lb is not None and lb.name == "b"
+    assert lb.term > la.term
+    assert (await a.read_cluster()).leader == lb
+
+
+async def test_release_with_wrong_term_or_name_does_nothing(dcs_backend: Any) -> None:
+    a = await new_dcs(dcs_backend)
+    b = await new_dcs(dcs_backend)
+    la = await a.acquire_leader("a")
+    assert la is not None
+    assert await a.release_leader("a", la.term - 1) is False
+    assert await a.release_leader("a", la.term + 1) is False
+    assert await a.release_leader("b", la.term) is False
+    assert await b.release_leader("b", la.term) is False
+    assert (await b.read_cluster()).leader == la
+    # and after a real release, releasing again is a no-op
+    assert await a.release_leader("a", la.term) is True
+    assert await a.release_leader("a", la.term) is False
+
+
+async def test_term_strictly_increases_on_every_change_of_leader(dcs_backend: Any) -> None:
+    a = await new_dcs(dcs_backend)
+    b = await new_dcs(dcs_backend)
+    terms: list[int] = []
+
+    la = await a.acquire_leader("a")
+    assert la is not None
+    terms.append(la.term)
+    await a.put_config({"unrelated": "write"})  # other writes between terms change nothing
+    assert await a.release_leader("a", la.term)
+
+    lb = await b.acquire_leader("b")
+    assert lb is not None
+    terms.append(lb.term)
+    await b.close_session()  # the holder's session ends: key gone
+
+    la2 = await a.acquire_leader("a")
+    assert la2 is not None
+    terms.append(la2.term)
+    assert await a.release_leader("a", la2.term)
+
+    la3 = await a.acquire_leader("a")  # even the same member again gets a new term
+    assert la3 is not None
+    terms.append(la3.term)
+    assert terms == sorted(set(terms)), terms
+
+
+# -- sessions ------------------------------------------------------------------------------------
+
+
+async def test_session_expiry_deletes_leader_and_member_and_watchers_see_it(
+    dcs_backend: Any, watchers: Any
+) -> None:
+    ttl = ttl_of(dcs_backend)
+    observer = await new_dcs(dcs_backend, session=False)
+    w = watchers(observer)
+    a = await new_dcs(dcs_backend)
+    t0 = time.monotonic()  # the session was granted (or last renewed) before this moment
+    await a.put_member("a", {"instance_id": "ia", "role": "master"})
+    leader = await a.acquire_leader("a")
+    assert leader is not None
+    await w.wait_for(lambda v: v.leader == leader and "a" in v.members, WATCH_LATENCY_BOUND)
+    after = len(w.views)
+
+    # nobody renews: the store must drop the session and both keys bound to it
+    at, view = await w.wait_for(
+        lambda v: v.leader is None and "a" not in v.members, expiry_bound(ttl), after=after
+    )
+    lived = at - t0
+    assert lived >= 0.5 * ttl, f"session gone after {lived:.2f} s with ttl {ttl}"
+    assert (await observer.read_cluster()).leader is None
+
+    with pytest.raises(SessionLost):
+        await a.renew_session()
+
+
+async def test_renewal_keeps_the_session_and_its_keys(dcs_backend: Any) -> None:
+    ttl = ttl_of(dcs_backend)
+    a = await new_dcs(dcs_backend)
+    leader = await a.acquire_leader("a")
+    assert leader is not None
+    await a.put_member("a", {"instance_id": "ia"})
+    deadline = time.monotonic() + 1.5 * ttl
+    while time.monotonic() < deadline:
+        await a.renew_session()
+        await asyncio.sleep(ttl / 4)
+    view = await a.read_cluster()
+    assert view.leader == leader
+    assert "a" in view.members
+
+
+async def test_close_session_deletes_bound_keys_at_once(dcs_backend: Any, watchers: Any) -> None:
+    observer = await new_dcs(dcs_backend, session=False)
+    w = watchers(observer)
+    a = await new_dcs(dcs_backend)
+    await a.put_member("a", {"instance_id": "ia"})
+    assert await a.acquire_leader("a") is not None
+    assert await a.try_initialize("a")
+    await a.put_config({"ttl": 30})
+    await w.wait_for(lambda v: v.leader is not None and "a" in v.members, WATCH_LATENCY_BOUND)
+    after = len(w.views)
+
+    t0 = time.monotonic()
+    await a.close_session()
+    at, view = await w.wait_for(
+        lambda v: v.leader is None and "a" not in v.members, WATCH_LATENCY_BOUND, after=after
+    )
+    assert at - t0 < WATCH_LATENCY_BOUND
+    # keys that are not bound to a session survive it
+    assert view.initialize == "a" and view.config == {"ttl": 30}
+    assert a.session_ttl == 0
+    with pytest.raises(SessionLost):
+        await a.renew_session()
+
+
+# -- members -------------------------------------------------------------------------------------
+
+
+async def test_member_keys_are_written_and_read_back(dcs_backend: Any) -> None:
+    a = await new_dcs(dcs_backend)
+    b = await new_dcs(dcs_backend)
+    await a.register_member("a", {"instance_id": "ia", "lsn": 1})
+    await b.register_member("b", {"instance_id": "ib", "lsn": 2})
+    await a.put_member("a", {"instance_id": "ia", "lsn": 10, "tags": {"nofailover": True}})
+    view = await b.read_cluster()
+    assert view.members == {
+        "a": {"instance_id": "ia", "lsn": 10, "tags": {"nofailover": True}},
+        "b": {"instance_id": "ib", "lsn": 2},
+    }
+
+
+async def test_register_member_refuses_another_live_instance(dcs_backend: Any) -> None:
+    first = await new_dcs(dcs_backend)
+    await first.register_member("pg-1", {"instance_id": "i-1", "role": "replica"})
+
+    other = await new_dcs(dcs_backend)
+    with pytest.raises(DuplicateMember, match="pg-1"):
+        await other.register_member("pg-1", {"instance_id": "i-2", "role": "replica"})
+    # the refused registration changed nothing
+    view = await other.read_cluster()
+    assert view.members["pg-1"] == {"instance_id": "i-1", "role": "replica"}
+
+
+async def test_register_member_takes_over_its_own_previous_incarnation(dcs_backend: Any) -> None:
+    old = await new_dcs(dcs_backend)
+    await old.register_member("pg-1", {"instance_id": "i-1", "boot": 1})
+
+    # the same agent (same instance_id) restarted with a new session before the old one expired
+    new = await new_dcs(dcs_backend)
+    await new.register_member("pg-1", {"instance_id": "i-1", "boot": 2})
+    assert (await new.read_cluster()).members["pg-1"] == {"instance_id": "i-1", "boot": 2}
+
+    # the key is bound to the new session now: the old one ending does not delete it ...
+    await old.close_session()
+    assert "pg-1" in (await new.read_cluster()).members
+    # ... and the new one ending does
+    await new.close_session()
+    assert "pg-1" not in (await new.read_cluster()).members
+
+
+async def test_malformed_values_are_reported_not_raised(dcs_backend: Any, watchers: Any) -> None:
+    d = await new_dcs(dcs_backend)
+    await d.put_member("good", {"instance_id": "ig"})
+    bad_json = d.key("members", "bad-json")
+    not_object = d.key("members", "not-object")
+    bad_config = d.key("config")
+    await d._put_raw(bad_json, b"{not json")  # type: ignore[attr-defined]
+    await d._put_raw(not_object, b"[1, 2, 3]")  # type: ignore[attr-defined]
+    await d._put_raw(bad_config, b"\xff\xfe")  # type: ignore[attr-defined]
+
+    view = await d.read_cluster()
+    assert set(view.members) == {"good"}
+    assert view.config is None
+    bad_keys = {k for k, _reason in view.malformed}
+    assert {bad_json, not_object, bad_config} <= bad_keys
+    assert all(reason for _k, reason in view.malformed)
+
+    # the watch survives them too, and reports a later fix
+    w = watchers(d)
+    _, first = await w.wait_for(lambda v: True, WATCH_LATENCY_BOUND)
+    assert set(first.members) == {"good"} and bad_json in {k for k, _ in first.malformed}
+    await d._put_raw(bad_json, b'{"instance_id": "fixed"}')  # type: ignore[attr-defined]
+    _, fixed = await w.wait_for(lambda v: "bad-json" in v.members, WATCH_LATENCY_BOUND)
+    assert fixed.members["bad-json"] == {"instance_id": "fixed"}
+    assert bad_json not in {k for k, _ in fixed.malformed}
+
+
+# -- initialize / config / switchover -----------------------------------------------------------
+
+
+async def test_initialize_is_compare_and_set(dcs_backend: Any) -> None:
+    nodes = [await new_dcs(dcs_backend) for _ in range(5)]
+    won = await asyncio.gather(*(d.try_initialize(f"m{i}") for i, d in enumerate(nodes)))
+    assert won.count(True) == 1, won
+    winner = won.index(True)
+    assert (await nodes[0].read_cluster()).initialize == f"m{winner}"
+    assert await nodes[winner].try_initialize(f"m{winner}") is False  # already set
+
+    loser = (winner + 1) % len(nodes)
+    assert await nodes[loser].cancel_initialize(f"m{loser}") is False
+    assert (await nodes[0].read_cluster()).initialize == f"m{winner}"
+
+    # the key is not bound to the winner's session
+    await nodes[winner].close_session()
+    assert (await nodes[0].read_cluster()).initialize == f"m{winner}"
+
+    assert await nodes[winner].cancel_initialize(f"m{winner}") is True
+    assert (await nodes[0].read_cluster()).initialize is None
+    assert await nodes[loser].try_initialize(f"m{loser}") is True
+    assert (await nodes[0].read_cluster()).initialize == f"m{loser}"
+
+
+async def test_config_and_switchover_round_trip(dcs_backend: Any) -> None:
+    d = await new_dcs(dcs_backend, session=False)
+    config = {"ttl": 20, "loop_wait": 5, "synchronous_mode": True, "nested": {"a": [1, 2]}}
+    command = {"from": "pg-1", "to": "pg-2", "scheduled_at": None}
+    await d.put_config(config)
+    await d.put_switchover(command)
+    view = await d.read_cluster()
+    assert view.config == config and view.switchover == command
+
+    await d.put_config({"ttl": 30})
+    await d.delete_switchover()
+    view = await d.read_cluster()
+    assert view.config == {"ttl": 30} and view.switchover is None
+    await d.delete_switchover()  # deleting an absent command is not an error
+
+
+async def test_clusters_do_not_see_each_other(dcs_backend: Any) -> None:
+    # "c1" must not see "c10" (a naive prefix match would)
+    c1 = await new_dcs(dcs_backend, "c1")
+    c10 = await new_dcs(dcs_backend, "c10")
+    assert await c10.acquire_leader("x") is not None
+    await c10.put_member("x", {"instance_id": "ix"})
+    await c10.put_config({"c": 10})
+    assert await c1.acquire_leader("y") is not None  # a different cluster's key
+    view = await c1.read_cluster()
+    assert view.leader is not None and view.leader.name == "y"
+    assert view.members == {} and view.config is None
+
+
+# -- watch ---------------------------------------------------------------------------------------
+
+
+async def test_watch_starts_with_the_current_view(dcs_backend: Any, watchers: Any) -> None:
+    d = await new_dcs(dcs_backend)
+    await d.put_member("a", {"instance_id": "ia"})
+    leader = await d.acquire_leader("a")
+    await d.put_config({"k": 1})
+    w = watchers(d)
+    _, first = await w.wait_for(lambda v: True, WATCH_LATENCY_BOUND)
+    current = await d.read_cluster()
+    assert first.leader == leader == current.leader
+    assert first.members == current.members and first.config == current.config
+    assert 0 < first.index <= current.index
+
+
+async def test_watch_delivers_every_kind_of_change_within_a_second(
+    dcs_backend: Any, watchers: Any
+) -> None:
+    d = await new_dcs(dcs_backend)
+    other = await new_dcs(dcs_backend)
+    w = watchers(other)
+    await w.wait_for(lambda v: True, WATCH_LATENCY_BOUND)
+    latencies: dict[str, float] = {}
+
+    async def change(label: str, action: Any, pred: Callable[[ClusterView], bool]) -> None:
+        """Time from just before the write to the view that shows it."""
+        after = len(w.views)
+        t0 = time.monotonic()
+        await action
+        at, _ = await w.wait_for(pred, WATCH_LATENCY_BOUND, after=after)
+        latencies[label] = at - t0
+
+    await change(
+        "member", d.put_member("a", {"instance_id": "ia", "lsn": 1}), lambda v: "a" in v.members
+    )
+    after = len(w.views)
+    t0 = time.monotonic()
+    leader = await d.acquire_leader("a")
+    assert leader is not None
+    at, _ = await w.wait_for(lambda v: v.leader == leader, WATCH_LATENCY_BOUND, after=after)
+    latencies["acquire"] = at - t0
+    await change("config", d.put_config({"k": 2}), lambda v: v.config == {"k": 2})
+    await change("switchover", d.put_switchover({"to": "b"}), lambda v: v.switchover == {"to": "b"})
+    await change("switchover-delete", d.delete_switchover(), lambda v: v.switchover is None)
+    await change("release", d.release_leader("a", leader.term), lambda v: v.leader is None)
+    await change("initialize", d.try_initialize("a"), lambda v: v.initialize == "a")
+    await change(
+        "member-update",
+        d.put_member("a", {"instance_id": "ia", "lsn": 2}),
+        lambda v: v.members.get("a", {}).get("lsn") == 2,
+    )
+    assert max(latencies.values()) < WATCH_LATENCY_BOUND, latencies
+    # views come in index order
+    indexes = [v.index for _, v in w.views]
+    assert indexes == sorted(indexes)
+
+
+async def test_watch_resumes_without_loss_after_a_dropped_connection(
+    dcs_backend: Any, watchers: Any
+) -> None:
+    d = await new_dcs(dcs_backend)
+    writer = await new_dcs(dcs_backend)
+    w = watchers(d)
+    await w.wait_for(lambda v: True, WATCH_LATENCY_BOUND)
+    # a change seen after the first view proves the watch connection is up (not just the read)
+    await writer.put_switchover({"to": "x"})
+    await w.wait_for(lambda v: v.switchover == {"to": "x"}, WATCH_LATENCY_BOUND)
+
+    for round_ in range(3):
+        await d._drop_watch_connection()  # type: ignore[attr-defined]
+        # changes made while the watch reconnects must all arrive
+        await writer.put_config({"round": round_})
+        await writer.put_member(f"m{round_}", {"instance_id": f"i{round_}"})
+        await writer.delete_switchover()
+        await writer.put_switchover({"to": f"r{round_}"})
+        await w.wait_for(
+            lambda v, r=round_: (
+                v.config == {"round": r}
+                and f"m{r}" in v.members
+                and v.switchover == {"to": f"r{r}"}
+            ),
+            WATCH_LATENCY_BOUND + 2.0,  # reconnect backoff is at most 2 s
+        )
+    final = w.last
+    assert final is not None
+    assert set(final.members) == {"m0", "m1", "m2"}
+    # the view after the reconnects equals a fresh read
+    fresh = await d.read_cluster()
+    assert (final.members, final.config, final.switchover, final.leader) == (
+        fresh.members,
+        fresh.config,
+        fresh.switchover,
+        fresh.leader,
+    )
+    indexes = [v.index for _, v in w.views]
+    assert indexes == sorted(indexes)
+
+
+async def test_watch_sees_a_delete_made_while_disconnected(dcs_backend: Any, watchers: Any) -> None:
+    d = await new_dcs(dcs_backend)
+    holder = await new_dcs(dcs_backend)
+    leader = await holder.acquire_leader("h")
+    assert leader is not None
+    w = watchers(d)
+    await w.wait_for(lambda v: v.leader == leader, WATCH_LATENCY_BOUND)
+    await holder.put_config({"connected": True})  # seen => the watch connection is up
+    await w.wait_for(lambda v: v.config == {"connected": True}, WATCH_LATENCY_BOUND)
+    after = len(w.views)
+    await d._drop_watch_connection()  # type: ignore[attr-defined]
+    assert await holder.release_leader("h", leader.term)
+    await w.wait_for(lambda v: v.leader is None, WATCH_LATENCY_BOUND + 2.0, after=after)
+
+
+async def test_renew_after_close_raises_session_lost(dcs_backend: Any) -> None:
+    d = await new_dcs(dcs_backend)
+    await d.renew_session()
+    await d.close_session()
+    with pytest.raises(SessionLost):
+        await d.renew_session()
