@@ -127,6 +127,16 @@ class Agent:
             LogSink(log),
             *(extra_sinks or []),
         ]
+        self.kafka_sink: Any = None
+        self.peer_consumer: Any = None
+        if cfg.kafka.bootstrap_servers:
+            from events.kafka import KafkaSink
+
+            # the spool drop is itself recorded (an action with our own seq)
+            self.kafka_sink = KafkaSink.from_settings(
+                cfg.kafka, cfg.cluster, cfg.name, self.state_dir, on_drop=self._spool_dropped
+            )
+            self.sinks.append(self.kafka_sink)
         self.watchdog = Watchdog(fence=self.pg.fence, on_fired=self._watchdog_fired)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -180,6 +190,41 @@ class Agent:
                 self._term(),
                 body,
             )
+        )
+
+    def _spool_dropped(self, body: dict[str, Any]) -> None:
+        self.counters["spool_dropped"] = self.counters.get("spool_dropped", 0) + int(
+            body.get("dropped", 0)
+        )
+        self._emit(
+            Record(
+                "action",
+                self.cfg.cluster,
+                self.name,
+                self.seqs.next(),
+                time.time(),
+                self._term(),
+                body,
+            )
+        )
+
+    def _peer_record(self, rec: Record) -> None:
+        """A peer's transition from Kafka: fed to the machine as an advisory ``peer`` input
+        (recorded like any input). It never decides leadership: only the DCS does. Only
+        transitions are fed, so our own input records of peers do not echo back."""
+        if rec.kind != "transition" or rec.node == self.name or rec.cluster != self.cfg.cluster:
+            return
+        b = rec.body
+        self.post(
+            "peer",
+            node=rec.node,
+            seq=rec.seq,
+            term=rec.term,
+            source=b.get("from"),
+            dest=b.get("to"),
+            trigger=b.get("trigger"),
+            lsn=b.get("lsn"),
+            timeline=b.get("timeline"),
         )
 
     # -- the loop --------------------------------------------------------------------------------
@@ -328,6 +373,19 @@ class Agent:
             log.info("released_stale_leader_key", term=view.leader.term, released=released)
         facts = await self.pg.probe()
         self.post("pg", **pg_facts_to_dict(facts))
+        if self.kafka_sink is not None:
+            # never blocks: records wait in the spool until the broker answers
+            await self.kafka_sink.start()
+            from events.kafka import KafkaPeerConsumer, default_topic
+
+            self.peer_consumer = KafkaPeerConsumer(
+                self.cfg.kafka.bootstrap_servers,
+                self.cfg.kafka.topic or default_topic(self.cfg.cluster),
+                self.name,
+                self._peer_record,
+                cluster=self.cfg.cluster,
+            )
+            await self.peer_consumer.start()
         if self.cfg.api.port:
             from pgsidecar.api import ApiServer
 
@@ -798,9 +856,12 @@ class Agent:
         if self.api is not None:
             with contextlib.suppress(Exception):
                 await self.api.stop()
+        if self.peer_consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.peer_consumer.close(), timeout=2)
         for sink in self.sinks:
             with contextlib.suppress(Exception):
-                await sink.close()
+                await asyncio.wait_for(sink.close(), timeout=4)
         log.info("agent_stopped", code=self.exit_code)
 
 

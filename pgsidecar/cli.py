@@ -137,6 +137,111 @@ def cmd_switchover(args: argparse.Namespace) -> int:
     return asyncio.run(go())
 
 
+# -- history / replay ------------------------------------------------------------------------------
+
+
+def _want_kafka(args: argparse.Namespace) -> bool:
+    if args.kafka is not None:
+        if args.kafka:
+            from events.kafka_broker import java_available
+
+            if not java_available():
+                raise ConfigError("--kafka needs Java (apt-get install openjdk-17-jre-headless)")
+        return bool(args.kafka)
+    from events.kafka_broker import java_available
+
+    return java_available()
+
+
+def _load_records(args: argparse.Namespace) -> tuple[list[Any], list[Any], str]:
+    """Records from --journal FILE, else the cluster's Kafka topic (--config / --dir of a cluster
+    with Kafka), else every member's journal of a local cluster (--dir without Kafka)."""
+    from events.sinks import read_journal
+
+    if args.journal:
+        from events.kafka import journal_skipped
+
+        recs, skipped = read_journal(Path(args.journal))
+        return recs, journal_skipped(skipped), f"journal {args.journal}"
+    cfg = _config_from_args(args)
+    if cfg.kafka.bootstrap_servers:
+        from events.kafka import default_topic, read_topic
+
+        topic = cfg.kafka.topic or default_topic(cfg.cluster)
+        recs, skipped = asyncio.run(
+            read_topic(cfg.kafka.bootstrap_servers, topic, timeout=args.timeout)
+        )
+        return recs, skipped, f"topic {topic}"
+    if args.dir:
+        from events.kafka import journal_skipped
+        from pgsidecar.local import LocalCluster
+
+        lc = LocalCluster(Path(args.dir))
+        recs: list[Any] = []
+        skipped: list[Any] = []
+        for m in lc.members:
+            path = m.dir / "journal.jsonl"
+            if path.exists():
+                r, s = read_journal(path)
+                recs += r
+                skipped += journal_skipped(s)
+        return recs, skipped, f"journals under {args.dir}"
+    raise ConfigError(
+        "this agent has no Kafka configured: give --journal FILE (its state_dir/journal.jsonl)"
+    )
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from pgsidecar.history import format_history, parse_since
+
+    recs, skipped, source = _load_records(args)
+    since = parse_since(args.since, _time.time()) if args.since else None
+    for sk in skipped:
+        print(f"pgsidecar: skipped a record: {sk}", file=sys.stderr)
+    print(
+        format_history(
+            recs,
+            node=args.node,
+            since=since,
+            as_json=args.json,
+            skipped=skipped if not args.json else (),
+        )
+    )
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from pgsidecar.replay import replay
+
+    recs, skipped, source = _load_records(args)
+    nodes = [args.node] if args.node else sorted({r.node for r in recs})
+    if not nodes:
+        print(f"pgsidecar: no records in {source}", file=sys.stderr)
+        return 1
+    bad = 0
+    for node in nodes:
+        res = replay(recs, node, args.from_seq, args.to_seq)
+        if res.inputs == 0:
+            print(f"{node}: no input records in {source}", file=sys.stderr)
+            bad += 1
+            continue
+        status = "ok" if res.ok else f"{len(res.divergences)} divergence(s)"
+        print(
+            f"{node}: {res.inputs} inputs replayed, {res.transitions_recorded} transitions recorded, "
+            f"{res.transitions_replayed} reproduced: {status}"
+        )
+        for d in res.divergences:
+            bad += 1
+            print(f"  divergence {d.describe()}")
+            for inp in d.inputs:
+                print(
+                    f"    input seq {inp.get('seq')}: {json.dumps({k: v for k, v in inp.items() if k != 'seq'})[:300]}"
+                )
+    return 1 if bad else 0
+
+
 # -- local ----------------------------------------------------------------------------------------
 
 
@@ -169,6 +274,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     dcs=args.dcs,
                     cluster=args.cluster,
                     extra=extra,
+                    kafka=_want_kafka(args),
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             _print_local_status(rows, False)
@@ -231,6 +337,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sw.set_defaults(func=cmd_switchover)
 
+    for name, helptext in (
+        ("history", "each node's timeline of roles, from Kafka or journals"),
+        ("replay", "replay recorded inputs into a fresh machine and compare its transitions"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        target(sp)
+        sp.add_argument("--journal", help="read this journal file instead of Kafka")
+        sp.add_argument("--node", help="only this node")
+        sp.add_argument("--timeout", type=float, default=30.0, help="seconds to read the topic")
+        if name == "history":
+            sp.add_argument(
+                "--since", help="only records after TIME (10m, 2h, epoch seconds, ISO time)"
+            )
+            sp.add_argument("--json", action="store_true")
+            sp.set_defaults(func=cmd_history)
+        else:
+            sp.add_argument("--from", dest="from_seq", type=int, default=None)
+            sp.add_argument("--to", dest="to_seq", type=int, default=None)
+            sp.set_defaults(func=cmd_replay)
+
     lo = sub.add_parser("local", help="a local cluster on loopback (etcd + N members)")
     losub = lo.add_subparsers(dest="local_cmd", required=True)
     up = losub.add_parser("up", help="create (if needed) and start a local cluster")
@@ -246,6 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dcs", choices=["etcd", "consul"], default="etcd")
     up.add_argument("--cluster", default="local")
     up.add_argument("--timeout", type=float, default=180)
+    k = up.add_mutually_exclusive_group()
+    k.add_argument(
+        "--kafka",
+        dest="kafka",
+        action="store_true",
+        default=None,
+        help="start a Kafka broker (default when Java is available)",
+    )
+    k.add_argument("--no-kafka", dest="kafka", action="store_false", help="local journals only")
     for name, helptext in (("down", "stop everything"), ("status", "members and their DSNs")):
         sp = losub.add_parser(name, help=helptext)
         sp.add_argument("--dir", default="./.local-cluster")

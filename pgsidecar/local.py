@@ -117,6 +117,7 @@ class LocalCluster:
         pg_user: str | None = None,
         extra: dict[str, Any] | None = None,
         dcs_url: str | None = None,
+        kafka: bool = False,
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
         a cluster at the Consul emulator this way)."""
@@ -153,7 +154,7 @@ class LocalCluster:
                 f"{blocked} cannot be entered by OS user {pg_user or uid}, who runs PostgreSQL: choose a --dir "
                 f"outside it (for example under /tmp or /var/tmp), or chmod o+x {blocked}"
             )
-        count = 2 + 2 * nodes
+        count = 4 + 2 * nodes
         base = base_port or free_port_range(count, start=21000, end=40000)
         secrets_dir = self.dir / "secrets"
         secrets_dir.mkdir(mode=0o700, exist_ok=True)
@@ -175,10 +176,11 @@ class LocalCluster:
             "base_port": base,
             "etcd": {"client_port": base, "peer_port": base + 1},
             "dcs_url": dcs_url,
+            "kafka": {"port": base + 2, "controller_port": base + 3} if kafka else None,
             "pg_bin": str(pg_bin),
             "pg_user": pg_user,
             "members": [
-                {"name": n, "pg_port": base + 2 + 2 * i, "api_port": base + 3 + 2 * i}
+                {"name": n, "pg_port": base + 4 + 2 * i, "api_port": base + 5 + 2 * i}
                 for i, n in enumerate(names)
             ],
         }
@@ -214,6 +216,9 @@ class LocalCluster:
             },
             "dcs": self._dcs_config(),
             "settings": {"ttl": meta["ttl"]},
+            "kafka": {"bootstrap_servers": [f"127.0.0.1:{meta['kafka']['port']}"], "partitions": 1}
+            if meta.get("kafka")
+            else {},
             "api": {
                 "listen": "127.0.0.1",
                 "port": m.api_port,
@@ -237,6 +242,26 @@ class LocalCluster:
             # a local agent (or the emulator) accepts short sessions; real servers' minimum is 10 s
             return {"type": "consul", "consul": {"url": url, "session_ttl_min": 2}}
         return {"type": "etcd", "etcd": {"endpoints": [url]}}
+
+    @property
+    def kafka_broker(self) -> Any:
+        k = self.meta.get("kafka")
+        if not k:
+            return None
+        from events.kafka_broker import KafkaBroker
+
+        return KafkaBroker(self.dir / "kafka", k["port"], k["controller_port"])
+
+    def start_kafka(self) -> None:
+        broker = self.kafka_broker
+        if broker is not None and not broker.running:
+            broker.start(timeout=120)
+            self._broker = broker
+
+    def stop_kafka(self) -> None:
+        broker = getattr(self, "_broker", None) or self.kafka_broker
+        if broker is not None:
+            broker.stop()
 
     @property
     def runs_own_dcs(self) -> bool:
@@ -352,6 +377,7 @@ class LocalCluster:
     def up(self, detach: bool = False, timeout: float = 180) -> list[dict[str, Any]]:
         if self.runs_own_dcs:
             self.start_etcd(detach=detach)
+        self.start_kafka()
         for m in self.members:
             self.start_member(m.name, detach=detach)
         return self.wait_healthy(timeout=timeout)
@@ -368,6 +394,7 @@ class LocalCluster:
             pm = self.postmaster_pid(m.name)
             if pm:
                 terminate(pm, signal.SIGQUIT, timeout=10)
+        self.stop_kafka()
         if self.runs_own_dcs:
             self.stop_etcd()
 

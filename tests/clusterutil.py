@@ -42,7 +42,11 @@ def consul_emulator_thread() -> Iterator[object]:
 
 @contextlib.contextmanager
 def local_cluster(
-    nodes: int = 3, ttl: float = 5.0, extra: dict | None = None, dcs: str = "etcd"
+    nodes: int = 3,
+    ttl: float = 5.0,
+    extra: dict | None = None,
+    dcs: str = "etcd",
+    kafka: bool = False,
 ) -> Iterator[LocalCluster]:
     """A fresh cluster in a temp dir that the postgres user can enter; everything it started is
     stopped (by pid) and the dir removed at exit, so a test can run twice in a row. With
@@ -56,7 +60,7 @@ def local_cluster(
         os.chmod(d, 0o755)
         lc = LocalCluster(d / "c")
         try:
-            lc.create(nodes=nodes, ttl=ttl, extra=extra, dcs=dcs, dcs_url=dcs_url)
+            lc.create(nodes=nodes, ttl=ttl, extra=extra, dcs=dcs, dcs_url=dcs_url, kafka=kafka)
             lc.up(detach=False, timeout=120)
             yield lc
         finally:

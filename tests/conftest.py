@@ -7,6 +7,7 @@ import pytest
 pytest_plugins = [
     "tests.fixtures_etcd",
     "tests.fixtures_consul",
+    "tests.fixtures_kafka",
 ]
 
 
