@@ -218,7 +218,9 @@ def test_the_biased_generator_does_reach_master() -> None:
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(inputs, min_size=1, max_size=40), st.lists(st.floats(0, 20), min_size=40, max_size=40))
+@given(
+    st.lists(inputs, min_size=1, max_size=40), st.lists(st.floats(0, 20), min_size=40, max_size=40)
+)
 def test_a_master_never_stays_master_without_the_lease(
     seq: list[tuple[str, dict[str, Any]]], dts: list[float]
 ) -> None:
