@@ -395,9 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dir", default="./.local-cluster")
     lo.set_defaults(func=cmd_local)
 
-    from pgsidecar import bench
+    from pgsidecar import bench, cli_ops
 
     bench.add_parser(sub)
+    cli_ops.add_parsers(sub)
     return p
 
 
