@@ -395,10 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dir", default="./.local-cluster")
     lo.set_defaults(func=cmd_local)
 
-    from pgsidecar import bench, cli_ops
+    from pgsidecar import bench, cli_ops, faults
 
     bench.add_parser(sub)
     cli_ops.add_parsers(sub)
+    faults.add_parser(sub)
     return p
 
 
