@@ -12,6 +12,9 @@ machine, so ``step`` applied to the recorded inputs reproduces the recorded tran
     timer    data: {}                                a wake-up asked for by a Decision.wake_at
     stop     data: {}                                SIGTERM or pod deletion: hand off and exit
     peer     data: {record}                          a peer's record from Kafka (advisory only)
+    pod      data: {event, member, own, deleting, ready, ...}   a Kubernetes pod event: our own pod
+                                                     terminating is a stop; a peer's pod gone
+                                                     is advisory (it is not waited on)
 
 Anything malformed in ``data`` (values written by hand, or by another version, into the DCS) is
 ignored field by field: a member whose key cannot be read is left out, never guessed at.
@@ -35,7 +38,7 @@ from fsm.snapshot import (
     Switchover,
 )
 
-INPUT_TYPES = ("start", "dcs", "dcs_down", "pg", "lease", "effect", "timer", "stop", "peer")
+INPUT_TYPES = ("start", "dcs", "dcs_down", "pg", "lease", "effect", "timer", "stop", "peer", "pod")
 
 # cluster config keys (DCS ``config``) that override local settings, with their types
 DYNAMIC_SETTINGS: dict[str, type] = {
@@ -279,6 +282,19 @@ def _apply_effect(s: Snapshot, d: dict[str, Any]) -> Snapshot:
     return replace(s, **changes) if changes else s
 
 
+def _apply_pod(s: Snapshot, d: dict[str, Any]) -> Snapshot:
+    event, member = _str(d.get("event")), _str(d.get("member"))
+    if member is None:
+        return s
+    gone = event == "DELETED" or _bool(d.get("deleting"))
+    if _bool(d.get("own")):
+        # our own pod is terminating: the same graceful hand-off as SIGTERM, started as soon as
+        # the deletion timestamp appears (before the kubelet sends SIGTERM)
+        return replace(s, stop_requested=True) if gone else s
+    pods_gone = s.pods_gone | {member} if gone else s.pods_gone - {member}
+    return replace(s, pods_gone=pods_gone) if pods_gone != s.pods_gone else s
+
+
 def apply(role: Role, s: Snapshot, inp: Input) -> Snapshot:
     """Fold one input into the snapshot."""
     s = replace(s, now=inp.now)
@@ -313,6 +329,8 @@ def apply(role: Role, s: Snapshot, inp: Input) -> Snapshot:
         return _apply_effect(s, d)
     if inp.type == "stop":
         return replace(s, stop_requested=True)
+    if inp.type == "pod":
+        return _apply_pod(s, d)
     return s  # timer, peer: advisory / wake-up only
 
 

@@ -413,7 +413,8 @@ def _decide_candidate(s: Snapshot) -> Decision:
             return _wait_until(
                 lost_at + s.settings.ttl, f"switchover to {sw.target}: standing aside"
             )
-    contenders = [m for m in peers.values() if _peer_eligible(m)]
+    # a peer whose pod is gone (Kubernetes) will not publish: do not wait on it
+    contenders = [m for m in peers.values() if _peer_eligible(m) and m.name not in s.pods_gone]
     stale = [m.name for m in contenders if m.election != lost]
     deadline = lost_at + s.settings.election_timeout
     if stale and s.now < deadline:

@@ -150,6 +150,8 @@ class Snapshot:
     upstream: str | None = None
     # candidate: we published a fresh position for this lost term (peers can compare with it)
     announced_term: int | None = None
+    # Kubernetes: members whose pod is gone (deleted): a candidate does not wait on them
+    pods_gone: frozenset[str] = frozenset()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> Snapshot:

@@ -127,6 +127,10 @@ class Agent:
             LogSink(log),
             *(extra_sinks or []),
         ]
+        self.kube: Any = None
+        self.pod_watcher: Any = None
+        self.labeler: Any = None
+        self.pod_killer: Any = None
         self.kafka_sink: Any = None
         self.peer_consumer: Any = None
         if cfg.kafka.bootstrap_servers:
@@ -259,8 +263,11 @@ class Agent:
             self._on_transition(decision, snapshot)
         self._schedule_wake(final)
         if taken:
+            self._label_role()
             self._publish_member()
             self._register_service()
+        if inp.type == "dcs":
+            self._kubernetes_on_view()
         if inp.type == "dcs" and self.machine.role is Role.MASTER and not snapshot.busy:
             names = set(snapshot.dcs.members) - {self.name}
             now = time.monotonic()
@@ -386,6 +393,8 @@ class Agent:
                 cluster=self.cfg.cluster,
             )
             await self.peer_consumer.start()
+        if self.cfg.kubernetes.enabled:
+            self._start_kubernetes()
         if self.cfg.api.port:
             from pgsidecar.api import ApiServer
 
@@ -409,6 +418,69 @@ class Agent:
                     raise AgentExit(0, "stopped while waiting for the DCS") from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    # -- Kubernetes ------------------------------------------------------------------------------
+
+    def _start_kubernetes(self) -> None:
+        """Pod events become inputs; our pod's role label follows the machine; the master may
+        delete a long-unhealthy member's pod (off by default). Without a service-account token
+        or API server the agent runs DCS-only: the watcher says so once and retries; nothing
+        here ever blocks a failover."""
+        from events.k8s import KubeApi, PodKiller, PodLabeler, PodWatcher
+
+        k = self.cfg.kubernetes
+        self.kube = KubeApi(k)
+        self.labeler = PodLabeler(k, log, api=self.kube)
+        self.pod_killer = PodKiller(k, log, own_member=self.name, api=self.kube)
+        self.pod_watcher = PodWatcher(
+            k, self._pod_event, log, api=self.kube, cluster=self.cfg.cluster
+        )
+        self.pod_watcher.start()
+        self.labeler.start()
+        self._label_role()
+
+    def _pod_event(self, ev: Any) -> None:
+        self.labeler.observe(ev)
+        self.pod_killer.observe_pod(ev)
+        self.post("pod", **ev.to_input()["data"])
+
+    def _label_role(self) -> None:
+        """The label follows the lease, never the other way round: master only while we are
+        master; a demoting master loses its label as the transition's first step."""
+        if self.labeler is None:
+            return
+        role = self.machine.role
+        self.labeler.set_role(
+            "master" if role is Role.MASTER else "replica" if role is Role.REPLICA else None
+        )
+
+    def _kubernetes_on_view(self) -> None:
+        if self.pod_killer is None:
+            return
+        s = self.snapshot
+        health = {
+            n: m.running and (m.role == "master" or m.streaming or m.role in ("init", "rewinding"))
+            for n, m in s.dcs.members.items()
+        }
+        self.pod_killer.observe_health(health)
+        if self.machine.role is Role.MASTER and self.cfg.kubernetes.kill_unhealthy_pods:
+
+            async def kill() -> None:
+                body = await self.pod_killer.maybe_kill(is_master=True)
+                if body is not None:
+                    self._emit(
+                        Record(
+                            "action",
+                            self.cfg.cluster,
+                            self.name,
+                            self.seqs.next(),
+                            time.time(),
+                            self._term(),
+                            body,
+                        )
+                    )
+
+            asyncio.ensure_future(kill())
 
     # -- input sources ----------------------------------------------------------------------------
 
@@ -859,6 +931,10 @@ class Agent:
         if self.peer_consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.peer_consumer.close(), timeout=2)
+        for closer in (self.pod_watcher, self.labeler, self.kube):
+            if closer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(closer.close(), timeout=3)
         for sink in self.sinks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(sink.close(), timeout=4)

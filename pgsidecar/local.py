@@ -228,6 +228,9 @@ class LocalCluster:
         if meta.get("pg_user"):
             cfg["postgresql"]["os_user"] = meta["pg_user"]
         for key, value in extra.items():
+            if isinstance(value, str):
+                # per-member values: "{name}" is the member's name (e.g. its pod name)
+                value = value.replace("{name}", m.name)
             node = cfg
             parts = key.split(".")
             for p in parts[:-1]:

@@ -346,3 +346,41 @@ def test_switchover_source_does_not_win_its_own_switchover_back() -> None:
     assert n.role is Role.CANDIDATE and n.last.wake_at is not None
     # nobody took over within one TTL: it may race again
     assert n.feed("timer", dt=11) == ["race"]
+
+
+def test_own_pod_terminating_is_a_graceful_stop() -> None:
+    n = master_node()
+    pod = {
+        "event": "MODIFIED",
+        "pod": "pg1-0",
+        "member": "pg1",
+        "own": True,
+        "deleting": True,
+        "ready": True,
+    }
+    assert n.feed("pod", **pod) == ["shutdown"]
+
+
+def test_candidate_does_not_wait_for_a_peer_whose_pod_is_gone() -> None:
+    n = replica_following("pg2")
+    n.feed("dcs", **dcs(None, pg2=member("pg2"), pg3=member("pg3")))
+    assert n.done("announce", term=10) == []  # pg3 has not published a fresh position
+    gone = {
+        "event": "DELETED",
+        "pod": "pg3-0",
+        "member": "pg3",
+        "own": False,
+        "deleting": True,
+        "ready": False,
+    }
+    assert n.feed("pod", **gone) == ["race"]
+
+
+def test_peer_pod_events_never_make_a_node_master() -> None:
+    n = replica_following("pg2")
+    for ev in ("ADDED", "MODIFIED", "DELETED"):
+        for member_name in ("pg1", "pg2", "pg3"):
+            n.feed(
+                "pod", event=ev, member=member_name, own=False, deleting=ev == "DELETED", ready=True
+            )
+            assert n.role is Role.REPLICA

@@ -117,6 +117,28 @@ inputs = st.one_of(
     st.tuples(st.just("lease"), lease_input),
     st.tuples(st.just("timer"), st.just({})),
     st.tuples(st.just("stop"), st.just({})),
+    st.tuples(
+        st.just("pod"),
+        st.fixed_dictionaries(
+            {
+                "event": st.sampled_from(["ADDED", "MODIFIED", "DELETED", "BOGUS"]),
+                "member": st.one_of(st.sampled_from(NAMES), garbage),
+                "own": st.booleans(),
+                "deleting": st.booleans(),
+                "ready": st.booleans(),
+            }
+        ),
+    ),
+    st.tuples(
+        st.just("peer"),
+        st.fixed_dictionaries(
+            {
+                "node": st.sampled_from(NAMES),
+                "dest": st.sampled_from(["master", "demoted"]),
+                "term": st.integers(0, 10**6),
+            }
+        ),
+    ),
 )
 
 
