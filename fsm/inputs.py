@@ -36,6 +36,7 @@ from fsm.snapshot import (
     Settings,
     Snapshot,
     Switchover,
+    SyncSet,
 )
 
 INPUT_TYPES = ("start", "dcs", "dcs_down", "pg", "lease", "effect", "timer", "stop", "peer", "pod")
@@ -46,7 +47,11 @@ DYNAMIC_SETTINGS: dict[str, type] = {
     "maximum_lag_on_failover": int,
     "election_timeout": float,
     "master_start_timeout": float,
+    "synchronous_mode": str,
+    "synchronous_node_count": int,
 }
+
+SYNC_MODES = ("off", "on", "strict")
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,12 @@ def _settings(base: Settings, config: Any) -> Settings:
     changes: dict[str, Any] = {}
     for key, typ in DYNAMIC_SETTINGS.items():
         v = config.get(key)
+        if key == "synchronous_mode":
+            # Patroni-style booleans are accepted too
+            mode = {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+            if mode in SYNC_MODES:
+                changes[key] = mode
+            continue
         if typ is float:
             f = _float(v)
             if f is not None and f > 0:
@@ -152,10 +163,20 @@ def settings_from(d: Any) -> Settings:
             if isinstance(v, bool) and k == "nofailover":
                 changes[k] = v
             continue
+        if k == "synchronous_mode":
+            if v in SYNC_MODES:
+                changes[k] = v
+            continue
         if isinstance(v, (int, float)):
             changes[k] = (
                 int(v)
-                if k in ("maximum_lag_on_failover", "rewind_attempts", "failover_priority")
+                if k
+                in (
+                    "maximum_lag_on_failover",
+                    "rewind_attempts",
+                    "failover_priority",
+                    "synchronous_node_count",
+                )
                 else float(v)
             )
     return replace(out, **changes)
@@ -218,6 +239,17 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
         )
     config = d.get("config")
     paused = isinstance(config, dict) and config.get("pause") is True
+    sync = None
+    raw_sync = d.get("sync")
+    if isinstance(raw_sync, dict) and _str(raw_sync.get("leader")):
+        names = raw_sync.get("members")
+        sync = SyncSet(
+            leader=str(raw_sync["leader"]),
+            term=_int(raw_sync.get("term")),
+            members=frozenset(n for n in names if isinstance(n, str))
+            if isinstance(names, list)
+            else frozenset(),
+        )
     lost_term, lost_at = prev.lost_term, prev.lost_at
     if prev.leader is not None and leader is None:
         lost_term, lost_at = prev.leader.term, s.now
@@ -247,6 +279,8 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
         last_leader_lsn=last_lsn,
         last_leader_timeline=last_tl,
         index=_int(d.get("index")) or 0,
+        sync=sync,
+        last_leader=leader.name if leader is not None else prev.last_leader,
     )
     return replace(s, dcs=dcs, settings=settings)
 

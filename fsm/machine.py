@@ -184,6 +184,8 @@ def eligible(s: Snapshot) -> tuple[bool, str]:
         return False, "the DCS is unreachable"
     if not s.pg.running or s.pg.lsn is None or s.pg.timeline is None:
         return False, "our PostgreSQL is not running or its position is unknown"
+    if not sync_allows(s, s.name):
+        return False, "not in the synchronous set the last master recorded"
     ref = s.dcs.last_leader_lsn
     if ref is not None and s.pg.timeline == s.dcs.last_leader_timeline:
         lag = ref - s.pg.lsn
@@ -193,6 +195,18 @@ def eligible(s: Snapshot) -> tuple[bool, str]:
                 f"{lag} bytes behind the last master position, above maximum_lag_on_failover",
             )
     return True, ""
+
+
+def sync_allows(s: Snapshot, name: str) -> bool:
+    """Synchronous mode: after the master that recorded a synchronous set is gone, only a member
+    of that set may become master (only they are known to have every acknowledged commit). No
+    record for the last master means it never relied on one, and anyone may."""
+    if s.settings.synchronous_mode == "off":
+        return True
+    sync = s.dcs.sync
+    if sync is None or sync.leader != s.dcs.last_leader:
+        return True
+    return name in sync.members
 
 
 def _peer_eligible(m: MemberView) -> bool:
@@ -414,7 +428,11 @@ def _decide_candidate(s: Snapshot) -> Decision:
                 lost_at + s.settings.ttl, f"switchover to {sw.target}: standing aside"
             )
     # a peer whose pod is gone (Kubernetes) will not publish: do not wait on it
-    contenders = [m for m in peers.values() if _peer_eligible(m) and m.name not in s.pods_gone]
+    contenders = [
+        m
+        for m in peers.values()
+        if _peer_eligible(m) and m.name not in s.pods_gone and sync_allows(s, m.name)
+    ]
     stale = [m.name for m in contenders if m.election != lost]
     deadline = lost_at + s.settings.election_timeout
     if stale and s.now < deadline:

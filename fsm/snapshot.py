@@ -87,6 +87,16 @@ class Switchover:
 
 
 @dataclass(frozen=True)
+class SyncSet:
+    """The synchronous set a master recorded in the DCS before relying on it: every member in
+    it has every commit that master acknowledged (the master requires all of them to confirm)."""
+
+    leader: str
+    term: int | None
+    members: frozenset[str]
+
+
+@dataclass(frozen=True)
 class DcsFacts:
     reachable: bool = False
     leader: LeaderView | None = None
@@ -102,6 +112,9 @@ class DcsFacts:
     last_leader_timeline: int | None = None
     # the store's index (etcd revision / Consul index) this view was read at
     index: int = 0
+    sync: SyncSet | None = None
+    # name of the last leader we saw (the one whose synchronous set binds the next election)
+    last_leader: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +138,8 @@ class Settings:
     rewind_attempts: int = 2
     nofailover: bool = False
     failover_priority: int = 1
+    synchronous_mode: str = "off"  # off | on | strict
+    synchronous_node_count: int = 1
 
 
 @dataclass(frozen=True)

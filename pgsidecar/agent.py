@@ -96,6 +96,7 @@ def _view_to_input(view: ClusterView) -> dict[str, Any]:
         "initialize": view.initialize,
         "config": view.config,
         "switchover": view.switchover,
+        "sync": view.sync,
         "index": view.index,
     }
 
@@ -118,6 +119,8 @@ class Agent:
             rewind_attempts=cfg.postgresql.rewind_attempts,
             nofailover=cfg.tags.nofailover,
             failover_priority=cfg.tags.failover_priority,
+            synchronous_mode=cs.synchronous_mode,
+            synchronous_node_count=cs.synchronous_node_count,
         )
         self.snapshot = Snapshot(name=cfg.name, settings=self.settings)
         self.dcs: DCS = create_dcs(cfg.dcs, cfg.cluster)
@@ -142,6 +145,9 @@ class Agent:
             )
             self.sinks.append(self.kafka_sink)
         self.watchdog = Watchdog(fence=self.pg.fence, on_fired=self._watchdog_fired)
+        from pgsidecar.syncrep import SyncManager
+
+        self.sync = SyncManager(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._effect_task: asyncio.Task[Any] | None = None
@@ -544,6 +550,12 @@ class Agent:
         interval = 1.0
         while True:
             await self.probe_now()
+            s = self.snapshot
+            if self.machine.role is Role.MASTER and s.lease.held and not s.busy and self.pg.running:
+                try:
+                    await asyncio.wait_for(self.sync.tick(), timeout=5)
+                except Exception as exc:
+                    log.warning("sync_tick_failed", error=str(exc) or type(exc).__name__)
             await asyncio.sleep(interval)
 
     async def probe_now(self) -> PgFacts:
@@ -662,12 +674,18 @@ class Agent:
             return leader.name, self.pg.replication_conninfo(m.conn_host, m.conn_port)
         return leader.name, self.pg.superuser_conninfo(m.conn_host, m.conn_port)
 
+    def write_primary_config(self) -> None:
+        self.pg.write_config("primary", None, None, parameters=self.sync.parameters())
+
     async def _start_pg(self, role: str, upstream: tuple[str, Conninfo] | None) -> None:
-        self.pg.write_config(
-            "primary" if role == "primary" else "standby",
-            upstream[1] if upstream else None,
-            slot_name(self.name) if upstream else None,
-        )
+        if role == "primary":
+            self.write_primary_config()
+        else:
+            self.pg.write_config(
+                "standby",
+                upstream[1] if upstream else None,
+                slot_name(self.name) if upstream else None,
+            )
         failures = self.snapshot.pg.start_failures
         if failures:
             await asyncio.sleep(min(5.0, 0.5 * 2**failures))
@@ -773,15 +791,32 @@ class Agent:
 
     async def _fx_won_lease(self) -> None:
         started = time.monotonic()
+        try:
+            # synchronous mode: our own empty record before the first write is acknowledged
+            await self.sync.prepare_promotion(self.snapshot.lease.term)
+        except DCSError as exc:
+            log.error("sync_record_failed_giving_up_lease", error=str(exc))
+            term = self.snapshot.lease.term
+            self.watchdog.disarm()
+            if term is not None:
+                with contextlib.suppress(DCSError):
+                    await self.dcs.release_leader(self.name, term)
+            self.post("lease", held=False, term=None)
+            self.post("effect", name="promote", ok=False)
+            return
         if not self.pg.running:
             await self._start_pg("primary", None)
         else:
             facts = await self.pg.probe()
             if facts.in_recovery:
-                # PostgreSQL removes standby.signal itself on promotion (and fails if it is
-                # already gone), so the primary config is written after, not before
+                # the primary's settings (synchronous_standby_names) are loaded while still a
+                # standby, so the first commit after promotion already waits as it must; then
+                # promote: PostgreSQL removes standby.signal itself (and fails if it is gone)
+                self.pg.write_config("standby", None, None, parameters=self.sync.parameters())
+                with contextlib.suppress(Exception):
+                    await self.pg.reload()
                 await self.pg.promote()
-            self.pg.write_config("primary", None, None)
+            self.write_primary_config()
             with contextlib.suppress(Exception):
                 await self.pg.reload()
         self.record_action("promote", "ok", started)

@@ -84,27 +84,10 @@ def _fmt_lsn(lsn: int | None) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from pgsidecar.ops import members_table
+    # patronictl-like table, --json and --watch live with the other operator commands
+    from pgsidecar.cli_ops import cmd_list as list_members
 
-    cfg = _config_from_args(args)
-    view = asyncio.run(_read_view(cfg))
-    rows = members_table(view)
-    leader = view.leader.name if view.leader else None
-    if args.json:
-        print(json.dumps({"cluster": cfg.cluster, "leader": leader, "members": rows}, indent=2))
-        return 0
-    print(
-        f"cluster {cfg.cluster}  leader {leader or '-'}  term {view.leader.term if view.leader else '-'}"
-    )
-    hdr = f"{'Member':<10} {'Role':<10} {'Host':<16} {'Port':>6} {'TL':>4} {'LSN':>14} {'Lag(B)':>10} {'Running':<8} API"
-    print(hdr)
-    for r in rows:
-        print(
-            f"{r['name']:<10} {r['role']:<10} {r['host'] or '-':<16} {r['port'] or '-':>6} {r['timeline'] or '-':>4} "
-            f"{_fmt_lsn(r['lsn']):>14} {'-' if r['lag_bytes'] is None else r['lag_bytes']:>10} "
-            f"{'yes' if r['pg_running'] else 'no':<8} {r['api_url'] or '-'}"
-        )
-    return 0
+    return list_members(args)
 
 
 def cmd_switchover(args: argparse.Namespace) -> int:
@@ -259,6 +242,13 @@ def _print_local_status(rows: list[dict[str, Any]], as_json: bool) -> None:
         )
 
 
+def yaml_mode(lc: Any) -> str:
+    import yaml
+
+    cfg = yaml.safe_load(lc.config_path(lc.members[0].name).read_text())
+    return str((cfg.get("settings") or {}).get("synchronous_mode", "off"))
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     from pgsidecar.local import LocalCluster, LocalClusterError
 
@@ -266,7 +256,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     try:
         if args.local_cmd == "up":
             if not lc.meta:
-                extra = {}
+                extra: dict[str, Any] = {}
+                if args.synchronous_mode != "off":
+                    extra["settings.synchronous_mode"] = args.synchronous_mode
                 lc.create(
                     nodes=args.nodes,
                     ttl=args.ttl,
@@ -277,6 +269,12 @@ def cmd_local(args: argparse.Namespace) -> int:
                     kafka=_want_kafka(args),
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
+            cfg_mode = yaml_mode(lc)
+            if cfg_mode != "off":
+                sync = lc.wait_sync(timeout=args.timeout)
+                print(
+                    f"synchronous mode {cfg_mode}: synchronous standby {', '.join(sync)} recorded in the DCS"
+                )
             _print_local_status(rows, False)
             master = next(r for r in rows if r["role"] == "master")
             print(f'\nmaster: {master["name"]}\n  psql "{master["dsn"]}"')
@@ -325,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="members of the cluster, as the DCS sees them")
     target(ls)
     ls.add_argument("--json", action="store_true")
+    ls.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C"
+    )
     ls.set_defaults(func=cmd_list)
 
     sw = sub.add_parser(
@@ -372,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dcs", choices=["etcd", "consul"], default="etcd")
     up.add_argument("--cluster", default="local")
     up.add_argument("--timeout", type=float, default=180)
+    up.add_argument(
+        "--synchronous-mode",
+        choices=["off", "on", "strict"],
+        default="off",
+        help="synchronous replication; returns once a synchronous standby is recorded",
+    )
     k = up.add_mutually_exclusive_group()
     k.add_argument(
         "--kafka",

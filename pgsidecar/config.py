@@ -174,6 +174,8 @@ class ClusterSettings(Strict):
     # bound on how much the clocks of two members may run at different rates (fraction)
     clock_drift: float = Field(default=0.01, ge=0, le=0.2)
     synchronous_mode: Literal["off", "on", "strict"] = "off"
+    # how many synchronous standbys the master keeps (all of them must confirm each commit)
+    synchronous_node_count: int = Field(default=1, ge=1, le=10)
 
 
 class AgentConfig(Strict):

@@ -462,6 +462,38 @@ class LocalCluster:
             time.sleep(0.2)
         raise LocalClusterError(f"cluster not healthy after {timeout:.0f} s: {rows}")
 
+    def read_view(self) -> Any:
+        """The DCS view of the cluster (through the first member's config)."""
+        import asyncio
+
+        from events.dcs.factory import create_dcs
+        from pgsidecar.config import load_config
+
+        cfg = load_config(self.config_path(self.members[0].name))
+
+        async def go() -> Any:
+            dcs = create_dcs(cfg.dcs, cfg.cluster)
+            await dcs.connect()
+            try:
+                return await dcs.read_cluster()
+            finally:
+                await dcs.close()
+
+        return asyncio.run(go())
+
+    def wait_sync(self, timeout: float = 60) -> list[str]:
+        """Until the master has recorded at least one synchronous standby in the DCS (before
+        that, in synchronous mode, no member could be promoted)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            view = self.read_view()
+            sync = view.sync or {}
+            members = sync.get("members") if isinstance(sync, dict) else None
+            if view.leader is not None and sync.get("leader") == view.leader.name and members:
+                return list(members)
+            time.sleep(0.2)
+        raise LocalClusterError(f"no synchronous standby recorded within {timeout:.0f} s")
+
     def _wait_http(self, url: str, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -387,6 +387,15 @@ async def test_config_and_switchover_round_trip(dcs_backend: Any) -> None:
     await d.delete_switchover()  # deleting an absent command is not an error
 
 
+async def test_sync_state_round_trip_and_watch(dcs_backend: Any) -> None:
+    d = await new_dcs(dcs_backend, session=False)
+    state = {"leader": "pg-1", "term": 7, "members": ["pg-2"]}
+    await d.put_sync(state)
+    assert (await d.read_cluster()).sync == state
+    await d.put_sync({"leader": "pg-1", "term": 7, "members": []})
+    assert (await d.read_cluster()).sync == {"leader": "pg-1", "term": 7, "members": []}
+
+
 async def test_clusters_do_not_see_each_other(dcs_backend: Any) -> None:
     # "c1" must not see "c10" (a naive prefix match would)
     c1 = await new_dcs(dcs_backend, "c1")

@@ -384,3 +384,57 @@ def test_peer_pod_events_never_make_a_node_master() -> None:
                 "pod", event=ev, member=member_name, own=False, deleting=ev == "DELETED", ready=True
             )
             assert n.role is Role.REPLICA
+
+
+def sync_view(
+    sync_members: list[str], pg2_lsn: int = LSN, pg3_lsn: int = LSN, leader: str = "pg1"
+) -> dict[str, Any]:
+    d = dcs(
+        None,
+        pg2=member("pg2", lsn=pg2_lsn, election=10),
+        pg3=member("pg3", lsn=pg3_lsn, election=10),
+    )
+    d["sync"] = {"leader": leader, "term": 10, "members": sync_members}
+    d["config"] = {"synchronous_mode": "on"}
+    return d
+
+
+def sync_replica(name: str, lsn: int = LSN) -> Node:
+    n = replica_following(name)
+    d = dcs("pg1", 10, pg1=member("pg1", role="master"), pg2=member("pg2"), pg3=member("pg3"))
+    d["sync"] = {"leader": "pg1", "term": 10, "members": ["pg2"]}
+    d["config"] = {"synchronous_mode": "on"}
+    n.feed("dcs", **d)
+    n.feed("pg", **pg(lsn=lsn))
+    return n
+
+
+def test_sync_mode_only_a_recorded_synchronous_member_may_race() -> None:
+    outsider = sync_replica("pg3", lsn=LSN + 500)  # ahead, but not in the synchronous set
+    assert outsider.feed("dcs", **sync_view(["pg2"], pg3_lsn=LSN + 500)) == []
+    assert outsider.feed("timer", dt=30) == []
+    assert outsider.role is Role.REPLICA
+    insider = sync_replica("pg2", lsn=LSN)  # behind the outsider, but it has every acked commit
+    assert insider.feed("dcs", **sync_view(["pg2"], pg3_lsn=LSN + 500)) == ["leader_lost"]
+    assert insider.done("announce", term=10) == ["race"]
+
+
+def test_sync_mode_empty_recorded_set_means_no_automatic_failover() -> None:
+    for name in ("pg2", "pg3"):
+        n = sync_replica(name)
+        assert n.feed("dcs", **sync_view([])) == []
+        assert n.feed("timer", dt=30) == []
+        assert n.role is Role.REPLICA
+
+
+def test_sync_mode_without_a_record_for_the_last_master_anyone_may_race() -> None:
+    n = replica_following("pg3")
+    d = sync_view(["pg2"], leader="pg0")  # a stale record of an older master
+    assert n.feed("dcs", **d) == ["leader_lost"]
+
+
+def test_sync_mode_off_ignores_the_record() -> None:
+    n = replica_following("pg3")
+    d = sync_view(["pg2"])
+    d["config"] = {"synchronous_mode": "off"}
+    assert n.feed("dcs", **d) == ["leader_lost"]

@@ -13,6 +13,9 @@ Keys, under ``<prefix>/<cluster>/`` (prefix without a leading slash, default ``p
                         bound to a session (the cluster stays initialized when that member dies)
     config              JSON: cluster-wide dynamic config
     switchover          JSON: a pending switchover command {"from": ..., "to": ..., ...}
+    sync                JSON: the synchronous set {"leader": name, "term": n, "members": [...]},
+                        written by the master only; after a failure only a member of the set
+                        recorded by the last leader may race (synchronous mode)
 
 Semantics every backend must provide (tests/test_dcs_contract.py states them as tests):
 
@@ -72,6 +75,7 @@ class ClusterView:
     initialize: str | None = None
     config: dict[str, Any] | None = None
     switchover: dict[str, Any] | None = None
+    sync: dict[str, Any] | None = None
     index: int = 0
     # keys whose value could not be decoded: (key, reason); skipped and counted, never acted on
     malformed: tuple[tuple[str, str], ...] = ()
@@ -175,6 +179,10 @@ class DCS(abc.ABC):
 
     @abc.abstractmethod
     async def delete_switchover(self) -> None: ...
+
+    @abc.abstractmethod
+    async def put_sync(self, state: dict[str, Any]) -> None:
+        """Write the synchronous set (master only, while it holds the lease)."""
 
     # -- reading --------------------------------------------------------------------------------
     @abc.abstractmethod

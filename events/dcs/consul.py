@@ -524,6 +524,7 @@ class ConsulDCS(DCS):
         initialize: str | None = None
         config: dict[str, Any] | None = None
         switchover: dict[str, Any] | None = None
+        sync: dict[str, Any] | None = None
         members: dict[str, dict[str, Any]] = {}
         malformed: list[tuple[str, str]] = []
         for entry in entries or ():
@@ -548,7 +549,7 @@ class ConsulDCS(DCS):
                     leader = Leader(text, int(entry.get("ModifyIndex", 0)))
                 else:
                     initialize = text
-            elif rel in ("config", "switchover") or rel.startswith("members/"):
+            elif rel in ("config", "switchover", "sync") or rel.startswith("members/"):
                 obj, reason = decode_json_object(key, value)
                 if reason is not None:
                     malformed.append((key, reason))
@@ -556,6 +557,8 @@ class ConsulDCS(DCS):
                     config = obj
                 elif rel == "switchover":
                     switchover = obj
+                elif rel == "sync":
+                    sync = obj
                 else:
                     name = rel[len("members/") :]
                     if name and "/" not in name and obj is not None:
@@ -567,6 +570,7 @@ class ConsulDCS(DCS):
             initialize=initialize,
             config=config,
             switchover=switchover,
+            sync=sync,
             index=index,
             malformed=tuple(malformed),
         )
@@ -759,6 +763,9 @@ class ConsulDCS(DCS):
 
     async def put_switchover(self, command: dict[str, Any]) -> None:
         await self._put("write of switchover", self.key("switchover"), _dumps(command))
+
+    async def put_sync(self, state: dict[str, Any]) -> None:
+        await self._put("write of sync", self.key("sync"), _dumps(state))
 
     async def delete_switchover(self) -> None:
         await self._delete("delete of switchover", self.key("switchover"))

@@ -334,6 +334,7 @@ class EtcdDCS(DCS):
         initialize: str | None = None
         config: dict[str, Any] | None = None
         switchover: dict[str, Any] | None = None
+        sync: dict[str, Any] | None = None
         members: dict[str, dict[str, Any]] = {}
         malformed: list[tuple[str, str]] = []
         for rel, (value, mod_revision) in sorted(kvs.items()):
@@ -350,7 +351,7 @@ class EtcdDCS(DCS):
                     leader = Leader(text, mod_revision)
                 else:
                     initialize = text
-            elif rel in ("config", "switchover") or rel.startswith("members/"):
+            elif rel in ("config", "switchover", "sync") or rel.startswith("members/"):
                 obj, reason = decode_json_object(full, value)
                 if reason is not None:
                     malformed.append((full, reason))
@@ -358,6 +359,8 @@ class EtcdDCS(DCS):
                     config = obj
                 elif rel == "switchover":
                     switchover = obj
+                elif rel == "sync":
+                    sync = obj
                 else:
                     name = rel[len("members/") :]
                     if name and "/" not in name and obj is not None:
@@ -369,6 +372,7 @@ class EtcdDCS(DCS):
             initialize=initialize,
             config=config,
             switchover=switchover,
+            sync=sync,
             index=index,
             malformed=tuple(malformed),
         )
@@ -559,6 +563,9 @@ class EtcdDCS(DCS):
 
     async def put_switchover(self, command: dict[str, Any]) -> None:
         await self._put(self.key("switchover"), _dumps(command))
+
+    async def put_sync(self, state: dict[str, Any]) -> None:
+        await self._put(self.key("sync"), _dumps(state))
 
     async def delete_switchover(self) -> None:
         await self._post(

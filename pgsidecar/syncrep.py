@@ -1,0 +1,156 @@
+"""Synchronous replication, run by the master (synchronous_mode on | strict).
+
+The invariant: every member of the synchronous set recorded in the DCS has every commit the
+master acknowledged. After the master fails, only a member of that set may race for the lease
+(fsm.machine.sync_allows), so no acknowledged commit is lost under any single fault.
+
+How the master keeps it, each tick (every probe, ~1 s, and on member changes):
+
+1. *Shrink the record first.* A recorded member that is no longer a healthy streaming standby is
+   removed from the DCS record before anything else: from then on it may not be promoted, so
+   PostgreSQL may stop waiting for it.
+2. *PostgreSQL requires every member being kept or added*: synchronous_standby_names =
+   ``FIRST k ("a", "b")`` with k = the number of names, so a commit is acknowledged only when all
+   of them have flushed it. With nobody to wait for, ``on`` runs asynchronously (the record stays
+   empty: no automatic failover) and ``strict`` sets ``*`` (commits wait for any standby).
+3. *Grow the record last.* A member is added to the record only once pg_stat_replication shows it
+   synchronous and its flush position has passed our flush position at the moment it was added to
+   synchronous_standby_names: it then has every commit acknowledged before it joined, and every
+   later one waits for it.
+
+A new master writes an empty record for itself before it promotes (``prepare_promotion``), so the
+set of a dead predecessor never outlives it and nothing is promised before it is true.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import structlog
+
+if TYPE_CHECKING:
+    from pgsidecar.agent import Agent
+
+log = structlog.get_logger("pgsidecar.syncrep")
+
+
+def standby_names(members: set[str], mode: str) -> str:
+    if not members:
+        return "*" if mode == "strict" else ""
+    names = ", ".join(f'"{n}"' for n in sorted(members))
+    return f"FIRST {len(members)} ({names})"
+
+
+class SyncManager:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.applied: str | None = None  # synchronous_standby_names as last written
+        self._added_at: dict[str, int] = {}  # member -> our flush LSN when it was required
+
+    @property
+    def mode(self) -> str:
+        return self.agent.snapshot.settings.synchronous_mode
+
+    def parameters(self) -> dict[str, Any]:
+        """Extra postgresql.conf settings the master's config must carry."""
+        return {"synchronous_standby_names": self.applied or ""}
+
+    async def prepare_promotion(self, term: int | None) -> None:
+        """Before a new master accepts its first write: an empty record of our own (no member
+        may be promoted on our behalf yet), and strict mode waits for any standby."""
+        self._added_at.clear()
+        if self.mode == "off":
+            self.applied = ""
+            return
+        self.applied = standby_names(set(), self.mode)
+        await self.agent.dcs.put_sync({"leader": self.agent.name, "term": term, "members": []})
+
+    async def _replication(self) -> tuple[dict[str, tuple[str, str, int]], int]:
+        pg = self.agent.pg
+        dsn = pg.superuser_conninfo().dsn(pg.passfile, connect_timeout=3)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT application_name, state, sync_state, flush_lsn - '0/0'::pg_lsn "
+                "FROM pg_stat_replication"
+            )
+            rows = await cur.fetchall()
+            cur = await conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn")
+            one = await cur.fetchone()
+        stats = {str(r[0]): (str(r[1]), str(r[2]), int(r[3] or 0)) for r in rows}
+        return stats, int(one[0]) if one else 0
+
+    async def _set_standby_names(self, value: str) -> None:
+        if value == self.applied:
+            return
+        self.applied = value
+        self.agent.write_primary_config()
+        await self.agent.pg.reload()
+        log.info("synchronous_standby_names", value=value)
+
+    async def tick(self) -> None:
+        a = self.agent
+        s = a.snapshot
+        term = s.lease.term
+        if self.mode == "off":
+            await self._set_standby_names("")
+            return
+        started = time.monotonic()
+        rec = s.dcs.sync
+        recorded = (
+            set(rec.members)
+            if rec is not None and rec.leader == a.name and rec.term == term
+            else None
+        )
+        if recorded is None:
+            recorded = set()
+            await a.dcs.put_sync({"leader": a.name, "term": term, "members": []})
+        stats, flush = await self._replication()
+        n = max(1, s.settings.synchronous_node_count)
+        healthy = [
+            name
+            for name, m in s.dcs.members.items()
+            if name != a.name
+            and name in stats
+            and stats[name][0] == "streaming"
+            and not _nosync(a, name)
+        ]
+        healthy.sort(key=lambda x: -stats[x][2])
+        # keep the members already recorded while healthy, fill up with the most advanced
+        target = [x for x in healthy if x in recorded][:n]
+        target += [x for x in healthy if x not in target][: n - len(target)]
+        keep = recorded & set(target)
+        if keep != recorded:
+            # 1. shrink the record before PostgreSQL stops waiting for anyone
+            await a.dcs.put_sync({"leader": a.name, "term": term, "members": sorted(keep)})
+            a.record_action(
+                "sync_set", "shrunk", started, members=sorted(keep), removed=sorted(recorded - keep)
+            )
+            recorded = keep
+        adding = set(target) - recorded
+        for x in list(self._added_at):
+            if x not in adding:
+                del self._added_at[x]
+        # 2. PostgreSQL waits for every member kept or being added
+        await self._set_standby_names(standby_names(recorded | adding, self.mode))
+        for x in adding:
+            self._added_at.setdefault(x, flush)
+        # 3. grow the record once a new member is synchronous and caught up
+        confirmed = {
+            x
+            for x in adding
+            if stats[x][1] in ("sync", "quorum") and stats[x][2] >= self._added_at[x]
+        }
+        if confirmed:
+            members = sorted(recorded | confirmed)
+            await a.dcs.put_sync({"leader": a.name, "term": term, "members": members})
+            a.record_action("sync_set", "grown", started, members=members, added=sorted(confirmed))
+            for x in confirmed:
+                self._added_at.pop(x, None)
+
+
+def _nosync(agent: Agent, name: str) -> bool:
+    m = agent.dcs_view.members.get(name) if agent.dcs_view is not None else None
+    tags = m.get("tags") if isinstance(m, dict) else None
+    return isinstance(tags, dict) and tags.get("nosync") is True
