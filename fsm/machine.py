@@ -404,6 +404,11 @@ def _decide_candidate(s: Snapshot) -> Decision:
         return WAIT  # our own fresh position is not published yet
     if s.race_lost_term is not None and s.race_lost_term == lost:
         return WAIT  # we raced for this term and lost; the winner's key is on its way
+    if s.pg.receiver_streaming and s.now < lost_at + s.settings.ttl:
+        # The key is gone but the old master's WAL still streams to us: it is alive (the key
+        # went with a DCS-side event, e.g. a Consul agent restart) and fences itself on its own
+        # clock. Racing now could make two writable masters; wait for the stream to stop.
+        return _wait_until(lost_at + s.settings.ttl, "the old master's WAL still streams to us")
     peers = {n: m for n, m in s.dcs.members.items() if n != s.name}
     sw = s.dcs.switchover
     if sw is not None and sw.source == s.name and s.now < lost_at + s.settings.ttl:

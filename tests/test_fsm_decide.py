@@ -46,7 +46,7 @@ def pg(
         "in_recovery": kw.pop("in_recovery", True),
         "timeline": tl,
         "lsn": lsn,
-        "receiver_streaming": kw.pop("streaming", running),
+        "receiver_streaming": kw.pop("streaming", False),
         **kw,
     }
 
@@ -438,3 +438,14 @@ def test_sync_mode_off_ignores_the_record() -> None:
     d = sync_view(["pg2"])
     d["config"] = {"synchronous_mode": "off"}
     assert n.feed("dcs", **d) == ["leader_lost"]
+
+
+def test_candidate_does_not_race_while_the_old_masters_wal_still_streams() -> None:
+    n = replica_following("pg2")
+    assert n.feed(
+        "dcs", **dcs(None, pg2=member("pg2", election=10), pg3=member("pg3", election=10))
+    ) == ["leader_lost"]
+    n.feed("pg", **pg(streaming=True))  # the key is gone, the stream is not: the master lives
+    assert n.done("announce", term=10) == []
+    assert n.role is Role.CANDIDATE
+    assert n.feed("pg", **pg(streaming=False)) == ["race"]  # the stream stopped: race

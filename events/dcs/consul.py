@@ -33,13 +33,15 @@ practice the server arms its timer at 2 x TTL, to absorb clock skew and request 
 ``ttl`` the configured cluster TTL and ``session_ttl_min`` the server's minimum (10 s by
 default, Consul's ``session_ttl_min``)::
 
-    session_ttl       = max(ceil(ttl), session_ttl_min)       TTL sent to Consul (whole s)
+    session_ttl       = max(ceil(ttl / 2), session_ttl_min)   TTL sent to Consul (whole s)
     master lease      = session_ttl after the moment it *sent* its last successful renew
-    worst_case_expiry = 2 x session_ttl after the master's last renew
+    worst_case_expiry = 2 x session_ttl after the master's last renew  (= ttl when ttl >= 20)
 
-For example ``ttl = 10`` gives a 10 s session; the master may write for at most 10 s after it
-sent its last successful renewal (it demotes earlier, with margin); a replica must assume the
-key of a dead master can survive up to 20 s. That 2x is the cost of Consul's contract: a hard
+For example ``ttl = 20`` gives a 10 s session; the master may write for at most 10 s after it
+sent its last successful renewal (it fences earlier, with margin: the agent computes its fencing
+deadline from ``session_ttl``); a replica must assume the key of a dead master can survive up
+to 20 s = ttl. With ``ttl`` below 2 x session_ttl_min the session is session_ttl_min and the
+worst case is 2 x session_ttl_min. That 2x is the cost of Consul's contract: a hard
 kill of the master is detected within ``worst_case_expiry`` (an agent that stops cleanly
 destroys its session and the key goes at once). ``session_ttl`` and ``worst_case_expiry`` are
 both exposed as properties. A renewal answer with a larger TTL (Consul asks loaded clients to
