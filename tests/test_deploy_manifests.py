@@ -496,9 +496,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def dockerfile_entrypoint() -> list[str]:
     entry = [rest for op, rest in dockerfile_instructions() if op == "ENTRYPOINT"]
     assert len(entry) == 1
-    value = json.loads(entry[0])  # exec form: the agent is PID 1 and gets SIGTERM itself
+    value = json.loads(entry[0])  # exec form: no shell between tini and the agent
     assert isinstance(value, list)
-    return value
+    # tini (PID 1) reaps orphaned backends and forwards SIGTERM to the agent alone (no -g)
+    assert value[:2] == ["tini", "--"], "the agent must run under an init that reaps"
+    return value[2:]
 
 
 def test_image_runs_the_agent_cli() -> None:
