@@ -238,9 +238,13 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
     """Read, merge environment overrides, validate. Raises ConfigError with a readable message."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}): is it the right file?"
+        ) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
