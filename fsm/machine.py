@@ -300,7 +300,7 @@ def decide(role: Role, s: Snapshot) -> Decision:
     if role is Role.CANDIDATE:
         return _decide_candidate(s)
     if role is Role.DEMOTED:
-        if s.pg.running:
+        if s.pg.running or s.dcs.paused:
             return WAIT
         if other_leader:
             assert leader is not None
@@ -314,6 +314,8 @@ def decide(role: Role, s: Snapshot) -> Decision:
             )
         return WAIT
     if role is Role.REWINDING:
+        if s.dcs.paused:
+            return WAIT
         if s.rewind_done and other_leader:
             assert leader is not None
             return Decision(
@@ -359,6 +361,10 @@ def _decide_init(s: Snapshot) -> Decision:
 
 def _decide_replica(s: Snapshot) -> Decision:
     leader = s.dcs.leader
+    if s.dcs.paused and not (s.pg.running and leader is not None and s.upstream != leader.name):
+        # maintenance: no restart, rewind, reclone or election on our own; an operator may stop
+        # and start PostgreSQL by hand. Following a new master (a reload) is still done.
+        return WAIT
     if not s.pg.running and s.pg.data in (DataState.MISSING, DataState.INVALID):
         return Decision("reclone", f"our data directory is {s.pg.data.value}: reclone it")
     if s.needs_rewind and leader is not None and leader.name != s.name:

@@ -1,16 +1,48 @@
 """The agent's REST API (aiohttp).
 
-Health checks answer with the meaning load balancers expect (200 = serve traffic here, 503 =
-do not): /primary is 200 only on the master while its PostgreSQL runs and the lease is held (on
-the watchdog's clock, so it turns 503 the moment the fencing deadline passes, even before the
-machine has processed it); /replica is 200 only on a streaming replica. Endpoints that change
-something require the API token (``Authorization: Bearer <token>``).
+Health checks speak the paths, query parameters and status codes that Patroni documents, so an
+HAProxy, Consul or Kubernetes configuration written for Patroni works unchanged: 200 = send this
+kind of traffic here, 503 = do not. GET answers with the member's status as JSON (and, on 503,
+a ``reason``); HEAD and OPTIONS answer with the status code only (HAProxy's ``option httpchk``
+sends OPTIONS by default).
+
+| path | 200 when |
+|---|---|
+| ``/``, ``/primary``, ``/read-write``, ``/master`` | master, lease held and valid on the watchdog's clock, PostgreSQL running and not in recovery |
+| ``/leader`` | this member holds the leader lease (valid on the watchdog's clock), whatever its PostgreSQL does |
+| ``/standby-leader`` | never: pgsidecar has no standby clusters (a cluster replicating from another cluster) |
+| ``/replica`` | a running replica whose WAL receiver streams, not tagged ``noloadbalance`` (``?lag=``, ``?replication_state=``, ``?tag_<key>=<value>``) |
+| ``/read-only`` | ``/primary`` or ``/replica`` (same query parameters) |
+| ``/synchronous``, ``/sync`` | a ``/replica`` that is in the synchronous set the current master recorded in the DCS (synchronous_mode on/strict) |
+| ``/read-only-sync`` | ``/primary`` or ``/synchronous`` |
+| ``/asynchronous``, ``/async`` | a ``/replica`` that is not in the synchronous set |
+| ``/health`` | PostgreSQL is running (any role) |
+| ``/liveness`` | the agent's loop and its input sources are alive (no SQL, no DCS call) |
+| ``/readiness`` | ``/primary``, or a streaming replica within ``?lag=`` (default ``maximum_lag_on_failover``) of the master's last published position; ``?mode=apply`` (default) or ``write`` |
+
+Deliberate differences from Patroni, each toward "do not route traffic here":
+
+* ``/primary`` is stricter: Patroni answers 200 on the holder of the leader lock; we also
+  require the watchdog's fencing deadline to be in the future, so the check turns 503 the
+  moment the master must stop accepting writes, before the machine has even processed it.
+* ``/replica`` requires the WAL receiver to stream (Patroni's ``?replication_state=streaming``
+  is therefore always in force): a standby that lost its upstream may be arbitrarily stale.
+* A malformed ``?lag=`` or ``?mode=`` answers 400 naming the problem; Patroni ignores a lag it
+  cannot parse (no limit), which would silently route reads to a lagging replica.
+* Tags are the member's configured tags (``nofailover``, ``noloadbalance``, ``clonefrom``,
+  ``nosync``, ``failover_priority``); booleans compare as ``true``/``false``, as in Patroni.
+
+Endpoints that change something require the API token (``Authorization: Bearer <token>``); with
+no token configured they are disabled.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -21,6 +53,224 @@ from fsm.machine import Role
 
 if TYPE_CHECKING:
     from pgsidecar.agent import Agent
+
+# PostgreSQL's memory units (powers of 1024), matched case-insensitively: "16kB", "64MB", "1GB"
+_LAG_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
+_LAG_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+class QueryError(ValueError):
+    """A health-check query parameter that cannot be honoured (answered with 400)."""
+
+
+def parse_lag(text: str) -> int:
+    """``1048576``, ``1024kB``, ``10MB``, ``1.5GB`` -> bytes. Raises QueryError."""
+    m = _LAG_RE.match(text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _LAG_UNITS:
+        raise QueryError(
+            f"lag={text!r} is not a size: give bytes (1048576) or a number with a unit "
+            "(B, kB, MB, GB, TB), e.g. lag=10MB"
+        )
+    return int(float(m.group(1)) * _LAG_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class HealthFacts:
+    """What the health checks decide on, read from the agent at one instant."""
+
+    role: Role
+    primary: bool  # the strict /primary meaning (see the module docstring)
+    lease_valid: bool  # holds the lease and its fencing deadline has not passed
+    pg_running: bool
+    streaming: bool
+    replayed_lsn: int | None
+    received_lsn: int | None
+    leader_lsn: int | None  # the master's last published position (DCS)
+    tags: Mapping[str, Any]
+    synchronous: bool  # this member is in the recorded synchronous set
+    maximum_lag_on_failover: int
+    alive: bool
+    alive_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    code: int
+    reason: str = ""
+
+
+OK = Verdict(200)
+
+
+def _first(query: Mapping[str, str], key: str) -> str | None:
+    return query.get(key)
+
+
+def _lag_of(f: HealthFacts, mode: str) -> int | None:
+    """Bytes this member is behind the master's last published position (None: unknown)."""
+    mine = f.received_lsn if mode == "write" else f.replayed_lsn
+    if f.leader_lsn is None:
+        return 0  # nothing published to compare with: Patroni counts that as not lagging
+    if mine is None:
+        return None
+    return max(0, f.leader_lsn - mine)
+
+
+def _replica_verdict(f: HealthFacts, query: Mapping[str, str]) -> Verdict:
+    max_lag = None
+    if (raw := _first(query, "lag")) is not None:
+        max_lag = parse_lag(raw)
+    if f.role is not Role.REPLICA:
+        return Verdict(503, f"role is {f.role.value}, not replica")
+    if not f.pg_running:
+        return Verdict(503, "PostgreSQL is not running")
+    if not f.streaming:
+        return Verdict(503, "the WAL receiver is not streaming from the master")
+    if f.tags.get("noloadbalance") is True:
+        return Verdict(503, "tagged noloadbalance")
+    state = _first(query, "replication_state")
+    if state is not None and state != "streaming":
+        return Verdict(503, f"replication_state is streaming, not {state!r}")
+    if max_lag is not None:
+        lag = _lag_of(f, "apply")
+        if lag is None:
+            return Verdict(503, "replay position unknown")
+        if lag > max_lag:
+            return Verdict(503, f"{lag} bytes behind the master, above lag={raw}")
+    return OK
+
+
+def _primary_verdict(f: HealthFacts) -> Verdict:
+    if f.primary:
+        return OK
+    if f.role is not Role.MASTER:
+        return Verdict(503, f"role is {f.role.value}, not master")
+    if not f.lease_valid:
+        return Verdict(503, "the leader lease is not held or its fencing deadline has passed")
+    if not f.pg_running:
+        return Verdict(503, "PostgreSQL is not running")
+    return Verdict(503, "PostgreSQL is in recovery (not promoted yet)")
+
+
+def _tags_verdict(f: HealthFacts, query: Mapping[str, str]) -> Verdict:
+    for key, wanted in query.items():
+        if not key.startswith("tag_"):
+            continue
+        name = key[len("tag_") :]
+        have = f.tags.get(name)
+        if have is None:
+            return Verdict(503, f"no tag {name!r} on this member")
+        text = have if isinstance(have, str) else str(have).lower()
+        if text != wanted:
+            return Verdict(503, f"tag {name} is {text!r}, not {wanted!r}")
+    return OK
+
+
+# path -> kind of check; Patroni's spellings, including its aliases
+CHECKS: dict[str, str] = {
+    "/": "primary",
+    "/primary": "primary",
+    "/master": "primary",
+    "/read-write": "primary",
+    "/leader": "leader",
+    "/standby-leader": "standby_leader",
+    "/standby_leader": "standby_leader",
+    "/replica": "replica",
+    "/read-only": "read_only",
+    "/synchronous": "sync",
+    "/sync": "sync",
+    "/read-only-sync": "read_only_sync",
+    "/read-only-synchronous": "read_only_sync",
+    "/asynchronous": "async",
+    "/async": "async",
+    "/health": "health",
+    "/liveness": "liveness",
+    "/readiness": "readiness",
+}
+# checks about holding the lease ignore ?tag_ (as Patroni does); the others apply them
+_IGNORE_TAGS = frozenset({"primary", "leader", "standby_leader", "health", "liveness", "readiness"})
+
+
+def evaluate(kind: str, f: HealthFacts, query: Mapping[str, str]) -> Verdict:
+    """The status a health check answers. Pure: a function of the facts and the query.
+    Raises QueryError for a parameter that cannot be honoured."""
+    if kind == "primary":
+        v = _primary_verdict(f)
+    elif kind == "leader":
+        v = OK if f.lease_valid else Verdict(503, "this member does not hold the leader lease")
+    elif kind == "standby_leader":
+        v = Verdict(503, "pgsidecar has no standby clusters: there is no standby leader")
+    elif kind == "replica":
+        v = _replica_verdict(f, query)
+    elif kind == "read_only":
+        # the replica's checks run first so that a malformed ?lag= is refused on a master too
+        rv = _replica_verdict(f, query)
+        v = OK if f.primary else rv
+    elif kind in ("sync", "async", "read_only_sync"):
+        rv = _replica_verdict(f, query)
+        if kind == "read_only_sync" and f.primary:
+            v = OK
+        elif kind == "async":
+            v = (
+                Verdict(503, "a synchronous standby, not an asynchronous one")
+                if f.synchronous
+                else rv
+            )
+        elif not f.synchronous:
+            v = Verdict(
+                503,
+                "not a synchronous standby (the recorded synchronous set does not name us)",
+            )
+        else:
+            v = rv
+    elif kind == "health":
+        v = OK if f.pg_running else Verdict(503, "PostgreSQL is not running")
+    elif kind == "liveness":
+        v = OK if f.alive else Verdict(503, f.alive_reason or "the agent loop is not running")
+    elif kind == "readiness":
+        mode = _first(query, "mode") or "apply"
+        if mode not in ("apply", "write"):
+            raise QueryError(f"mode={mode!r}: use mode=apply (replayed WAL) or mode=write")
+        raw = _first(query, "lag")
+        max_lag = parse_lag(raw) if raw is not None else f.maximum_lag_on_failover
+        if f.primary:
+            v = OK
+        elif f.role is not Role.REPLICA or not f.pg_running or not f.streaming:
+            v = Verdict(503, "neither the master holding the lease nor a streaming replica")
+        else:
+            lag = _lag_of(f, mode)
+            if lag is None:
+                v = Verdict(503, "WAL position unknown")
+            elif lag > max_lag:
+                v = Verdict(503, f"{mode} lag {lag} bytes exceeds {max_lag}")
+            else:
+                v = OK
+    else:
+        raise KeyError(kind)
+    if v.code == 200 and kind not in _IGNORE_TAGS:
+        v = _tags_verdict(f, query)
+    return v
+
+
+def _names(value: Any) -> frozenset[str]:
+    """A synchronous set as whatever shape the agent records it in: None, a name, an iterable of
+    names, or an object with ``members``."""
+    if value is None:
+        return frozenset()
+    members = getattr(value, "members", None)
+    if members is not None and not isinstance(value, Mapping):
+        value = members
+    if isinstance(value, str):
+        return frozenset({value})
+    if isinstance(value, Mapping):
+        value = value.get("members", value.keys())
+    if isinstance(value, Iterable):
+        return frozenset(v for v in value if isinstance(v, str))
+    return frozenset()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiServer:
@@ -59,21 +309,24 @@ class ApiServer:
             "DCS values skipped as malformed",
             registry=self.registry,
         )
-        self.app = web.Application()
-        self.app.add_routes(
-            [
-                web.get("/health", self.health),
-                web.get("/liveness", self.health),
-                web.get("/primary", self.primary),
-                web.get("/master", self.primary),
-                web.get("/read-write", self.primary),
-                web.get("/replica", self.replica),
-                web.get("/readiness", self.readiness),
-                web.get("/status", self.status),
-                web.get("/metrics", self.metrics),
-                web.post("/switchover", self.switchover),
-            ]
+        self._paused = Gauge(
+            "pgsidecar_paused",
+            "1 if the cluster is paused (maintenance mode: no automatic action)",
+            registry=self.registry,
         )
+        self.app = web.Application()
+        routes = []
+        for path, kind in CHECKS.items():
+            handler = self._check_handler(kind)
+            # GET also answers HEAD (aiohttp strips the body); OPTIONS is what HAProxy sends
+            routes.append(web.get(path, handler))
+            routes.append(web.options(path, self._status_only(handler)))
+        routes += [
+            web.get("/status", self.status),
+            web.get("/metrics", self.metrics),
+            web.post("/switchover", self.switchover),
+        ]
+        self.app.add_routes(routes)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -103,6 +356,66 @@ class ApiServer:
         a = self.agent
         s = a.snapshot
         return a.machine.role is Role.REPLICA and a.pg.running and s.pg.receiver_streaming
+
+    def sync_members(self) -> frozenset[str]:
+        """The synchronous standbys the current master recorded (``snapshot.dcs.sync``, folded
+        from the DCS ``sync`` key). Read defensively (a name, a collection of names, or an
+        object or mapping with ``members``) so the checks never fail on a shape they do not
+        know. Not in force, so empty: a set recorded by an earlier master, or any set while
+        synchronous_mode is off."""
+        if getattr(self.agent.snapshot.settings, "synchronous_mode", None) == "off":
+            # the master requires no standby then, though its last record stays in the DCS
+            return frozenset()
+        dcs = self.agent.snapshot.dcs
+        sync = getattr(dcs, "sync", None)
+        recorded_by = getattr(sync, "leader", None)
+        if (
+            isinstance(recorded_by, str)
+            and dcs.leader is not None
+            and dcs.leader.name != recorded_by
+        ):
+            return frozenset()  # recorded by an earlier master: not the set now in force
+        return _names(sync)
+
+    def alive(self) -> tuple[bool, str]:
+        """The agent's loop runs and none of its input sources (DCS watch, lease renewal, probe)
+        has died. A hung event loop needs no check: it would not answer this request at all."""
+        a = self.agent
+        done = getattr(a, "_done", None)
+        if done is not None and done.is_set():
+            return False, "the agent loop has finished"
+        for task in getattr(a, "_tasks", ()):
+            if task.done():
+                name = getattr(task, "get_name", lambda: "task")()
+                return False, f"an input source of the agent ended ({name})"
+        return True, ""
+
+    def facts(self) -> HealthFacts:
+        a = self.agent
+        s = a.snapshot
+        alive, why = self.alive()
+        lease_valid = bool(s.lease.held and a.watchdog.armed_and_valid())
+        return HealthFacts(
+            role=a.machine.role,
+            primary=self.is_primary(),
+            lease_valid=lease_valid,
+            pg_running=bool(a.pg.running),
+            streaming=s.pg.receiver_streaming,
+            replayed_lsn=s.pg.replayed_lsn if s.pg.replayed_lsn is not None else s.pg.lsn,
+            received_lsn=s.pg.received_lsn if s.pg.received_lsn is not None else s.pg.lsn,
+            leader_lsn=s.dcs.last_leader_lsn,
+            tags=a.cfg.tags.model_dump(),
+            synchronous=a.name in self.sync_members(),
+            maximum_lag_on_failover=s.settings.maximum_lag_on_failover,
+            alive=alive,
+            alive_reason=why,
+        )
+
+    def _own_member_key(self) -> dict[str, Any]:
+        view = getattr(self.agent, "dcs_view", None)
+        members = getattr(view, "members", None) or {}
+        data = members.get(self.agent.name)
+        return data if isinstance(data, dict) else {}
 
     def status_dict(self) -> dict[str, Any]:
         a = self.agent
@@ -135,24 +448,38 @@ class ApiServer:
             "last_error": a.last_error,
             "uptime": round(time.time() - a.start_time, 1),
             "counters": dict(a.counters),
+            "tags": a.cfg.tags.model_dump(),
+            "sync_standby": a.name in self.sync_members(),
+            # set by the agent in its member key once it applies parameter changes (issue 7)
+            "pending_restart": self._own_member_key().get("pending_restart") is True,
         }
 
     # -- handlers ----------------------------------------------------------------------------------
 
-    async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"state": "alive", "role": self.agent.machine.role.value})
+    def _check_handler(self, kind: str) -> Handler:
+        async def handler(request: web.Request) -> web.Response:
+            try:
+                verdict = evaluate(kind, self.facts(), request.query)
+            except QueryError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            if kind == "liveness":
+                # light by design (Kubernetes calls it often): no status document
+                body: dict[str, Any] = {"alive": verdict.code == 200}
+            else:
+                body = self.status_dict()
+            if verdict.reason:
+                body["reason"] = verdict.reason
+            return web.json_response(body, status=verdict.code)
 
-    async def primary(self, request: web.Request) -> web.Response:
-        return web.json_response(self.status_dict(), status=200 if self.is_primary() else 503)
+        return handler
 
-    async def replica(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            self.status_dict(), status=200 if self.is_streaming_replica() else 503
-        )
+    @staticmethod
+    def _status_only(handler: Handler) -> Handler:
+        async def status_only(request: web.Request) -> web.Response:
+            resp = await handler(request)
+            return web.Response(status=resp.status)
 
-    async def readiness(self, request: web.Request) -> web.Response:
-        ok = self.is_primary() or self.is_streaming_replica()
-        return web.json_response(self.status_dict(), status=200 if ok else 503)
+        return status_only
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status_dict())
@@ -167,6 +494,7 @@ class ApiServer:
         self._tl.set(st["timeline"] or 0)
         self._running.set(1 if st["pg_running"] else 0)
         self._lease.set(1 if st["lease_held"] else 0)
+        self._paused.set(1 if st["paused"] else 0)
         self._inputs.set(a.counters["inputs"])
         self._trans.set(a.counters["transitions"])
         self._malformed.set(a.counters["malformed_dcs_values"])
@@ -178,7 +506,9 @@ class ApiServer:
             return False  # no token configured: changes through the API are disabled
         got = request.headers.get("Authorization", "")
         prefix = "Bearer "
-        return got.startswith(prefix) and hmac.compare_digest(got[len(prefix) :], self.token)
+        return got.startswith(prefix) and hmac.compare_digest(
+            got[len(prefix) :].encode(), self.token.encode()
+        )
 
     async def switchover(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

@@ -1,9 +1,408 @@
-"""Day-to-day operator commands (issue 7): registered into the `pgsidecar` parser by cli.py."""
+"""Day-to-day operator commands (issue 7), registered into the `pgsidecar` parser by cli.py.
+
+    pgsidecar pause  (--dir DIR | --config FILE)        maintenance mode: no automatic action
+    pgsidecar resume (--dir DIR | --config FILE)
+    pgsidecar config show | set KEY=VALUE... | edit     the cluster-wide config in the DCS
+    pgsidecar list [--json] [--watch SECONDS]           (parser in cli.py, output here)
+
+Every command reads the DCS, validates everything, then writes at most once. A refusal
+exits 1 with a message naming what is wrong and changes nothing; a bad --config exits 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import yaml
+
+from events.dcs import DCS, ClusterView, DCSError
+from pgsidecar.config import AgentConfig
+from pgsidecar.ops import (
+    DEFAULT_TAGS,
+    DELETE,
+    PG_PARAM_PREFIX,
+    OpsError,
+    apply_assignments,
+    cluster_paused,
+    config_diff,
+    members_table,
+    parse_assignments,
+    pg_target,
+    require_cluster,
+    require_config_readable,
+    set_pause,
+    store_config,
+    valid_keys_text,
+    validate_document,
+    validate_pg_parameters,
+)
+
+EXIT_REFUSED = 1
+
+# what fsm/machine.py does while paused (eligible() and the paused checks in decide())
+PAUSE_EFFECT = (
+    "while paused no agent fails over, switches over or restarts a stopped PostgreSQL on its "
+    "own; the master keeps its lease (and still fences itself if it cannot renew it)"
+)
+
+
+def _err(msg: str) -> None:
+    print(f"pgsidecar: {msg}", file=sys.stderr)
+
+
+def _run_with_dcs(
+    args: argparse.Namespace, what: str, body: Callable[[AgentConfig, DCS], Awaitable[int]]
+) -> int:
+    """Connect to the cluster's DCS (no session: an operator holds no lease), run ``body``,
+    close. DCS errors and refusals become exit 1 with the reason."""
+    from events.dcs.factory import create_dcs
+    from pgsidecar.cli import _config_from_args
+
+    cfg = _config_from_args(args)
+
+    async def go() -> int:
+        dcs = create_dcs(cfg.dcs, cfg.cluster)
+        try:
+            await asyncio.wait_for(dcs.connect(), timeout=15)
+            return await body(cfg, dcs)
+        finally:
+            with contextlib.suppress(Exception):
+                await dcs.close()
+
+    try:
+        return asyncio.run(go())
+    except OpsError as exc:
+        _err(f"{what} refused: {exc}")
+    except (DCSError, TimeoutError) as exc:
+        _err(
+            f"{what}: cannot reach the DCS ({cfg.dcs.type}): {exc or 'timed out'}; nothing changed"
+        )
+    return EXIT_REFUSED
+
+
+# -- pause / resume -------------------------------------------------------------------------------
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    paused = args.cmd == "pause"
+
+    async def body(cfg: AgentConfig, dcs: DCS) -> int:
+        old, new = await set_pause(dcs, cfg.cluster, paused)
+        for line in config_diff(old, new):
+            print(f"changed {line}")
+        if paused:
+            print(f"cluster {cfg.cluster} paused: {PAUSE_EFFECT}")
+        else:
+            print(
+                f"cluster {cfg.cluster} resumed: the agents act again and take the cluster "
+                "as they find it"
+            )
+        return 0
+
+    return _run_with_dcs(args, args.cmd, body)
+
+
+# -- config -----------------------------------------------------------------------------------------
+
+
+def _dump_yaml(config: dict[str, Any]) -> str:
+    if not config:
+        return "{}\n"
+    return yaml.safe_dump(config, sort_keys=True, default_flow_style=False)
+
+
+async def _read(dcs: DCS, cfg: AgentConfig) -> ClusterView:
+    view = await dcs.read_cluster()
+    require_cluster(view, cfg.cluster)
+    return view
+
+
+async def _validate_and_store(
+    cfg: AgentConfig,
+    dcs: DCS,
+    view: ClusterView,
+    new: dict[str, Any],
+    pg_check: dict[str, Any],
+) -> int:
+    old = dict(view.config or {})
+    diff = config_diff(old, new)
+    if not diff:
+        print("nothing to change: the config already says so")
+        return 0
+    if pg_check:
+        su = cfg.postgresql.superuser
+        target = pg_target(view, su.username, su.resolve_password())
+        await validate_pg_parameters(pg_check, target)
+    await store_config(dcs, view.config, new)
+    for line in diff:
+        print(f"changed {line}")
+    if any(line.startswith("ttl:") for line in diff):
+        # the agents read it into their decisions (stand-aside windows); their lease is granted
+        # and fenced with their own settings.ttl, which the DCS value does not change (yet)
+        print(
+            "note: ttl is used by the agents' decisions at once; each agent's lease keeps "
+            "the ttl of its own config until the agents apply the cluster ttl to their session"
+        )
+    if any(line.startswith("postgresql.parameters.") for line in diff):
+        # applying them (reload, or pending restart) is the agents' part of issue 7
+        print("PostgreSQL parameters are stored; each member applies them itself")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    sub = args.config_cmd
+    if sub == "set":
+        # parse before connecting: a typo is refused without touching anything
+        try:
+            changes = parse_assignments(args.assignments)
+        except OpsError as exc:
+            _err(f"config set refused: {exc}")
+            return EXIT_REFUSED
+
+        async def set_body(cfg: AgentConfig, dcs: DCS) -> int:
+            view = await _read(dcs, cfg)
+            require_config_readable(view, dcs.key("config"))
+            new = apply_assignments(view.config or {}, changes)
+            pg_check = {
+                path[2]: value
+                for path, value in changes
+                if path[:2] == PG_PARAM_PREFIX and value is not DELETE
+            }
+            return await _validate_and_store(cfg, dcs, view, new, pg_check)
+
+        return _run_with_dcs(args, "config set", set_body)
+
+    if sub == "show":
+
+        async def show_body(cfg: AgentConfig, dcs: DCS) -> int:
+            view = await _read(dcs, cfg)
+            require_config_readable(view, dcs.key("config"))
+            sys.stdout.write(_dump_yaml(dict(view.config or {})))
+            return 0
+
+        return _run_with_dcs(args, "config show", show_body)
+
+    async def edit_body(cfg: AgentConfig, dcs: DCS) -> int:
+        view = await _read(dcs, cfg)
+        old = dict(view.config or {})
+        text = await asyncio.to_thread(_edit_text, _edit_template(old))
+        if text is None:
+            return EXIT_REFUSED
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise OpsError(f"the edited config is not valid YAML: {exc}; nothing changed") from None
+        new, pg_check = validate_document(doc, old)
+        return await _validate_and_store(cfg, dcs, view, new, pg_check)
+
+    return _run_with_dcs(args, "config edit", edit_body)
+
+
+def _edit_template(config: dict[str, Any]) -> str:
+    keys = valid_keys_text().replace(", ", "\n#   ")
+    return (
+        "# pgsidecar cluster config (the DCS `config` key). Lines starting with # are ignored.\n"
+        f"# Valid keys:\n#   {keys}\n"
+        "# Remove a key (or set it to null) to unset it.\n" + _dump_yaml(config)
+    )
+
+
+def _edit_text(initial: str) -> str | None:
+    """Open $VISUAL / $EDITOR (default vi) on ``initial``; the edited text, or None (reported)
+    when the editor failed."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    fd, path = tempfile.mkstemp(prefix="pgsidecar-config-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(initial)
+        try:
+            rc = subprocess.call([*shlex.split(editor), path])
+        except OSError as exc:
+            _err(f"config edit: cannot run the editor {editor!r}: {exc.strerror}; nothing changed")
+            return None
+        if rc != 0:
+            _err(f"config edit: the editor {editor!r} exited with {rc}; nothing changed")
+            return None
+        with open(path) as fh:
+            return fh.read()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+# -- list -----------------------------------------------------------------------------------------
+
+
+def _lag_mb(row: dict[str, Any]) -> str:
+    if row["leader"]:
+        return ""
+    if row["lag_bytes"] is None:
+        return "unknown"
+    return str(round(row["lag_bytes"] / 1024 / 1024))
+
+
+def _tags_text(tags: dict[str, Any]) -> str:
+    shown = [
+        f"{k}: {json.dumps(v)}" for k, v in sorted(tags.items()) if DEFAULT_TAGS.get(k, None) != v
+    ]
+    return ", ".join(shown)
+
+
+def render_table(cluster: str, view: ClusterView, rows: list[dict[str, Any]]) -> str:
+    """patronictl-like: one boxed table, a line per member."""
+    paused = cluster_paused(view)
+    header = ["Member", "Host", "Role", "State", "TL", "Lag in MB", "Pending restart", "Tags"]
+    if paused:
+        header.append("Maintenance")
+    body = []
+    for r in rows:
+        host = f"{r['host'] or '-'}:{r['port']}" if r["port"] else r["host"] or "-"
+        line = [
+            r["name"],
+            host,
+            "sync replica" if r["sync_standby"] else r["role"],
+            r["state"],
+            "" if r["timeline"] is None else str(r["timeline"]),
+            _lag_mb(r),
+            "*" if r["pending_restart"] else "",
+            _tags_text(r["tags"]),
+        ]
+        if paused:
+            line.append("paused")
+        body.append(line)
+    widths = [max([len(h), *(len(b[i]) for b in body)]) for i, h in enumerate(header)]
+    sep = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    term = f"term {view.leader.term}" if view.leader else "no leader"
+    title = f"+ Cluster: {cluster} ({term}) "
+    top = title + sep[len(title) :] if len(title) < len(sep) else title + "+"
+    numeric = {"TL", "Lag in MB"}
+
+    def fmt(cells: list[str]) -> str:
+        out = []
+        for h, c, w in zip(header, cells, widths, strict=True):
+            out.append(c.rjust(w) if h in numeric and cells is not header else c.ljust(w))
+        return "| " + " | ".join(out) + " |"
+
+    lines = [top, fmt(header), sep, *(fmt(b) for b in body), sep]
+    if paused:
+        lines.append(f" Maintenance mode: on ({PAUSE_EFFECT})")
+    if not rows:
+        lines.append(" (no members)")
+    return "\n".join(lines)
+
+
+def list_document(
+    cluster: str, view: ClusterView, local_sync_mode: str | None = None
+) -> dict[str, Any]:
+    rows = members_table(view, local_sync_mode)
+    for r in rows:
+        r["lag_mb"] = None if r["lag_bytes"] is None else round(r["lag_bytes"] / 1024 / 1024, 3)
+    return {
+        "cluster": cluster,
+        "leader": view.leader.name if view.leader else None,
+        "term": view.leader.term if view.leader else None,
+        "paused": cluster_paused(view),
+        "members": rows,
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """``pgsidecar list``: the members as the DCS sees them; ``--watch SECONDS`` refreshes until
+    Ctrl-C."""
+    from events.dcs.factory import create_dcs
+    from pgsidecar.cli import _config_from_args
+
+    cfg = _config_from_args(args)
+    watch = getattr(args, "watch", None)
+    if watch is not None and watch <= 0:
+        _err("list: --watch takes a positive number of seconds")
+        return EXIT_REFUSED
+
+    # the agents' own synchronous_mode, in force unless the DCS config overrides it
+    local_sync = cfg.cluster_settings.synchronous_mode
+
+    def show(view: ClusterView) -> None:
+        if args.json:
+            print(json.dumps(list_document(cfg.cluster, view, local_sync), indent=2), flush=True)
+        else:
+            rows = members_table(view, local_sync)
+            print(render_table(cfg.cluster, view, rows), flush=True)
+
+    async def go() -> int:
+        dcs = create_dcs(cfg.dcs, cfg.cluster)
+        connected = False
+        try:
+            while True:
+                try:
+                    if not connected:
+                        await asyncio.wait_for(dcs.connect(), timeout=15)
+                        connected = True
+                    view = await asyncio.wait_for(dcs.read_cluster(), timeout=15)
+                except (DCSError, TimeoutError) as exc:
+                    _err(f"list: cannot reach the DCS ({cfg.dcs.type}): {exc or 'timed out'}")
+                    if watch is None:
+                        return EXIT_REFUSED
+                else:
+                    if watch is not None and not args.json:
+                        if sys.stdout.isatty():
+                            print("\033[H\033[J", end="")  # redraw in place, as watch(1) does
+                        print(time.strftime("%Y-%m-%d %H:%M:%S"))
+                    show(view)
+                if watch is None:
+                    return 0
+                await asyncio.sleep(watch)
+        finally:
+            with contextlib.suppress(Exception):
+                await dcs.close()
+
+    try:
+        return asyncio.run(go())
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how --watch ends
+
+
+# -- parsers ----------------------------------------------------------------------------------------
+
+
+def _target(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_mutually_exclusive_group()
+    g.add_argument("--config", help="an agent's config file (names the DCS and the cluster)")
+    g.add_argument("--dir", help="a local cluster's directory")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this module's subcommands to the top-level parser."""
+    for name, helptext in (
+        ("pause", "maintenance mode: no agent takes any automatic action"),
+        ("resume", "end maintenance mode: the agents act again"),
+    ):
+        sp = sub.add_parser(name, help=helptext, description=helptext)
+        _target(sp)
+        sp.set_defaults(func=cmd_pause)
+
+    cp = sub.add_parser("config", help="the cluster-wide dynamic config in the DCS")
+    csub = cp.add_subparsers(dest="config_cmd", required=True)
+    show = csub.add_parser("show", help="print the config key as YAML")
+    _target(show)
+    st = csub.add_parser(
+        "set",
+        help="set keys (KEY=VALUE; KEY=null removes)",
+        description=f"Valid keys: {valid_keys_text()}. PostgreSQL parameters are checked by the "
+        "master's PostgreSQL before anything is stored.",
+    )
+    _target(st)
+    st.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    ed = csub.add_parser("edit", help="edit the config as YAML in $EDITOR, validated on save")
+    _target(ed)
+    cp.set_defaults(func=cmd_config)

@@ -382,7 +382,7 @@ def test_statefulset_shape() -> None:
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"] == ["ReadWriteOnce"]
     container = spec["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readiness"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/liveness"
     assert "lifecycle" not in container, "no preStop: SIGTERM and the pod watch start the hand-off"
     cfg, _ = agent_config(docs)
     # the hand-off (stop PostgreSQL, escalated after stop_timeout, then release) fits the grace
@@ -390,7 +390,7 @@ def test_statefulset_shape() -> None:
     assert spec["securityContext"]["runAsUser"] == 999, "the official image's postgres uid"
     # the probes' paths are served by the agent's API
     api_source = (ROOT / "pgsidecar" / "api.py").read_text()
-    for path in ("/readiness", "/health"):
+    for path in ("/readiness", "/liveness"):
         assert f'"{path}"' in api_source, f"pgsidecar/api.py serves no {path}"
 
 

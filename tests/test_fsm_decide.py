@@ -449,3 +449,15 @@ def test_candidate_does_not_race_while_the_old_masters_wal_still_streams() -> No
     assert n.done("announce", term=10) == []
     assert n.role is Role.CANDIDATE
     assert n.feed("pg", **pg(streaming=False)) == ["race"]  # the stream stopped: race
+
+
+def test_paused_replica_neither_rewinds_nor_reclones_nor_restarts() -> None:
+    n = replica_following()
+    d = dcs("pg1", 10, pg1=member("pg1", role="master"))
+    d["config"] = {"pause": True}
+    n.feed("dcs", **d)
+    assert n.feed("effect", name="diverged", done=False) == []
+    assert n.feed("pg", **pg(running=False, data="missing")) == []
+    assert n.feed("pg", **pg(running=False)) == []
+    d["config"] = {"pause": False}
+    assert n.feed("dcs", **d) == ["rewind"]

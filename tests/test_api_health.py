@@ -1,0 +1,476 @@
+"""The REST API's health checks (Patroni's paths, parameters and 200/503 meaning), around a small
+fake agent: real snapshots (fsm.snapshot), a real AgentConfig, aiohttp's test server. Every path
+is asked with GET, HEAD and OPTIONS, which must agree on the status."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from events.dcs import ClusterView, Leader
+from fsm.machine import Role
+from fsm.snapshot import (
+    DcsFacts,
+    LeaderView,
+    LeaseFacts,
+    PgFacts,
+    Settings,
+    Snapshot,
+    SyncSet,
+)
+from pgsidecar.api import CHECKS, ApiServer, HealthFacts, evaluate, parse_lag
+from pgsidecar.config import AgentConfig, ApiSettings, PostgresSettings, Tags
+
+TOKEN = "s3cret-token"
+MB = 1024 * 1024
+LEADER_LSN = 100 * MB
+
+
+class FakeWatchdog:
+    def __init__(self, valid: bool) -> None:
+        self.valid = valid
+
+    def armed_and_valid(self) -> bool:
+        return self.valid
+
+
+class FakeDcs:
+    """Enough of a DCS for POST /switchover: a view with a master and one streaming replica."""
+
+    def __init__(self) -> None:
+        self.written: list[dict[str, Any]] = []
+        self.view = ClusterView(
+            leader=Leader("pg1", 7),
+            members={
+                "pg1": {"role": "master", "running": True, "lsn": LEADER_LSN, "timeline": 2},
+                "pg2": {"role": "replica", "running": True, "streaming": True, "lsn": 1},
+            },
+        )
+
+    async def read_cluster(self) -> ClusterView:
+        return self.view
+
+    async def put_switchover(self, cmd: dict[str, Any]) -> None:
+        self.written.append(cmd)
+
+
+@dataclass
+class FakeAgent:
+    """The attributes ApiServer reads from pgsidecar.agent.Agent."""
+
+    cfg: AgentConfig
+    role: Role
+    snapshot: Snapshot
+    pg_running: bool
+    watchdog_valid: bool = True
+    name: str = "pg2"
+    last_error: str | None = None
+    start_time: float = 0.0
+    counters: dict[str, int] = field(
+        default_factory=lambda: {"inputs": 3, "transitions": 2, "malformed_dcs_values": 0}
+    )
+    dcs_view: Any = None
+    dcs: Any = field(default_factory=FakeDcs)
+    _tasks: list[Any] = field(default_factory=list)
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.machine = SimpleNamespace(role=self.role)
+        self.pg = SimpleNamespace(running=self.pg_running)
+        self.watchdog = FakeWatchdog(self.watchdog_valid)
+
+    def _term(self) -> int | None:
+        return 7
+
+
+def make_cfg(tmp: Path, token: str | None = TOKEN, **tags: Any) -> AgentConfig:
+    return AgentConfig(
+        name="pg2",
+        cluster="c1",
+        state_dir=tmp,
+        postgresql=PostgresSettings(data_dir=tmp / "pgdata"),
+        api=ApiSettings(token=token),
+        tags=Tags(**tags),
+    )
+
+
+def master_snapshot(in_recovery: bool = False) -> Snapshot:
+    return Snapshot(
+        name="pg2",
+        pg=PgFacts(running=True, in_recovery=in_recovery, timeline=2, lsn=LEADER_LSN),
+        dcs=DcsFacts(reachable=True, leader=LeaderView("pg2", 7), last_leader_lsn=LEADER_LSN),
+        lease=LeaseFacts(held=True, term=7, deadline=1e12),
+    )
+
+
+def replica_snapshot(
+    lag: int = 0,
+    streaming: bool = True,
+    sync: SyncSet | None = None,
+    leader: str = "pg1",
+    sync_mode: str = "on",
+) -> Snapshot:
+    lsn = LEADER_LSN - lag
+    return Snapshot(
+        settings=Settings(synchronous_mode=sync_mode),
+        name="pg2",
+        pg=PgFacts(
+            running=True,
+            in_recovery=True,
+            timeline=2,
+            lsn=lsn,
+            received_lsn=lsn,
+            replayed_lsn=lsn,
+            receiver_streaming=streaming,
+        ),
+        dcs=DcsFacts(
+            reachable=True, leader=LeaderView(leader, 7), last_leader_lsn=LEADER_LSN, sync=sync
+        ),
+    )
+
+
+# scenario name -> (role, snapshot, pg running, watchdog valid, tags)
+SCENARIOS: dict[str, tuple[Role, Callable[[], Snapshot], bool, bool, dict[str, Any]]] = {
+    "master": (Role.MASTER, master_snapshot, True, True, {}),
+    "master_fenced": (Role.MASTER, master_snapshot, True, False, {}),
+    "master_in_recovery": (Role.MASTER, lambda: master_snapshot(True), True, True, {}),
+    "master_pg_down": (Role.MASTER, master_snapshot, False, True, {}),
+    "replica": (Role.REPLICA, replica_snapshot, True, True, {}),
+    "replica_lag_20MB": (Role.REPLICA, lambda: replica_snapshot(20 * MB), True, True, {}),
+    "replica_not_streaming": (
+        Role.REPLICA,
+        lambda: replica_snapshot(streaming=False),
+        True,
+        True,
+        {},
+    ),
+    "replica_pg_down": (Role.REPLICA, replica_snapshot, False, True, {}),
+    "replica_noloadbalance": (Role.REPLICA, replica_snapshot, True, True, {"noloadbalance": True}),
+    "replica_sync": (
+        Role.REPLICA,
+        lambda: replica_snapshot(sync=SyncSet("pg1", 7, frozenset({"pg2"}))),
+        True,
+        True,
+        {},
+    ),
+    "replica_stale_sync": (  # the set was recorded by an earlier master: not in force
+        Role.REPLICA,
+        lambda: replica_snapshot(sync=SyncSet("pg3", 6, frozenset({"pg2"}))),
+        True,
+        True,
+        {},
+    ),
+    "replica_sync_mode_off": (  # the record stays in the DCS, but no standby is required
+        Role.REPLICA,
+        lambda: replica_snapshot(sync=SyncSet("pg1", 7, frozenset({"pg2"})), sync_mode="off"),
+        True,
+        True,
+        {},
+    ),
+    "candidate": (Role.CANDIDATE, lambda: replica_snapshot(streaming=False), True, True, {}),
+    "rewinding": (Role.REWINDING, lambda: Snapshot("pg2"), False, True, {}),
+}
+
+# (scenario, path with query) -> expected status; every scenario x path below is asserted
+EXPECTED: list[tuple[str, str, int]] = []
+
+
+def expect(scenario: str, codes: dict[str, int]) -> None:
+    for path, code in codes.items():
+        EXPECTED.append((scenario, path, code))
+
+
+PRIMARY_PATHS = ("/", "/primary", "/master", "/read-write")
+for s, code in [
+    ("master", 200),
+    ("master_fenced", 503),
+    ("master_in_recovery", 503),
+    ("master_pg_down", 503),
+    ("replica", 503),
+    ("candidate", 503),
+]:
+    expect(s, {p: code for p in PRIMARY_PATHS})
+expect(
+    "master",
+    {
+        "/leader": 200,
+        "/standby-leader": 503,
+        "/standby_leader": 503,
+        "/replica": 503,
+        "/read-only": 200,
+        "/read-only?lag=1": 200,  # the master is never lagging
+        "/read-only?tag_nofailover=true": 503,  # tags apply to read-only, also on the master
+        "/primary?tag_nofailover=true": 200,  # ... but never to the leader checks
+        "/synchronous": 503,
+        "/sync": 503,
+        "/asynchronous": 503,
+        "/async": 503,
+        "/read-only-sync": 200,
+        "/health": 200,
+        "/liveness": 200,
+        "/readiness": 200,
+    },
+)
+expect("master_fenced", {"/leader": 503, "/readiness": 503, "/read-only": 503, "/health": 200})
+expect("master_pg_down", {"/leader": 200, "/health": 503, "/readiness": 503, "/liveness": 200})
+expect(
+    "replica",
+    {
+        "/leader": 503,
+        "/standby-leader": 503,
+        "/replica": 200,
+        "/replica?lag=0": 200,
+        "/replica?lag=10MB": 200,
+        "/replica?replication_state=streaming": 200,
+        "/replica?replication_state=in%20archive%20recovery": 503,
+        "/replica?tag_nofailover=false": 200,
+        "/replica?tag_nofailover=true": 503,
+        "/replica?tag_failover_priority=1": 200,
+        "/replica?tag_failover_priority=1&tag_nosync=false": 200,
+        "/replica?tag_failover_priority=1&tag_nosync=true": 503,
+        "/replica?tag_zone=eu": 503,  # a tag this member does not have
+        "/read-only": 200,
+        "/synchronous": 503,  # no synchronous set recorded
+        "/sync": 503,
+        "/read-only-sync": 503,
+        "/asynchronous": 200,
+        "/async": 200,
+        "/asynchronous?lag=1MB": 200,
+        "/health": 200,
+        "/liveness": 200,
+        "/readiness": 200,
+        "/readiness?mode=write": 200,
+    },
+)
+expect(
+    "replica_lag_20MB",
+    {
+        "/replica": 200,
+        "/replica?lag=10MB": 503,
+        "/replica?lag=20MB": 200,
+        "/replica?lag=20971520": 200,
+        "/replica?lag=20971519": 503,
+        "/replica?lag=1GB": 200,
+        "/read-only?lag=10MB": 503,
+        "/asynchronous?lag=10MB": 503,
+        "/asynchronous?lag=30MB": 200,
+        "/readiness": 503,  # default limit: maximum_lag_on_failover (1 MB)
+        "/readiness?lag=30MB": 200,
+        "/readiness?lag=30MB&mode=write": 200,
+    },
+)
+expect(
+    "replica_not_streaming",
+    {
+        "/replica": 503,
+        "/read-only": 503,
+        "/asynchronous": 503,
+        "/readiness": 503,
+        "/health": 200,
+    },
+)
+expect(
+    "replica_pg_down",
+    {"/replica": 503, "/read-only": 503, "/health": 503, "/readiness": 503, "/liveness": 200},
+)
+expect(
+    "replica_noloadbalance",
+    {"/replica": 503, "/read-only": 503, "/asynchronous": 503, "/readiness": 200},
+)
+expect(
+    "replica_sync",
+    {
+        "/synchronous": 200,
+        "/sync": 200,
+        "/read-only-sync": 200,
+        "/read-only-synchronous": 200,
+        "/asynchronous": 503,
+        "/async": 503,
+        "/replica": 200,
+        "/synchronous?tag_nosync=true": 503,
+    },
+)
+expect("replica_stale_sync", {"/synchronous": 503, "/asynchronous": 200})
+expect("replica_sync_mode_off", {"/synchronous": 503, "/asynchronous": 200})
+expect(
+    "candidate",
+    {"/replica": 503, "/read-only": 503, "/readiness": 503, "/leader": 503, "/health": 200},
+)
+expect("rewinding", {"/health": 503, "/readiness": 503, "/liveness": 200, "/replica": 503})
+
+
+@pytest.fixture
+async def client_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """``make(scenario, token=..., **agent_overrides)`` -> a started aiohttp TestClient around an
+    ApiServer of a FakeAgent in that scenario (``client.agent`` is the agent)."""
+    made: list[TestClient[Any, Any]] = []
+
+    async def make(scenario: str = "replica", token: str | None = TOKEN, **over: Any) -> Any:
+        role, snap, running, valid, tags = SCENARIOS[scenario]
+        agent = FakeAgent(
+            cfg=make_cfg(tmp_path, token, **tags),
+            role=role,
+            snapshot=snap(),
+            pg_running=running,
+            watchdog_valid=valid,
+            **over,
+        )
+        client: TestClient[Any, Any] = TestClient(TestServer(ApiServer(agent).app))  # type: ignore[arg-type]
+        await client.start_server()
+        made.append(client)
+        client.agent = agent  # type: ignore[attr-defined]
+        return client
+
+    yield make
+    for c in made:
+        await c.close()
+
+
+def test_every_check_path_is_covered() -> None:
+    asked = {p.split("?")[0] for _, p, _ in EXPECTED}
+    assert asked == set(CHECKS), f"paths without a test: {set(CHECKS) - asked}"
+
+
+@pytest.mark.parametrize(
+    "scenario,path,code", EXPECTED, ids=[f"{s}{p}={c}" for s, p, c in EXPECTED]
+)
+async def test_health_check_status(
+    client_factory: Any, scenario: str, path: str, code: int
+) -> None:
+    client = await client_factory(scenario)
+    got = await client.get(path)
+    body = await got.json()
+    assert got.status == code, body
+    if code == 503 and path != "/liveness":
+        assert body.get("reason"), "a 503 says why"
+    if path.split("?")[0] != "/liveness":
+        assert body["name"] == "pg2" and "role" in body
+    # HEAD and OPTIONS: same status, no body (HAProxy's httpchk sends OPTIONS)
+    for method in ("HEAD", "OPTIONS"):
+        resp = await client.request(method, path)
+        assert resp.status == code, method
+        assert await resp.read() == b"", method
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/replica?lag=lots", "/read-only?lag=10XB", "/asynchronous?lag=-1", "/readiness?mode=fast"],
+)
+async def test_malformed_query_is_400_naming_the_parameter(client_factory: Any, path: str) -> None:
+    client = await client_factory("replica")
+    resp = await client.get(path)
+    assert resp.status == 400
+    err = (await resp.json())["error"]
+    assert ("lag=" in err) or ("mode=" in err)
+    assert (await client.options(path)).status == 400
+
+
+async def test_liveness_fails_when_an_input_source_died(client_factory: Any) -> None:
+    async def boom() -> None:
+        raise RuntimeError("watch died")
+
+    dead = asyncio.ensure_future(boom())
+    await asyncio.sleep(0)
+    await asyncio.gather(dead, return_exceptions=True)
+    client = await client_factory("replica", _tasks=[dead])
+    resp = await client.get("/liveness")
+    assert resp.status == 503
+    assert "input source" in (await resp.json())["reason"]
+    client.agent._tasks.clear()
+    client.agent._done.set()
+    assert (await client.get("/liveness")).status == 503
+    client.agent._done.clear()
+    assert (await client.get("/liveness")).status == 200
+
+
+async def test_status_and_metrics(client_factory: Any) -> None:
+    client = await client_factory(
+        "replica_lag_20MB", dcs_view=ClusterView(members={"pg2": {"pending_restart": True}})
+    )
+    st = await (await client.get("/status")).json()
+    assert st["role"] == "replica" and st["lag_bytes"] == 20 * MB
+    assert st["pending_restart"] is True and st["sync_standby"] is False
+    assert st["tags"]["failover_priority"] == 1
+    text = await (await client.get("/metrics")).text()
+    for gauge in (
+        "pgsidecar_role",
+        "pgsidecar_lag_bytes",
+        "pgsidecar_term",
+        "pgsidecar_timeline",
+        "pgsidecar_postgres_running",
+        "pgsidecar_lease_held",
+        "pgsidecar_inputs_total",
+        "pgsidecar_transitions_total",
+        "pgsidecar_malformed_dcs_values_total",
+        "pgsidecar_paused",
+    ):
+        assert gauge in text
+    assert 'pgsidecar_role{role="replica"} 1.0' in text
+    assert "pgsidecar_lag_bytes 2.097152e+07" in text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}],
+    ids=["none", "wrong", "no-bearer", "basic"],
+)
+async def test_switchover_needs_the_token(client_factory: Any, headers: dict[str, str]) -> None:
+    client = await client_factory("master")
+    resp = await client.post("/switchover", json={"to": "pg2"}, headers=headers)
+    assert resp.status == 401
+    assert "token" in (await resp.json())["error"]
+    assert client.agent.dcs.written == [], "a refused request writes nothing"
+
+
+async def test_switchover_disabled_without_a_configured_token(client_factory: Any) -> None:
+    client = await client_factory("master", token=None)
+    resp = await client.post("/switchover", json={}, headers={"Authorization": "Bearer "})
+    assert resp.status == 401
+    assert client.agent.dcs.written == []
+
+
+async def test_switchover_with_the_token(client_factory: Any) -> None:
+    client = await client_factory("master")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    resp = await client.post("/switchover", json={"to": "nobody"}, headers=auth)
+    assert resp.status == 409 and "not a member" in (await resp.json())["error"]
+    resp = await client.post("/switchover", data=b"[1]", headers=auth)
+    assert resp.status == 400
+    assert client.agent.dcs.written == []
+    resp = await client.post("/switchover", json={"to": "pg2"}, headers=auth)
+    assert resp.status == 202
+    assert client.agent.dcs.written[0]["to"] == "pg2"
+
+
+def test_parse_lag_units() -> None:
+    assert parse_lag("1048576") == MB
+    assert parse_lag("1024kB") == MB
+    assert parse_lag("10MB") == 10 * MB
+    assert parse_lag("1GB") == 1024 * MB
+    assert parse_lag("1.5kB") == 1536
+
+
+def test_evaluate_is_pure_and_unknown_leader_lsn_is_not_lag() -> None:
+    f = HealthFacts(
+        role=Role.REPLICA,
+        primary=False,
+        lease_valid=False,
+        pg_running=True,
+        streaming=True,
+        replayed_lsn=5,
+        received_lsn=5,
+        leader_lsn=None,
+        tags={},
+        synchronous=False,
+        maximum_lag_on_failover=0,
+        alive=True,
+    )
+    assert evaluate("replica", f, {"lag": "0"}).code == 200
+    assert evaluate("readiness", f, {}).code == 200
