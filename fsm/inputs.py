@@ -12,6 +12,8 @@ machine, so ``step`` applied to the recorded inputs reproduces the recorded tran
     timer    data: {}                                a wake-up asked for by a Decision.wake_at
     stop     data: {}                                SIGTERM or pod deletion: hand off and exit
     peer     data: {record}                          a peer's record from Kafka (advisory only)
+    command  data: {name}                            an operator command for this member (restart,
+                                                     reinit), from the REST API
     pod      data: {event, member, own, deleting, ready, ...}   a Kubernetes pod event: our own pod
                                                      terminating is a stop; a peer's pod gone
                                                      is advisory (it is not waited on)
@@ -39,7 +41,19 @@ from fsm.snapshot import (
     SyncSet,
 )
 
-INPUT_TYPES = ("start", "dcs", "dcs_down", "pg", "lease", "effect", "timer", "stop", "peer", "pod")
+INPUT_TYPES = (
+    "start",
+    "dcs",
+    "dcs_down",
+    "pg",
+    "lease",
+    "effect",
+    "timer",
+    "stop",
+    "peer",
+    "pod",
+    "command",
+)
 
 # cluster config keys (DCS ``config``) that override local settings, with their types
 DYNAMIC_SETTINGS: dict[str, type] = {
@@ -236,6 +250,7 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
             source=_str(raw_sw.get("from")),
             target=_str(raw_sw.get("to")),
             requested_at=_float(raw_sw.get("requested_at")),
+            force=_bool(raw_sw.get("force")),
         )
     config = d.get("config")
     paused = isinstance(config, dict) and config.get("pause") is True
@@ -311,6 +326,10 @@ def _apply_effect(s: Snapshot, d: dict[str, Any]) -> Snapshot:
             changes["rewind_failures"] = s.rewind_failures + 1
     elif name == "wipe":
         changes.update(rewind_failures=0, rewind_done=False, needs_rewind=False, upstream=None)
+        if s.command == "reinit":
+            changes["command"] = None
+    elif name == "restart_pg":
+        changes["command"] = None
     elif name == "diverged":
         changes["needs_rewind"] = True
     return replace(s, **changes) if changes else s
@@ -365,6 +384,9 @@ def apply(role: Role, s: Snapshot, inp: Input) -> Snapshot:
         return replace(s, stop_requested=True)
     if inp.type == "pod":
         return _apply_pod(s, d)
+    if inp.type == "command":
+        name = _str(d.get("name"))
+        return replace(s, command=name) if name in ("restart", "reinit") else s
     return s  # timer, peer: advisory / wake-up only
 
 

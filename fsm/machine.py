@@ -99,6 +99,8 @@ TABLE: tuple[Row, ...] = (
     Row(R, "leader_lost",        C, "No member holds the leader key: publish our fresh position and stand for election."),
     Row(R, "rewind",             W, "Our WAL receiver cannot follow the master's timeline: our history forked, rewind it."),
     Row(R, "reclone",            I, "Our data directory is gone or unreadable: go back to init, which clones from the master."),
+    Row(R, "restart_pg",         R, "An operator asked for a restart: stop PostgreSQL cleanly and start it again as a standby."),
+    Row(R, "reinit",             I, "An operator asked to throw our data away: wipe it and go back to init, which clones from the master."),
     # --- candidate: the most advanced eligible member races ---------------------------------------
     Row(C, "race",               C, "Every eligible peer has published a fresh position and none is ahead of us: try to take the leader key."),
     Row(C, "won_lease",          M, "We hold the leader key: promote PostgreSQL (or start it as primary)."),
@@ -110,13 +112,16 @@ TABLE: tuple[Row, ...] = (
     Row(M, "shutdown",           D, "We are asked to stop (SIGTERM, pod deletion): stop PostgreSQL cleanly, then release the lease at once."),
     Row(M, "switchover",         D, "A switchover to another member was requested: stop cleanly so it receives all our WAL, then release the lease."),
     Row(M, "start_timeout",      D, "PostgreSQL did not come back within master_start_timeout: give the lease up so a replica can take over."),
+    Row(M, "restart_pg",         M, "An operator asked for a restart of the master: restart PostgreSQL in place, keeping the lease and the timeline."),
     # --- demoted: a former master, PostgreSQL stopped ---------------------------------------------
     Row(D, "rejoin",             W, "Another member is master: check our timeline against it (rewind if forked) before starting as its replica."),
     Row(D, "start_replica",      R, "No member holds the lease: start read-only (our data is the latest we know) and stand for election."),
+    Row(D, "reinit",             I, "An operator asked to throw our data away: wipe it and go back to init, which clones from the master."),
     # --- rewinding: a forked former master comes back ---------------------------------------------
     Row(W, "retry_rewind",       W, "The last pg_rewind attempt failed and attempts remain: try again."),
     Row(W, "rewound",            R, "Our data now follows the master's timeline (rewound, or no rewind was needed): start as its standby."),
     Row(W, "reclone",            I, "pg_rewind failed rewind_attempts times: throw the data away and clone afresh."),
+    Row(W, "reinit",             I, "An operator asked to throw our data away instead of rewinding: wipe it and clone afresh."),
 )
 # fmt: on
 
@@ -144,6 +149,8 @@ EFFECT: dict[str, str] = {
     "rejoin": "rewind",
     "retry_rewind": "rewind",
     "rewound": "start_standby",
+    "restart_pg": "restart_pg",
+    "reinit": "wipe",
 }
 
 
@@ -184,6 +191,9 @@ def eligible(s: Snapshot) -> tuple[bool, str]:
         return False, "the DCS is unreachable"
     if not s.pg.running or s.pg.lsn is None or s.pg.timeline is None:
         return False, "our PostgreSQL is not running or its position is unknown"
+    sw = s.dcs.switchover
+    if sw is not None and sw.force and sw.target == s.name and s.dcs.leader is None:
+        return True, ""  # the operator forced a failover to us and accepted the loss
     if not sync_allows(s, s.name):
         return False, "not in the synchronous set the last master recorded"
     ref = s.dcs.last_leader_lsn
@@ -271,6 +281,10 @@ def decide(role: Role, s: Snapshot) -> Decision:
                     "switchover",
                     f"switchover to {to} requested: stop cleanly, then release the lease",
                 )
+        if s.command == "restart" and s.pg.running:
+            return Decision(
+                "restart_pg", "an operator asked for a restart: restart in place, keeping the lease"
+            )
         if not s.pg.running:
             if s.dcs.paused:
                 return WAIT
@@ -292,6 +306,21 @@ def decide(role: Role, s: Snapshot) -> Decision:
 
     if s.busy or s.stop_requested:
         return WAIT
+
+    if (
+        s.command == "reinit"
+        and role in (Role.REPLICA, Role.DEMOTED, Role.REWINDING)
+        and s.dcs.leader is not None
+    ):
+        return Decision(
+            "reinit",
+            "an operator asked to reinitialize this member: wipe the data and clone it again",
+        )
+    if s.command == "restart" and role is Role.REPLICA and s.pg.running:
+        return Decision(
+            "restart_pg",
+            "an operator asked for a restart: stop cleanly and start again as a standby",
+        )
 
     if role is Role.INIT:
         return _decide_init(s)
@@ -424,7 +453,12 @@ def _decide_candidate(s: Snapshot) -> Decision:
     if sw is not None and sw.target is not None:
         if sw.target == s.name:
             need = s.dcs.last_leader_lsn
-            if need is not None and (s.pg.lsn or 0) < need and s.now < lost_at + s.settings.ttl:
+            if (
+                not sw.force
+                and need is not None
+                and (s.pg.lsn or 0) < need
+                and s.now < lost_at + s.settings.ttl
+            ):
                 return _wait_until(
                     lost_at + s.settings.ttl,
                     "switchover target: waiting for the old master's last WAL",

@@ -83,7 +83,10 @@ class LeaderView:
 class Switchover:
     source: str | None  # the master being switched away from
     target: str | None  # None = any eligible member
-    requested_at: float | None = None  # wall time; scheduled switchovers are issue 7
+    requested_at: float | None = None  # wall time
+    # an operator failover (`pgsidecar failover --to X --force`): the target may race although
+    # behind, or outside the synchronous set; the operator accepted the loss
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,8 @@ class Snapshot:
     announced_term: int | None = None
     # Kubernetes: members whose pod is gone (deleted): a candidate does not wait on them
     pods_gone: frozenset[str] = frozenset()
+    # an operator command addressed to this member (REST API): "restart" or "reinit"
+    command: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> Snapshot:

@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import structlog
 
 from events.dcs import DCS, ClusterView, DCSError, DuplicateMember, SessionLost
@@ -166,6 +167,8 @@ class Agent:
         self.dcs_view: ClusterView | None = None
         self.last_error: str | None = None
         self._member_last_seen: dict[str, float] = {}
+        self._applied_params: dict[str, Any] | None = None
+        self.pending_restart: list[str] = []
         self._slot_members: set[str] = set()
 
     # -- records ---------------------------------------------------------------------------------
@@ -274,6 +277,8 @@ class Agent:
             self._register_service()
         if inp.type == "dcs":
             self._kubernetes_on_view()
+            if self.cluster_parameters() != self._applied_params:
+                asyncio.ensure_future(self.apply_cluster_parameters())
         if inp.type == "dcs" and self.machine.role is Role.MASTER and not snapshot.busy:
             names = set(snapshot.dcs.members) - {self.name}
             now = time.monotonic()
@@ -606,6 +611,8 @@ class Agent:
             "failover_priority": self.cfg.tags.failover_priority,
             "tags": self.cfg.tags.model_dump(),
             "election": s.announced_term,
+            "pending_restart": bool(self.pending_restart),
+            "pending_restart_reason": self.pending_restart,
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
         }
@@ -674,18 +681,73 @@ class Agent:
             return leader.name, self.pg.replication_conninfo(m.conn_host, m.conn_port)
         return leader.name, self.pg.superuser_conninfo(m.conn_host, m.conn_port)
 
+    def cluster_parameters(self) -> dict[str, Any]:
+        """PostgreSQL parameters from the DCS config key (`config set postgresql.parameters.X=Y`),
+        over the local config's."""
+        view = self.dcs_view
+        cfg = view.config if view is not None and isinstance(view.config, dict) else {}
+        pg = cfg.get("postgresql") if isinstance(cfg.get("postgresql"), dict) else {}
+        params = pg.get("parameters") if isinstance(pg, dict) else None
+        if not isinstance(params, dict):
+            return {}
+        return {str(k): v for k, v in params.items() if isinstance(v, (str, int, float, bool))}
+
     def write_primary_config(self) -> None:
-        self.pg.write_config("primary", None, None, parameters=self.sync.parameters())
+        self.pg.write_config(
+            "primary",
+            None,
+            None,
+            parameters={**self.cluster_parameters(), **self.sync.parameters()},
+        )
+
+    def write_standby_config(self, upstream: tuple[str, Conninfo] | None) -> None:
+        self.pg.write_config(
+            "standby",
+            upstream[1] if upstream else None,
+            slot_name(self.name) if upstream else None,
+            parameters=self.cluster_parameters(),
+        )
+
+    async def apply_cluster_parameters(self) -> None:
+        """A change of the cluster's PostgreSQL parameters: rewrite the config and reload; what
+        needs a restart is published as pending_restart (shown by `list`)."""
+        params = self.cluster_parameters()
+        if params == self._applied_params or not self.pg.running or self.snapshot.busy:
+            return
+        self._applied_params = params
+        role = self.machine.role
+        if role is Role.MASTER:
+            self.write_primary_config()
+        elif role is Role.REPLICA:
+            self.write_standby_config(self._leader_conninfo(replication=True))
+        else:
+            return
+        started = time.monotonic()
+        await self.pg.reload()
+        await asyncio.sleep(0.2)  # the postmaster re-reads the files asynchronously
+        pending = await self._pending_restart()
+        self.pending_restart = pending
+        self.record_action(
+            "apply_parameters", "ok", started, parameters=sorted(params), pending_restart=pending
+        )
+        self._publish_member()
+
+    async def _pending_restart(self) -> list[str]:
+        try:
+            dsn = self.pg.superuser_conninfo().dsn(self.pg.passfile, connect_timeout=3)
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                cur = await conn.execute(
+                    "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name"
+                )
+                return [str(r[0]) for r in await cur.fetchall()]
+        except psycopg.Error:
+            return []
 
     async def _start_pg(self, role: str, upstream: tuple[str, Conninfo] | None) -> None:
         if role == "primary":
             self.write_primary_config()
         else:
-            self.pg.write_config(
-                "standby",
-                upstream[1] if upstream else None,
-                slot_name(self.name) if upstream else None,
-            )
+            self.write_standby_config(upstream)
         failures = self.snapshot.pg.start_failures
         if failures:
             await asyncio.sleep(min(5.0, 0.5 * 2**failures))
@@ -766,7 +828,7 @@ class Agent:
                 "effect", name="follow", ok=False, error="the master's address is not published yet"
             )
             return
-        self.pg.write_config("standby", up[1], slot_name(self.name))
+        self.write_standby_config(up)
         await self.pg.reload()
         self.post("effect", name="follow", ok=True, upstream=up[0])
 
@@ -911,6 +973,21 @@ class Agent:
 
     _fx_rejoin = _fx_rewind
     _fx_retry_rewind = _fx_rewind
+
+    async def _fx_restart_pg(self) -> None:
+        """Operator restart: stop cleanly, start again in the same role (a master keeps its
+        lease and its timeline; its watchdog keeps running)."""
+        started = time.monotonic()
+        role = "primary" if self.machine.role is Role.MASTER else "standby"
+        await self._stop_pg("fast")
+        up = None if role == "primary" else self._leader_conninfo(replication=True)
+        await self._start_pg(role, up)
+        self.pending_restart = await self._pending_restart()
+        self.record_action("restart", "ok", started, as_role=role)
+        self.post("effect", name="restart_pg", ok=True)
+
+    async def _fx_reinit(self) -> None:
+        await self._fx_reclone()
 
     async def _fx_reclone(self) -> None:
         await self._stop_pg("immediate")

@@ -325,6 +325,8 @@ class ApiServer:
             web.get("/status", self.status),
             web.get("/metrics", self.metrics),
             web.post("/switchover", self.switchover),
+            web.post("/restart", self.restart),
+            web.post("/reinit", self.reinit),
         ]
         self.app.add_routes(routes)
         self._runner: web.AppRunner | None = None
@@ -509,6 +511,42 @@ class ApiServer:
         return got.startswith(prefix) and hmac.compare_digest(
             got[len(prefix) :].encode(), self.token.encode()
         )
+
+    async def _member_command(self, request: web.Request, name: str) -> web.Response:
+        """restart / reinit of this member: an input of its machine, recorded like any other."""
+        if not self._authorized(request):
+            return web.json_response(
+                {"error": "missing or wrong API token (Authorization: Bearer <api.token>)"},
+                status=401,
+            )
+        from fsm.machine import Role
+
+        a = self.agent
+        role = a.machine.role
+        if name == "reinit" and role is Role.MASTER:
+            return web.json_response(
+                {"error": f"{a.name} is the master: switch over first, then reinit it"}, status=409
+            )
+        if name == "reinit" and a.snapshot.dcs.leader is None:
+            return web.json_response({"error": "there is no master to clone from"}, status=409)
+        if name == "restart" and not a.pg.running:
+            return web.json_response(
+                {"error": f"PostgreSQL of {a.name} is not running"}, status=409
+            )
+        if a.snapshot.command is not None:
+            return web.json_response(
+                {"error": f"a {a.snapshot.command} is already in progress"}, status=409
+            )
+        a.post("command", name=name)
+        return web.json_response(
+            {"accepted": name, "member": a.name, "role": role.value}, status=202
+        )
+
+    async def restart(self, request: web.Request) -> web.Response:
+        return await self._member_command(request, "restart")
+
+    async def reinit(self, request: web.Request) -> web.Response:
+        return await self._member_command(request, "reinit")
 
     async def switchover(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

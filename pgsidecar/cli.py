@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(sub)
     cli_ops.add_parsers(sub)
     faults.add_parser(sub)
+    from pgsidecar import cli_members
+
+    cli_members.add_parsers(sub)
     return p
 
 

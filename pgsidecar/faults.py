@@ -1,9 +1,1297 @@
-"""Fault injection against a local cluster (issue 6): `pgsidecar chaos`."""
+"""Fault injection against a real local cluster (issue 6): `pgsidecar chaos`.
+
+One run = a fresh 3-member cluster (etcd, PostgreSQL 15, the agents), a Writer (sequential ids,
+each acknowledged commit recorded with the server that acknowledged it) and a Prober (a write
+attempted on every member every ~50 ms) running throughout, one fault, its healing, and the
+invariants checked afterwards:
+
+- ``double_writable``: prober rounds in which two members both committed. Must be 0, always.
+- ``lost``: acknowledged ids missing on the final master. Must be 0 when the master did not change
+  (or in synchronous mode); with synchronous mode off a failover may lose the unreplicated tail,
+  which is reported, not failed.
+- ``to_writable_s``: from the fault to the first write acknowledged by another member than the
+  old master (a failover); without a failover, to the end of the longest write outage after the
+  fault (0 when writes never paused for 1 s). ``write_outage_s``: that longest outage.
+- ``converge_s``: from healing to one master and every other member a streaming replica.
+- ``fencing_margin_s`` (partition of the master): the new master's first write attempt minus the
+  old master's last acknowledged write, both seen by this process; ``fencing_margin_records_s``
+  the same from the agents' own records (old master's fencing, new master's ``won_lease``).
+
+Faults and timings are drawn from ``random.Random(seed)`` before anything starts, so a seed
+replays the same runs; ``--only K`` replays run K alone. The bootstrap is staged (pg1 first, the
+others clone from it) so that the same member is master at the fault in every replay.
+
+Every wait is bounded; everything a run started is stopped by pid (and its namespaces, links and
+mounts removed) even when the run fails. ``--keep-dir failed`` keeps a failed run's directory
+(agent.log, journal.jsonl, postgresql.log of each member) for the evidence.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pgsidecar.local import LocalCluster, LocalClusterError
+from pgsidecar.procutil import free_port_range, pid_alive, read_pid, terminate
+from pgsidecar.workload import Prober, Writer
+
+# -- the fault classes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FaultClass:
+    name: str
+    letter: str
+    summary: str
+    # (lo, hi) of the fault's duration, from the ttl
+    duration: Callable[[float], tuple[float, float]]
+    netns: bool = False
+    kafka: bool = False
+    disk: bool = False
+    # the fault is aimed at the master: a new master (or the old one, back) must serve after it
+    targets_master: bool = True
+
+
+FAULTS: dict[str, FaultClass] = {
+    f.name: f
+    for f in (
+        FaultClass(
+            "kill-master",
+            "a",
+            "SIGKILL of the master's agent and its postmaster at once; restarted after the duration",
+            lambda ttl: (ttl + 1, ttl + 5),
+        ),
+        FaultClass(
+            "kill-agent",
+            "b",
+            "SIGKILL of the master's agent alone (its postmaster must die with it); restarted after",
+            lambda ttl: (ttl + 1, ttl + 5),
+        ),
+        FaultClass(
+            "pause-master",
+            "c",
+            "SIGSTOP of the master's postmaster and all its children for longer than the TTL, then SIGCONT",
+            lambda ttl: (ttl + 1, ttl + 4),
+        ),
+        FaultClass(
+            "partition-master",
+            "d",
+            "the master's cluster link down (cut from etcd and the replicas), then up",
+            lambda ttl: (ttl + 2, 2 * ttl + 2),
+            netns=True,
+        ),
+        FaultClass(
+            "partition-replica",
+            "e",
+            "one replica's cluster link down (cut from etcd and the master), then up",
+            lambda ttl: (2.0, 2 * ttl),
+            netns=True,
+            targets_master=False,
+        ),
+        FaultClass(
+            "restart-dcs",
+            "f",
+            "etcd stopped (SIGTERM) for the duration, then started again on the same data",
+            lambda ttl: (0.5, 1.5 * ttl),
+            targets_master=False,
+        ),
+        FaultClass(
+            "kafka-down",
+            "g",
+            "Kafka broker SIGKILLed, then the master SIGKILLed; member and broker restarted after",
+            lambda ttl: (ttl + 1, ttl + 5),
+            kafka=True,
+        ),
+        FaultClass(
+            "disk-full",
+            "h",
+            "a replica's data dir (a 128 MB tmpfs) filled to ENOSPC, then freed",
+            lambda ttl: (3.0, 2 * ttl),
+            disk=True,
+            targets_master=False,
+        ),
+    )
+}
+BY_LETTER = {f.letter: f.name for f in FAULTS.values()}
+TMPFS_SIZE = "128m"
+# a write outage shorter than this is ordinary jitter (2 cores, a prober round every ~50 ms)
+OUTAGE_MIN = 1.0
+
+
+def parse_faults(text: str | None) -> list[str]:
+    if not text:
+        return list(FAULTS)
+    out: list[str] = []
+    for word in (w.strip() for w in text.split(",")):
+        if not word:
+            continue
+        name = BY_LETTER.get(word, word)
+        if name not in FAULTS:
+            known = ", ".join(f"{f.letter}={f.name}" for f in FAULTS.values())
+            raise ValueError(f"unknown fault {word!r}; known: {known}")
+        out.append(name)
+    return out
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    index: int
+    seed: int
+    fault: str
+    delay: float  # seconds of writes before the fault
+    duration: float  # seconds the fault lasts before it is healed
+    victim: int  # which replica (0 or 1, of pg2/pg3) for the replica faults
+    ttl: float
+    synchronous_mode: str = "off"
+
+    @property
+    def victim_name(self) -> str:
+        return f"pg{2 + self.victim}"
+
+
+def draw_specs(
+    seed: int, runs: int, faults: list[str], ttl: float, synchronous_mode: str = "off"
+) -> list[RunSpec]:
+    """All runs' faults and timings, drawn before anything starts: a seed replays exactly."""
+    rng = random.Random(seed)
+    specs = []
+    for i in range(runs):
+        fault = rng.choice(faults)
+        lo, hi = FAULTS[fault].duration(ttl)
+        specs.append(
+            RunSpec(
+                index=i,
+                seed=seed,
+                fault=fault,
+                delay=round(rng.uniform(1.0, 3.0), 2),
+                duration=round(rng.uniform(lo, hi), 2),
+                victim=rng.randrange(2),
+                ttl=ttl,
+                synchronous_mode=synchronous_mode,
+            )
+        )
+    return specs
+
+
+def spec_for(fault: str, ttl: float, seed: int = 0, synchronous_mode: str = "off") -> RunSpec:
+    """One run of ``fault`` with timings drawn from ``seed`` (the tests use this)."""
+    return draw_specs(seed, 1, [fault], ttl, synchronous_mode)[0]
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    run: int
+    seed: int
+    fault: str
+    delay: float
+    duration: float
+    ttl: float
+    synchronous_mode: str
+    victim: str | None = None
+    old_master: str | None = None
+    new_master: str | None = None
+    to_writable_s: float | None = None
+    write_outage_s: float | None = None
+    converge_s: float | None = None
+    acked: int = 0
+    lost: int | None = None
+    lost_ids: list[int] = field(default_factory=list)
+    double_writable: int = 0
+    double_writable_sample: list[Any] = field(default_factory=list)
+    probe_rounds: int = 0
+    late_old_acks: int | None = None
+    fencing_margin_s: float | None = None
+    fencing_margin_records_s: float | None = None
+    old_writes_after_fence: int | None = None
+    kafka_missing: int | None = None
+    kafka_out_of_order: int | None = None
+    thread_deaths: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    error: str | None = None
+    evidence: list[str] = field(default_factory=list)
+    dir: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is None and not self.violations and self.error is None
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["ok"] = self.ok
+        if not d["evidence"]:
+            del d["evidence"]
+        return json.dumps(d, default=str)
+
+
+class Skip(Exception):
+    """This machine cannot run the fault (the message says exactly what failed)."""
+
+
+# -- probes with timestamps ------------------------------------------------------------------------
+
+
+@dataclass
+class TracingProber(Prober):
+    """The workload's Prober, also keeping every attempt: (start, end, member, committed), on
+    this process's monotonic clock. The fencing margin needs when each write was attempted."""
+
+    trace: list[tuple[float, float, str, bool]] = field(default_factory=list)
+
+    def _try(self, name: str, out: dict[str, bool]) -> None:
+        start = time.monotonic()
+        super()._try(name, out)
+        self.trace.append((start, time.monotonic(), name, bool(out.get(name))))
+
+
+# -- process helpers -------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(d))
+    return out
+
+
+def _pids_under(path: Path) -> list[int]:
+    """Processes whose working directory is inside ``path``: etcd, the agents and every
+    PostgreSQL process of a cluster under it (PostgreSQL's cwd is its data dir)."""
+    root = str(path.resolve())
+    me = os.getpid()
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{d}/cwd")
+        except OSError:
+            continue
+        if (cwd == root or cwd.startswith(root + "/")) and pid_alive(int(d)):
+            found.append(int(d))
+    return found
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # a stopped process must not outlive its cleanup
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        terminate(pid, signal.SIGKILL, timeout=5)
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _run(argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _port_base(count: int) -> int:
+    """Ports below the ephemeral range: a member port inside it can be held by some outgoing
+    connection's local port (a long-lived etcd watch, say), and PostgreSQL then fails to bind
+    ("Address already in use"), which has made a bootstrap fail here."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    return free_port_range(count, start=20000, end=max(20000 + 10 * count, low - 1))
+
+
+def _iso_epoch(ts: str) -> float | None:
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() >= deadline:
+            return v
+        time.sleep(interval)
+
+
+# -- one run ---------------------------------------------------------------------------------------
+
+
+class FaultRun:
+    """One fault against one fresh cluster. ``execute`` never raises: failures are in the
+    result; ``cleanup`` (called by ``execute``) stops everything by pid."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        base_dir: Path | None = None,
+        keep_dir: str = "never",
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.fc = FAULTS[spec.fault]
+        self.base_dir = base_dir or Path("/tmp")
+        self.keep_dir = keep_dir
+        self._log = log or (lambda _msg: None)
+        self.result = RunResult(
+            run=spec.index,
+            seed=spec.seed,
+            fault=spec.fault,
+            delay=spec.delay,
+            duration=spec.duration,
+            ttl=spec.ttl,
+            synchronous_mode=spec.synchronous_mode,
+        )
+        self.root: Path | None = None
+        self.lc: LocalCluster | None = None
+        self.writer: Writer | None = None
+        self.prober: TracingProber | None = None
+        self.mounts: list[Path] = []
+        self.paused: list[int] = []
+        self.filler: Path | None = None
+        self.t0 = 0.0  # monotonic, the fault
+        self.t0_wall = 0.0
+        self.t_heal = 0.0
+        self.t_end = 0.0
+        self.port_member: dict[int, str] = {}
+        # wall = monotonic + offset (records carry wall times, our probes monotonic ones)
+        self.offset = time.time() - time.monotonic()
+
+    def log(self, msg: str) -> None:
+        self._log(f"[run {self.spec.index} {self.spec.fault}] {msg}")
+
+    # -- driver ----------------------------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        started = time.monotonic()
+        r = self.result
+        try:
+            self.preflight()
+            self.setup()
+            self.start_cluster()
+            self.start_workload()
+            getattr(self, "fault_" + self.spec.fault.replace("-", "_"))()
+            self.converge()
+            self.finish_workload()
+            self.check()
+        except Skip as exc:
+            r.skipped = str(exc)
+        except Exception as exc:
+            r.error = f"{type(exc).__name__}: {exc}"[:2000]
+            self.log(f"error: {r.error}")
+        finally:
+            try:
+                if not r.ok and r.skipped is None:
+                    r.evidence = self.evidence()
+            except Exception as exc:  # evidence is best effort, cleanup is not
+                r.evidence = [f"(evidence unavailable: {exc})"]
+            self.cleanup()
+            r.seconds = round(time.monotonic() - started, 1)
+        return r
+
+    # -- phases ----------------------------------------------------------------------------------
+
+    def preflight(self) -> None:
+        if self.fc.netns or self.fc.disk:
+            if os.geteuid() != 0:
+                raise Skip(f"{self.fc.name} needs root (network namespaces / tmpfs mounts)")
+        if self.fc.netns:
+            for tool in ("ip", "nsenter"):
+                if shutil.which(tool) is None:
+                    raise Skip(f"{tool} not found on PATH (iproute2 / util-linux)")
+            probe = f"pgsc-probe-{os.getpid()}"
+            p = _run(["ip", "netns", "add", probe])
+            _run(["ip", "netns", "del", probe])
+            if p.returncode != 0:
+                raise Skip(f"`ip netns add` refused: {p.stderr.strip()}")
+        if self.fc.kafka:
+            from events.kafka_broker import java_available
+
+            if not java_available():
+                raise Skip("Apache Kafka needs Java 17 (apt-get install openjdk-17-jre-headless)")
+
+    def setup(self) -> None:
+        self.root = Path(
+            tempfile.mkdtemp(prefix=f"pgsc-chaos-{self.spec.fault}-", dir=self.base_dir)
+        )
+        os.chmod(self.root, 0o755)
+        self.result.dir = str(self.root)
+        cdir = self.root / "c"
+        if self.fc.netns:
+            from pgsidecar.netns import NetnsLocalCluster
+
+            self.lc = NetnsLocalCluster(cdir)
+        else:
+            self.lc = LocalCluster(cdir)
+        extra: dict[str, Any] = {}
+        if self.spec.synchronous_mode != "off":
+            extra["settings.synchronous_mode"] = self.spec.synchronous_mode
+        self.lc.create(
+            nodes=3,
+            ttl=self.spec.ttl,
+            extra=extra,
+            kafka=self.fc.kafka,
+            base_port=_port_base(4 + 2 * 3),
+        )
+        self.port_member = {m.pg_port: m.name for m in self.lc.members}
+        if self.fc.disk:
+            self.mount_tmpfs(self.spec.victim_name)
+
+    def mount_tmpfs(self, name: str) -> None:
+        """The member's directory (its pgdata's parent, and its agent's state dir) becomes a
+        small tmpfs, before the member first starts."""
+        assert self.lc is not None
+        d = self.lc.member(name).dir
+        saved = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+        p = _run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0755", "tmpfs", str(d)])
+        if p.returncode != 0:
+            raise Skip(f"mount -t tmpfs -o size={TMPFS_SIZE} on {d} refused: {p.stderr.strip()}")
+        self.mounts.append(d)
+        for fname, data in saved.items():
+            (d / fname).write_bytes(data)
+        # the agent's stdout/stderr (agent.log) is not on the data volume, as in a pod where it
+        # goes to the container log: a crash must leave its traceback somewhere readable
+        assert self.root is not None
+        outside = self.root / f"{name}-agent.log"
+        outside.touch()
+        (d / "agent.log").symlink_to(outside)
+
+    def start_cluster(self) -> None:
+        """Staged: pg1 bootstraps and leads, then pg2 and pg3 clone from it. The same member is
+        master at the fault in every replay of a seed."""
+        lc = self.lc
+        assert lc is not None
+        if lc.runs_own_dcs:
+            lc.start_etcd()
+        if self.fc.kafka:
+            lc.start_kafka()
+        lc.start_member("pg1")
+        if not wait_until(lambda: lc.master() == "pg1", 60, 0.2):
+            raise LocalClusterError("pg1 did not become master within 60 s of bootstrap")
+        for m in lc.members[1:]:
+            lc.start_member(m.name)
+        lc.wait_healthy(timeout=120)
+        if self.spec.synchronous_mode != "off":
+            wait_sync = getattr(lc, "wait_sync", None)
+            if wait_sync is None:
+                raise Skip("synchronous mode: this tree's LocalCluster has no wait_sync yet")
+            try:
+                wait_sync(timeout=60)
+            except LocalClusterError as exc:
+                raise Skip(f"synchronous mode requested but not in force: {exc}") from exc
+        self.result.old_master = lc.master()
+        self.log(f"cluster up, master {self.result.old_master}")
+
+    def start_workload(self) -> None:
+        assert self.lc is not None
+        self.writer = Writer(self.lc).start()
+        prober = TracingProber(self.lc)
+        prober.start()
+        self.prober = prober
+        time.sleep(self.spec.delay)
+
+    def mark_fault(self) -> None:
+        self.t0 = time.monotonic()
+        self.t0_wall = self.t0 + self.offset
+
+    def mark_heal(self) -> None:
+        self.t_heal = time.monotonic()
+
+    def converge(self) -> None:
+        """Healthy by the API (one master, the others report streaming) and every replica has
+        replayed a row written on the master after that: a replica whose timeline forked can
+        report "streaming" for an instant each time its WAL receiver retries."""
+        assert self.lc is not None
+        lc = self.lc
+        deadline = time.monotonic() + 120
+        last = ""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.result.violations.append("no_convergence")
+                self.result.error = f"no convergence within 120 s: {last}"[:2000]
+                self.log(self.result.error)
+                return
+            try:
+                lc.wait_healthy(timeout=remaining)
+                master = lc.master()
+                if master is not None:
+                    behind = self._replicas_behind(master, min(10.0, remaining))
+                    if not behind:
+                        break
+                    last = f"master {master}; not replaying its writes: {', '.join(behind)}"
+            except LocalClusterError as exc:
+                last = str(exc)
+                if "is not running" in last:
+                    # an agent we did not kill has exited: that is a crash, not slowness
+                    self.result.violations.append("agent_exited")
+                    self.result.error = last[:2000]
+                    return
+            time.sleep(0.5)
+        self.result.converge_s = round(time.monotonic() - self.t_heal, 2)
+        self.result.new_master = lc.master()
+        self.log(f"converged in {self.result.converge_s} s, master {self.result.new_master}")
+
+    def _replicas_behind(self, master: str, timeout: float) -> list[str]:
+        """Write a marker on ``master``; the members that have not replayed it by ``timeout``."""
+        assert self.lc is not None
+        import psycopg
+
+        marker = f"{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            with psycopg.connect(self.lc.dsn(master), autocommit=True) as c:
+                c.execute("CREATE TABLE IF NOT EXISTS chaos_marker (v text)")
+                c.execute("INSERT INTO chaos_marker VALUES (%s)", (marker,))
+        except psycopg.Error as exc:
+            return [f"{master} (marker write failed: {str(exc).strip()[:100]})"]
+        pending = [m.name for m in self.lc.members if m.name != master]
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for name in list(pending):
+                with contextlib.suppress(psycopg.Error):
+                    with psycopg.connect(self.lc.dsn(name), autocommit=True) as c:
+                        row = c.execute(
+                            "SELECT count(*) FROM chaos_marker WHERE v = %s", (marker,)
+                        ).fetchone()
+                        if row and row[0]:
+                            pending.remove(name)
+            if pending:
+                time.sleep(0.2)
+        return pending
+
+    def finish_workload(self) -> None:
+        assert self.lc is not None and self.writer is not None and self.prober is not None
+        time.sleep(1.0)  # writes on the converged cluster: the outage must have ended
+        self.t_end = time.monotonic()
+        self.writer.stop()
+        self.prober.stop()
+        r = self.result
+        r.acked = len(self.writer.acked)
+        r.probe_rounds = self.prober.rounds
+        r.double_writable = len(self.prober.double_writable)
+        r.double_writable_sample = [
+            [round(t - self.t0_wall, 3), names] for t, names in self.prober.double_writable[:5]
+        ]
+        if r.new_master is not None:
+            try:
+                lost = self.writer.lost(self.lc)
+                r.lost = len(lost)
+                r.lost_ids = lost[:20]
+            except Exception as exc:
+                r.error = f"could not count lost writes: {exc}"
+
+    # -- the faults ----------------------------------------------------------------------------------
+
+    def _master(self) -> str:
+        m = self.result.old_master
+        assert m is not None
+        return m
+
+    def _wait_new_master(self, old: str, timeout: float) -> str | None:
+        assert self.lc is not None
+        lc = self.lc
+
+        def new() -> str | None:
+            m = lc.master()
+            return m if m is not None and m != old else None
+
+        result: str | None = wait_until(new, timeout, 0.1)
+        return result
+
+    def _hold(self, until: float) -> None:
+        time.sleep(max(0.0, until - time.monotonic()))
+
+    def fault_kill_master(self, postgres: bool = True) -> None:
+        lc, old = self.lc, self._master()
+        assert lc is not None
+        self.log(f"SIGKILL {'agent + postmaster' if postgres else 'agent alone'} of {old}")
+        pm = lc.postmaster_pid(old)
+        self.mark_fault()
+        lc.kill_member(old, postgres=postgres)
+        if not postgres and pm is not None:
+            # the postmaster must die with its agent (pdeathsig); seen here as a violation if not
+            if not wait_until(lambda: not pid_alive(pm), 10, 0.05):
+                self.result.violations.append("postmaster_outlived_agent")
+        self._wait_new_master(old, self.spec.ttl + 15)
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        lc.start_member(old)
+
+    def fault_kill_agent(self) -> None:
+        self.fault_kill_master(postgres=False)
+
+    def fault_pause_master(self) -> None:
+        lc, old = self.lc, self._master()
+        assert lc is not None
+        pm = lc.postmaster_pid(old)
+        if pm is None:
+            raise LocalClusterError(f"no postmaster pid for {old}")
+        self.log(f"SIGSTOP postmaster {pm} of {old} and its children for {self.spec.duration} s")
+        self.mark_fault()
+        os.kill(pm, signal.SIGSTOP)  # first, so that it forks no new child meanwhile
+        self.paused = [pm]
+        for _ in range(2):  # a child forked just before the stop is caught by the second pass
+            kids = [k for k in _children(pm) if k not in self.paused]
+            _signal_all(kids, signal.SIGSTOP)
+            self.paused += kids
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        # children first: the postmaster resumes to find its children already running
+        _signal_all(self.paused[1:], signal.SIGCONT)
+        _signal_all(self.paused[:1], signal.SIGCONT)
+        self.paused = []
+
+    def fault_partition_master(self) -> None:
+        from pgsidecar.netns import NetnsLocalCluster
+
+        lc, old = self.lc, self._master()
+        assert isinstance(lc, NetnsLocalCluster)
+        self.log(f"partition {old} for {self.spec.duration} s")
+        self.mark_fault()
+        lc.partition(old)
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        lc.heal(old)
+
+    def fault_partition_replica(self) -> None:
+        from pgsidecar.netns import NetnsLocalCluster
+
+        lc = self.lc
+        assert isinstance(lc, NetnsLocalCluster)
+        victim = self.spec.victim_name
+        self.result.victim = victim
+        self.log(f"partition replica {victim} for {self.spec.duration} s")
+        self.mark_fault()
+        lc.partition(victim)
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        lc.heal(victim)
+
+    def fault_restart_dcs(self) -> None:
+        lc = self.lc
+        assert lc is not None
+        self.log(f"etcd down for {self.spec.duration} s")
+        self.mark_fault()
+        lc.stop_etcd()
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        lc.start_etcd()
+
+    def fault_kafka_down(self) -> None:
+        lc, old = self.lc, self._master()
+        assert lc is not None
+        broker = lc.kafka_broker
+        self.log(f"broker SIGKILL, then SIGKILL of {old}; both back after {self.spec.duration} s")
+        broker.kill()
+        time.sleep(0.5)
+        self.mark_fault()
+        lc.kill_member(old, postgres=True)
+        self._wait_new_master(old, self.spec.ttl + 15)
+        self._hold(self.t0 + self.spec.duration)
+        lc.start_member(old)
+        self.mark_heal()
+        lc.start_kafka()
+
+    def fault_disk_full(self) -> None:
+        lc = self.lc
+        assert lc is not None
+        victim = self.spec.victim_name
+        self.result.victim = victim
+        self.filler = lc.member(victim).dir / "filler"
+        self.log(f"fill {victim}'s tmpfs for {self.spec.duration} s")
+        self.mark_fault()
+        chunk = b"\0" * (1 << 20)
+        with open(self.filler, "wb") as fh:
+            try:
+                while True:
+                    fh.write(chunk)
+                    fh.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        free = shutil.disk_usage(self.filler.parent).free
+        self.log(f"{victim}'s disk full ({free} bytes free)")
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        self.filler.unlink()
+        self.filler = None
+
+    # -- measurements and invariants ---------------------------------------------------------------
+
+    def _writes(self) -> list[tuple[float, str]]:
+        """(ack time, member) of every acknowledged write: the Writer's and the Prober's."""
+        assert self.writer is not None and self.prober is not None
+        out = [
+            (t, self.port_member.get(p, str(p)))
+            for t, p in zip(list(self.writer.ok_times), list(self.writer.ok_ports), strict=False)
+        ]
+        out += [(end, n) for _s, end, n, ok in list(self.prober.trace) if ok]
+        return sorted(out)
+
+    def check(self) -> None:
+        r = self.result
+        writes = self._writes()
+        # the longest write outage from the fault to the end
+        before = [t for t, _n in writes if t <= self.t0]
+        prev = before[-1] if before else self.t0
+        best = (0.0, self.t0, self.t0)
+        for t, _n in writes:
+            if t <= self.t0:
+                continue
+            if t - prev > best[0]:
+                best = (t - prev, prev, t)
+            prev = t
+        if self.t_end - prev > best[0]:
+            best = (self.t_end - prev, prev, self.t_end)
+        r.write_outage_s = round(best[0], 2)
+        r.to_writable_s = round(best[2] - self.t0, 2) if best[0] >= OUTAGE_MIN else 0.0
+        old = r.old_master
+        if self.fc.targets_master and old is not None:
+            firsts = [t for t, n in writes if t > self.t0 and n != old]
+            if firsts:
+                # a failover: the master that serves after the fault is another member. Writes
+                # the old one still took after the fault (before it fenced) do not count.
+                r.to_writable_s = round(firsts[0] - self.t0, 2)
+                r.late_old_acks = sum(
+                    1 for t, n in writes if n == old and firsts[0] < t < self.t_heal
+                )
+        if r.double_writable:
+            r.violations.append("double_writable")
+        changed = r.new_master is not None and r.new_master != old
+        if r.lost and (self.spec.synchronous_mode != "off" or not changed):
+            r.violations.append("lost_writes")
+        if self.spec.fault == "partition-master":
+            self.fencing_margin(writes)
+        if self.fc.kafka:
+            self.check_kafka()
+        r.thread_deaths = self.thread_deaths()
+        if r.thread_deaths:
+            r.violations.append("agent_thread_died")
+
+    def fencing_margin(self, writes: list[tuple[float, str]]) -> None:
+        r = self.result
+        old = r.old_master
+        assert self.prober is not None and self.lc is not None and old is not None
+        new_starts = [
+            s for s, _e, n, ok in list(self.prober.trace) if ok and n != old and s > self.t0
+        ]
+        old_acks = [t for t, n in writes if n == old and self.t0 < t < self.t_heal]
+        last_old = old_acks[-1] if old_acks else self.t0
+        if new_starts:
+            r.fencing_margin_s = round(min(new_starts) - last_old, 3)
+        fence_wall = self._old_master_fence_time(old)
+        won_wall = None
+        if r.new_master:
+            won = [
+                rec["time"]
+                for rec in self._journal(r.new_master)
+                if rec.get("kind") == "transition"
+                and rec["body"].get("trigger") == "won_lease"
+                and rec["time"] > self.t0_wall
+            ]
+            won_wall = min(won) if won else None
+        if fence_wall is not None and won_wall is not None:
+            r.fencing_margin_records_s = round(won_wall - fence_wall, 3)
+        if fence_wall is not None:
+            fence_mono = fence_wall - self.offset
+            r.old_writes_after_fence = sum(1 for t, n in writes if n == old and t > fence_mono)
+        if r.fencing_margin_s is None or r.fencing_margin_s <= 0:
+            r.violations.append("fencing_margin")
+        if r.fencing_margin_records_s is not None and r.fencing_margin_records_s <= 0:
+            r.violations.append("fencing_margin_records")
+
+    def _old_master_fence_time(self, name: str) -> float | None:
+        """Wall time the old master stopped accepting writes on its own: its watchdog's
+        ``fencing_deadline_passed`` or its ``lease_lost`` transition, whichever came first."""
+        times: list[float] = []
+        for rec in self._journal(name):
+            if (
+                rec.get("kind") == "transition"
+                and rec["body"].get("trigger") == "lease_lost"
+                and rec["time"] > self.t0_wall
+            ):
+                times.append(rec["time"])
+                break
+        for line in self._log_lines(name):
+            if '"fencing_deadline_passed"' in line:
+                with contextlib.suppress(ValueError):
+                    ts = _iso_epoch(json.loads(line).get("timestamp", ""))
+                    if ts is not None and ts > self.t0_wall:
+                        times.append(ts)
+                        break
+        return min(times) if times else None
+
+    def check_kafka(self) -> None:
+        """Every record of every member's journal reaches the topic, each node's in seq order."""
+        assert self.lc is not None
+        r = self.result
+        port = self.lc.meta["kafka"]["port"]
+        from events.kafka import default_topic
+
+        topic = default_topic(self.lc.cluster)
+        deadline = time.monotonic() + 90
+        missing = out_of_order = -1
+        while time.monotonic() < deadline:
+            try:
+                raw = asyncio.run(_topic_node_seqs(f"127.0.0.1:{port}", topic, within=30))
+            except Exception as exc:
+                self.log(f"reading the topic: {exc}")
+                time.sleep(2)
+                continue
+            missing = out_of_order = 0
+            for m in self.lc.members:
+                on_topic = raw.get(m.name, [])
+                journal = {rec["seq"] for rec in self._journal(m.name)}
+                missing += len(journal - set(on_topic))
+                firsts: list[int] = []
+                seen: set[int] = set()
+                for s in on_topic:
+                    if s not in seen:  # a resend after a crash is a duplicate, not disorder
+                        seen.add(s)
+                        firsts.append(s)
+                out_of_order += sum(1 for a, b in zip(firsts, firsts[1:], strict=False) if b < a)
+            if missing == 0:
+                break
+            time.sleep(2)
+        r.kafka_missing, r.kafka_out_of_order = missing, out_of_order
+        if missing != 0 or out_of_order != 0:
+            r.violations.append("kafka_records")
+
+    def thread_deaths(self) -> list[str]:
+        """'Exception in thread' in an agent's log: a thread of the agent (the fencing watchdog,
+        say) died; the agent process lives on without it."""
+        assert self.lc is not None
+        out = []
+        for m in self.lc.members:
+            lines = self._log_lines(m.name)
+            for i, line in enumerate(lines):
+                if line.startswith("Exception in thread"):
+                    tail = next(
+                        (
+                            x
+                            for x in lines[i + 1 : i + 40]
+                            if x and not x.startswith((" ", "Traceback"))
+                        ),
+                        "",
+                    )
+                    out.append(f"{m.name}: {line.strip()} {tail.strip()}")
+        return out
+
+    # -- evidence ----------------------------------------------------------------------------------
+
+    def _journal(self, name: str) -> list[dict[str, Any]]:
+        assert self.lc is not None
+        path = self.lc.member(name).dir / "journal.jsonl"
+        out = []
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(line)
+                    if isinstance(rec, dict) and "time" in rec and "body" in rec:
+                        out.append(rec)
+        return out
+
+    def _log_lines(self, name: str) -> list[str]:
+        assert self.lc is not None
+        try:
+            return (self.lc.member(name).dir / "agent.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def evidence(self, limit: int = 80) -> list[str]:
+        """The members' transitions and actions, and the key log events, from a little before
+        the fault, on one time line relative to it (seconds)."""
+        if self.lc is None or not self.t0_wall:
+            return []
+        t0 = self.t0_wall
+        rows: list[tuple[float, str]] = []
+        keys = (
+            "fencing_deadline_passed",
+            "session_lost",
+            "lease_renew_failed",
+            "postgres_exited",
+            "effect_failed",
+            "pg_exited_fenced",
+        )
+        for m in self.lc.members:
+            for rec in self._journal(m.name):
+                if rec["time"] < t0 - 2 or rec.get("kind") not in ("transition", "action"):
+                    continue
+                b = rec["body"]
+                if rec["kind"] == "transition":
+                    desc = f"{b.get('from')}->{b.get('to')} {b.get('trigger')}: {b.get('reason')}"
+                else:
+                    desc = f"action {b.get('name')} {b.get('outcome')} {b.get('error', '')}".strip()
+                rows.append((rec["time"], f"{m.name} {desc}"))
+            last_ts = t0
+            for line in self._log_lines(m.name):
+                if line.startswith("Exception in thread"):
+                    # a traceback has no timestamp: it comes right after the last logged event
+                    if last_ts >= t0 - 2:
+                        rows.append((last_ts, f"{m.name} LOG {line.strip()}"))
+                    continue
+                if not line.startswith("{"):
+                    continue
+                with contextlib.suppress(ValueError):
+                    ev = json.loads(line)
+                    ts = _iso_epoch(ev.get("timestamp", ""))
+                    if ts is None:
+                        continue
+                    last_ts = ts
+                    if ts >= t0 - 2 and ev.get("event") in keys:
+                        rows.append(
+                            (ts, f"{m.name} LOG {ev.get('event')} {ev.get('error', '')}".strip())
+                        )
+        if self.prober is not None:
+            for t, names in self.prober.double_writable[:5]:
+                rows.append((t, f"PROBER both writable: {','.join(names)}"))
+        rows.sort()
+        return [f"{t - t0:+8.3f}s {desc}"[:300] for t, desc in rows[:limit]]
+
+    # -- cleanup -----------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Everything this run started, by pid; then links, namespaces and mounts; then the dir
+        (kept if asked). Each step runs even if an earlier one failed."""
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("resume paused", lambda: _signal_all(self.paused, signal.SIGCONT)),
+            ("stop writer", lambda: self.writer.stop() if self.writer else None),
+            ("stop prober", lambda: self.prober.stop() if self.prober else None),
+            ("free disk", lambda: self.filler.unlink() if self.filler else None),
+            ("cluster down", self._down),
+            ("leftover processes", self._kill_leftovers),
+            ("unmount", self._unmount),
+            ("remove dir", self._remove_dir),
+        ]
+        for what, fn in steps:
+            try:
+                fn()
+            except Exception as exc:
+                self.log(f"cleanup: {what} failed: {type(exc).__name__}: {exc}")
+
+    def _down(self) -> None:
+        if self.lc is None or not self.lc.meta:
+            return
+        try:
+            self.lc.down()
+        finally:
+            if self.fc.kafka:
+                with contextlib.suppress(Exception):
+                    self.lc.stop_kafka()
+
+    def _kill_leftovers(self) -> None:
+        if self.root is None:
+            return
+        pids = _pids_under(self.root)
+        if self.lc is not None and self.lc.meta:
+            for m in self.lc.members:
+                for pid in (self.lc.agent_pid(m.name), self.lc.postmaster_pid(m.name)):
+                    if pid and pid not in pids:
+                        pids.append(pid)
+            for pidfile in (self.lc.dir / "etcd" / "etcd.pid", self.lc.dir / "kafka" / "kafka.pid"):
+                pid = read_pid(pidfile)
+                if pid and pid_alive(pid) and pid not in pids:
+                    pids.append(pid)
+        if pids:
+            self.log(f"killing leftover pids {pids}")
+            _kill_all(pids)
+        net_down = getattr(self.lc, "net_down", None)
+        if net_down is not None:
+            net_down()
+
+    def _unmount(self) -> None:
+        for d in list(self.mounts):
+            if self.keep_dir == "always" or (self.keep_dir == "failed" and not self.result.ok):
+                # the member's files live on the tmpfs: copy them out before it goes
+                dest = d.with_name(d.name + ".tmpfs")
+                shutil.copytree(
+                    d, dest, ignore=shutil.ignore_patterns("pgdata"), dirs_exist_ok=True
+                )
+            for _ in range(3):
+                if _run(["umount", str(d)]).returncode == 0:
+                    break
+                _kill_all(_pids_under(d))
+                time.sleep(0.5)
+            else:
+                _run(["umount", "-l", str(d)])
+            self.mounts.remove(d)
+
+    def _remove_dir(self) -> None:
+        if self.root is None:
+            return
+        keep = self.keep_dir == "always" or (self.keep_dir == "failed" and not self.result.ok)
+        if keep:
+            self.log(f"kept {self.root}")
+            return
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.result.dir = None
+
+
+async def _topic_node_seqs(bootstrap: str, topic: str, within: float) -> dict[str, list[int]]:
+    """Each node's seqs in topic order (a node's records share one partition: the key is the
+    node), duplicates included. ``events.kafka.read_topic`` de-duplicates and re-orders by time,
+    so it cannot show disorder: this reads the raw partitions."""
+    from aiokafka import AIOKafkaConsumer
+
+    from events.kafka import _partitions
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    deadline = time.monotonic() + within
+    await asyncio.wait_for(consumer.start(), within)
+    try:
+        tps = await asyncio.wait_for(_partitions(consumer, topic), within)
+        consumer.assign(tps)
+        end = await consumer.end_offsets(tps)
+        await consumer.seek_to_beginning(*tps)
+        out: dict[str, list[int]] = {}
+        remaining = set(tps)
+        while remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} took longer than {within} s")
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, msgs in batch.items():
+                for msg in msgs:
+                    if msg.offset >= end[tp]:
+                        continue
+                    with contextlib.suppress(ValueError, TypeError, KeyError):
+                        data = json.loads(msg.value or b"")
+                        out.setdefault(str(data["node"]), []).append(int(data["seq"]))
+            for tp in list(remaining):
+                if await consumer.position(tp) >= end[tp]:
+                    remaining.discard(tp)
+        return out
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(consumer.stop(), 5)
+
+
+def run_one(
+    spec: RunSpec,
+    base_dir: Path | None = None,
+    keep_dir: str = "never",
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    return FaultRun(spec, base_dir, keep_dir, log).execute()
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def summarize(results: list[RunResult]) -> list[dict[str, Any]]:
+    rows = []
+    for name in FAULTS:
+        rs = [r for r in results if r.fault == name]
+        if not rs:
+            continue
+        done = [r for r in rs if r.skipped is None]
+
+        def mx(vals: list[float | None]) -> float | None:
+            v = [x for x in vals if x is not None]
+            return max(v) if v else None
+
+        rows.append(
+            {
+                "fault": name,
+                "runs": len(rs),
+                "skipped": len(rs) - len(done),
+                "failed": sum(1 for r in done if not r.ok),
+                "max_to_writable_s": mx([r.to_writable_s for r in done]),
+                "max_converge_s": mx([r.converge_s for r in done]),
+                "lost_writes": sum(r.lost or 0 for r in done),
+                "double_writable": sum(r.double_writable for r in done),
+                "min_fencing_margin_s": (
+                    min(
+                        (r.fencing_margin_s for r in done if r.fencing_margin_s is not None),
+                        default=None,
+                    )
+                ),
+            }
+        )
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def f(v: Any) -> str:
+        return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    head = (
+        f"{'fault':<18} {'runs':>4} {'fail':>4} {'skip':>4} {'to-writable':>11} "
+        f"{'converge':>8} {'lost':>5} {'2-writable':>10} {'fence-margin':>12}"
+    )
+    lines = [head]
+    for r in rows:
+        lines.append(
+            f"{r['fault']:<18} {r['runs']:>4} {r['failed']:>4} {r['skipped']:>4} "
+            f"{f(r['max_to_writable_s']):>11} {f(r['max_converge_s']):>8} {r['lost_writes']:>5} "
+            f"{r['double_writable']:>10} {f(r['min_fencing_margin_s']):>12}"
+        )
+    lines.append("(to-writable, converge: the maximum over the runs; fence-margin: the minimum)")
+    return "\n".join(lines)
+
+
+def cleanup_leftovers(log: Callable[[str], None]) -> int:
+    """Remove what an interrupted chaos run (its process killed) left: network namespaces
+    ``pgsc-*`` and the processes in them, links ``pgsc*``, tmpfs mounts under ``pgsc-chaos-*``
+    dirs and the processes using them. Only names this module makes. Returns how many things
+    were removed."""
+    removed = 0
+    for line in _run(["ip", "netns", "list"]).stdout.splitlines():
+        ns = line.split()[0] if line.split() else ""
+        if not ns.startswith("pgsc-"):
+            continue
+        pids = [int(x) for x in _run(["ip", "netns", "pids", ns]).stdout.split() if x.isdigit()]
+        _kill_all(pids)
+        _run(["ip", "netns", "del", ns])
+        log(f"removed netns {ns} (killed {len(pids)} processes)")
+        removed += 1
+    for line in _run(["ip", "-o", "link", "show"]).stdout.splitlines():
+        parts = line.split(":")
+        name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
+        if name.startswith("pgsc"):
+            _run(["ip", "link", "del", name])
+            log(f"removed link {name}")
+            removed += 1
+    with open("/proc/mounts") as fh:
+        mounts = [line.split()[1] for line in fh if "/pgsc-chaos-" in line.split()[1]]
+    for mnt in mounts:
+        _kill_all(_pids_under(Path(mnt)))
+        if _run(["umount", mnt]).returncode != 0:
+            _run(["umount", "-l", mnt])
+        log(f"unmounted {mnt}")
+        removed += 1
+    return removed
+
+
+def cmd_chaos(args: argparse.Namespace) -> int:
+    if args.cleanup:
+        n = cleanup_leftovers(lambda m: print(m, file=sys.stderr))
+        print(f"removed {n} leftover namespaces, links and mounts of chaos runs")
+        return 0
+    try:
+        faults = parse_faults(args.faults)
+    except ValueError as exc:
+        print(f"pgsidecar: {exc}", file=sys.stderr)
+        return 2
+    if args.runs < 1:
+        print("pgsidecar: --runs must be at least 1", file=sys.stderr)
+        return 2
+    specs = draw_specs(args.seed, args.runs, faults, args.ttl, args.synchronous_mode)
+    if args.only is not None:
+        if not 0 <= args.only < len(specs):
+            print(f"pgsidecar: --only must be in [0, {len(specs) - 1}]", file=sys.stderr)
+            return 2
+        specs = [specs[args.only]]
+    base = Path(args.base_dir) if args.base_dir else None
+
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    results: list[RunResult] = []
+    for spec in specs:
+        log(
+            f"run {spec.index}: {spec.fault} (delay {spec.delay} s, duration {spec.duration} s, "
+            f"ttl {spec.ttl} s, seed {spec.seed})"
+        )
+        r = run_one(spec, base, args.keep_dir, log)
+        results.append(r)
+        print(r.to_json(), flush=True)
+    rows = summarize(results)
+    if args.json:
+        print(json.dumps({"summary": rows, "seed": args.seed, "runs": len(results)}), flush=True)
+    else:
+        print(format_table(rows), flush=True)
+    failed = [r for r in results if not r.ok and r.skipped is None]
+    if failed:
+        print(
+            f"pgsidecar: {len(failed)} run(s) broke an invariant or failed; replay one with "
+            f"`pgsidecar chaos --runs {args.runs} --seed {args.seed} --only K --keep-dir always`",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add `pgsidecar chaos` to the top-level parser."""
+    letters = ", ".join(f"{f.letter}={f.name}" for f in FAULTS.values())
+    c = sub.add_parser(
+        "chaos",
+        help="fault injection against fresh local clusters; one JSON line per run",
+        description=(
+            "Each run starts a fresh 3-member local cluster (under --base-dir), runs a writer and "
+            "a prober, injects one fault drawn from --seed, heals it, and checks the invariants "
+            "(no two writable members, acknowledged writes kept, convergence). Needs root for "
+            "the partition and disk faults and Java for kafka-down. Exit 1 if any run broke an "
+            "invariant."
+        ),
+    )
+    c.add_argument("--runs", type=int, default=1)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--faults", help=f"comma-separated names or letters ({letters}); default all")
+    c.add_argument("--ttl", type=float, default=10.0, help="leader lease TTL of the clusters")
+    c.add_argument("--synchronous-mode", choices=["off", "on", "strict"], default="off")
+    c.add_argument("--json", action="store_true", help="the summary as a JSON line, not a table")
+    c.add_argument("--only", type=int, help="replay only run K (0-based) of this seed's draw")
+    c.add_argument(
+        "--keep-dir",
+        choices=["never", "failed", "always"],
+        default="failed",
+        help="keep a run's cluster dir (logs, journals) for the evidence",
+    )
+    c.add_argument("--base-dir", help="where the runs' cluster dirs go (default /tmp)")
+    c.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    c.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="only remove what an interrupted run left (namespaces, links, mounts), then exit",
+    )
+    c.set_defaults(func=cmd_chaos)
+
+
+__all__ = [
+    "FAULTS",
+    "FaultRun",
+    "RunResult",
+    "RunSpec",
+    "TracingProber",
+    "draw_specs",
+    "run_one",
+    "spec_for",
+    "summarize",
+]
