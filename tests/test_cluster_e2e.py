@@ -218,17 +218,18 @@ def test_replica_whose_data_was_deleted_reclones() -> None:
         victim = next(m.name for m in lc.members if m.name != master)
         pgdata = lc.member(victim).dir / "pgdata"
         pm = lc.postmaster_pid(victim)
+
+        def clones() -> int:
+            return sum(
+                1 for a in actions(lc, victim) if a["name"] == "basebackup" and a["outcome"] == "ok"
+            )
+
+        before = clones()
         shutil.rmtree(pgdata)
         if pm:
             os.kill(pm, signal.SIGQUIT)  # PostgreSQL notices a deleted data dir only on restart
         wait_for(
-            lambda: (
-                any(
-                    a["name"] == "basebackup" and a["outcome"] == "ok"
-                    for a in actions(lc, victim)[-20:]
-                )
-                and (lc.api_status(victim) or {}).get("streaming")
-            ),
+            lambda: clones() > before and (lc.api_status(victim) or {}).get("streaming"),
             90,
             what="the replica reclones and streams again",
         )
