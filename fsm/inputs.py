@@ -251,6 +251,7 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
             target=_str(raw_sw.get("to")),
             requested_at=_float(raw_sw.get("requested_at")),
             force=_bool(raw_sw.get("force")),
+            at=_float(raw_sw.get("at_monotonic")),
         )
     config = d.get("config")
     paused = isinstance(config, dict) and config.get("pause") is True

@@ -275,6 +275,8 @@ def decide(role: Role, s: Snapshot) -> Decision:
             and not s.dcs.paused
         ):
             target = s.dcs.members.get(sw.target) if sw.target else None
+            if sw.at is not None and s.now < sw.at:
+                return _wait_until(sw.at, "a switchover is scheduled")
             if sw.target is None or (target is not None and target.running):
                 to = sw.target or "the most advanced replica"
                 return Decision(

@@ -87,6 +87,8 @@ class Switchover:
     # an operator failover (`pgsidecar failover --to X --force`): the target may race although
     # behind, or outside the synchronous set; the operator accepted the loss
     force: bool = False
+    # a scheduled switchover: when, on our monotonic clock (None: now)
+    at: float | None = None
 
 
 @dataclass(frozen=True)

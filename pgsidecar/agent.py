@@ -91,12 +91,21 @@ class SeqStore:
 
 
 def _view_to_input(view: ClusterView) -> dict[str, Any]:
+    sw = view.switchover
+    if (
+        isinstance(sw, dict)
+        and isinstance(sw.get("at"), (int, float))
+        and not isinstance(sw.get("at"), bool)
+    ):
+        # a scheduled switchover: the wall-clock time becomes our monotonic clock here, in the
+        # recorded input, so the machine (and its replay) only ever compares monotonic times
+        sw = {**sw, "at_monotonic": time.monotonic() + (float(sw["at"]) - time.time())}
     return {
         "leader": {"name": view.leader.name, "term": view.leader.term} if view.leader else None,
         "members": view.members,
         "initialize": view.initialize,
         "config": view.config,
-        "switchover": view.switchover,
+        "switchover": sw,
         "sync": view.sync,
         "index": view.index,
     }

@@ -90,9 +90,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     return list_members(args)
 
 
+def _parse_at(text: str) -> float:
+    """An ISO 8601 time (UTC if no offset), or +SECONDS from now."""
+    import datetime as dt
+    import time as _time
+
+    if text.startswith("+"):
+        try:
+            return _time.time() + float(text[1:])
+        except ValueError:
+            raise ConfigError(f"--at {text!r}: expected +SECONDS or an ISO 8601 time") from None
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"--at {text!r}: expected an ISO 8601 time such as 2026-11-25T22:00:00Z"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
 def cmd_switchover(args: argparse.Namespace) -> int:
     from events.dcs.factory import create_dcs
-    from pgsidecar.ops import SwitchoverError, request_switchover, wait_for_leader
+    from pgsidecar.ops import (
+        SwitchoverError,
+        cancel_switchover,
+        request_switchover,
+        wait_for_leader,
+    )
 
     cfg = _config_from_args(args)
 
@@ -101,12 +127,20 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         await dcs.connect()
         try:
             try:
-                cmd = await request_switchover(dcs, args.to)
+                if args.cancel:
+                    sw = await cancel_switchover(dcs)
+                    print(
+                        f"switchover cancelled: {sw.get('from')} -> {sw.get('to') or 'best replica'}"
+                    )
+                    return 0
+                at = _parse_at(args.at) if args.at else None
+                cmd = await request_switchover(dcs, args.to, at)
             except SwitchoverError as exc:
                 print(f"pgsidecar: switchover refused: {exc}", file=sys.stderr)
                 return 1
-            print(f"switchover requested: {cmd['from']} -> {cmd['to'] or 'best replica'}")
-            if args.wait <= 0:
+            when = f" at {args.at}" if args.at else ""
+            print(f"switchover requested: {cmd['from']} -> {cmd['to'] or 'best replica'}{when}")
+            if args.wait <= 0 or args.at:
                 return 0
             view = await wait_for_leader(dcs, cmd["from"], args.wait)
             if view is None or view.leader is None:
@@ -336,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument(
         "--wait", type=float, default=30.0, help="seconds to wait for the new master (0: do not)"
     )
+    sw.add_argument(
+        "--at", help="scheduled: ISO 8601 time (UTC unless an offset is given) or +SECONDS"
+    )
+    sw.add_argument("--cancel", action="store_true", help="cancel a pending (scheduled) switchover")
     sw.set_defaults(func=cmd_switchover)
 
     for name, helptext in (

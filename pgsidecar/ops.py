@@ -125,7 +125,9 @@ def cluster_paused(view: ClusterView) -> bool:
 # -- switchover ------------------------------------------------------------------------------------
 
 
-async def request_switchover(dcs: DCS, target: str | None) -> dict[str, Any]:
+async def request_switchover(
+    dcs: DCS, target: str | None, at: float | None = None
+) -> dict[str, Any]:
     """Validate and write the switchover command. Refuses (and writes nothing) when the cluster is
     paused, there is no master, the target is unknown, is the master, is not a streaming replica,
     or may not fail over."""
@@ -167,9 +169,28 @@ async def request_switchover(dcs: DCS, target: str | None) -> dict[str, Any]:
         ]
         if not ok:
             raise SwitchoverError("no streaming replica can take over")
-    cmd = {"from": view.leader.name, "to": target, "requested_at": time.time()}
+    now = time.time()
+    if at is not None and at < now - 1:
+        raise SwitchoverError(
+            f"--at is in the past ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(at))} UTC)"
+        )
+    cmd: dict[str, Any] = {"from": view.leader.name, "to": target, "requested_at": now}
+    if at is not None:
+        cmd["at"] = at
     await dcs.put_switchover(cmd)
     return cmd
+
+
+async def cancel_switchover(dcs: DCS) -> dict[str, Any]:
+    """Delete a pending (scheduled) switchover that has not started."""
+    view = await dcs.read_cluster()
+    sw = view.switchover
+    if sw is None:
+        raise SwitchoverError("no switchover is pending")
+    if view.leader is None or view.leader.name != sw.get("from"):
+        raise SwitchoverError("the switchover has already started; it cannot be cancelled")
+    await dcs.delete_switchover()
+    return sw
 
 
 async def wait_for_leader(dcs: DCS, not_name: str | None, seconds: float) -> ClusterView | None:

@@ -461,3 +461,13 @@ def test_paused_replica_neither_rewinds_nor_reclones_nor_restarts() -> None:
     assert n.feed("pg", **pg(running=False)) == []
     d["config"] = {"pause": False}
     assert n.feed("dcs", **d) == ["rewind"]
+
+
+def test_scheduled_switchover_waits_for_its_time() -> None:
+    n = master_node()
+    d = dcs("pg1", 30, pg1=member("pg1", role="master"), pg2=member("pg2"))
+    d["switchover"] = {"from": "pg1", "to": "pg2", "at_monotonic": n.t + 60}
+    assert n.feed("dcs", **d) == []
+    assert n.last.wake_at is not None and n.last.wake_at > n.t
+    assert n.feed("timer", dt=30) == []
+    assert n.feed("timer", dt=31) == ["switchover"]

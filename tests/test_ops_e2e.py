@@ -98,3 +98,29 @@ def test_forced_failover_when_no_member_may_be_promoted(capsys: pytest.CaptureFi
             == 0
         )
         assert lc.master() == rest
+
+
+def test_scheduled_switchover_fires_at_its_time_and_can_be_cancelled(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import time
+
+    with local_cluster(ttl=TTL) as lc:
+        master = lc.master()
+        target = next(m.name for m in lc.members if m.name != master)
+        assert main(["switchover", "--dir", str(lc.dir), "--to", target, "--at", "+600"]) == 0
+        assert main(["switchover", "--dir", str(lc.dir), "--cancel"]) == 0
+        assert lc.read_view().switchover is None
+        assert (
+            main(
+                ["switchover", "--dir", str(lc.dir), "--to", target, "--at", "2000-01-01T00:00:00Z"]
+            )
+            == 1
+        )
+        assert "in the past" in capsys.readouterr().err
+        t0 = time.monotonic()
+        assert main(["switchover", "--dir", str(lc.dir), "--to", target, "--at", "+4"]) == 0
+        time.sleep(2)
+        assert lc.master() == master, "a scheduled switchover must not fire early"
+        wait_for(lambda: lc.master() == target, 20, what="the scheduled switchover")
+        assert time.monotonic() - t0 >= 3.5
