@@ -177,6 +177,29 @@ def run_failover_bench(
                     line[f"{k}_runs"] = [None if r.get(k) is None else round(r[k], 3) for r in runs]
             lines.append(line)
 
+        # --- through HAProxy: SIGTERM of the master -> first write via the read-write port
+        from pgsidecar.haproxy import haproxy_binary, measure_haproxy_failover
+
+        if haproxy_binary() is not None:
+            runs = []
+            for _ in range(repeat):
+                lc.wait_healthy(timeout=120)
+                old = lc.master()
+                runs.append(measure_haproxy_failover(lc))
+                if old:
+                    lc.stop_member(old)
+                    lc.start_member(old)
+            lines.append(
+                {
+                    "bench": "failover",
+                    "scenario": "sigterm_through_haproxy",
+                    "ttl": ttl,
+                    "repeat": repeat,
+                    "seconds_to_first_write_median": round(statistics.median(runs), 3),
+                    "seconds_to_first_write_runs": [round(r, 3) for r in runs],
+                }
+            )
+
         # --- idle footprint of the agents
         lc.wait_healthy(timeout=120)
         before = {m.name: _proc_stat(p) for m in lc.members if (p := lc.agent_pid(m.name))}
