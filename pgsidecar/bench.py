@@ -101,7 +101,11 @@ def run_failover_bench(
             time.sleep(0.5)
             w.stop()
             results["sigterm"].append(
-                {"seconds_to_first_write": dt, "acked_writes_lost": len(w.lost(lc))}
+                {
+                    "seconds_to_first_write": dt,
+                    "writes_unavailable_seconds": round(_max_gap(w, t0, t0 + (dt or 0)), 3),
+                    "acked_writes_lost": len(w.lost(lc)),
+                }
             )
             lc.start_member(old)
 
