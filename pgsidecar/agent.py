@@ -49,6 +49,8 @@ log = structlog.get_logger("pgsidecar.agent")
 SEQ_BLOCK = 1000
 # how long the master keeps the replication slot of a member whose key has vanished
 SLOT_GRACE = 1800.0
+# a replica that has not streamed from the master for this long checks whether its timeline forked
+FORK_CHECK_AFTER = 5.0
 
 
 class AgentExit(Exception):
@@ -177,6 +179,8 @@ class Agent:
         self.last_error: str | None = None
         self._member_last_seen: dict[str, float] = {}
         self._applied_params: dict[str, Any] | None = None
+        self._not_streaming_since: float | None = None
+        self._last_fork_check = 0.0
         self.pending_restart: list[str] = []
         self._slot_members: set[str] = set()
 
@@ -565,12 +569,59 @@ class Agent:
         while True:
             await self.probe_now()
             s = self.snapshot
+            if self.machine.role is Role.REPLICA:
+                await self._check_fork()
             if self.machine.role is Role.MASTER and s.lease.held and not s.busy and self.pg.running:
                 try:
                     await asyncio.wait_for(self.sync.tick(), timeout=5)
                 except Exception as exc:
                     log.warning("sync_tick_failed", error=str(exc) or type(exc).__name__)
             await asyncio.sleep(interval)
+
+    async def _check_fork(self) -> None:
+        """A replica that has not streamed from the master for a while: has our timeline forked
+        from the master's (we have WAL past the point where the master's history left our
+        timeline)? Then PostgreSQL can never follow it: report it, the machine rewinds."""
+        s = self.snapshot
+        leader = s.dcs.leader
+        if (
+            s.busy
+            or s.needs_rewind
+            or leader is None
+            or not s.pg.running
+            or s.pg.receiver_streaming
+        ):
+            self._not_streaming_since = None
+            return
+        now = time.monotonic()
+        if self._not_streaming_since is None:
+            self._not_streaming_since = now
+            return
+        if (
+            now - self._not_streaming_since < FORK_CHECK_AFTER
+            or now - self._last_fork_check < FORK_CHECK_AFTER
+        ):
+            return
+        self._last_fork_check = now
+        src = self._leader_conninfo(replication=False)
+        mine_tl, mine_lsn = s.pg.timeline, s.pg.lsn
+        if src is None or mine_tl is None or mine_lsn is None:
+            return
+        try:
+            history = await asyncio.wait_for(self.pg.timeline_history(src[1]), timeout=10)
+        except (PostgresError, TimeoutError) as exc:
+            log.info("fork_check_failed", error=str(exc))
+            return
+        leader_tl = (s.dcs.members.get(leader.name) and s.dcs.members[leader.name].timeline) or None
+        switch = next((lsn for parent, lsn in history if parent == mine_tl), None)
+        forked = (switch is not None and mine_lsn > switch) or (
+            switch is None and leader_tl is not None and mine_tl != leader_tl
+        )
+        self.record_action(
+            "fork_check", "forked" if forked else "not_forked", now, timeline=mine_tl, lsn=mine_lsn
+        )
+        if forked:
+            self.post("effect", name="diverged", done=False)
 
     async def probe_now(self) -> PgFacts:
         facts = await self.pg.probe()

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -283,3 +284,73 @@ def test_a_second_member_with_the_same_name_refuses_to_start() -> None:
         assert "already uses member name 'pg1'" in proc.stderr
         assert not (other / "pgdata").exists(), "it must refuse before touching PostgreSQL"
         assert lc.master() == "pg1"
+
+
+def test_a_replica_whose_timeline_forked_is_rewound() -> None:
+    """pg3 (nofailover) receives WAL that the next master never got; after the failover its
+    WAL receiver cannot follow the new timeline: the agent detects the fork and rewinds it."""
+    import tempfile
+
+    import yaml
+
+    from pgsidecar.local import LocalCluster
+
+    d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    lc = LocalCluster(d / "c")
+    try:
+        # the heir will be far behind: let it take over anyway (the operator's choice here)
+        lc.create(nodes=3, ttl=TTL, extra={"settings.maximum_lag_on_failover": 2**30})
+        cfg = yaml.safe_load(lc.config_path("pg3").read_text())
+        cfg["tags"] = {"nofailover": True}
+        lc.config_path("pg3").write_text(yaml.safe_dump(cfg))
+        lc.up(detach=False, timeout=120)
+        old = lc.master()
+        assert old in ("pg1", "pg2")
+        heir = "pg2" if old == "pg1" else "pg1"
+        # freeze the heir's WAL receiver: what the master writes now reaches pg3 only
+        receiver = _walreceiver_pid(lc.postmaster_pid(heir))
+        os.kill(receiver, signal.SIGSTOP)
+        with psycopg.connect(lc.dsn(old), autocommit=True) as c:
+            # far more WAL than the kernel's socket buffers hold, so the frozen receiver cannot
+            # collect it from its socket after the master dies
+            c.execute("CREATE TABLE lost_on_heir AS SELECT generate_series(1, 1500000) AS x")
+            lsn = c.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
+        with psycopg.connect(lc.dsn("pg3"), autocommit=True) as c:
+            wait_for(
+                lambda: c.execute("SELECT pg_last_wal_receive_lsn() >= %s", (lsn,)).fetchone()[0],
+                10,
+            )
+        lc.kill_member(old, postgres=True)
+        os.kill(receiver, signal.SIGCONT)
+        wait_for(lambda: new_master(lc, old) == heir, TTL + 15, what="the heir takes over")
+        wait_for(
+            lambda: (
+                "rewind" in [t["trigger"] for t in transitions(lc, "pg3") if t["from"] == "replica"]
+                and (lc.api_status("pg3") or {}).get("streaming")
+            ),
+            90,
+            what="pg3 detects its fork, rewinds and streams from the heir",
+        )
+        with psycopg.connect(lc.dsn("pg3"), autocommit=True) as c:
+            assert c.execute("SELECT to_regclass('lost_on_heir')").fetchone()[0] is None  # type: ignore[index]
+    finally:
+        lc.down()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _walreceiver_pid(postmaster: int | None) -> int:
+    assert postmaster is not None
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except (OSError, ValueError):
+            continue
+        if ppid == postmaster and b"walreceiver" in cmd:
+            return int(entry)
+    raise AssertionError("no walreceiver process")
