@@ -37,6 +37,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -1044,12 +1045,25 @@ class PostgresControl:
         if not row[0]:
             self.log.info("pg_promote_not_needed")
             return
-        wait = max(1, math.ceil(timeout))
-        row = await self._sql(
-            "pg_promote", "SELECT pg_promote(true, %s)", (wait,), timeout=wait + 5
-        )
+        # pg_promote(wait => true) polls every 100 ms; every millisecond here is a millisecond
+        # without a writable master, so ask without waiting and poll ourselves, on one connection
+        row = await self._sql("pg_promote", "SELECT pg_promote(false)")
         if not row[0]:
-            raise PostgresError(f"pg_promote did not complete within {wait}s")
+            raise PostgresError("pg_promote refused to signal the promotion")
+        deadline = time.monotonic() + timeout
+        conn = await self._connect(self.superuser_conninfo(), timeout=5, statement_timeout=5)
+        try:
+            async with conn:
+                while True:
+                    cur = await conn.execute("SELECT pg_is_in_recovery()")
+                    one = await cur.fetchone()
+                    if one is not None and not one[0]:
+                        break
+                    if time.monotonic() > deadline:
+                        raise PostgresError(f"promotion did not complete within {timeout:g}s")
+                    await asyncio.sleep(0.01)
+        except psycopg.Error as exc:
+            raise PostgresError(f"waiting for the promotion failed: {str(exc).strip()}") from None
         self.log.info("pg_promoted")
 
     async def reload(self) -> None:
