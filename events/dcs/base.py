@@ -97,6 +97,56 @@ def decode_json_object(
     return value, None
 
 
+def build_view(base: str, entries: list[tuple[str, bytes, int, bool]], index: int) -> ClusterView:
+    """The ClusterView of a cluster's keys, for every backend: ``entries`` are
+    (full key, raw value, modify index, held) where ``held`` says a lock key is held by a live
+    session (always true for etcd, whose keys vanish with their lease). Values that cannot be
+    decoded go to ``malformed`` and are left out; keys of a newer version are ignored."""
+    leader: Leader | None = None
+    initialize: str | None = None
+    objects: dict[str, dict[str, Any] | None] = {"config": None, "switchover": None, "sync": None}
+    members: dict[str, dict[str, Any]] = {}
+    malformed: list[tuple[str, str]] = []
+    for key, value, modify_index, held in sorted(entries):
+        if not key.startswith(base):
+            continue
+        rel = key[len(base) :]
+        if rel in ("leader", "initialize"):
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                malformed.append((key, f"{key}: not valid UTF-8"))
+                continue
+            if rel == "leader" and not held:
+                continue  # a lock nobody holds: no leader
+            if not text:
+                malformed.append((key, f"{key}: empty value"))
+            elif rel == "leader":
+                leader = Leader(text, modify_index)
+            else:
+                initialize = text
+        elif rel in objects or rel.startswith("members/"):
+            obj, reason = decode_json_object(key, value)
+            if reason is not None:
+                malformed.append((key, reason))
+            elif rel in objects:
+                objects[rel] = obj
+            else:
+                name = rel[len("members/") :]
+                if name and "/" not in name and obj is not None:
+                    members[name] = obj
+    return ClusterView(
+        leader=leader,
+        members=members,
+        initialize=initialize,
+        config=objects["config"],
+        switchover=objects["switchover"],
+        sync=objects["sync"],
+        index=index,
+        malformed=tuple(malformed),
+    )
+
+
 class DCS(abc.ABC):
     """One agent's connection to the consensus store, scoped to one cluster.
 

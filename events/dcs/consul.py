@@ -132,6 +132,7 @@ from events.dcs.base import (
     DuplicateMember,
     Leader,
     SessionLost,
+    build_view,
     decode_json_object,
 )
 from pgsidecar.config import ConfigError
@@ -522,60 +523,16 @@ class ConsulDCS(DCS):
             raise
 
     def _view(self, entries: list[dict[str, Any]] | None, index: int) -> ClusterView:
-        leader: Leader | None = None
-        initialize: str | None = None
-        config: dict[str, Any] | None = None
-        switchover: dict[str, Any] | None = None
-        sync: dict[str, Any] | None = None
-        members: dict[str, dict[str, Any]] = {}
-        malformed: list[tuple[str, str]] = []
+        rows: list[tuple[str, bytes, int, bool]] = []
         for entry in entries or ():
             key = entry.get("Key")
-            if not isinstance(key, str) or not key.startswith(self.base):
+            if not isinstance(key, str):
                 continue
-            rel = key[len(self.base) :]
             value = entry.get("Value") or b""
             if isinstance(value, str):
                 value = value.encode("utf-8")
-            if rel in ("leader", "initialize"):
-                try:
-                    text = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    malformed.append((key, f"{key}: not valid UTF-8"))
-                    continue
-                if rel == "leader" and not entry.get("Session"):
-                    continue  # a lock nobody holds: no leader
-                if not text:
-                    malformed.append((key, f"{key}: empty value"))
-                elif rel == "leader":
-                    leader = Leader(text, int(entry.get("ModifyIndex", 0)))
-                else:
-                    initialize = text
-            elif rel in ("config", "switchover", "sync") or rel.startswith("members/"):
-                obj, reason = decode_json_object(key, value)
-                if reason is not None:
-                    malformed.append((key, reason))
-                elif rel == "config":
-                    config = obj
-                elif rel == "switchover":
-                    switchover = obj
-                elif rel == "sync":
-                    sync = obj
-                else:
-                    name = rel[len("members/") :]
-                    if name and "/" not in name and obj is not None:
-                        members[name] = obj
-            # any other key under the prefix belongs to a newer version: ignored
-        return ClusterView(
-            leader=leader,
-            members=members,
-            initialize=initialize,
-            config=config,
-            switchover=switchover,
-            sync=sync,
-            index=index,
-            malformed=tuple(malformed),
-        )
+            rows.append((key, value, int(entry.get("ModifyIndex", 0)), bool(entry.get("Session"))))
+        return build_view(self.base, rows, index)
 
     async def _read_prefix(
         self, index: int = 0, wait: float | None = None

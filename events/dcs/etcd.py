@@ -44,6 +44,7 @@ from events.dcs.base import (
     DuplicateMember,
     Leader,
     SessionLost,
+    build_view,
     decode_json_object,
 )
 
@@ -330,54 +331,12 @@ class EtcdDCS(DCS):
         return kvs, _int(reply.get("header", {}).get("revision"))
 
     def _view(self, kvs: Mapping[str, tuple[bytes, int]], index: int) -> ClusterView:
-        leader: Leader | None = None
-        initialize: str | None = None
-        config: dict[str, Any] | None = None
-        switchover: dict[str, Any] | None = None
-        sync: dict[str, Any] | None = None
-        members: dict[str, dict[str, Any]] = {}
-        malformed: list[tuple[str, str]] = []
-        for rel, (value, mod_revision) in sorted(kvs.items()):
-            full = self.base + rel
-            if rel in ("leader", "initialize"):
-                try:
-                    text = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    malformed.append((full, f"{full}: not valid UTF-8"))
-                    continue
-                if not text:
-                    malformed.append((full, f"{full}: empty value"))
-                elif rel == "leader":
-                    leader = Leader(text, mod_revision)
-                else:
-                    initialize = text
-            elif rel in ("config", "switchover", "sync") or rel.startswith("members/"):
-                obj, reason = decode_json_object(full, value)
-                if reason is not None:
-                    malformed.append((full, reason))
-                elif rel == "config":
-                    config = obj
-                elif rel == "switchover":
-                    switchover = obj
-                elif rel == "sync":
-                    sync = obj
-                else:
-                    name = rel[len("members/") :]
-                    if name and "/" not in name and obj is not None:
-                        members[name] = obj
-            # any other key under the prefix belongs to a newer version: ignored, not an error
-        return ClusterView(
-            leader=leader,
-            members=members,
-            initialize=initialize,
-            config=config,
-            switchover=switchover,
-            sync=sync,
-            index=index,
-            malformed=tuple(malformed),
-        )
+        rows = [
+            (self.base + rel, value, mod_revision, True)
+            for rel, (value, mod_revision) in kvs.items()
+        ]
+        return build_view(self.base, rows, index)
 
-    # -- lifecycle ------------------------------------------------------------------------------
     async def connect(self) -> None:
         self._closed = False
         # authenticates too, when credentials are configured: a wrong password fails here
