@@ -73,6 +73,13 @@ def test_bootstrap_three_members_one_master_two_streaming_replicas(dcs: str) -> 
             if any(a["name"] == "basebackup" for a in actions(lc, m.name))
         ]
         assert len(initdbs) == 1 and len(clones) == 2
+        # secrets never reach a log, a journal or an agent config
+        secrets = [p.read_text().strip() for p in (lc.dir / "secrets").glob("*.secret")]
+        assert len(secrets) == 3 and all(len(x) > 10 for x in secrets)
+        for m in lc.members:
+            for f in ("agent.log", "journal.jsonl", "postgresql.log", "agent.yaml"):
+                text = (m.dir / f).read_text(errors="replace")
+                assert not any(x in text for x in secrets), f"a secret in {m.name}/{f}"
         # every transition record carries the fields the issue asks for, and seqs increase
         for m in lc.members:
             recs = journal(lc, m.name)
