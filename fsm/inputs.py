@@ -281,6 +281,10 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
         lm = members[prev.leader.name]
         if lm.lsn is not None:
             last_lsn, last_tl = lm.lsn, lm.timeline
+    if s.dcs.paused and not paused and role is Role.MASTER and not s.pg.running:
+        # resume with the master's PostgreSQL stopped: it is restarted in place, with the full
+        # master_start_timeout from now
+        s = replace(s, master_down_since=s.now)
     base = s.extra.get("base_settings")
     settings = _settings(base if isinstance(base, Settings) else s.settings, config)
     dcs = DcsFacts(
@@ -365,7 +369,9 @@ def apply(role: Role, s: Snapshot, inp: Input) -> Snapshot:
     if inp.type == "pg":
         pg = pg_facts(d)
         down_since = s.master_down_since
-        if role is Role.MASTER and not pg.running:
+        if role is Role.MASTER and not pg.running and s.dcs.paused:
+            down_since = None  # an operator stopped it during maintenance: no clock runs
+        elif role is Role.MASTER and not pg.running:
             down_since = down_since if down_since is not None else s.now
         elif pg.running:
             down_since = None

@@ -803,6 +803,26 @@ class Agent:
         except psycopg.Error:
             return []
 
+    def _clone_source(self) -> tuple[str, Conninfo] | None:
+        """Where to clone from: a streaming replica tagged ``clonefrom`` (to spare the master the
+        copy) if there is one, else the master."""
+        view = self.dcs_view
+        for name, raw in sorted((view.members if view is not None else {}).items()):
+            tags = raw.get("tags") if isinstance(raw, dict) else None
+            m = self.snapshot.dcs.members.get(name)
+            if (
+                name != self.name
+                and isinstance(tags, dict)
+                and tags.get("clonefrom") is True
+                and m is not None
+                and m.running
+                and m.streaming
+                and m.conn_host
+                and m.conn_port
+            ):
+                return name, self.pg.replication_conninfo(m.conn_host, m.conn_port)
+        return self._leader_conninfo(replication=True)
+
     async def _start_pg(self, role: str, upstream: tuple[str, Conninfo] | None) -> None:
         if role == "primary":
             self.write_primary_config()
@@ -862,7 +882,7 @@ class Agent:
         if failures:
             # back off: the master may not have created the replication role yet
             await asyncio.sleep(min(10.0, 0.25 * 2**failures))
-        src = self._leader_conninfo(replication=True)
+        src = self._clone_source()
         if src is None:
             self.post("effect", name="clone", ok=False, error="no reachable master to clone from")
             return

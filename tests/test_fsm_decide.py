@@ -471,3 +471,15 @@ def test_scheduled_switchover_waits_for_its_time() -> None:
     assert n.last.wake_at is not None and n.last.wake_at > n.t
     assert n.feed("timer", dt=30) == []
     assert n.feed("timer", dt=31) == ["switchover"]
+
+
+def test_master_stopped_by_an_operator_while_paused_is_restarted_in_place_on_resume() -> None:
+    n = master_node()
+    d = dcs("pg1", 30, pg1=member("pg1", role="master"), pg2=member("pg2"))
+    d["config"] = {"pause": True}
+    n.feed("dcs", **d)
+    assert n.feed("pg", **pg(running=False, in_recovery=None, data="primary_clean")) == []
+    assert n.feed("timer", dt=120) == [], "paused: no restart, no give-up, however long"
+    d["config"] = {"pause": False}
+    assert n.feed("dcs", **d) == ["restart_in_place"]
+    assert n.role is Role.MASTER
