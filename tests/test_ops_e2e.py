@@ -97,7 +97,7 @@ def test_forced_failover_when_no_member_may_be_promoted(capsys: pytest.CaptureFi
             main(["failover", "--dir", str(lc.dir), "--to", rest, "--force", "--timeout", "30"])
             == 0
         )
-        assert lc.master() == rest
+        wait_for(lambda: lc.master() == rest, 20, what=f"{rest} serving as master")
 
 
 def test_scheduled_switchover_fires_at_its_time_and_can_be_cancelled(
