@@ -800,36 +800,41 @@ class FaultRun:
             r.violations.append("agent_thread_died")
 
     def fencing_margin(self, writes: list[tuple[float, str]]) -> None:
+        """Only meaningful with a failover (another member wrote after the fault): the old
+        master must have stopped writing before the new one started. Writes the old master took
+        after its own fencing time are a violation either way."""
         r = self.result
         old = r.old_master
         assert self.prober is not None and self.lc is not None and old is not None
-        new_starts = [
-            s for s, _e, n, ok in list(self.prober.trace) if ok and n != old and s > self.t0
-        ]
-        old_acks = [t for t, n in writes if n == old and self.t0 < t < self.t_heal]
-        last_old = old_acks[-1] if old_acks else self.t0
-        if new_starts:
-            r.fencing_margin_s = round(min(new_starts) - last_old, 3)
         fence_wall = self._old_master_fence_time(old)
-        won_wall = None
-        if r.new_master:
-            won = [
-                rec["time"]
-                for rec in self._journal(r.new_master)
-                if rec.get("kind") == "transition"
-                and rec["body"].get("trigger") == "won_lease"
-                and rec["time"] > self.t0_wall
-            ]
-            won_wall = min(won) if won else None
-        if fence_wall is not None and won_wall is not None:
-            r.fencing_margin_records_s = round(won_wall - fence_wall, 3)
         if fence_wall is not None:
             fence_mono = fence_wall - self.offset
             r.old_writes_after_fence = sum(1 for t, n in writes if n == old and t > fence_mono)
-        if r.fencing_margin_s is None or r.fencing_margin_s <= 0:
+            if r.old_writes_after_fence:
+                # it ran PostgreSQL as a primary again after it had fenced itself
+                r.violations.append("writes_after_fence")
+        new_writes = sorted(
+            (s, n) for s, _e, n, ok in list(self.prober.trace) if ok and n != old and s > self.t0
+        )
+        if not new_writes:
+            return  # no failover: the old master kept (or took back) the lease
+        first_start, successor = new_writes[0]
+        old_acks = [t for t, n in writes if n == old and self.t0 < t < self.t_heal]
+        last_old = old_acks[-1] if old_acks else self.t0
+        r.fencing_margin_s = round(first_start - last_old, 3)
+        if r.fencing_margin_s <= 0:
             r.violations.append("fencing_margin")
-        if r.fencing_margin_records_s is not None and r.fencing_margin_records_s <= 0:
-            r.violations.append("fencing_margin_records")
+        won = [
+            rec["time"]
+            for rec in self._journal(successor)
+            if rec.get("kind") == "transition"
+            and rec["body"].get("trigger") == "won_lease"
+            and rec["time"] > self.t0_wall
+        ]
+        if fence_wall is not None and won:
+            r.fencing_margin_records_s = round(min(won) - fence_wall, 3)
+            if r.fencing_margin_records_s <= 0:
+                r.violations.append("fencing_margin_records")
 
     def _old_master_fence_time(self, name: str) -> float | None:
         """Wall time the old master stopped accepting writes on its own: its watchdog's
