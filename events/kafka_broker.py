@@ -255,7 +255,10 @@ class KafkaBroker:
         (self.directory / "log4j.properties").write_text(log4j_properties(self.directory))
         if not (self.directory / "data" / "meta.properties").exists():
             # 16 random bytes, base64url without padding: the form of Kafka's random-uuid
-            cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+            cluster_id = "-"
+            while cluster_id.startswith("-"):
+                # as Kafka's own Uuid.randomUuid(): an id starting with "-" reads as an option
+                cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
             cmd = [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id]
             cmd += ["-c", str(props), "--ignore-formatted"]
             try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -72,24 +73,52 @@ class SeqStore:
             except (OSError, json.JSONDecodeError):
                 state = {}
         self.instance_id: str = state.get("instance_id") or uuid.uuid4().hex
-        self._next = int(state.get("seq_reserved", 0))
+        self._next = max(
+            int(state.get("seq_reserved", 0)), _last_journal_seq(path.parent / "journal.jsonl")
+        )
         self._reserved = self._next
         self._reserve()
 
     def _reserve(self) -> None:
         self._reserved = self._next + SEQ_BLOCK
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            json.dump({"instance_id": self.instance_id, "seq_reserved": self._reserved}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as fh:
+                json.dump({"instance_id": self.instance_id, "seq_reserved": self._reserved}, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            # a full disk must not stop the machine: go on in memory; a restart continues above
+            # the journal's last seq as well (see __init__)
+            log.error("seq_reservation_failed", error=str(exc))
 
     def next(self) -> int:
         self._next += 1
         if self._next >= self._reserved:
             self._reserve()
         return self._next
+
+
+def _last_journal_seq(path: Path) -> int:
+    """The seq of the journal's last complete line (0 if none): seq must stay above it even if
+    a block reservation could not be written."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            lines = fh.read().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            seq = json.loads(line).get("seq")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(seq, int):
+            return seq
+    return 0
 
 
 def _view_to_input(view: ClusterView) -> dict[str, Any]:
@@ -260,7 +289,9 @@ class Agent:
 
     def _post_threadsafe(self, type_: str, **data: Any) -> None:
         if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.post, type_, **data)
+            # call_soon_threadsafe takes no keyword arguments: bind them first (found by the
+            # fault suite: the TypeError killed the watchdog thread right after it fenced)
+            self.loop.call_soon_threadsafe(functools.partial(self.post, type_, **data))
 
     def handle(self, inp: Input) -> None:
         self.counters["inputs"] += 1
@@ -369,7 +400,13 @@ class Agent:
                 if not get.done():
                     get.cancel()
                     break
-                self.handle(get.result())
+                try:
+                    self.handle(get.result())
+                except OSError as exc:
+                    # a full disk (journal, state file) must not end the agent: the decision was
+                    # taken, only its record failed; the next input goes on
+                    self.counters["record_failures"] = self.counters.get("record_failures", 0) + 1
+                    log.error("record_failed", error=str(exc))
                 if self.snapshot.stop_requested and not self._stopping:
                     await self._maybe_finish_stop()
         finally:
@@ -824,18 +861,19 @@ class Agent:
         return self._leader_conninfo(replication=True)
 
     async def _start_pg(self, role: str, upstream: tuple[str, Conninfo] | None) -> None:
-        if role == "primary":
-            self.write_primary_config()
-        else:
-            self.write_standby_config(upstream)
         failures = self.snapshot.pg.start_failures
         if failures:
+            # back off before anything else: a full disk fails already at writing the config
             await asyncio.sleep(min(5.0, 0.5 * 2**failures))
         started = time.monotonic()
         timeout = self.cfg.postgresql.master_start_timeout
         try:
+            if role == "primary":
+                self.write_primary_config()
+            else:
+                self.write_standby_config(upstream)
             await self.pg.start(timeout=timeout)
-        except PostgresError:
+        except (PostgresError, OSError):
             facts = await self.pg.probe()
             data = pg_facts_to_dict(facts)
             data["start_failures"] = failures + 1
@@ -988,6 +1026,14 @@ class Agent:
             log.warning("slot_sync_failed", error=str(exc))
 
     async def _fx_restart_in_place(self) -> None:
+        if not self.watchdog.armed_and_valid():
+            # the exit of a PostgreSQL the watchdog fenced can be seen before its lease input:
+            # never start a primary without a lease valid on our own clock
+            self.post("lease", held=False, term=None)
+            self.post(
+                "effect", name="start_primary", ok=False, error="lease not valid on our clock"
+            )
+            return
         await self._start_pg("primary", None)
         self.post("effect", name="start_primary", ok=True)
 

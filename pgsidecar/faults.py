@@ -236,6 +236,11 @@ class RunResult:
     def ok(self) -> bool:
         return self.skipped is None and not self.violations and self.error is None
 
+    @property
+    def failed(self) -> bool:
+        """Broke an invariant or could not finish (a skipped run has not failed)."""
+        return self.skipped is None and not self.ok
+
     def to_json(self) -> str:
         d = asdict(self)
         d["ok"] = self.ok
@@ -412,7 +417,7 @@ class FaultRun:
             self.log(f"error: {r.error}")
         finally:
             try:
-                if not r.ok and r.skipped is None:
+                if r.failed:
                     r.evidence = self.evidence()
             except Exception as exc:  # evidence is best effort, cleanup is not
                 r.evidence = [f"(evidence unavailable: {exc})"]
@@ -1037,7 +1042,7 @@ class FaultRun:
 
     def _unmount(self) -> None:
         for d in list(self.mounts):
-            if self.keep_dir == "always" or (self.keep_dir == "failed" and not self.result.ok):
+            if self.keep_dir == "always" or (self.keep_dir == "failed" and self.result.failed):
                 # the member's files live on the tmpfs: copy them out before it goes
                 dest = d.with_name(d.name + ".tmpfs")
                 shutil.copytree(
@@ -1055,7 +1060,7 @@ class FaultRun:
     def _remove_dir(self) -> None:
         if self.root is None:
             return
-        keep = self.keep_dir == "always" or (self.keep_dir == "failed" and not self.result.ok)
+        keep = self.keep_dir == "always" or (self.keep_dir == "failed" and self.result.failed)
         if keep:
             self.log(f"kept {self.root}")
             return
@@ -1242,7 +1247,7 @@ def cmd_chaos(args: argparse.Namespace) -> int:
         print(json.dumps({"summary": rows, "seed": args.seed, "runs": len(results)}), flush=True)
     else:
         print(format_table(rows), flush=True)
-    failed = [r for r in results if not r.ok and r.skipped is None]
+    failed = [r for r in results if r.failed]
     if failed:
         print(
             f"pgsidecar: {len(failed)} run(s) broke an invariant or failed; replay one with "
