@@ -89,9 +89,24 @@ class SyncManager:
         await self.agent.pg.reload()
         log.info("synchronous_standby_names", value=value)
 
+    def _still_master(self) -> bool:
+        """Every write of the record is made only while our lease is valid on our own clock: a
+        master cut off from the DCS must not rewrite the set after its lease may have lapsed."""
+        from fsm.machine import Role
+
+        a = self.agent
+        return a.machine.role is Role.MASTER and a.snapshot.lease.held and a.watchdog.armed_and_valid()
+
+    async def _put(self, state: dict[str, Any]) -> None:
+        if not self._still_master():
+            raise RuntimeError("no longer master: the synchronous set is not written")
+        await self.agent.dcs.put_sync(state)
+
     async def tick(self) -> None:
         a = self.agent
         s = a.snapshot
+        if not self._still_master():
+            return
         term = s.lease.term
         if self.mode == "off":
             await self._set_standby_names("")
@@ -105,7 +120,7 @@ class SyncManager:
         )
         if recorded is None:
             recorded = set()
-            await a.dcs.put_sync({"leader": a.name, "term": term, "members": []})
+            await self._put({"leader": a.name, "term": term, "members": []})
         stats, flush = await self._replication()
         n = max(1, s.settings.synchronous_node_count)
         healthy = [
@@ -123,7 +138,7 @@ class SyncManager:
         keep = recorded & set(target)
         if keep != recorded:
             # 1. shrink the record before PostgreSQL stops waiting for anyone
-            await a.dcs.put_sync({"leader": a.name, "term": term, "members": sorted(keep)})
+            await self._put({"leader": a.name, "term": term, "members": sorted(keep)})
             a.record_action(
                 "sync_set", "shrunk", started, members=sorted(keep), removed=sorted(recorded - keep)
             )
@@ -144,7 +159,7 @@ class SyncManager:
         }
         if confirmed:
             members = sorted(recorded | confirmed)
-            await a.dcs.put_sync({"leader": a.name, "term": term, "members": members})
+            await self._put({"leader": a.name, "term": term, "members": members})
             a.record_action("sync_set", "grown", started, members=members, added=sorted(confirmed))
             for x in confirmed:
                 self._added_at.pop(x, None)
