@@ -209,6 +209,7 @@ class Agent:
         self._member_last_seen: dict[str, float] = {}
         self._applied_params: dict[str, Any] | None = None
         self._not_streaming_since: float | None = None
+        self._releasing: int | None = None
         self._last_fork_check = 0.0
         self.pending_restart: list[str] = []
         self._slot_members: set[str] = set()
@@ -321,6 +322,7 @@ class Agent:
             self._register_service()
         if inp.type == "dcs":
             self._kubernetes_on_view()
+            self._release_stale_key()
             if self.cluster_parameters() != self._applied_params:
                 asyncio.ensure_future(self.apply_cluster_parameters())
         if inp.type == "dcs" and self.machine.role is Role.MASTER and not snapshot.busy:
@@ -731,6 +733,36 @@ class Agent:
         except (TimeoutError, DCSError) as exc:
             self._last_member = None  # try again on the next probe
             log.debug("member_publish_failed", error=str(exc))
+
+    def _release_stale_key(self) -> None:
+        """The leader key names us but we are not master and hold no lease (we fenced, and the
+        store kept the key: an etcd restart renews every lease, for instance). Nothing of ours is
+        writable, so the key is released (compare-and-delete on its term): otherwise everyone
+        would follow a master that is not there."""
+        s = self.snapshot
+        leader = s.dcs.leader
+        if (
+            leader is None
+            or leader.name != self.name
+            or s.lease.held
+            or self.machine.role in (Role.MASTER, Role.CANDIDATE)
+            or s.busy == "acquire"
+            or leader.term == self._releasing
+        ):
+            return
+        self._releasing = leader.term
+
+        async def go(term: int) -> None:
+            try:
+                released = await asyncio.wait_for(
+                    self.dcs.release_leader(self.name, term), timeout=5
+                )
+                log.info("released_stale_leader_key", term=term, released=released)
+            except (DCSError, TimeoutError) as exc:
+                log.warning("stale_leader_key_release_failed", error=str(exc))
+                self._releasing = None
+
+        asyncio.ensure_future(go(leader.term))
 
     def _register_service(self) -> None:
         """Consul: keep our PostgreSQL registered as service <cluster> tagged master or replica,
