@@ -225,6 +225,8 @@ class RunResult:
     kafka_missing: int | None = None
     kafka_out_of_order: int | None = None
     thread_deaths: list[str] = field(default_factory=list)
+    # what this run left behind after its cleanup (processes, namespaces, links, mounts)
+    leftovers: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     skipped: str | None = None
     error: str | None = None
@@ -390,6 +392,7 @@ class FaultRun:
         self.t_heal = 0.0
         self.t_end = 0.0
         self.port_member: dict[int, str] = {}
+        self.pids_seen: set[int] = set()
         # wall = monotonic + offset (records carry wall times, our probes monotonic ones)
         self.offset = time.time() - time.monotonic()
 
@@ -516,6 +519,7 @@ class FaultRun:
             except LocalClusterError as exc:
                 raise Skip(f"synchronous mode requested but not in force: {exc}") from exc
         self.result.old_master = lc.master()
+        self._note_pids()
         self.log(f"cluster up, master {self.result.old_master}")
 
     def start_workload(self) -> None:
@@ -814,7 +818,7 @@ class FaultRun:
         fence_wall = self._old_master_fence_time(old)
         if fence_wall is not None:
             fence_mono = fence_wall - self.offset
-            r.old_writes_after_fence = sum(1 for t, n in writes if n == old and t > fence_mono)
+            r.old_writes_after_fence = self._committed_after(old, fence_mono)
             if r.old_writes_after_fence:
                 # it ran PostgreSQL as a primary again after it had fenced itself
                 r.violations.append("writes_after_fence")
@@ -840,6 +844,19 @@ class FaultRun:
             r.fencing_margin_records_s = round(min(won) - fence_wall, 3)
             if r.fencing_margin_records_s <= 0:
                 r.violations.append("fencing_margin_records")
+
+    def _committed_after(self, member: str, t: float) -> int:
+        """Writes ``member`` committed that were *started* after ``t``: a write acknowledged
+        just after ``t`` may have committed just before it, one started after it cannot have.
+        The prober records starts; the writer is sequential, so its write k started after the
+        acknowledgement of write k-1."""
+        assert self.writer is not None and self.prober is not None
+        n = sum(1 for s, _e, m, ok in list(self.prober.trace) if ok and m == member and s > t)
+        times, ports = list(self.writer.ok_times), list(self.writer.ok_ports)
+        for prev, port in zip(times, ports[1:], strict=False):
+            if prev > t and self.port_member.get(port) == member:
+                n += 1
+        return n
 
     def _old_master_fence_time(self, name: str) -> float | None:
         """Wall time the old master stopped accepting writes on its own: its watchdog's
@@ -999,6 +1016,7 @@ class FaultRun:
             ("stop writer", lambda: self.writer.stop() if self.writer else None),
             ("stop prober", lambda: self.prober.stop() if self.prober else None),
             ("free disk", lambda: self.filler.unlink() if self.filler else None),
+            ("note pids", self._note_pids),
             ("cluster down", self._down),
             ("leftover processes", self._kill_leftovers),
             ("unmount", self._unmount),
@@ -1009,6 +1027,47 @@ class FaultRun:
                 fn()
             except Exception as exc:
                 self.log(f"cleanup: {what} failed: {type(exc).__name__}: {exc}")
+        try:
+            self.result.leftovers = self.leftovers()
+        except Exception as exc:
+            self.result.leftovers = [f"(could not check: {exc})"]
+
+    def leftovers(self) -> list[str]:
+        """This run's own processes, namespaces, links and mounts still there after cleanup
+        (only its own: other runs, a colleague's say, may be going on beside it)."""
+        if self.root is None:
+            return []
+        root = str(self.root)
+        out = []
+        for pid in sorted(self.pids_seen):
+            if not pid_alive(pid):
+                continue
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError:
+                continue
+            if cwd.startswith(root):
+                out.append(f"process {pid} (cwd {cwd})")
+        with open("/proc/mounts") as fh:
+            out += [f"mount {ln.split()[1]}" for ln in fh if ln.split()[1].startswith(root)]
+        plan = getattr(self.lc, "plan", None)
+        if plan is not None and self.lc is not None:
+            names = set(_run(["ip", "netns", "list"]).stdout.split())
+            links = _run(["ip", "-o", "link", "show"]).stdout
+            for i in range(1, len(self.lc.members) + 1):
+                if plan.netns(i) in names:
+                    out.append(f"netns {plan.netns(i)}")
+                for link in (plan.cluster_veth(i), plan.observer_veth(i)):
+                    if f" {link}:" in links or f" {link}@" in links:
+                        out.append(f"link {link}")
+            if f" {plan.bridge}:" in links:
+                out.append(f"link {plan.bridge}")
+        return out
+
+    def _note_pids(self) -> None:
+        """Remember the run's processes, to check after cleanup that none is left."""
+        if self.root is not None:
+            self.pids_seen.update(_pids_under(self.root))
 
     def _down(self) -> None:
         if self.lc is None or not self.lc.meta:
@@ -1024,6 +1083,7 @@ class FaultRun:
         if self.root is None:
             return
         pids = _pids_under(self.root)
+        self.pids_seen.update(pids)
         if self.lc is not None and self.lc.meta:
             for m in self.lc.members:
                 for pid in (self.lc.agent_pid(m.name), self.lc.postmaster_pid(m.name)):
