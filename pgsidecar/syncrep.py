@@ -95,7 +95,9 @@ class SyncManager:
         from fsm.machine import Role
 
         a = self.agent
-        return a.machine.role is Role.MASTER and a.snapshot.lease.held and a.watchdog.armed_and_valid()
+        return (
+            a.machine.role is Role.MASTER and a.snapshot.lease.held and a.watchdog.armed_and_valid()
+        )
 
     async def _put(self, state: dict[str, Any]) -> None:
         if not self._still_master():
