@@ -155,7 +155,8 @@ class LocalCluster:
                 f"outside it (for example under /tmp or /var/tmp), or chmod o+x {blocked}"
             )
         count = 4 + 2 * nodes
-        base = base_port or free_port_range(count, start=21000, end=40000)
+        # below the kernel's ephemeral range (32768+), where an outgoing connection may hold a port
+        base = base_port or free_port_range(count, start=21000, end=32000)
         secrets_dir = self.dir / "secrets"
         secrets_dir.mkdir(mode=0o700, exist_ok=True)
         pw = {k: secrets.token_urlsafe(18) for k in ("superuser", "replication", "api")}
