@@ -585,9 +585,19 @@ def test_valid_postgresql_parameters_are_stored(
 @pytest.mark.integration
 def test_list_json_and_watch(cluster: Any, capsys: pytest.CaptureFixture[str]) -> None:
     lc = cluster
-    rc, out, _ = _cli(lc, capsys, "list", "--json")
-    assert rc == 0
-    doc = json.loads(out)
+    # the members publish their state about once a second: wait until every one has settled
+    # (an earlier test of this module restarts PostgreSQL on some of them)
+    deadline = time.monotonic() + 30
+    while True:
+        rc, out, _ = _cli(lc, capsys, "list", "--json")
+        assert rc == 0
+        doc = json.loads(out)
+        settled = all(
+            m["state"] == ("running" if m["leader"] else "streaming") for m in doc["members"]
+        )
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert doc["cluster"] == lc.cluster and doc["paused"] is False
     assert doc["leader"] == lc.master()
     assert sorted(m["name"] for m in doc["members"]) == [m.name for m in lc.members]
@@ -612,7 +622,9 @@ def test_list_json_and_watch(cluster: Any, capsys: pytest.CaptureFixture[str]) -
                 tables += 1
         assert tables == 2, "two refreshes"
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
+        # keep draining its output: a refresh blocked on a full pipe would not see the signal
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -118,8 +118,15 @@ def test_scheduled_switchover_fires_at_its_time_and_can_be_cancelled(
             == 1
         )
         assert "in the past" in capsys.readouterr().err
+        # the target must be a streaming replica at the moment of the request (a loaded machine
+        # may show it between two WAL receiver states): retry the request briefly
         t0 = time.monotonic()
-        assert main(["switchover", "--dir", str(lc.dir), "--to", target, "--at", "+4"]) == 0
+        wait_for(
+            lambda: main(["switchover", "--dir", str(lc.dir), "--to", target, "--at", "+4"]) == 0,
+            20,
+            interval=0.5,
+            what="the scheduled switchover accepted",
+        )
         time.sleep(2)
         assert lc.master() == master, "a scheduled switchover must not fire early"
         wait_for(lambda: lc.master() == target, 20, what="the scheduled switchover")
