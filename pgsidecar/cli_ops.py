@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -366,6 +367,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 await dcs.close()
 
+    if watch is not None:
+        # a shell that starts us in the background ignores SIGINT for us; Ctrl-C (SIGINT) is how
+        # --watch ends, so take it back
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return asyncio.run(go())
     except KeyboardInterrupt:

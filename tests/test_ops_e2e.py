@@ -108,7 +108,12 @@ def test_scheduled_switchover_fires_at_its_time_and_can_be_cancelled(
     with local_cluster(ttl=TTL) as lc:
         master = lc.master()
         target = next(m.name for m in lc.members if m.name != master)
-        assert main(["switchover", "--dir", str(lc.dir), "--to", target, "--at", "+600"]) == 0
+        wait_for(
+            lambda: main(["switchover", "--dir", str(lc.dir), "--to", target, "--at", "+600"]) == 0,
+            30,
+            interval=0.5,
+            what="the first scheduled switchover accepted",
+        )
         assert main(["switchover", "--dir", str(lc.dir), "--cancel"]) == 0
         assert lc.read_view().switchover is None
         assert (
