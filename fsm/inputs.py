@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from fsm.machine import EFFECT, TABLE, Decision, Role, decide
+from fsm.machine import EFFECT, TABLE, Decision, Role, decide, retry_delay
 from fsm.snapshot import (
     DataState,
     DcsFacts,
@@ -305,24 +305,47 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
     return replace(s, dcs=dcs, settings=settings)
 
 
+EFFECT_NAMES = frozenset(EFFECT.values()) - {"none"}
+
+
 def _apply_effect(s: Snapshot, d: dict[str, Any]) -> Snapshot:
+    """An effect's outcome. ``ok: false`` means the *call* failed (an error or a timeout: the
+    outcome is unknown, e.g. an acquire the DCS may have committed): the effect is retried after
+    a bounded back-off. ``ok: true`` with a negative answer (``won: false``) is an answer."""
     name = _str(d.get("name")) or ""
     ok = _bool(d.get("ok"))
+    failed = d.get("ok") is False
     changes: dict[str, Any] = {}
     if _bool(d.get("done"), True) and s.busy == name:
         changes["busy"] = None
+    if name in EFFECT_NAMES and _bool(d.get("done"), True):
+        if failed:
+            n = s.effect_failures + 1 if s.failed_effect == name else 1
+            changes.update(
+                failed_effect=name,
+                effect_failures=n,
+                retry_at=s.now + retry_delay(n, s.settings.ttl),
+            )
+        elif s.failed_effect == name or s.failed_effect is None:
+            changes.update(failed_effect=None, effect_failures=0, retry_at=None)
+    released = _int(d.get("released_term"))
+    if released is not None:
+        changes["released_term"] = released
     if name == "bootstrap":
-        changes["bootstrap_lost"] = not _bool(d.get("won"))
+        if not failed:
+            changes["bootstrap_lost"] = not _bool(d.get("won"))
     elif name == "clone":
         changes["clone_failures"] = 0 if ok else s.clone_failures + 1
     elif name in ("start_standby", "follow"):
         if ok:
             changes["upstream"] = _str(d.get("upstream"))
     elif name == "announce":
-        changes["announced_term"] = _int(d.get("term"))
+        if not failed:
+            changes["announced_term"] = _int(d.get("term"))
     elif name == "acquire":
-        if not _bool(d.get("won")):
+        if not failed and not _bool(d.get("won")):
             changes["race_lost_term"] = s.dcs.lost_term or 0
+            changes["race_lost_at"] = s.now
     elif name == "rewind":
         if ok:
             changes["rewind_done"] = True

@@ -93,6 +93,7 @@ TABLE: tuple[Row, ...] = (
     Row(I, "clone",              I, "We have no usable data and a master exists: copy it with pg_basebackup."),
     Row(I, "start_replica",      R, "Our data is a standby's (or there is no master): start PostgreSQL read-only; a writable start needs the lease."),
     Row(I, "rewind",             W, "Our data last ran as a primary while another member leads: its timeline may have forked, check before starting."),
+    Row(I, "release_key",        I, "The leader key names us, left by an earlier run of this agent: delete it (compare-and-delete on its term) so the election starts now."),
     # --- replica: follow the master, stand for election when there is none ------------------------
     Row(R, "follow",             R, "The master changed: point primary_conninfo at the new one (a reload, no restart)."),
     Row(R, "restart",            R, "PostgreSQL is not running on a replica: start it again as a standby."),
@@ -101,7 +102,9 @@ TABLE: tuple[Row, ...] = (
     Row(R, "reclone",            I, "Our data directory is gone or unreadable: go back to init, which clones from the master."),
     Row(R, "restart_pg",         R, "An operator asked for a restart: stop PostgreSQL cleanly and start it again as a standby."),
     Row(R, "reinit",             I, "An operator asked to throw our data away: wipe it and go back to init, which clones from the master."),
+    Row(R, "release_key",        R, "The leader key names us but we hold no lease (a lost race against our own old key, an etcd restart that renewed it): delete it, or everyone follows a master that is not there."),
     # --- candidate: the most advanced eligible member races ---------------------------------------
+    Row(C, "announce",           C, "Our fresh position is not published for this election (the last attempt failed, or a newer election began): publish it again."),
     Row(C, "race",               C, "Every eligible peer has published a fresh position and none is ahead of us: try to take the leader key."),
     Row(C, "won_lease",          M, "We hold the leader key: promote PostgreSQL (or start it as primary)."),
     Row(C, "lost_race",          R, "Another member took the leader key: follow it."),
@@ -113,14 +116,18 @@ TABLE: tuple[Row, ...] = (
     Row(M, "switchover",         D, "A switchover to another member was requested: stop cleanly so it receives all our WAL, then release the lease."),
     Row(M, "start_timeout",      D, "PostgreSQL did not come back within master_start_timeout: give the lease up so a replica can take over."),
     Row(M, "restart_pg",         M, "An operator asked for a restart of the master: restart PostgreSQL in place, keeping the lease and the timeline."),
+    Row(M, "promote_failed",     D, "Promotion failed (an error, not a lost race): give the lease up so that a member that can promote takes over."),
     # --- demoted: a former master, PostgreSQL stopped ---------------------------------------------
     Row(D, "rejoin",             W, "Another member is master: check our timeline against it (rewind if forked) before starting as its replica."),
     Row(D, "start_replica",      R, "No member holds the lease: start read-only (our data is the latest we know) and stand for election."),
     Row(D, "reinit",             I, "An operator asked to throw our data away: wipe it and go back to init, which clones from the master."),
+    Row(D, "fence",              D, "PostgreSQL still runs although we are no longer master (the stop failed or was interrupted): stop it again."),
+    Row(D, "release_key",        D, "We are no longer master but still hold the lease, or the key still names us (its release failed): give it up so another member can take over."),
     # --- rewinding: a forked former master comes back ---------------------------------------------
     Row(W, "retry_rewind",       W, "The last pg_rewind attempt failed and attempts remain: try again."),
     Row(W, "rewound",            R, "Our data now follows the master's timeline (rewound, or no rewind was needed): start as its standby."),
     Row(W, "reclone",            I, "pg_rewind failed rewind_attempts times: throw the data away and clone afresh."),
+    Row(W, "release_key",        W, "The leader key still names us, a former master (its release failed): delete it, there is nothing to rewind against while it stands."),
     Row(W, "reinit",             I, "An operator asked to throw our data away instead of rewinding: wipe it and clone afresh."),
 )
 # fmt: on
@@ -151,7 +158,40 @@ EFFECT: dict[str, str] = {
     "rewound": "start_standby",
     "restart_pg": "restart_pg",
     "reinit": "wipe",
+    "release_key": "release",
+    "announce": "announce",
+    "promote_failed": "give_up",
+    "fence": "fence",
 }
+
+# What a wait without a wake-up time is waiting for. ``decide`` never returns such a wait without
+# naming one of these; each names an input that some component other than a finished effect of
+# our own is bound to deliver (tests/test_fsm_liveness.py checks every wait against this list on
+# generated histories). A wait for "our own effect that is no longer running" is the wedge this
+# list exists to rule out: failed effects are retried (RETRY_*) or lead to a transition instead.
+AWAITS: dict[str, str] = {
+    "effect": "an effect is in flight (``busy``): the runtime posts its outcome, ok or failed, whatever happens",
+    "stop": "a stop is being carried out: the runtime stops PostgreSQL and exits",
+    "operator": "the cluster is paused: an operator's resume arrives as a DCS view",
+    "dcs_reachable": "the DCS does not answer: the renewal loop posts a fresh view as soon as it does",
+    "leader_change": "another member holds the leader key and we follow it: its loss or change arrives from the DCS (the key lapses with its holder's lease)",
+    "lease_watchdog": "we are master holding the lease: renewal, the fencing watchdog and the fence process post a lease loss on their own clock",
+    "key_released": "we deleted the leader key that named us (or found it already gone): the DCS reports the deletion",
+    "peers": "no leader and we may not take the key now (ineligible, rewinding): another member's election or a change of our eligibility arrives from the DCS or a probe",
+    "peer_bootstrap": "another member won the initialize key: it takes the leader key when its initdb is done, or deletes the initialize key if it fails",
+    "pg_probe": "our PostgreSQL's state is not known yet: the probe loop posts it (every second, on any change)",
+}
+
+# Bounded back-off for an effect whose call failed: the same effect is not fired again before
+# ``retry_at`` (RETRY_BASE * 2^(n-1), at most RETRY_CAP and at most half a TTL).
+RETRY_BASE = 0.2
+RETRY_CAP = 5.0
+
+
+def retry_delay(failures: int, ttl: float) -> float:
+    if failures <= 0:
+        return 0.0
+    return float(min(RETRY_CAP, ttl / 2, RETRY_BASE * 2.0 ** min(failures - 1, 16)))
 
 
 @dataclass(frozen=True)
@@ -162,9 +202,13 @@ class Decision:
     trigger: str | None
     reason: str = ""
     wake_at: float | None = None
+    # a wait without wake_at names the input it waits for: a key of AWAITS
+    awaits: str | None = None
 
 
-WAIT = Decision(None)
+def _wait(awaits: str, reason: str = "") -> Decision:
+    assert awaits in AWAITS, awaits
+    return Decision(None, reason or AWAITS[awaits], awaits=awaits)
 
 
 def _wait_until(t: float, reason: str = "") -> Decision:
@@ -240,7 +284,26 @@ def _fmt_pos(tl: int | None, lsn: int | None) -> str:
 
 
 def decide(role: Role, s: Snapshot) -> Decision:
-    """The whole decision core: which trigger (if any) to fire now."""
+    """The whole decision core: which trigger (if any) to fire now. A trigger whose effect's
+    last call failed waits for its back-off first (never ``lease_lost``: stopping writes is not
+    delayed)."""
+    d = _decide(role, s)
+    if (
+        d.trigger is not None
+        and d.trigger != "lease_lost"
+        and s.failed_effect is not None
+        and EFFECT[d.trigger] == s.failed_effect
+        and s.retry_at is not None
+        and s.now < s.retry_at
+    ):
+        return _wait_until(
+            s.retry_at,
+            f"{s.failed_effect} failed {s.effect_failures} time(s): retrying at the end of its back-off ({d.trigger})",
+        )
+    return d
+
+
+def _decide(role: Role, s: Snapshot) -> Decision:
     leader = s.dcs.leader
     other_leader = leader is not None and leader.name != s.name
 
@@ -262,7 +325,12 @@ def decide(role: Role, s: Snapshot) -> Decision:
                 "lease_lost", "the leader key is gone from the DCS: stop accepting writes"
             )
         if s.busy:
-            return WAIT
+            return _wait("effect")
+        if s.failed_effect == "promote":
+            return Decision(
+                "promote_failed",
+                "promotion failed: give the lease up so that another member can take over",
+            )
         if s.stop_requested:
             return Decision(
                 "shutdown", "asked to stop: stop PostgreSQL cleanly and release the lease"
@@ -289,7 +357,7 @@ def decide(role: Role, s: Snapshot) -> Decision:
             )
         if not s.pg.running:
             if s.dcs.paused:
-                return WAIT
+                return _wait("operator")
             down = s.master_down_since if s.master_down_since is not None else s.now
             limit = down + s.settings.master_start_timeout
             if s.now >= limit:
@@ -304,10 +372,12 @@ def decide(role: Role, s: Snapshot) -> Decision:
                     wake_at=limit,
                 )
             return _wait_until(limit)
-        return WAIT
+        return _wait("lease_watchdog")
 
-    if s.busy or s.stop_requested:
-        return WAIT
+    if s.busy:
+        return _wait("effect")
+    if s.stop_requested:
+        return _wait("stop")
 
     if (
         s.command == "reinit"
@@ -331,8 +401,19 @@ def decide(role: Role, s: Snapshot) -> Decision:
     if role is Role.CANDIDATE:
         return _decide_candidate(s)
     if role is Role.DEMOTED:
-        if s.pg.running or s.dcs.paused:
-            return WAIT
+        if s.dcs.paused:
+            return _wait("operator")
+        if s.pg.running:
+            return Decision(
+                "fence", "PostgreSQL still runs although we are no longer master: stop it"
+            )
+        if s.lease.held or (
+            leader is not None and leader.name == s.name and leader.term != s.released_term
+        ):
+            return Decision(
+                "release_key",
+                "we are no longer master but still hold the lease or the key: give it up",
+            )
         if other_leader:
             assert leader is not None
             return Decision(
@@ -343,10 +424,19 @@ def decide(role: Role, s: Snapshot) -> Decision:
             return Decision(
                 "start_replica", "no member holds the lease: start read-only and stand for election"
             )
-        return WAIT
+        if not s.dcs.reachable:
+            return _wait("dcs_reachable")
+        return _wait("key_released")
     if role is Role.REWINDING:
         if s.dcs.paused:
-            return WAIT
+            return _wait("operator")
+        if leader is not None and leader.name == s.name:
+            if leader.term != s.released_term:
+                return Decision(
+                    "release_key",
+                    f"the leader key (term {leader.term}) still names us, a former master: release it",
+                )
+            return _wait("key_released")
         if s.rewind_done and other_leader:
             assert leader is not None
             return Decision(
@@ -361,17 +451,24 @@ def decide(role: Role, s: Snapshot) -> Decision:
                 "retry_rewind",
                 f"pg_rewind attempt {s.rewind_failures + 1} of {s.settings.rewind_attempts}",
             )
-        return WAIT
+        # no other master to rewind against (or follow) yet: someone else must be elected
+        return _wait("peers")
     raise AssertionError(f"unknown role {role}")
 
 
 def _decide_init(s: Snapshot) -> Decision:
     leader = s.dcs.leader
-    if s.pg.data is DataState.UNKNOWN or not s.dcs.reachable:
-        return WAIT
+    if s.pg.data is DataState.UNKNOWN:
+        return _wait("pg_probe")
+    if not s.dcs.reachable:
+        return _wait("dcs_reachable")
     if leader is not None and leader.name == s.name:
-        # A key of our previous incarnation: the runtime releases it at start-up. Wait for that.
-        return WAIT
+        # A key of our previous incarnation (its PostgreSQL died with it): nothing of ours is
+        # writable; delete the key so that the election starts now rather than after the TTL.
+        return Decision(
+            "release_key",
+            f"the leader key (term {leader.term}) is from an earlier run of this agent: release it",
+        )
     if s.pg.data in (DataState.MISSING, DataState.INVALID):
         if leader is not None:
             return Decision("clone", f"no usable data directory: clone it from {leader.name}")
@@ -379,7 +476,14 @@ def _decide_init(s: Snapshot) -> Decision:
             return Decision(
                 "bootstrap", "the cluster is not initialized: race for the initialize key"
             )
-        return WAIT  # someone else is bootstrapping: clone from it once it leads
+        if s.dcs.initialized_by == s.name and not s.bootstrap_lost:
+            # An earlier run of ours won the initialize key and our data is gone: a second initdb
+            # would make a different database than any replica's. A member with data must lead
+            # (we clone from it), or an operator removes the key of a cluster that never was.
+            return _wait(
+                "peers", "the initialize key names us but we have no data: waiting for a master"
+            )
+        return _wait("peer_bootstrap")  # someone else is bootstrapping: clone from it once it leads
     if leader is not None:
         if s.pg.data in (DataState.PRIMARY_CLEAN, DataState.PRIMARY_CRASHED) and not s.rewind_done:
             return Decision(
@@ -392,10 +496,20 @@ def _decide_init(s: Snapshot) -> Decision:
 
 def _decide_replica(s: Snapshot) -> Decision:
     leader = s.dcs.leader
+    if (
+        leader is not None
+        and leader.name == s.name
+        and not s.lease.held
+        and leader.term != s.released_term
+    ):
+        return Decision(
+            "release_key",
+            f"the leader key (term {leader.term}) names us but we hold no lease: release it",
+        )
     if s.dcs.paused and not (s.pg.running and leader is not None and s.upstream != leader.name):
         # maintenance: no restart, rewind, reclone or election on our own; an operator may stop
         # and start PostgreSQL by hand. Following a new master (a reload) is still done.
-        return WAIT
+        return _wait("operator")
     if not s.pg.running and s.pg.data in (DataState.MISSING, DataState.INVALID):
         return Decision("reclone", f"our data directory is {s.pg.data.value}: reclone it")
     if s.needs_rewind and leader is not None and leader.name != s.name:
@@ -403,22 +517,27 @@ def _decide_replica(s: Snapshot) -> Decision:
             "rewind", f"our WAL receiver cannot follow {leader.name}'s timeline: rewind"
         )
     if not s.pg.running:
-        if s.dcs.paused:
-            return WAIT
         return Decision("restart", "PostgreSQL is not running: start it again as a standby")
     if leader is not None and leader.name != s.name:
         if s.upstream != leader.name:
             return Decision("follow", f"{leader.name} is master at term {leader.term}: follow it")
-        return WAIT
+        return _wait("leader_change")
     if leader is None:
         ok, why = eligible(s)
         if not ok:
-            return WAIT
+            if not s.dcs.reachable:
+                return _wait("dcs_reachable")
+            if s.pg.lsn is None or s.pg.timeline is None:
+                return _wait("pg_probe")
+            return _wait("peers", f"we may not stand for election: {why}")
         return Decision(
             "leader_lost",
             "no member holds the leader key: publish our position and stand for election",
         )
-    return WAIT
+    if s.lease.held:
+        # the key names us while we hold the lease: only a master does (a transient fold order)
+        return _wait("lease_watchdog")
+    return _wait("key_released")
 
 
 def _decide_candidate(s: Snapshot) -> Decision:
@@ -428,6 +547,19 @@ def _decide_candidate(s: Snapshot) -> Decision:
     if lease_valid(s):
         # acquired, the watch has not shown the key yet: the acquire result is authoritative
         return Decision("won_lease", f"we hold the leader key at term {s.lease.term}: promote")
+    if (
+        leader is not None
+        and leader.name == s.name
+        and s.race_lost_term != s.dcs.lost_term
+        and s.dcs.reachable
+    ):
+        # The key names us but we have no answer saying so (an acquire whose answer was lost):
+        # acquire again. It is create-if-absent *or already ours under this session*, so it
+        # confirms the key if our session holds it and is refused if an older one of ours does.
+        return Decision(
+            "race",
+            f"the leader key (term {leader.term}) names us without an acquire answer: acquire again to confirm",
+        )
     if leader is not None:
         return Decision(
             "lost_race", f"{leader.name} took the leader key at term {leader.term}: follow it"
@@ -438,9 +570,17 @@ def _decide_candidate(s: Snapshot) -> Decision:
     lost = s.dcs.lost_term
     lost_at = s.dcs.lost_at if s.dcs.lost_at is not None else s.now
     if s.announced_term != lost:
-        return WAIT  # our own fresh position is not published yet
+        return Decision(
+            "announce", f"our fresh position is not published for the election after term {lost}"
+        )
     if s.race_lost_term is not None and s.race_lost_term == lost:
-        return WAIT  # we raced for this term and lost; the winner's key is on its way
+        # we raced for this term and lost: the winner's key is on its way. If it never shows
+        # (it lapsed between two views), race again after a TTL: the acquire is create-if-absent.
+        since = s.race_lost_at if s.race_lost_at is not None else s.now
+        if s.now < since + s.settings.ttl:
+            return _wait_until(
+                since + s.settings.ttl, "we lost the race: waiting for the winner's key"
+            )
     if s.pg.receiver_streaming and s.now < lost_at + s.settings.ttl:
         # The key is gone but the old master's WAL still streams to us: it is alive (the key
         # went with a DCS-side event, e.g. a Consul agent restart) and fences itself on its own

@@ -166,6 +166,15 @@ class Snapshot:
     master_down_since: float | None = None  # master: PostgreSQL not running since (our clock)
     stop_requested: bool = False  # SIGTERM / pod deletion: hand off and exit
     race_lost_term: int | None = None  # we raced at this term and lost: do not race again on it
+    race_lost_at: float | None = None  # when (our clock): the winner's key must show within a TTL
+    # the last effect whose *call* failed (an error or timeout, as opposed to an answer "no"),
+    # how many times in a row, and when it may be retried (bounded back-off, our clock)
+    # the term of the leader key of ours we deleted (hand-off, give-up, release): a view still
+    # showing it is older than the deletion, not a key left behind
+    released_term: int | None = None
+    failed_effect: str | None = None
+    effect_failures: int = 0
+    retry_at: float | None = None
     # the member our primary_conninfo points at, as last configured by the agent (None: no upstream)
     upstream: str | None = None
     # candidate: we published a fresh position for this lost term (peers can compare with it)

@@ -75,6 +75,11 @@ class Node:
     def done(self, name: str, **data: Any) -> list[str]:
         return self.feed("effect", name=name, ok=data.pop("ok", True), **data)
 
+    def wake(self) -> list[str]:
+        """The timer the last decision asked for fires (the runtime posts it at ``wake_at``)."""
+        assert self.last.wake_at is not None, f"no wake-up asked for: {self.last}"
+        return self.feed("timer", dt=max(0.0, self.last.wake_at - self.t))
+
 
 def test_bootstrap_path_first_member_initdb_then_master() -> None:
     n = Node("pg1")
@@ -126,7 +131,10 @@ def test_rewind_failures_are_bounded_then_reclone() -> None:
     n = Node("pg1", rewind_attempts=2)
     n.feed("pg", **pg(running=False, data="primary_crashed"))
     n.feed("dcs", **dcs("pg2", 20, pg2=member("pg2", role="master")))
-    assert n.done("rewind", ok=False) == ["retry_rewind"]
+    # a failed call is retried after a bounded back-off, not at once
+    assert n.done("rewind", ok=False) == []
+    assert n.last.wake_at is not None and 0 < n.last.wake_at - n.t <= 5
+    assert n.wake() == ["retry_rewind"]
     assert n.done("rewind", ok=False) == ["reclone"]
     assert n.role is Role.INIT
     n.feed("pg", **pg(running=False, data="missing"))
@@ -292,7 +300,9 @@ def test_switchover_request_demotes_the_master() -> None:
     d["switchover"] = {"from": "pg1", "to": "pg2"}
     assert n.feed("dcs", **d) == ["switchover"]
     n.feed("pg", **pg(running=False, data="primary_clean", in_recovery=None))
-    assert n.done("handoff") == []
+    n.feed("lease", held=False, term=None)
+    # the key is deleted; the view that shows it gone has not arrived yet: nothing to do
+    assert n.done("handoff", released_term=30) == []
     # the target took over: the old master rejoins through rewinding
     assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["rejoin"]
 
