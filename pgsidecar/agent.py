@@ -33,8 +33,9 @@ from typing import Any
 
 import psycopg
 import structlog
+from prometheus_client import CollectorRegistry
 
-from events.dcs import DCS, ClusterView, DCSError, DuplicateMember, SessionLost
+from events.dcs import DCS, AuthError, ClusterView, DCSError, DuplicateMember, SessionLost
 from events.dcs.factory import create_dcs
 from events.sinks import JournalSink, LogSink, Sink
 from fsm.inputs import Input, pg_facts, pg_facts_to_dict, step
@@ -177,15 +178,30 @@ class Agent:
         self.pod_killer: Any = None
         self.kafka_sink: Any = None
         self.peer_consumer: Any = None
+        # one registry for everything /metrics serves (the API's gauges and the Kafka sink's)
+        self.metrics_registry = CollectorRegistry()
         if cfg.kafka.bootstrap_servers:
             from events.kafka import KafkaSink
 
             # the spool drop is itself recorded (an action with our own seq)
             self.kafka_sink = KafkaSink.from_settings(
-                cfg.kafka, cfg.cluster, cfg.name, self.state_dir, on_drop=self._spool_dropped
+                cfg.kafka,
+                cfg.cluster,
+                cfg.name,
+                self.state_dir,
+                on_drop=self._spool_dropped,
+                registry=self.metrics_registry,
             )
             self.sinks.append(self.kafka_sink)
-        self.watchdog = Watchdog(fence=self.pg.fence, on_fired=self._watchdog_fired)
+        self.watchdog = Watchdog(
+            fence=self.pg.fence,
+            on_fired=self._watchdog_fired,
+            postmaster_pid=lambda: self.pg.postmaster_pid,
+            state_dir=self.state_dir,
+            device=cfg.fencing.device if cfg.fencing.mode != "off" else None,
+            device_required=cfg.fencing.mode == "required",
+            safety_margin=cfg.fencing.safety_margin,
+        )
         from pgsidecar.syncrep import SyncManager
 
         self.sync = SyncManager(self)
@@ -209,7 +225,7 @@ class Agent:
         self._member_last_seen: dict[str, float] = {}
         self._applied_params: dict[str, Any] | None = None
         self._not_streaming_since: float | None = None
-        self._releasing: int | None = None
+        self._view_index = -1  # the store index of the newest view posted to the machine
         self._last_fork_check = 0.0
         self.pending_restart: list[str] = []
         self._slot_members: set[str] = set()
@@ -322,7 +338,6 @@ class Agent:
             self._register_service()
         if inp.type == "dcs":
             self._kubernetes_on_view()
-            self._release_stale_key()
             if self.cluster_parameters() != self._applied_params:
                 asyncio.ensure_future(self.apply_cluster_parameters())
         if inp.type == "dcs" and self.machine.role is Role.MASTER and not snapshot.busy:
@@ -471,9 +486,9 @@ class Agent:
             try:
                 await self.dcs.connect()
                 return
+            except AuthError as exc:
+                raise AgentExit(2, str(exc)) from exc
             except DCSError as exc:
-                if type(exc).__name__ == "AuthError":
-                    raise AgentExit(2, str(exc)) from exc
                 if not logged:
                     log.warning("dcs_unreachable_waiting", error=str(exc))
                     logged = True
@@ -549,12 +564,32 @@ class Agent:
 
     async def _watch_dcs(self) -> None:
         async for view in self.dcs.watch():
-            self.dcs_view = view
-            if view.malformed:
-                self.counters["malformed_dcs_values"] += len(view.malformed)
-                for key, reason in view.malformed:
-                    log.warning("dcs_value_skipped", key=key, reason=reason)
-            self.post("dcs", **_view_to_input(view))
+            self._post_view(view, from_watch=True)
+
+    def _post_view(self, view: ClusterView, from_watch: bool) -> None:
+        """A view of the DCS for the machine, from the watch or from a read after an outage. A
+        read never posts a view older than one the watch already posted (the two race); the
+        watch's own views always go (its index may restart, e.g. Consul's index reset)."""
+        if not from_watch and view.index < self._view_index:
+            return
+        self._view_index = view.index
+        self.dcs_view = view
+        if view.malformed:
+            self.counters["malformed_dcs_values"] += len(view.malformed)
+            for key, reason in view.malformed:
+                log.warning("dcs_value_skipped", key=key, reason=reason)
+        self.post("dcs", **_view_to_input(view))
+
+    async def _post_fresh_view(self, within: float) -> None:
+        """The DCS answers again (or our session was reopened): read the cluster and post it.
+        The watch only reports *changes*; without this, a member that saw the DCS go away would
+        wait for one (``reachable`` stays false) when nothing changed during the outage."""
+        try:
+            view = await asyncio.wait_for(self.dcs.read_cluster(), timeout=within)
+        except (DCSError, TimeoutError) as exc:
+            log.info("fresh_view_failed", error=str(exc) or type(exc).__name__)
+            return
+        self._post_view(view, from_watch=False)
 
     async def _renew_loop(self) -> None:
         # the granted session TTL, not the configured ttl: Consul is given ttl/2 (it may take up
@@ -567,31 +602,46 @@ class Agent:
             sent = time.monotonic()
             try:
                 await asyncio.wait_for(self.dcs.renew_session(), timeout=interval)
-                if down:
-                    down = False
                 if self.snapshot.lease.held:
                     self.watchdog.arm(self._fence_deadline(sent))
+                if down:
+                    down = False
+                    log.info("dcs_reachable_again")
+                    await self._post_fresh_view(within=interval)
             except SessionLost:
                 log.warning("session_lost")
                 if self.snapshot.lease.held:
                     self.pg.fence()
                     self.watchdog.disarm()
                     self.post("lease", held=False, term=None)
-                await self._reopen_session()
+                if await self._reopen_session():
+                    down = False
+                    await self._post_fresh_view(within=interval)
             except (TimeoutError, DCSError) as exc:
                 if not down:
                     down = True
                     log.warning("lease_renew_failed", error=str(exc) or type(exc).__name__)
                     self.post("dcs_down")
 
-    async def _reopen_session(self) -> None:
-        with contextlib.suppress(DCSError, asyncio.TimeoutError):
+    async def _reopen_session(self) -> bool:
+        """A new session after ours was lost; our member key goes with it (bound to the session).
+        False if the store did not answer: the next renewal finds the old session lost again
+        and comes back here, so this is retried every renewal interval."""
+        self._last_member = None  # the key went with the session: publish it again, whatever
+        try:
             await asyncio.wait_for(
                 self.dcs.open_session(self.settings.ttl), timeout=self.settings.ttl / 2
             )
+            data = self._member_data()
             await asyncio.wait_for(
-                self.dcs.put_member(self.name, self._member_data()), timeout=self.settings.ttl / 2
+                self.dcs.put_member(self.name, data), timeout=self.settings.ttl / 2
             )
+            self._last_member = data
+        except (DCSError, TimeoutError) as exc:
+            log.warning("session_reopen_failed", error=str(exc) or type(exc).__name__)
+            return False
+        log.info("session_reopened")
+        return True
 
     def _fence_deadline(self, sent: float) -> float:
         cs = self.cfg.cluster_settings
@@ -734,36 +784,6 @@ class Agent:
             self._last_member = None  # try again on the next probe
             log.debug("member_publish_failed", error=str(exc))
 
-    def _release_stale_key(self) -> None:
-        """The leader key names us but we are not master and hold no lease (we fenced, and the
-        store kept the key: an etcd restart renews every lease, for instance). Nothing of ours is
-        writable, so the key is released (compare-and-delete on its term): otherwise everyone
-        would follow a master that is not there."""
-        s = self.snapshot
-        leader = s.dcs.leader
-        if (
-            leader is None
-            or leader.name != self.name
-            or s.lease.held
-            or self.machine.role in (Role.MASTER, Role.CANDIDATE)
-            or s.busy == "acquire"
-            or leader.term == self._releasing
-        ):
-            return
-        self._releasing = leader.term
-
-        async def go(term: int) -> None:
-            try:
-                released = await asyncio.wait_for(
-                    self.dcs.release_leader(self.name, term), timeout=5
-                )
-                log.info("released_stale_leader_key", term=term, released=released)
-            except (DCSError, TimeoutError) as exc:
-                log.warning("stale_leader_key_release_failed", error=str(exc))
-                self._releasing = None
-
-        asyncio.ensure_future(go(leader.term))
-
     def _register_service(self) -> None:
         """Consul: keep our PostgreSQL registered as service <cluster> tagged master or replica,
         with an HTTP check on /primary or /replica, so master.<cluster>.service.consul resolves
@@ -905,6 +925,8 @@ class Agent:
             else:
                 self.write_standby_config(upstream)
             await self.pg.start(timeout=timeout)
+            # the fence process learns the new postmaster's pid now, not at its next ping
+            self.watchdog.postmaster_started()
         except (PostgresError, OSError):
             facts = await self.pg.probe()
             data = pg_facts_to_dict(facts)
@@ -989,17 +1011,49 @@ class Agent:
         data = self._member_data(election=term)
         self._last_member = data
         await self.dcs.put_member(self.name, data)
-        self.post("effect", name="announce", term=term)
+        self.post("effect", name="announce", ok=True, term=term)
+
+    _fx_announce = _fx_leader_lost
 
     async def _fx_race(self) -> None:
+        # A call that fails (error, timeout) raises: _run_effect posts ``ok: false`` (outcome
+        # unknown: the DCS may have committed it), the machine retries after a back-off, and the
+        # retry confirms a key our session already holds (acquire is idempotent for its holder).
+        if not self.watchdog.can_lead():
+            # fencing.mode: required and the watchdog device cannot be used: stand aside (an
+            # answer, not a failure: the others race; we try again after a TTL)
+            log.error("cannot_lead_without_watchdog_device", device=self.watchdog.device_state)
+            self.post("effect", name="acquire", ok=True, won=False, reason="no watchdog device")
+            return
         sent = time.monotonic()
         leader = await self.dcs.acquire_leader(self.name)
         if leader is not None and leader.name == self.name:
             self.watchdog.arm(self._fence_deadline(sent))
             self.post("lease", held=True, term=leader.term)
-            self.post("effect", name="acquire", won=True, term=leader.term)
+            self.post("effect", name="acquire", ok=True, won=True, term=leader.term)
         else:
-            self.post("effect", name="acquire", won=False)
+            self.post("effect", name="acquire", ok=True, won=False)
+
+    async def _fx_release_key(self) -> None:
+        """Not master (any more): give up the lease and delete a leader key that still names us
+        (compare-and-delete on its term: a newer key, ours or anyone's, is never touched)."""
+        s = self.snapshot
+        leader = s.dcs.leader
+        self.watchdog.disarm()
+        released = None
+        if leader is not None and leader.name == self.name:
+            # a failed call raises here: _run_effect posts ``ok: false``, retried after back-off
+            gone = await asyncio.wait_for(
+                self.dcs.release_leader(self.name, leader.term),
+                timeout=max(2.0, s.settings.ttl / 2),
+            )
+            log.info("released_leader_key", term=leader.term, released=gone)
+            # deleted by us, or already not that key (deleted, lapsed or replaced): either way
+            # a view showing this term is stale from now on
+            released = leader.term
+        if s.lease.held:
+            self.post("lease", held=False, term=None)
+        self.post("effect", name="release", ok=True, released_term=released)
 
     async def _fx_won_lease(self) -> None:
         started = time.monotonic()
@@ -1008,13 +1062,10 @@ class Agent:
             await self.sync.prepare_promotion(self.snapshot.lease.term)
         except DCSError as exc:
             log.error("sync_record_failed_giving_up_lease", error=str(exc))
-            term = self.snapshot.lease.term
             self.watchdog.disarm()
-            if term is not None:
-                with contextlib.suppress(DCSError):
-                    await self.dcs.release_leader(self.name, term)
+            released = await self._release_own_key(self.snapshot.lease.term)
             self.post("lease", held=False, term=None)
-            self.post("effect", name="promote", ok=False)
+            self.post("effect", name="promote", ok=False, released_term=released)
             return
         if not self.pg.running:
             await self._start_pg("primary", None)
@@ -1024,7 +1075,12 @@ class Agent:
                 # the primary's settings (synchronous_standby_names) are loaded while still a
                 # standby, so the first commit after promotion already waits as it must; then
                 # promote: PostgreSQL removes standby.signal itself (and fails if it is gone)
-                self.pg.write_config("standby", None, None, parameters=self.sync.parameters())
+                self.pg.write_config(
+                    "standby",
+                    None,
+                    None,
+                    parameters={**self.cluster_parameters(), **self.sync.parameters()},
+                )
                 with contextlib.suppress(Exception):
                     await self.pg.reload()
                 await self.pg.promote()
@@ -1074,7 +1130,13 @@ class Agent:
         self.pg.fence()
         await self._stop_pg("immediate")
         await self.probe_now()
+        if self.snapshot.lease.held:
+            # the lease was lost by the key's view (gone, or someone else's), not by renewal: we
+            # hold nothing any more, and must not re-arm the watchdog on the next renewal
+            self.post("lease", held=False, term=None)
         self.post("effect", name="fence", ok=True)
+
+    _fx_fence = _fx_lease_lost
 
     async def _handoff(self, exiting: bool) -> None:
         s = self.snapshot
@@ -1094,12 +1156,10 @@ class Agent:
             await asyncio.wait_for(
                 self.dcs.put_member(self.name, self._member_data(**final)), timeout=2
             )
-        if term is not None:
-            with contextlib.suppress(DCSError, asyncio.TimeoutError):
-                await asyncio.wait_for(self.dcs.release_leader(self.name, term), timeout=2)
+        released = await self._release_own_key(term, within=2.0)
         self.post("lease", held=False, term=None)
         await self.probe_now()
-        self.post("effect", name="handoff", ok=True)
+        self.post("effect", name="handoff", ok=True, released_term=released)
 
     async def _fx_shutdown(self) -> None:
         await self._handoff(exiting=True)
@@ -1109,13 +1169,31 @@ class Agent:
 
     async def _fx_start_timeout(self) -> None:
         await self._stop_pg("immediate")
-        term = self.snapshot.lease.term
         self.watchdog.disarm()
-        if term is not None:
-            with contextlib.suppress(DCSError):
-                await self.dcs.release_leader(self.name, term)
+        released = await self._release_own_key(self.snapshot.lease.term)
         self.post("lease", held=False, term=None)
-        self.post("effect", name="give_up", ok=True)
+        self.post("effect", name="give_up", ok=True, released_term=released)
+
+    async def _release_own_key(self, term: int | None, within: float | None = None) -> int | None:
+        """Delete the leader key if it still names us at ``term`` (compare-and-delete). Returns
+        the term when it is gone by our hand, None when not (a failed release is not an error
+        here: the machine's ``release_key`` retries while a view still shows the key)."""
+        if term is None:
+            return None
+        try:
+            released = await asyncio.wait_for(
+                self.dcs.release_leader(self.name, term),
+                timeout=within or max(2.0, self.settings.ttl / 2),
+            )
+        except (DCSError, TimeoutError) as exc:
+            log.warning(
+                "leader_key_release_failed", term=term, error=str(exc) or type(exc).__name__
+            )
+            return None
+        log.info("released_leader_key", term=term, released=released)
+        return term if released else None
+
+    _fx_promote_failed = _fx_start_timeout
 
     async def _fx_rewind(self) -> None:
         src = self._leader_conninfo(replication=False)

@@ -277,7 +277,9 @@ class ApiServer:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.token = agent.cfg.api.resolve_token()
-        self.registry = CollectorRegistry()
+        # the agent's registry: the Kafka sink's metrics (records sent, spooled, dropped, Kafka
+        # up) are in it too, so /metrics serves them
+        self.registry: CollectorRegistry = agent.metrics_registry
         self._role = Gauge(
             "pgsidecar_role", "1 for the member's current role", ["role"], registry=self.registry
         )

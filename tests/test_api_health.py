@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 from events.dcs import ClusterView, Leader
 from fsm.machine import Role
@@ -78,6 +79,7 @@ class FakeAgent:
     )
     dcs_view: Any = None
     dcs: Any = field(default_factory=FakeDcs)
+    metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     _tasks: list[Any] = field(default_factory=list)
     _done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -474,3 +476,34 @@ def test_evaluate_is_pure_and_unknown_leader_lsn_is_not_lag() -> None:
     )
     assert evaluate("replica", f, {"lag": "0"}).code == 200
     assert evaluate("readiness", f, {}).code == 200
+
+
+async def test_metrics_serve_the_kafka_sinks_metrics(
+    client_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The Kafka sink's metrics live in the agent's registry, the one /metrics serves (before,
+    the sink registered them on prometheus-client's global registry, which nothing served, so
+    records_dropped and kafka_up never appeared)."""
+    from events.kafka import KafkaSink
+
+    client = await client_factory("replica")
+    sink = KafkaSink(
+        "127.0.0.1:1",
+        "t",
+        "pg2",
+        tmp_path / "spool",
+        registry=client.agent.metrics_registry,
+    )
+    sink.metrics.dropped.labels(kind="input").inc(3)
+    text = await (await client.get("/metrics")).text()
+    assert 'pgsidecar_records_dropped_total{kind="input"} 3.0' in text
+    assert "pgsidecar_kafka_up" in text
+
+
+def test_the_agent_gives_its_kafka_sink_the_registry_the_api_serves() -> None:
+    import inspect
+
+    from pgsidecar.agent import Agent
+
+    src = inspect.getsource(Agent.__init__)
+    assert "registry=self.metrics_registry" in src.split("KafkaSink.from_settings(", 1)[1]
