@@ -207,6 +207,11 @@ class Agent:
         self.sync = SyncManager(self)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._side_tasks: set[asyncio.Task[Any]] = set()
+        # when the last successful grant or renewal of our session was *sent*: the session (and
+        # a leader key bound to it) lives at least ttl after that on the DCS's clock. An acquire
+        # does not extend it, so the fencing deadline after winning counts from here.
+        self._lease_sent = 0.0
         self._effect_task: asyncio.Task[Any] | None = None
         self._exit_waiter: asyncio.Task[Any] | None = None
         self._expected_exit = False
@@ -339,7 +344,7 @@ class Agent:
         if inp.type == "dcs":
             self._kubernetes_on_view()
             if self.cluster_parameters() != self._applied_params:
-                asyncio.ensure_future(self.apply_cluster_parameters())
+                self._side_task(self.apply_cluster_parameters(), "apply_parameters")
         if inp.type == "dcs" and self.machine.role is Role.MASTER and not snapshot.busy:
             names = set(snapshot.dcs.members) - {self.name}
             now = time.monotonic()
@@ -347,7 +352,20 @@ class Agent:
                 self._member_last_seen[n] = now
             if names != self._slot_members:
                 self._slot_members = names
-                asyncio.ensure_future(self._sync_slots())
+                self._side_task(self._sync_slots(), "sync_slots")
+
+    def _side_task(self, coro: Any, what: str) -> None:
+        """A task beside the machine (publishing, slots, parameters, service registration): kept
+        referenced until it ends, its exception logged, never lost silently; cancelled at exit."""
+        task = asyncio.ensure_future(coro)
+        self._side_tasks.add(task)
+
+        def finished(t: asyncio.Task[Any]) -> None:
+            self._side_tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("side_task_failed", task=what, error=str(t.exception()))
+
+        task.add_done_callback(finished)
 
     def _schedule_wake(self, d: Decision) -> None:
         if self._timer is not None:
@@ -441,7 +459,9 @@ class Agent:
         # If a postmaster of ours survived (it should not: it dies with its agent), stop it before
         # anything else: we never resume with a PostgreSQL whose role we did not set.
         await self._connect_dcs()
+        sent = time.monotonic()
         await self.dcs.open_session(self.settings.ttl)
+        self._lease_sent = sent
         try:
             await self.dcs.register_member(self.name, self._member_data())
         except DuplicateMember as exc:
@@ -558,7 +578,7 @@ class Agent:
                         )
                     )
 
-            asyncio.ensure_future(kill())
+            self._side_task(kill(), "pod_killer")
 
     # -- input sources ----------------------------------------------------------------------------
 
@@ -602,6 +622,7 @@ class Agent:
             sent = time.monotonic()
             try:
                 await asyncio.wait_for(self.dcs.renew_session(), timeout=interval)
+                self._lease_sent = sent
                 if self.snapshot.lease.held:
                     self.watchdog.arm(self._fence_deadline(sent))
                 if down:
@@ -629,9 +650,11 @@ class Agent:
         and comes back here, so this is retried every renewal interval."""
         self._last_member = None  # the key went with the session: publish it again, whatever
         try:
+            sent = time.monotonic()
             await asyncio.wait_for(
                 self.dcs.open_session(self.settings.ttl), timeout=self.settings.ttl / 2
             )
+            self._lease_sent = sent
             data = self._member_data()
             await asyncio.wait_for(
                 self.dcs.put_member(self.name, data), timeout=self.settings.ttl / 2
@@ -773,7 +796,7 @@ class Agent:
         if data == self._last_member:
             return
         self._last_member = data
-        asyncio.ensure_future(self._put_member(data))
+        self._side_task(self._put_member(data), "put_member")
 
     async def _put_member(self, data: dict[str, Any]) -> None:
         try:
@@ -814,7 +837,7 @@ class Agent:
             except Exception as exc:
                 log.warning("service_registration_failed", error=str(exc))
 
-        asyncio.ensure_future(go())
+        self._side_task(go(), "register_service")
 
     # -- helpers for effects ------------------------------------------------------------------------
 
@@ -863,16 +886,21 @@ class Agent:
         params = self.cluster_parameters()
         if params == self._applied_params or not self.pg.running or self.snapshot.busy:
             return
-        self._applied_params = params
+        previous, self._applied_params = self._applied_params, params  # also: one at a time
         role = self.machine.role
-        if role is Role.MASTER:
-            self.write_primary_config()
-        elif role is Role.REPLICA:
-            self.write_standby_config(self._leader_conninfo(replication=True))
-        else:
-            return
         started = time.monotonic()
-        await self.pg.reload()
+        try:
+            if role is Role.MASTER:
+                self.write_primary_config()
+            elif role is Role.REPLICA:
+                self.write_standby_config(self._leader_conninfo(replication=True))
+            else:
+                return
+            await self.pg.reload()
+        except BaseException:
+            # not applied: the next view of the DCS tries again
+            self._applied_params = previous
+            raise
         await asyncio.sleep(0.2)  # the postmaster re-reads the files asynchronously
         pending = await self._pending_restart()
         self.pending_restart = pending
@@ -1025,10 +1053,11 @@ class Agent:
             log.error("cannot_lead_without_watchdog_device", device=self.watchdog.device_state)
             self.post("effect", name="acquire", ok=True, won=False, reason="no watchdog device")
             return
-        sent = time.monotonic()
         leader = await self.dcs.acquire_leader(self.name)
         if leader is not None and leader.name == self.name:
-            self.watchdog.arm(self._fence_deadline(sent))
+            # from the last renewal, not from this request: creating a key bound to the session
+            # does not extend the session (a renewal sent just before could be up to ttl/4 old)
+            self.watchdog.arm(self._fence_deadline(self._lease_sent))
             self.post("lease", held=True, term=leader.term)
             self.post("effect", name="acquire", ok=True, won=True, term=leader.term)
         else:
@@ -1259,9 +1288,9 @@ class Agent:
         self._stopping = True
         if self._timer is not None:
             self._timer.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._side_tasks]:
             t.cancel()
-        for t in self._tasks:
+        for t in [*self._tasks, *self._side_tasks]:
             with contextlib.suppress(BaseException):
                 await t
         if self.pg.running:
