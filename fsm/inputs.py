@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from fsm.machine import EFFECT, TABLE, Decision, Role, decide, retry_delay
+from fsm.machine import EFFECT, TABLE, Decision, Effect, Role, decide, retry_delay
 from fsm.snapshot import (
     DataState,
     DcsFacts,
@@ -105,7 +105,7 @@ def _float(v: Any) -> float | None:
 
 
 def _str(v: Any) -> str | None:
-    return v if isinstance(v, str) else None
+    return str(v) if isinstance(v, str) else None  # str(): a StrEnum (Effect) becomes its value
 
 
 def _bool(v: Any, default: bool = False) -> bool:
@@ -305,7 +305,7 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
     return replace(s, dcs=dcs, settings=settings)
 
 
-EFFECT_NAMES = frozenset(EFFECT.values()) - {"none"}
+EFFECT_NAMES = frozenset(EFFECT.values()) - {Effect.NONE}
 
 
 def _apply_effect(s: Snapshot, d: dict[str, Any]) -> Snapshot:
@@ -423,7 +423,7 @@ def apply(role: Role, s: Snapshot, inp: Input) -> Snapshot:
 def _after_fire(source: Role, dest: Role, trigger: str, s: Snapshot) -> Snapshot:
     """Bookkeeping every transition implies (deterministic, so replay sees the same)."""
     effect = EFFECT[trigger]
-    changes: dict[str, Any] = {"busy": None if effect == "none" else effect}
+    changes: dict[str, Any] = {"busy": None if effect is Effect.NONE else str(effect)}
     if dest is Role.CANDIDATE and source is not Role.CANDIDATE:
         changes["announced_term"] = None
     if dest is Role.REWINDING and source is not Role.REWINDING:

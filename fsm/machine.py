@@ -134,34 +134,59 @@ TABLE: tuple[Row, ...] = (
 
 TRIGGERS: tuple[str, ...] = tuple(sorted({row.trigger for row in TABLE}))
 
-# The effect the runtime runs for each trigger (pgsidecar/effects.py); ``busy`` is set to it.
-EFFECT: dict[str, str] = {
-    "bootstrap": "bootstrap",
-    "clone": "clone",
-    "start_replica": "start_standby",
-    "rewind": "rewind",
-    "follow": "follow",
-    "restart": "start_standby",
-    "leader_lost": "announce",
-    "reclone": "wipe",
-    "race": "acquire",
-    "won_lease": "promote",
-    "lost_race": "none",
-    "stand_down": "none",
-    "restart_in_place": "start_primary",
-    "lease_lost": "fence",
-    "shutdown": "handoff",
-    "switchover": "handoff",
-    "start_timeout": "give_up",
-    "rejoin": "rewind",
-    "retry_rewind": "rewind",
-    "rewound": "start_standby",
-    "restart_pg": "restart_pg",
-    "reinit": "wipe",
-    "release_key": "release",
-    "announce": "announce",
-    "promote_failed": "give_up",
-    "fence": "fence",
+
+class Effect(StrEnum):
+    """What the runtime does for a trigger (``_fx_<trigger>`` in pgsidecar/agent.py). ``busy``
+    is set to it while it runs, and its outcome comes back as an ``effect`` input with this name:
+    ``ok: true`` (with its answer, e.g. ``won``) or ``ok: false`` (the call failed)."""
+
+    NONE = "none"
+    BOOTSTRAP = "bootstrap"
+    CLONE = "clone"
+    START_STANDBY = "start_standby"
+    REWIND = "rewind"
+    FOLLOW = "follow"
+    ANNOUNCE = "announce"
+    WIPE = "wipe"
+    ACQUIRE = "acquire"
+    PROMOTE = "promote"
+    START_PRIMARY = "start_primary"
+    FENCE = "fence"
+    HANDOFF = "handoff"
+    GIVE_UP = "give_up"
+    RESTART_PG = "restart_pg"
+    RELEASE = "release"
+
+
+_E = Effect
+# The effect the runtime runs for each trigger; ``busy`` is set to it.
+EFFECT: dict[str, Effect] = {
+    "bootstrap": _E.BOOTSTRAP,
+    "clone": _E.CLONE,
+    "start_replica": _E.START_STANDBY,
+    "rewind": _E.REWIND,
+    "follow": _E.FOLLOW,
+    "restart": _E.START_STANDBY,
+    "leader_lost": _E.ANNOUNCE,
+    "reclone": _E.WIPE,
+    "race": _E.ACQUIRE,
+    "won_lease": _E.PROMOTE,
+    "lost_race": _E.NONE,
+    "stand_down": _E.NONE,
+    "restart_in_place": _E.START_PRIMARY,
+    "lease_lost": _E.FENCE,
+    "shutdown": _E.HANDOFF,
+    "switchover": _E.HANDOFF,
+    "start_timeout": _E.GIVE_UP,
+    "rejoin": _E.REWIND,
+    "retry_rewind": _E.REWIND,
+    "rewound": _E.START_STANDBY,
+    "restart_pg": _E.RESTART_PG,
+    "reinit": _E.WIPE,
+    "release_key": _E.RELEASE,
+    "announce": _E.ANNOUNCE,
+    "promote_failed": _E.GIVE_UP,
+    "fence": _E.FENCE,
 }
 
 # What a wait without a wake-up time is waiting for. ``decide`` never returns such a wait without

@@ -39,7 +39,7 @@ from events.dcs import DCS, AuthError, ClusterView, DCSError, DuplicateMember, S
 from events.dcs.factory import create_dcs
 from events.sinks import JournalSink, LogSink, Sink
 from fsm.inputs import Input, pg_facts, pg_facts_to_dict, step
-from fsm.machine import Decision, Role, RoleMachine
+from fsm.machine import Decision, Effect, Role, RoleMachine
 from fsm.records import Record
 from fsm.snapshot import DataState, PgFacts, Settings, Snapshot
 from pgsidecar.config import AgentConfig, slot_name
@@ -985,7 +985,7 @@ class Agent:
     async def _fx_bootstrap(self) -> None:
         won = await self.dcs.try_initialize(self.name)
         if not won:
-            self.post("effect", name="bootstrap", ok=True, won=False)
+            self.post("effect", name=Effect.BOOTSTRAP, ok=True, won=False)
             return
         started = time.monotonic()
         try:
@@ -995,7 +995,7 @@ class Agent:
             raise
         self.record_action("initdb", "ok", started)
         await self.probe_now()
-        self.post("effect", name="bootstrap", ok=True, won=True)
+        self.post("effect", name=Effect.BOOTSTRAP, ok=True, won=True)
 
     async def _fx_clone(self) -> None:
         failures = self.snapshot.clone_failures
@@ -1004,19 +1004,21 @@ class Agent:
             await asyncio.sleep(min(10.0, 0.25 * 2**failures))
         src = self._clone_source()
         if src is None:
-            self.post("effect", name="clone", ok=False, error="no reachable master to clone from")
+            self.post(
+                "effect", name=Effect.CLONE, ok=False, error="no reachable master to clone from"
+            )
             return
         started = time.monotonic()
         await self.pg.wipe_data()
         await self.pg.basebackup(src[1])
         self.record_action("basebackup", "ok", started, source=src[0])
         await self.probe_now()
-        self.post("effect", name="clone", ok=True, source=src[0])
+        self.post("effect", name=Effect.CLONE, ok=True, source=src[0])
 
     async def _fx_start_replica(self) -> None:
         up = self._leader_conninfo(replication=True)
         await self._start_pg("standby", up)
-        self.post("effect", name="start_standby", ok=True, upstream=up[0] if up else None)
+        self.post("effect", name=Effect.START_STANDBY, ok=True, upstream=up[0] if up else None)
 
     _fx_restart = _fx_start_replica
     _fx_rewound = _fx_start_replica
@@ -1025,12 +1027,15 @@ class Agent:
         up = self._leader_conninfo(replication=True)
         if up is None:
             self.post(
-                "effect", name="follow", ok=False, error="the master's address is not published yet"
+                "effect",
+                name=Effect.FOLLOW,
+                ok=False,
+                error="the master's address is not published yet",
             )
             return
         self.write_standby_config(up)
         await self.pg.reload()
-        self.post("effect", name="follow", ok=True, upstream=up[0])
+        self.post("effect", name=Effect.FOLLOW, ok=True, upstream=up[0])
 
     async def _fx_leader_lost(self) -> None:
         # publish a fresh position: peers compare theirs with it before anyone races
@@ -1039,7 +1044,7 @@ class Agent:
         data = self._member_data(election=term)
         self._last_member = data
         await self.dcs.put_member(self.name, data)
-        self.post("effect", name="announce", ok=True, term=term)
+        self.post("effect", name=Effect.ANNOUNCE, ok=True, term=term)
 
     _fx_announce = _fx_leader_lost
 
@@ -1051,7 +1056,9 @@ class Agent:
             # fencing.mode: required and the watchdog device cannot be used: stand aside (an
             # answer, not a failure: the others race; we try again after a TTL)
             log.error("cannot_lead_without_watchdog_device", device=self.watchdog.device_state)
-            self.post("effect", name="acquire", ok=True, won=False, reason="no watchdog device")
+            self.post(
+                "effect", name=Effect.ACQUIRE, ok=True, won=False, reason="no watchdog device"
+            )
             return
         leader = await self.dcs.acquire_leader(self.name)
         if leader is not None and leader.name == self.name:
@@ -1059,9 +1066,9 @@ class Agent:
             # does not extend the session (a renewal sent just before could be up to ttl/4 old)
             self.watchdog.arm(self._fence_deadline(self._lease_sent))
             self.post("lease", held=True, term=leader.term)
-            self.post("effect", name="acquire", ok=True, won=True, term=leader.term)
+            self.post("effect", name=Effect.ACQUIRE, ok=True, won=True, term=leader.term)
         else:
-            self.post("effect", name="acquire", ok=True, won=False)
+            self.post("effect", name=Effect.ACQUIRE, ok=True, won=False)
 
     async def _fx_release_key(self) -> None:
         """Not master (any more): give up the lease and delete a leader key that still names us
@@ -1082,7 +1089,7 @@ class Agent:
             released = leader.term
         if s.lease.held:
             self.post("lease", held=False, term=None)
-        self.post("effect", name="release", ok=True, released_term=released)
+        self.post("effect", name=Effect.RELEASE, ok=True, released_term=released)
 
     async def _fx_won_lease(self) -> None:
         started = time.monotonic()
@@ -1094,7 +1101,7 @@ class Agent:
             self.watchdog.disarm()
             released = await self._release_own_key(self.snapshot.lease.term)
             self.post("lease", held=False, term=None)
-            self.post("effect", name="promote", ok=False, released_term=released)
+            self.post("effect", name=Effect.PROMOTE, ok=False, released_term=released)
             return
         if not self.pg.running:
             await self._start_pg("primary", None)
@@ -1127,7 +1134,7 @@ class Agent:
             with contextlib.suppress(DCSError):
                 await self.dcs.delete_switchover()
         await self.probe_now()
-        self.post("effect", name="promote", ok=True)
+        self.post("effect", name=Effect.PROMOTE, ok=True)
 
     async def _sync_slots(self) -> None:
         """Keep a physical slot for every member, and for a member that vanished for
@@ -1148,11 +1155,11 @@ class Agent:
             # never start a primary without a lease valid on our own clock
             self.post("lease", held=False, term=None)
             self.post(
-                "effect", name="start_primary", ok=False, error="lease not valid on our clock"
+                "effect", name=Effect.START_PRIMARY, ok=False, error="lease not valid on our clock"
             )
             return
         await self._start_pg("primary", None)
-        self.post("effect", name="start_primary", ok=True)
+        self.post("effect", name=Effect.START_PRIMARY, ok=True)
 
     async def _fx_lease_lost(self) -> None:
         self.watchdog.disarm()
@@ -1163,7 +1170,7 @@ class Agent:
             # the lease was lost by the key's view (gone, or someone else's), not by renewal: we
             # hold nothing any more, and must not re-arm the watchdog on the next renewal
             self.post("lease", held=False, term=None)
-        self.post("effect", name="fence", ok=True)
+        self.post("effect", name=Effect.FENCE, ok=True)
 
     _fx_fence = _fx_lease_lost
 
@@ -1188,7 +1195,7 @@ class Agent:
         released = await self._release_own_key(term, within=2.0)
         self.post("lease", held=False, term=None)
         await self.probe_now()
-        self.post("effect", name="handoff", ok=True, released_term=released)
+        self.post("effect", name=Effect.HANDOFF, ok=True, released_term=released)
 
     async def _fx_shutdown(self) -> None:
         await self._handoff(exiting=True)
@@ -1201,7 +1208,7 @@ class Agent:
         self.watchdog.disarm()
         released = await self._release_own_key(self.snapshot.lease.term)
         self.post("lease", held=False, term=None)
-        self.post("effect", name="give_up", ok=True, released_term=released)
+        self.post("effect", name=Effect.GIVE_UP, ok=True, released_term=released)
 
     async def _release_own_key(self, term: int | None, within: float | None = None) -> int | None:
         """Delete the leader key if it still names us at ``term`` (compare-and-delete). Returns
@@ -1227,14 +1234,14 @@ class Agent:
     async def _fx_rewind(self) -> None:
         src = self._leader_conninfo(replication=False)
         if src is None:
-            self.post("effect", name="rewind", ok=False, error="master not reachable")
+            self.post("effect", name=Effect.REWIND, ok=False, error="master not reachable")
             return
         await self._stop_pg("fast")
         started = time.monotonic()
         result = await self.pg.rewind(src[1])
         self.record_action("pg_rewind", result, started, source=src[0])
         await self.probe_now()
-        self.post("effect", name="rewind", ok=True, result=result)
+        self.post("effect", name=Effect.REWIND, ok=True, result=result)
 
     _fx_rejoin = _fx_rewind
     _fx_retry_rewind = _fx_rewind
@@ -1249,7 +1256,7 @@ class Agent:
         await self._start_pg(role, up)
         self.pending_restart = await self._pending_restart()
         self.record_action("restart", "ok", started, as_role=role)
-        self.post("effect", name="restart_pg", ok=True)
+        self.post("effect", name=Effect.RESTART_PG, ok=True)
 
     async def _fx_reinit(self) -> None:
         await self._fx_reclone()
@@ -1260,7 +1267,7 @@ class Agent:
         await self.pg.wipe_data()
         self.record_action("wipe_data", "ok", started)
         await self.probe_now()
-        self.post("effect", name="wipe", ok=True)
+        self.post("effect", name=Effect.WIPE, ok=True)
 
     # -- stopping --------------------------------------------------------------------------------
 
