@@ -178,6 +178,22 @@ class ClusterSettings(Strict):
     synchronous_node_count: int = Field(default=1, ge=1, le=10)
 
 
+class FencingSettings(Strict):
+    """Fencing beyond the agent's thread and its fence process (``pgsidecar/fence.py``): the
+    Linux watchdog device, for a freeze of the whole node (VM pause, cgroup freeze), where the
+    agent and the fence process stop together. The fence process holds the device while armed."""
+
+    # off: no device. automatic: use it if it opens, else log and go on without it.
+    # required: the member does not stay master without it (an arm whose device fails fences).
+    mode: Literal["off", "automatic", "required"] = "off"
+    device: Path = Path("/dev/watchdog")
+    # if the fence process stops keeping the device alive, the node is reset at the latest this
+    # many seconds after the fencing deadline. The deadline is at least the fencing margin
+    # (clamp(0.15 ttl, 0.5 s, 2 s)) before the earliest lease expiry, so up to 0.5 s the reset
+    # always comes before another member can hold the lease.
+    safety_margin: float = Field(default=0.5, ge=0.0, le=0.5)
+
+
 class AgentConfig(Strict):
     name: str = Field(pattern=NAME_RE)
     cluster: str = Field(pattern=NAME_RE)
@@ -190,6 +206,7 @@ class AgentConfig(Strict):
     kafka: KafkaSettings = KafkaSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
     tags: Tags = Tags()
+    fencing: FencingSettings = FencingSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = None
 

@@ -149,6 +149,28 @@ async def test_exactly_one_of_concurrent_acquirers_wins(dcs_backend: Any) -> Non
     assert (await impostor.read_cluster()).leader == leader
 
 
+async def test_a_reopened_session_does_not_inherit_the_old_sessions_key(dcs_backend: Any) -> None:
+    """The agent reopens its session after a DCS outage (issue 10): the old session's keys go
+    at once (not at its TTL), so a key of ours from before is never left standing in the way of
+    the election; a *different* old session's key under our name (an earlier run of the agent)
+    is refused to us, and the compare-and-delete on (name, term) that the machine's
+    ``release_key`` runs deletes it."""
+    a = await new_dcs(dcs_backend)
+    old = await a.acquire_leader("a")
+    assert old is not None
+    await a.open_session(ttl_of(dcs_backend))
+    assert (await a.read_cluster()).leader is None
+    new = await a.acquire_leader("a")
+    assert new is not None and new.term > old.term
+    # the retry of an acquire whose answer was lost confirms the key of *this* session
+    assert await a.acquire_leader("a") == new
+    # an earlier run of the same member (another session) finds the key refused, releases it
+    again = await new_dcs(dcs_backend)
+    assert await again.acquire_leader("a") is None
+    assert await again.release_leader("a", new.term) is True
+    assert (await again.acquire_leader("a")) is not None
+
+
 async def test_release_frees_the_key_at_once(dcs_backend: Any) -> None:
     a = await new_dcs(dcs_backend)
     b = await new_dcs(dcs_backend)

@@ -357,6 +357,11 @@ class EtcdDCS(DCS):
         return float(self._ttl) if self._lease is not None else 0.0
 
     async def open_session(self, ttl: float) -> None:
+        if self._lease is not None:
+            # one session per agent: a new one replaces the old, whose keys go with it now (as
+            # with Consul) rather than at its TTL; it is usually gone already (SessionLost)
+            with contextlib.suppress(DCSError):
+                await self.close_session()
         want = max(MIN_LEASE_TTL, math.ceil(ttl))
         reply = await self._post("/v3/lease/grant", {"TTL": str(want)}, idempotent=False)
         if reply.get("error"):
