@@ -1,5 +1,12 @@
-"""Consul fixtures: the Consul HTTP emulator (tests/consul_emulator.py) and, when a ``consul``
-binary is on PATH, a real ``consul agent -dev``; plus factories of ConsulDCS.
+"""Consul fixtures: the Consul HTTP emulator (tests/consul_emulator.py), which is what runs in
+this suite, and a real ``consul agent -dev`` only when a ``consul`` binary is on PATH; plus
+factories of ConsulDCS.
+
+What actually runs: the contract suite (``dcs_backend``, tests/conftest.py) has two parameters,
+"etcd" (a real etcd) and "consul" (the emulator, in process). A real Consul agent is used by one
+test only, ``tests/test_consul_backend.py::test_real_agent_scenario``, and it is skipped, naming
+the missing binary, when ``consul`` is not on PATH (as on the CI machine). The contract suite is
+not run against a real Consul agent.
 
 * ``consul_emulator``: a fresh emulator per test (it starts in milliseconds, so tests never share
   state). Its minimum session TTL is ``TEST_MIN_TTL`` (2 s) instead of Consul's default 10 s: a
@@ -11,8 +18,7 @@ binary is on PATH, a real ``consul agent -dev``; plus factories of ConsulDCS.
   ``consul_agent_dcs_factory`` (the real agent): ``make_dcs(cluster=None, **kwargs) -> ConsulDCS``
   (not yet connected), with ``make_dcs.min_ttl`` and ``make_dcs.server`` (a ConsulTarget). All
   DCS of one test share a random key prefix. At teardown: sessions destroyed, the prefix
-  deleted, clients closed. (``dcs_backend`` looks its factory up by name at run time, so the real
-  agent joins the contract suite as a third ``dcs_backend`` parameter, "consul-agent".)
+  deleted, clients closed.
 """
 
 from __future__ import annotations

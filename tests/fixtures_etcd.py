@@ -2,6 +2,12 @@
 
 The server is session-scoped (starting etcd costs ~1 s); tests stay independent because every
 ``make_dcs`` factory works under its own random key prefix, which is deleted at teardown.
+
+Every test that starts a real etcd is an ``integration`` test: ``pytest_collection_modifyitems``
+below marks each test that uses one of ``ETCD_FIXTURES`` (directly or through another fixture)
+or the "etcd" parameter of ``dcs_backend``, so ``-m "not integration"`` never starts etcd. And
+``running_etcd``/``running_etcd_cluster`` refuse to start one for a test that is not marked, so
+a new fixture that starts etcd cannot make the marker lie: add its name to ``ETCD_FIXTURES``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,45 @@ from pgsidecar.config import EtcdSettings
 from pgsidecar.procutil import free_port_range, terminate
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
+# fixtures that start a real etcd process (the ones in tests/test_etcd_backend.py included)
+ETCD_FIXTURES = frozenset({"etcd_server", "etcd_with_auth", "etcd_cluster"})
+
+
+def starts_etcd(item: pytest.Item) -> bool:
+    names = set(getattr(item, "fixturenames", ()))
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params if callspec is not None else {}
+    return bool(names & ETCD_FIXTURES) or params.get("dcs_backend") == "etcd"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if starts_etcd(item) and item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.integration)
+
+
+_running: list[pytest.Item] = []  # the test being set up or run
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[:] = [item]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _running.clear()
+
+
+def _require_integration_marker() -> None:
+    if _running and _running[0].get_closest_marker("integration") is None:
+        raise AssertionError(
+            f"{_running[0].nodeid} starts a real etcd but is not marked integration: mark it, or "
+            "add the fixture that starts etcd to ETCD_FIXTURES in tests/fixtures_etcd.py"
+        )
+
+
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
@@ -238,6 +283,7 @@ def _tmp_root() -> str | None:
 @contextlib.contextmanager
 def running_etcd(extra_args: tuple[str, ...] = ()) -> Iterator[EtcdServer]:
     """Start an etcd in a fresh temp dir; stop it by pid and remove the dir afterwards."""
+    _require_integration_marker()
     base = Path(tempfile.mkdtemp(prefix="pgsidecar-etcd-", dir=_tmp_root()))
     server = EtcdServer(base, extra_args)
     try:
@@ -250,6 +296,7 @@ def running_etcd(extra_args: tuple[str, ...] = ()) -> Iterator[EtcdServer]:
 
 @contextlib.contextmanager
 def running_etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
+    _require_integration_marker()
     base = Path(tempfile.mkdtemp(prefix="pgsidecar-etcd-", dir=_tmp_root()))
     cluster = EtcdCluster(base, size)
     try:

@@ -4,6 +4,9 @@ Registered as a pytest plugin (``tests.fixtures_kafka`` in conftest's ``pytest_p
 The jars are fetched with Maven on first use (about 25 s and 46 MB on a fresh machine, then
 cached in .cache/kafka). Without Java the Kafka tests are skipped with the reason; a failing
 fetch or start is an error, not a skip.
+
+Every test that uses the broker is marked ``integration`` and ``kafka`` at collection (it starts
+a real broker process), so ``-m "not integration"`` never starts Kafka.
 """
 
 from __future__ import annotations
@@ -17,6 +20,15 @@ from events.kafka_broker import KafkaBroker, fetch, java_available
 from pgsidecar.procutil import free_port_range
 
 _topics = itertools.count(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "kafka_session_broker" in getattr(item, "fixturenames", ()):
+            for name in ("integration", "kafka"):
+                if item.get_closest_marker(name) is None:
+                    item.add_marker(getattr(pytest.mark, name))
 
 
 @pytest.fixture(scope="session")

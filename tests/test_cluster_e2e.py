@@ -193,11 +193,12 @@ def test_sigkill_of_the_master_agent_alone_never_two_writable_masters() -> None:
     with local_cluster(ttl=TTL) as lc:
         old = lc.master()
         pm = lc.postmaster_pid(old)
+        assert pm is not None, "the master's postmaster runs before the kill"
         p = Prober(lc).start()
         time.sleep(1.0)
         lc.kill_member(old, postgres=False)  # the agent only; its postmaster must not outlive it
         wait_for(
-            lambda: pm is not None and not os.path.exists(f"/proc/{pm}/status") or _zombie(pm),
+            lambda: not os.path.exists(f"/proc/{pm}/status") or _zombie(pm),
             10,
             what="the postmaster dies with its agent",
         )
@@ -210,9 +211,7 @@ def test_sigkill_of_the_master_agent_alone_never_two_writable_masters() -> None:
         assert p.double_writable == [], f"two writable members at once: {p.double_writable[:5]}"
 
 
-def _zombie(pid: int | None) -> bool:
-    if pid is None:
-        return True
+def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
@@ -226,6 +225,7 @@ def test_replica_whose_data_was_deleted_reclones() -> None:
         victim = next(m.name for m in lc.members if m.name != master)
         pgdata = lc.member(victim).dir / "pgdata"
         pm = lc.postmaster_pid(victim)
+        assert pm is not None, "the replica's postmaster runs before its data is deleted"
 
         def clones() -> int:
             return sum(
@@ -234,8 +234,7 @@ def test_replica_whose_data_was_deleted_reclones() -> None:
 
         before = clones()
         shutil.rmtree(pgdata)
-        if pm:
-            os.kill(pm, signal.SIGQUIT)  # PostgreSQL notices a deleted data dir only on restart
+        os.kill(pm, signal.SIGQUIT)  # PostgreSQL notices a deleted data dir only on restart
         wait_for(
             lambda: clones() > before and (lc.api_status(victim) or {}).get("streaming"),
             90,

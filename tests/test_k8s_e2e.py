@@ -103,6 +103,8 @@ def test_deleting_the_master_pod_hands_off_before_sigterm(tmp_path) -> None:  # 
     with k8s_cluster(str(tmp_path)) as (lc, api):
         master = lc.master()  # type: ignore[attr-defined]
         pid = lc.agent_pid(master)  # type: ignore[attr-defined]
+        assert pid is not None, "the master's agent runs before its pod is deleted"
+        assert lc.postmaster_pid(master) is not None  # type: ignore[attr-defined]
         call(api, api.delete_pod, master, graceful=True)  # deletionTimestamp set, no signal sent
         new = wait_for(
             lambda: new_master(lc, master), TTL * 2, what="a new master after pod deletion"
@@ -126,4 +128,9 @@ def test_deleting_the_master_pod_hands_off_before_sigterm(tmp_path) -> None:  # 
         assert not any(r["kind"] == "input" and r["body"]["type"] == "stop" for r in recs), (
             "no SIGTERM was needed"
         )
-        assert pid is not None
+        # observed, not assumed: the very process that ran as master exited by itself, cleanly,
+        # and its PostgreSQL is stopped (handed off, not left running beside the new master)
+        proc = lc._children.get(master)  # type: ignore[attr-defined]
+        assert proc is not None and proc.pid == pid
+        assert proc.wait(timeout=10) == 0, f"the agent exited with {proc.returncode}"
+        assert lc.postmaster_pid(master) is None, "the deleted pod's PostgreSQL still runs"  # type: ignore[attr-defined]

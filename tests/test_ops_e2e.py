@@ -28,6 +28,30 @@ def listing(lc, capsys) -> dict:  # type: ignore[no-untyped-def]
     return json.loads(capsys.readouterr().out)
 
 
+def wait_all_streaming(lc, capsys, master: str) -> None:  # type: ignore[no-untyped-def]
+    """The switchover precondition, waited for explicitly: ``pgsidecar list --json`` shows
+    ``master`` as leader and every other member a running, streaming replica."""
+
+    def ready() -> bool:
+        doc = listing(lc, capsys)
+        rows = doc["members"]
+        return (
+            doc["leader"] == master
+            and len(rows) == len(lc.members)
+            and all(r["pg_running"] and r["streaming"] for r in rows if r["name"] != master)
+        )
+
+    wait_for(ready, 30, interval=0.5, what="every replica running and streaming")
+
+
+def switchover(lc, capsys, *args: str) -> None:  # type: ignore[no-untyped-def]
+    """Request a switchover once: it must be accepted (no retry hides a wrong refusal)."""
+    capsys.readouterr()
+    rc = main(["switchover", "--dir", str(lc.dir), *args])
+    err = capsys.readouterr().err
+    assert rc == 0, f"switchover {' '.join(args)} refused: {err}"
+
+
 def test_parameters_reload_pending_restart_rolling_restart_and_reinit(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -108,12 +132,8 @@ def test_scheduled_switchover_fires_at_its_time_and_can_be_cancelled(
     with local_cluster(ttl=TTL) as lc:
         master = lc.master()
         target = next(m.name for m in lc.members if m.name != master)
-        wait_for(
-            lambda: main(["switchover", "--dir", str(lc.dir), "--to", target, "--at", "+600"]) == 0,
-            30,
-            interval=0.5,
-            what="the first scheduled switchover accepted",
-        )
+        wait_all_streaming(lc, capsys, master)
+        switchover(lc, capsys, "--to", target, "--at", "+600")
         assert main(["switchover", "--dir", str(lc.dir), "--cancel"]) == 0
         assert lc.read_view().switchover is None
         assert (
@@ -123,15 +143,11 @@ def test_scheduled_switchover_fires_at_its_time_and_can_be_cancelled(
             == 1
         )
         assert "in the past" in capsys.readouterr().err
-        # the target must be a streaming replica at the moment of the request (a loaded machine
-        # may show it between two WAL receiver states): retry the request briefly
+        # the target must be a streaming replica at the moment of the request: wait for that
+        # precondition, then ask once
+        wait_all_streaming(lc, capsys, master)
         t0 = time.monotonic()
-        wait_for(
-            lambda: main(["switchover", "--dir", str(lc.dir), "--to", target, "--at", "+4"]) == 0,
-            20,
-            interval=0.5,
-            what="the scheduled switchover accepted",
-        )
+        switchover(lc, capsys, "--to", target, "--at", "+4")
         time.sleep(2)
         assert lc.master() == master, "a scheduled switchover must not fire early"
         wait_for(lambda: lc.master() == target, 20, what="the scheduled switchover")

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -86,11 +87,24 @@ def test_config_file_of_random_bytes_is_a_clear_error(raw: bytes) -> None:
     with tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False) as fh:
         fh.write(raw)
     try:
-        load_config(fh.name, environ={})
-    except ConfigError:
-        pass
+        # random bytes are never a complete config: always an error, never a silent success
+        with pytest.raises(ConfigError) as info:
+            load_config(fh.name, environ={})
     finally:
         Path(fh.name).unlink()
+    msg = str(info.value)
+    # clear: it names the file and the problem (which field, for a mapping that fails validation)
+    assert fh.name in msg, msg
+    problems = (
+        "is not UTF-8 text",
+        "is not valid YAML",
+        "must hold a mapping at the top level",
+        "invalid configuration in",
+    )
+    assert any(p in msg for p in problems), msg
+    if "invalid configuration in" in msg:
+        fields = [ln for ln in msg.splitlines()[1:] if ln.startswith("  ") and ": " in ln]
+        assert fields, f"names no field: {msg!r}"
 
 
 @settings(max_examples=500, deadline=None)

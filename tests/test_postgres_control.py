@@ -425,7 +425,10 @@ _CHILD = """
 import asyncio, json, os, sys
 from pathlib import Path
 from pgsidecar.config import PostgresSettings
+import pgsidecar.postgres.control
 from pgsidecar.postgres.control import PostgresControl
+
+print(pgsidecar.postgres.control.__file__, flush=True)  # which checkout the child runs
 
 class Log:
     def info(self, *a, **k): pass
@@ -446,6 +449,14 @@ asyncio.run(main())
 """
 
 
+# the repository this test file belongs to: the child agent must import this checkout's code
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _in_repo(path: str) -> bool:
+    return Path(path).resolve().is_relative_to(REPO_ROOT)
+
+
 async def spawn_agent(
     lab: Lab, ctl: PostgresControl, mode: str
 ) -> tuple[asyncio.subprocess.Process, int]:
@@ -464,9 +475,14 @@ async def spawn_agent(
         _CHILD,
         json.dumps(cfg),
         stdout=asyncio.subprocess.PIPE,
-        cwd="/work/main",
+        cwd=str(REPO_ROOT),  # the checkout under test, wherever it was cloned
     )
     lab.track(proc.pid)
+    assert proc.stdout is not None
+    code = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().strip()
+    assert _in_repo(code), (
+        f"the child agent imported {code}, not the code under test in {REPO_ROOT}"
+    )
     line = await asyncio.wait_for(proc.stdout.readline(), 30)
     assert line.strip().isdigit(), f"child agent failed: {line!r}"
     pg_pid = int(line)

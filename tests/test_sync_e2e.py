@@ -5,8 +5,11 @@ being acknowledged unsafely."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -24,6 +27,20 @@ def sync_members(lc) -> list[str]:  # type: ignore[no-untyped-def]
     if view.leader is None or sync.get("leader") != view.leader.name:
         return []
     return list(sync.get("members") or [])
+
+
+def log_events(path: Path, offset: int) -> list[dict[str, Any]]:
+    """The agent's JSON log lines written after ``offset`` (bytes), in the order written."""
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        lines = fh.read().decode(errors="replace").splitlines()
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line PostgreSQL or a tool wrote, not the agent's structured log
+    return out
 
 
 def test_hard_kill_in_sync_mode_loses_no_acknowledged_write_and_promotes_the_sync_standby() -> None:
@@ -51,9 +68,12 @@ def test_sync_standby_lost_in_on_mode_master_goes_on_and_record_shrinks_first() 
     with local_cluster(ttl=TTL, extra={"settings.synchronous_mode": "on"}) as lc:
         sync = lc.wait_sync(timeout=30)
         master = lc.master()
-        lc.kill_member(sync[0], postgres=True)
+        dead = sync[0]
+        log = lc.member(master).dir / "agent.log"
+        offset = log.stat().st_size
+        lc.kill_member(dead, postgres=True)
         # the record drops the dead standby, the other replica becomes synchronous
-        other = next(m.name for m in lc.members if m.name not in (master, sync[0]))
+        other = next(m.name for m in lc.members if m.name not in (master, dead))
         wait_for(
             lambda: sync_members(lc) == [other],
             30,
@@ -63,6 +83,30 @@ def test_sync_standby_lost_in_on_mode_master_goes_on_and_record_shrinks_first() 
             c.execute("SET statement_timeout = '5s'")
             c.execute("CREATE TABLE after_loss (x int)")
             c.execute("INSERT INTO after_loss VALUES (1)")
+        # the order the name promises, as the master's log shows it: the DCS record dropped the
+        # dead standby before synchronous_standby_names stopped naming it (so there was no moment
+        # when PostgreSQL no longer waited for a member the record still allowed to be promoted)
+        events = log_events(log, offset)
+        shrunk = [
+            i
+            for i, e in enumerate(events)
+            if e.get("event") == "action"
+            and e.get("name") == "sync_set"
+            and e.get("outcome") == "shrunk"
+            and dead in (e.get("removed") or [])
+        ]
+        names = [
+            i
+            for i, e in enumerate(events)
+            if e.get("event") == "synchronous_standby_names"
+            and f'"{dead}"' not in str(e.get("value"))
+        ]
+        assert shrunk, f"no record shrink removing {dead} in {log}"
+        assert names, f"synchronous_standby_names never stopped naming {dead}"
+        assert shrunk[0] < names[0], (
+            "synchronous_standby_names dropped the dead standby before the DCS record did: "
+            f"{events[names[0]]} came before {events[shrunk[0]]}"
+        )
 
 
 def test_strict_mode_blocks_writes_without_a_standby() -> None:
