@@ -15,9 +15,11 @@ Kubernetes is never on the failover path: nothing here raises into the caller or
 no token or no reachable API server, ``available`` is False, the reason is logged once and kept in
 ``problem`` (for /status), and the pieces retry in the background.
 
-``K8S_API_CALLS`` lists every API call this module makes; deploy/kubernetes' Role must grant
-exactly these (tests/test_deploy_manifests.py compares them), ``POD_KILLING_API_CALLS`` the ones
-only the pod-killing component grants.
+Every ``KubeApi`` method that calls the API says which (resource, verb) it is with ``@api_call``;
+``K8S_API_CALLS`` and ``POD_KILLING_API_CALLS`` (only the pod-killing component grants these) are
+read off those methods, not kept by hand. What the code really sends is observed in
+tests/test_k8s_access.py: the components run against a fake API server that enforces the Role
+deploy/kubernetes renders to, and the Role must grant exactly the calls seen there.
 """
 
 from __future__ import annotations
@@ -43,14 +45,21 @@ from pgsidecar.config import KubernetesSettings
 if TYPE_CHECKING:
     from kubernetes_asyncio import client as k8s_client
 
-# (resource, verb) of every call below; the deploy Role is checked against these.
-K8S_API_CALLS: tuple[tuple[str, str], ...] = (
-    ("pods", "get"),  # PodLabeler.start: the own pod's current labels (and that pod_name is right)
-    ("pods", "list"),  # PodWatcher: initial list and relist after 410 Gone
-    ("pods", "watch"),  # PodWatcher: the watch itself
-    ("pods", "patch"),  # PodLabeler: the role label
-)
-POD_KILLING_API_CALLS: tuple[tuple[str, str], ...] = (("pods", "delete"),)  # PodKiller
+F = TypeVar("F", bound=Callable[..., Any])
+
+# KubeApi method name -> (resource, verb, granted only by the pod-killing component)
+_API_CALLS: dict[str, tuple[str, str, bool]] = {}
+
+
+def api_call(resource: str, verb: str, *, pod_killing: bool = False) -> Callable[[F], F]:
+    """Declare the (resource, verb) a KubeApi method calls; the method itself is unchanged."""
+
+    def mark(fn: F) -> F:
+        _API_CALLS[fn.__name__] = (resource, verb, pod_killing)
+        return fn
+
+    return mark
+
 
 ROLE_LABEL = "role"
 ROLE_VALUES = ("master", "replica")
@@ -320,11 +329,13 @@ class KubeApi:
     def _ns(self) -> str:
         return self.resolve().namespace
 
+    @api_call("pods", "get")
     async def get_pod(self, name: str) -> dict[str, Any]:
         return await self._json(
             "get", f"pods/{name}", lambda c, **kw: c.read_namespaced_pod(name, self._ns(), **kw)
         )
 
+    @api_call("pods", "list")
     async def list_pods(self, selector: str) -> dict[str, Any]:
         return await self._json(
             "list",
@@ -332,6 +343,7 @@ class KubeApi:
             lambda c, **kw: c.list_namespaced_pod(self._ns(), label_selector=selector, **kw),
         )
 
+    @api_call("pods", "watch")
     async def watch_pods(self, selector: str, resource_version: str, timeout_seconds: int) -> Any:
         """The raw streaming response of a watch; the caller reads and releases it."""
         # bounded until the headers arrive; the body is a long-lived stream whose reads the
@@ -364,6 +376,7 @@ class KubeApi:
             ),
         )
 
+    @api_call("pods", "patch")
     async def patch_pod_labels(self, name: str, labels: Mapping[str, str | None]) -> dict[str, Any]:
         # merge patch: a null value removes the label; other labels are left alone
         body = {"metadata": {"labels": dict(labels)}}
@@ -375,6 +388,7 @@ class KubeApi:
             ),
         )
 
+    @api_call("pods", "delete", pod_killing=True)
     async def delete_pod(self, name: str, uid: str | None) -> dict[str, Any]:
         # the uid precondition: a StatefulSet recreates a pod under the same name, and the new
         # pod must not pay for the old one's sickness
@@ -384,6 +398,15 @@ class KubeApi:
             f"pods/{name}",
             lambda c, **kw: c.delete_namespaced_pod(name, self._ns(), body=body, **kw),
         )
+
+
+# (resource, verb) of every call KubeApi makes; the pod-killing component's apart
+K8S_API_CALLS: tuple[tuple[str, str], ...] = tuple(
+    (res, verb) for res, verb, pod_killing in _API_CALLS.values() if not pod_killing
+)
+POD_KILLING_API_CALLS: tuple[tuple[str, str], ...] = tuple(
+    (res, verb) for res, verb, pod_killing in _API_CALLS.values() if pod_killing
+)
 
 
 # --------------------------------------------------------------------------- pod events

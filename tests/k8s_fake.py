@@ -14,8 +14,19 @@ Implemented, in namespace ``namespace`` only (another namespace is 403, as for a
 * PATCH  /api/v1/namespaces/{ns}/pods/{name}   application/merge-patch+json of metadata.labels
 * DELETE /api/v1/namespaces/{ns}/pods/{name}   optional DeleteOptions with preconditions.uid
 
-401 without the bearer token, 403 for a verb not in ``allowed``, 400 for an unknown query
-parameter, 415 for another patch type, 422 for a patch touching anything but labels.
+Authorization is RBAC, as the real API server does it: every request (any path, implemented
+or not) is first turned into its request attributes (verb, API group, resource, subresource,
+namespace, name; the verb by the API server's own mapping: GET on an item is get, on a
+collection list, with watch=true watch; POST create, PUT update, PATCH patch, DELETE delete, on a
+collection deletecollection), then checked against ``role``: by default the Role that
+deploy/kubernetes renders to (``deploy_role()``), bound in ``namespace``. A request the Role does
+not grant is 403 Forbidden (a Status with reason Forbidden, as the API server answers), whether
+or not the fake implements it. Every request is recorded in ``served`` with its attributes and
+the status it got, so tests observe which calls the code really makes.
+
+401 without the bearer token, 403 for what the Role does not grant, 400 for an unknown query
+parameter, 404 for a path the fake does not implement, 415 for another patch type, 422 for a
+patch touching anything but labels.
 
 Test helpers change pods (each change gets the next resourceVersion, like etcd's revision),
 drop watch connections, compact the history (forcing 410 on resume), send bookmarks, re-send
@@ -27,14 +38,21 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import shutil
+import subprocess
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+import yaml
 from aiohttp import web
 
-ALL_VERBS = frozenset({"get", "list", "watch", "patch", "delete"})
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+BASE = DEPLOY / "kubernetes"  # the Role the agent runs with
+POD_KILLING = DEPLOY / "overlays" / "pod-killing"  # ... and with the pod-killing component
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 _DROP = object()
@@ -87,6 +105,225 @@ def selector_matches(
     return True
 
 
+# --------------------------------------------------------------------------- RBAC
+
+Rule = dict[str, Any]  # a PolicyRule of rbac.authorization.k8s.io/v1
+
+
+def _load_docs(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _apply_json6902(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    for op in ops:
+        *parents, last = [
+            p.replace("~1", "/").replace("~0", "~") for p in op["path"].lstrip("/").split("/")
+        ]
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if op["op"] == "add":
+            if isinstance(node, list):
+                node.insert(len(node) if last == "-" else int(last), copy.deepcopy(op["value"]))
+            else:
+                node[last] = copy.deepcopy(op["value"])
+        elif op["op"] == "replace":
+            node[int(last) if isinstance(node, list) else last] = copy.deepcopy(op["value"])
+        elif op["op"] == "remove":
+            del node[int(last) if isinstance(node, list) else last]
+        else:
+            raise ValueError(f"fake: JSON patch op {op['op']!r} not implemented")
+
+
+def _apply_patches(directory: Path, k: Mapping[str, Any], docs: list[dict[str, Any]]) -> None:
+    for patch in k.get("patches") or ():
+        target = patch.get("target") or {}
+        if set(target) - {"kind", "name"}:
+            raise ValueError(f"fake: patch target {target} not implemented")
+        text = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
+        ops = yaml.safe_load(text)
+        for doc in docs:
+            if target.get("kind", doc["kind"]) != doc["kind"]:
+                continue
+            if target.get("name", doc["metadata"]["name"]) != doc["metadata"]["name"]:
+                continue
+            if not isinstance(ops, list):
+                if doc["kind"] in ("Role", "ClusterRole"):
+                    raise ValueError("fake: strategic-merge patches of a Role not implemented")
+                continue  # not a Role: irrelevant here
+            _apply_json6902(doc, ops)
+
+
+def _render_python(directory: Path) -> list[dict[str, Any]]:
+    """What kustomize does to the resources of ``directory``, as far as RBAC is concerned:
+    resources (files and other kustomizations), then components' and own patches."""
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for res in k.get("resources") or ():
+        path = (directory / res).resolve()
+        docs.extend(_render_python(path) if path.is_dir() else _load_docs(path))
+    for comp in k.get("components") or ():
+        comp_dir = (directory / comp).resolve()
+        _apply_patches(
+            comp_dir, yaml.safe_load((comp_dir / "kustomization.yaml").read_text()), docs
+        )
+    _apply_patches(directory, k, docs)
+    return docs
+
+
+@cache
+def _render_kubectl(directory: Path) -> list[dict[str, Any]] | None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return None
+    out = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {directory}: {out.stderr}")
+    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+
+
+def _the_role(docs: Sequence[Mapping[str, Any]], where: str) -> list[Rule]:
+    roles = [d for d in docs if d.get("kind") == "Role"]
+    if len(roles) != 1 or any(d.get("kind") == "ClusterRole" for d in docs):
+        raise ValueError(f"{where}: expected exactly one Role (and no ClusterRole)")
+    return copy.deepcopy(list(roles[0]["rules"]))
+
+
+def deploy_role(directory: Path = BASE, *, renderer: str = "auto") -> list[Rule]:
+    """The rules of the Role that ``kubectl apply -k directory`` creates. ``renderer``: "kubectl"
+    (``kubectl kustomize``), "python" (the small renderer above), "auto" (kubectl if installed)."""
+    if renderer in ("auto", "kubectl"):
+        docs = _render_kubectl(directory)
+        if docs is not None:
+            return _the_role(docs, f"kubectl kustomize {directory}")
+        if renderer == "kubectl":
+            raise RuntimeError("kubectl is not installed")
+    return _the_role(_render_python(directory), str(directory))
+
+
+def role_without(
+    rules: Sequence[Rule], verb: str, resource: str, api_group: str = ""
+) -> list[Rule]:
+    """``rules`` with ``verb`` on ``resource`` no longer granted (rules left empty dropped)."""
+    out = []
+    for rule in copy.deepcopy(list(rules)):
+        if api_group in rule.get("apiGroups", ()) and resource in rule.get("resources", ()):
+            if "*" in rule["verbs"]:
+                raise ValueError("fake: cannot take one verb out of a wildcard")
+            rule["verbs"] = [v for v in rule["verbs"] if v != verb]
+        if rule["verbs"]:
+            out.append(rule)
+    return out
+
+
+def granted_calls(rules: Sequence[Rule]) -> set[tuple[str, str, str]]:
+    """(API group, resource[/subresource], verb) each rule grants; wildcards refused, so the
+    Role can be compared with the calls the code makes."""
+    out = set()
+    for rule in rules:
+        if rule.get("resourceNames") or rule.get("nonResourceURLs"):
+            raise ValueError(f"fake: rule {rule} not expandable")
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                for verb in rule["verbs"]:
+                    if "*" in (group, verb) or "*" in res:
+                        raise ValueError(f"wildcard in rule {rule}")
+                    out.add((group, res, verb))
+    return out
+
+
+@dataclass
+class Served:
+    """One request, as the API server's authorizer sees it, and the status it was answered."""
+
+    verb: str  # the RBAC verb (get, list, watch, create, update, patch, delete, deletecollection)
+    resource: str  # "" for a non-resource path (/version, /healthz, ...)
+    subresource: str
+    api_group: str
+    namespace: str | None
+    name: str | None
+    method: str
+    path: str
+    status: int = 0  # filled in once answered
+
+    @property
+    def call(self) -> tuple[str, str, str]:
+        """(API group, resource[/subresource], verb): what an RBAC rule grants."""
+        res = f"{self.resource}/{self.subresource}" if self.subresource else self.resource
+        return (self.api_group, res, self.verb)
+
+
+_SERVED = web.RequestKey("served", Served)
+_INDEX = web.RequestKey("index", int)  # of the request in FakeKubeApi.requests
+
+_METHOD_VERBS = {
+    "GET": "get",
+    "HEAD": "get",
+    "POST": "create",
+    "PUT": "update",
+    "PATCH": "patch",
+    "DELETE": "delete",
+}
+
+
+def request_attributes(method: str, path: str, query: Mapping[str, str]) -> Served:
+    """The API server's RequestInfo (k8s.io/apiserver/pkg/endpoints/request/requestinfo.go)."""
+    parts = [p for p in path.split("/") if p]
+    verb = _METHOD_VERBS.get(method.upper(), method.lower())
+    if len(parts) >= 2 and parts[0] == "api":
+        group, rest = "", parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        return Served(verb, "", "", "", None, None, method, path)  # non-resource URL
+    if rest and rest[0] == "watch":  # the deprecated /watch/ path prefix
+        verb, rest = "watch", rest[1:]
+    namespace = None
+    if rest and rest[0] == "namespaces" and len(rest) > 1:
+        namespace = rest[1]
+        if len(rest) > 2:
+            rest = rest[2:]  # /namespaces/{ns}/{resource}/...; else the namespace itself
+    resource = rest[0] if rest else ""
+    name = rest[1] if len(rest) > 1 else None
+    subresource = rest[2] if len(rest) > 2 else ""
+    if name is None and verb == "get":
+        try:
+            watching = parse_bool(query["watch"]) if "watch" in query else False
+        except ValueError:
+            watching = False
+        verb = "watch" if watching else "list"
+    if name is None and verb == "delete":
+        verb = "deletecollection"
+    return Served(verb, resource, subresource, group, namespace, name, method, path)
+
+
+def rules_allow(rules: Sequence[Rule], req: Served) -> bool:
+    """RBAC's RuleAllows (k8s.io/kubernetes/pkg/apis/rbac/v1/evaluation_helpers.go) for a
+    resource request; a Role grants no non-resource URL."""
+    if not req.resource:
+        return False
+    combined = f"{req.resource}/{req.subresource}" if req.subresource else req.resource
+    for rule in rules:
+        verbs = rule.get("verbs") or ()
+        if "*" not in verbs and req.verb not in verbs:
+            continue
+        groups = rule.get("apiGroups") or ()
+        if "*" not in groups and req.api_group not in groups:
+            continue
+        if not any(
+            r in ("*", combined) or (req.subresource and r == f"*/{req.subresource}")
+            for r in rule.get("resources") or ()
+        ):
+            continue
+        names = rule.get("resourceNames") or ()
+        if names and req.name not in names:
+            continue
+        return True
+    return False
+
+
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
     return {
         "kind": "Status",
@@ -125,13 +362,16 @@ class FakeKubeApi:
         *,
         namespace: str = "pgs",
         token: str | None = "test-token",
-        allowed: Iterable[str] = ALL_VERBS,
+        role: Sequence[Rule] | None = None,
         graceful_delete: bool = True,
         bookmark_interval: float | None = None,
     ) -> None:
         self.namespace = namespace
         self.token = token
-        self.allowed = set(allowed)
+        # the Role bound to the agent's service account in ``namespace``; tests may replace it
+        # (an operator fixing the Role takes effect at the next request)
+        self.role: list[Rule] = deploy_role() if role is None else copy.deepcopy(list(role))
+        self.served: list[Served] = []  # every request, with its attributes and status
         # a delete first sets deletionTimestamp (the kubelet then stops the pod); finish it
         # with finish_deletion(), like the kubelet reporting the containers gone
         self.graceful_delete = graceful_delete
@@ -155,7 +395,7 @@ class FakeKubeApi:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, port: int = 0) -> str:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[self._authorize])
         base = "/api/v1/namespaces/{ns}/pods"
         app.router.add_get(base, self._pods_collection)
         app.router.add_get(base + "/{name}", self._get)
@@ -330,6 +570,9 @@ class FakeKubeApi:
     def calls(self, verb: str) -> list[tuple[str, str, dict[str, str], str | None]]:
         return [r for r in self.requests if r[0] == verb]
 
+    def denied(self) -> list[Served]:
+        return [r for r in self.served if r.status == 403]
+
     def _bookmark(self) -> dict[str, Any]:
         return {
             "type": "BOOKMARK",
@@ -343,34 +586,68 @@ class FakeKubeApi:
     # ----------------------------------------------------------------- HTTP
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _authorize(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Authentication (401), then RBAC (403), then the handler, as in the API server's
+        filter chain; every request is recorded in ``served``."""
+        req = request_attributes(request.method, request.path, request.query)
+        self.served.append(req)
+        request[_SERVED] = req
+        # (verb, path, query, body): refused requests too; the handler fills in the body
+        request[_INDEX] = len(self.requests)
+        self.requests.append((req.verb, request.path, dict(request.query), None))
+        response: web.StreamResponse
         if (
             self.token is not None
             and request.headers.get("Authorization") != f"Bearer {self.token}"
         ):
-            return _status_response(401, "Unauthorized", "Unauthorized")
-        response: web.StreamResponse = await handler(request)
+            response = _status_response(401, "Unauthorized", "Unauthorized")
+        elif req.namespace != self.namespace or not rules_allow(self.role, req):
+            response = self._forbidden(req)
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:  # no route: the fake does not implement it
+                response = _status_response(
+                    exc.status, exc.reason, f"fake: {request.method} {request.path}: {exc.reason}"
+                )
+        req.status = response.status
         return response
+
+    def _record_body(self, request: web.Request, body: Any) -> None:
+        i = request[_INDEX]
+        self.requests[i] = (*self.requests[i][:3], json.dumps(body, sort_keys=True))
+
+    def _forbidden(self, req: Served) -> web.Response:
+        res = f"{req.resource}/{req.subresource}" if req.subresource else req.resource
+        user = f"system:serviceaccount:{self.namespace}:pg"
+        if not req.resource:
+            message = f'forbidden: User "{user}" cannot {req.verb} path "{req.path}"'
+        else:
+            what = f'{res} "{req.name}"' if req.name else res
+            where = (
+                f'in the namespace "{req.namespace}"'
+                if req.namespace is not None
+                else "at the cluster scope"
+            )
+            message = (
+                f'{what} is forbidden: User "{user}" cannot {req.verb} resource "{res}" '
+                f'in API group "{req.api_group}" {where}'
+            )
+        body = status(403, "Forbidden", message)
+        body["details"] = {"name": req.name or "", "kind": req.resource}
+        if req.api_group:
+            body["details"]["group"] = req.api_group
+        return web.json_response(body, status=403)
 
     def _check(
         self, request: web.Request, verb: str, allowed_params: set[str]
     ) -> web.Response | None:
-        body_text = None
-        self.requests.append((verb, request.path, dict(request.query), body_text))
+        # authorization (the Role, the namespace) happened in _authorize, before routing
+        assert request[_SERVED].verb == verb, "fake: the verb mapping disagrees with the route"
         unknown = set(request.query) - allowed_params
         if unknown:
             return _status_response(
                 400, "BadRequest", f"fake: unknown query parameters {sorted(unknown)}"
-            )
-        ns = request.match_info["ns"]
-        if verb not in self.allowed or ns != self.namespace:
-            name = request.match_info.get("name")
-            what = f'pods "{name}"' if name else "pods"
-            return _status_response(
-                403,
-                "Forbidden",
-                f'{what} is forbidden: User "system:serviceaccount:{self.namespace}:pg" cannot '
-                f'{verb} resource "pods" in API group "" in the namespace "{ns}"',
             )
         pending = self._fail_next.get(verb)
         if pending:
@@ -450,6 +727,7 @@ class FakeKubeApi:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
+        request[_SERVED].status = resp.status  # answered now; the stream goes on
         if gone:
             err = status(410, "Expired", f"too old resource version: {since} ({self.compacted_rv})")
             await resp.write(json.dumps({"type": "ERROR", "object": err}).encode() + b"\n")
@@ -519,7 +797,7 @@ class FakeKubeApi:
             body = await request.json()
         except ValueError:
             return _status_response(400, "BadRequest", "patch body is not JSON")
-        self.requests[-1] = (*self.requests[-1][:3], json.dumps(body, sort_keys=True))
+        self._record_body(request, body)
         labels = body.get("metadata", {}).get("labels") if isinstance(body, dict) else None
         if (
             not isinstance(body, dict)
@@ -554,7 +832,7 @@ class FakeKubeApi:
                 return _status_response(400, "BadRequest", "delete body is not JSON")
         if set(options) - {"preconditions"} or set(options.get("preconditions") or {}) - {"uid"}:
             return _status_response(422, "Invalid", "fake: only preconditions.uid is implemented")
-        self.requests[-1] = (*self.requests[-1][:3], json.dumps(options, sort_keys=True))
+        self._record_body(request, options)
         pod = self._pod_or_404(name)
         if isinstance(pod, web.Response):
             return pod

@@ -74,6 +74,9 @@ def k8s_cluster(tmp_token_dir: str) -> Iterator[tuple[object, FakeKubeApi]]:
         }
         with local_cluster(ttl=TTL, extra=extra) as lc:
             yield lc, api
+        # the fake enforces deploy/kubernetes' Role: the real agents' calls were all granted
+        refused = [(r.method, r.path) for r in api.denied()]
+        assert refused == [], f"the Role refused calls the agents made: {refused}"
 
 
 def test_labels_follow_the_lease_through_a_failover(tmp_path) -> None:  # type: ignore[no-untyped-def]

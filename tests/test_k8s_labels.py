@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from events.k8s import KubeApi, PodLabeler, PodWatcher
-from tests.k8s_fake import CLUSTER_LABELS, CapturingLog, FakeKubeApi, settings_for, until
+from tests.k8s_fake import (
+    CLUSTER_LABELS,
+    CapturingLog,
+    FakeKubeApi,
+    deploy_role,
+    role_without,
+    settings_for,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -103,13 +111,13 @@ async def test_failed_patches_are_retried_with_backoff(fake: FakeKubeApi, setup:
 
 
 async def test_forbidden_patch_retries_until_allowed(fake: FakeKubeApi, setup: Setup) -> None:
-    fake.allowed.discard("patch")
+    fake.role = role_without(deploy_role(), "patch", "pods")  # the Role without patch
     lab = setup.labeler
     lab.start()
     lab.set_role("replica")
     await until(lambda: lab.failures >= 2, what="refusals")
     assert not lab.available and "403" in (lab.problem or "")
-    fake.allowed.add("patch")  # the operator fixes the Role
+    fake.role = deploy_role()  # the operator fixes the Role
     assert await lab.wait_applied(5)
     assert role_of(fake) == "replica"
 

@@ -10,7 +10,16 @@ from typing import Any
 import pytest
 
 from events.k8s import KubeApi, MemberHealth, PodEvent, PodKiller, PodWatcher, decide_pod_kill
-from tests.k8s_fake import CLUSTER_LABELS, CapturingLog, FakeKubeApi, settings_for, until
+from tests.k8s_fake import (
+    BASE,
+    CLUSTER_LABELS,
+    POD_KILLING,
+    CapturingLog,
+    FakeKubeApi,
+    deploy_role,
+    settings_for,
+    until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -194,7 +203,7 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    fake = FakeKubeApi()
+    fake = FakeKubeApi(role=deploy_role(POD_KILLING))  # pod killing on: its component's Role
     await fake.start()
     for name in ("pg-0", "pg-1", "pg-2"):
         fake.add_pod(name, CLUSTER_LABELS, ready=True)
@@ -243,7 +252,7 @@ async def test_deletes_the_hopeless_pod_once_per_interval(cluster: Cluster) -> N
 
 async def test_delete_refused_by_the_role_is_a_failed_action_not_a_crash(cluster: Cluster) -> None:
     fake, killer = cluster.fake, cluster.killer
-    fake.allowed.discard("delete")  # the base Role: the pod-killing component is not applied
+    fake.role = deploy_role(BASE)  # the base Role: the pod-killing component is not applied
     killer.observe_health({"pg-0": True, "pg-1": True, "pg-2": False}, now=0.0)
     action = await killer.maybe_kill(is_master=True, now=TIMEOUT)
     assert action is not None and action["outcome"] == "failed" and action["status"] == 403
