@@ -330,6 +330,11 @@ class LocalCluster:
             terminate(pid, signal.SIGTERM, timeout=10)
             self._reap("etcd")
 
+    def etcd_pid(self) -> int | None:
+        """The pid of this cluster's own etcd, if it runs (the fault suite stops and resumes it)."""
+        pid = read_pid(self.dir / "etcd" / "etcd.pid")
+        return pid if pid and pid_alive(pid) else None
+
     def agent_pid(self, name: str) -> int | None:
         pid = read_pid(self.member(name).dir / "agent.pid")
         return pid if pid and pid_alive(pid) else None
