@@ -1,7 +1,7 @@
 """The audit stream in Kafka: the sink that publishes a node's records, the consumer that feeds
 peers' records to the machine, and the reader behind ``pgsidecar history``.
 
-Kafka is the record and the fast path, never the authority (DESIGN.md decision 5):
+Kafka is the record and the fast path, never the authority (ARCHITECTURE.md, "The record stream"):
 
 - ``KafkaSink.emit`` never blocks and never raises for a broker problem: it appends the record to
   the on-disk spool (events/spool.py) and wakes the sender task. The sender publishes spooled

@@ -1,6 +1,6 @@
 """A bounded, ordered, on-disk spool of records waiting for Kafka.
 
-Why it exists: Kafka is the record, not the authority (DESIGN.md decision 5). When the broker is
+Why it exists: Kafka is the record, not the authority (ARCHITECTURE.md, "The record stream"). When the broker is
 unreachable the agent keeps failing over and keeps recording; those records wait here, in order,
 and survive a restart of the agent, until the sink has them acknowledged by the broker.
 

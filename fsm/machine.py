@@ -42,7 +42,7 @@ The runtime (pgsidecar/agent.py) owns one asyncio queue of inputs. For each inpu
 ``step(role, snapshot, input)`` (fsm/inputs.py folds the input into the snapshot, then ``decide``
 picks at most one trigger), fires the trigger on the ``RoleMachine`` (which checks it against the
 table below and produces a Transition record), and runs the effect bound to the trigger
-(pgsidecar/effects.py). The effect's outcome comes back as another input. ``busy`` in the snapshot
+(``_fx_<trigger>`` in pgsidecar/agent.py). The effect's outcome comes back as another input. ``busy`` in the snapshot
 says an effect is in flight; decisions wait for it, except the master's lease check.
 
 Because ``decide`` is a pure function of (role, snapshot) and the snapshot is a pure fold of the
@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 
 from transitions import Machine
 
-from fsm.records import Transition
+from fsm.records import Transition, format_lsn
 from fsm.snapshot import DataState, MemberView, Snapshot
 
 
@@ -305,7 +305,7 @@ def _ahead(peer: MemberView, s: Snapshot) -> bool:
 def _fmt_pos(tl: int | None, lsn: int | None) -> str:
     if lsn is None:
         return f"TL{tl}/?"
-    return f"TL{tl}/{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+    return f"TL{tl}/{format_lsn(lsn)}"
 
 
 def decide(role: Role, s: Snapshot) -> Decision:
@@ -498,6 +498,12 @@ def _decide_init(s: Snapshot) -> Decision:
         if leader is not None:
             return Decision("clone", f"no usable data directory: clone it from {leader.name}")
         if s.dcs.initialized_by is None and not s.bootstrap_lost:
+            if s.settings.nofailover or s.settings.failover_priority <= 0:
+                # the member that runs initdb is the only one with data until it leads: one that
+                # may never lead would leave the cluster without a master for good
+                return _wait(
+                    "peers", "we may never lead (nofailover): a member that may bootstraps"
+                )
             return Decision(
                 "bootstrap", "the cluster is not initialized: race for the initialize key"
             )

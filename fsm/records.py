@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+
+def format_lsn(lsn: int) -> str:
+    """PostgreSQL's text form of an LSN (0/3000060): the one formatter of the project."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
 SCHEMA = "pgsidecar.record/1"
 
 RecordKind = Literal["input", "transition", "action"]

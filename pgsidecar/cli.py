@@ -38,7 +38,7 @@ def _config_from_args(args: argparse.Namespace) -> AgentConfig:
     if getattr(args, "config", None):
         return load_config(args.config)
     if getattr(args, "dir", None):
-        from pgsidecar.local import LocalCluster
+        from pgsidecar.lab.local import LocalCluster
 
         lc = LocalCluster(Path(args.dir))
         if not lc.members:
@@ -80,7 +80,9 @@ async def _read_view(cfg: AgentConfig) -> Any:
 
 
 def _fmt_lsn(lsn: int | None) -> str:
-    return "-" if lsn is None else f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+    from fsm.records import format_lsn
+
+    return "-" if lsn is None else format_lsn(lsn)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -160,12 +162,12 @@ def cmd_switchover(args: argparse.Namespace) -> int:
 def _want_kafka(args: argparse.Namespace) -> bool:
     if args.kafka is not None:
         if args.kafka:
-            from events.kafka_broker import java_available
+            from pgsidecar.lab.kafka_broker import java_available
 
             if not java_available():
                 raise ConfigError("--kafka needs Java (apt-get install openjdk-17-jre-headless)")
         return bool(args.kafka)
-    from events.kafka_broker import java_available
+    from pgsidecar.lab.kafka_broker import java_available
 
     return java_available()
 
@@ -191,7 +193,7 @@ def _load_records(args: argparse.Namespace) -> tuple[list[Any], list[Any], str]:
         return recs, skipped, f"topic {topic}"
     if args.dir:
         from events.kafka import journal_skipped
-        from pgsidecar.local import LocalCluster
+        from pgsidecar.lab.local import LocalCluster
 
         lc = LocalCluster(Path(args.dir))
         recs: list[Any] = []
@@ -284,7 +286,7 @@ def yaml_mode(lc: Any) -> str:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
-    from pgsidecar.local import LocalCluster, LocalClusterError
+    from pgsidecar.lab.local import LocalCluster, LocalClusterError
 
     lc = LocalCluster(Path(args.dir))
     try:
@@ -341,7 +343,19 @@ def cmd_local(args: argparse.Namespace) -> int:
     return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+# commands whose parsers live in the lab (pgsidecar/lab/): their modules are imported only when
+# the command line names one of them, or asks for the list of commands
+LAB_PARSERS = {"bench": "pgsidecar.lab.bench", "chaos": "pgsidecar.lab.faults"}
+
+
+def _command(argv: list[str] | None) -> str | None:
+    args = sys.argv[1:] if argv is None else argv
+    return next((a for a in args if not a.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. ``argv`` (default sys.argv[1:]) decides whether the lab's commands are
+    added: `pgsidecar run` in a container never imports the lab (tests/test_layers.py)."""
     p = argparse.ArgumentParser(prog="pgsidecar", description="PostgreSQL high-availability agent")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -440,11 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dir", default="./.local-cluster")
     lo.set_defaults(func=cmd_local)
 
-    from pgsidecar import bench, cli_ops, faults
+    from pgsidecar import cli_ops
 
-    bench.add_parser(sub)
     cli_ops.add_parsers(sub)
-    faults.add_parser(sub)
+    command = _command(argv)
+    if command is None or command in LAB_PARSERS:
+        import importlib
+
+        for module in LAB_PARSERS.values():
+            importlib.import_module(module).add_parser(sub)
     from pgsidecar import cli_members
 
     cli_members.add_parsers(sub)
@@ -452,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

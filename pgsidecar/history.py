@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fsm.records import Record
+from fsm.records import format_lsn as records_format_lsn
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,7 @@ def role_changes(
 
 def format_lsn(lsn: int | None) -> str | None:
     """PostgreSQL's text form of an LSN: 0/3000060."""
-    if lsn is None:
-        return None
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+    return None if lsn is None else records_format_lsn(lsn)
 
 
 def format_time(t: float) -> str:

@@ -4,7 +4,7 @@
     python scripts/bench_kafka.py [--records 20000] [--outage-records 10000]
                                   [--outage-seconds 10] [--outage kill|pause|both]
 
-Starts its own broker (events/kafka_broker.py) on free loopback ports in a temp dir and stops it
+Starts its own broker (pgsidecar/lab/kafka_broker.py) on free loopback ports in a temp dir and stops it
 by pid at the end. Figures: records/s a KafkaSink publishes (broker-acknowledged, acks=all,
 idempotent), the time ``emit`` takes (what publishing adds to a transition), and the spool's
 recovery after an outage: ``kill`` = SIGKILL and restart of the broker, ``pause`` = SIGSTOP
@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from events.kafka import benchmark  # noqa: E402
-from events.kafka_broker import KAFKA_VERSION, KafkaBroker, fetch, java_available  # noqa: E402
+from pgsidecar.lab.kafka_broker import KAFKA_VERSION, KafkaBroker, fetch, java_available  # noqa: E402
 from pgsidecar.procutil import free_port_range  # noqa: E402
 
 

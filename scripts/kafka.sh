@@ -8,7 +8,7 @@
 #   scripts/kafka.sh stop DIR [TIMEOUT]         SIGTERM by DIR/kafka.pid, SIGKILL after TIMEOUT s
 #   scripts/kafka.sh status DIR                 exit 0 if the broker of DIR runs
 #
-# events/kafka_broker.py is the Python twin (same layout, same files) used by the tests and by
+# pgsidecar/lab/kafka_broker.py is the Python twin (same layout, same files) used by the tests and by
 # `pgsidecar local`; keep the two in step.
 set -euo pipefail
 

@@ -13,8 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pgsidecar.local import LocalCluster
-from pgsidecar.workload import Prober, Writer, multi_host_dsn
+from pgsidecar.lab.local import LocalCluster
+from pgsidecar.lab.workload import Prober, Writer, multi_host_dsn
 
 __all__ = ["Prober", "Writer", "local_cluster", "multi_host_dsn", "new_master", "wait_for"]
 

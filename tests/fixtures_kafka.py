@@ -1,4 +1,4 @@
-"""Apache Kafka fixtures: one real KRaft broker for the test session (events/kafka_broker.py).
+"""Apache Kafka fixtures: one real KRaft broker for the test session (pgsidecar/lab/kafka_broker.py).
 
 Registered as a pytest plugin (``tests.fixtures_kafka`` in conftest's ``pytest_plugins``).
 The jars are fetched with Maven on first use (about 25 s and 46 MB on a fresh machine, then
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from events.kafka_broker import KafkaBroker, fetch, java_available
+from pgsidecar.lab.kafka_broker import KafkaBroker, fetch, java_available
 from pgsidecar.procutil import free_port_range
 
 _topics = itertools.count(1)

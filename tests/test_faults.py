@@ -7,7 +7,7 @@ Run it alone with `pytest -m faults tests/test_faults.py` (11-15 minutes on 2 co
 PGSIDECAR_FAULTS_KEEP=failed to keep a failed run's cluster dir (agent.log, journal.jsonl,
 postgresql.log of each member) under /tmp for the evidence.
 
-The invariants are checked by pgsidecar.faults itself (``RunResult.violations``); these tests
+The invariants are checked by pgsidecar.lab.faults itself (``RunResult.violations``); these tests
 assert them and print the figures. Cases that fail because of a reported agent bug are marked
 xfail(strict=True): they turn into failures the moment the bug is fixed, so the marker goes.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pgsidecar.faults import (
+from pgsidecar.lab.faults import (
     FAULTS,
     STALL_GAP,
     RunResult,
@@ -163,8 +163,8 @@ def _check_class(fault: str, r: RunResult) -> None:
 )
 def test_synchronous_mode_on_loses_no_acknowledged_write(fault: str) -> None:
     """With synchronous mode on, neither a hard kill nor a partition of the master nor a frozen
-    agent loses an acknowledged write (issues 6, 11), and every class invariant holds. Skips,
-    saying why, if the agent puts no synchronous standby in force."""
+    agent loses an acknowledged write (issues 6, 11), and every class invariant holds. Fails
+    (the run's error) if the agent puts no synchronous standby in force: never a skip."""
     r = run_one(spec_for(fault, TTL, seed=SEED, synchronous_mode="on"), keep_dir=KEEP)
     try:
         _check(r)

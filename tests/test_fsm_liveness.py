@@ -394,3 +394,20 @@ def test_every_effect_named_by_the_table_is_a_known_effect() -> None:
     from fsm.inputs import EFFECT_NAMES
 
     assert set(EFFECT.values()) - {"none"} == EFFECT_NAMES
+
+
+def test_a_member_that_may_never_lead_does_not_bootstrap_the_cluster() -> None:
+    """Found by the end-to-end suite: a nofailover member won the initialize key, ran initdb,
+    and, being the only member with data and unable to lead, left the cluster without a master
+    for good (the others waited for its bootstrap to finish with a master)."""
+    for tags in ({"nofailover": True}, {"failover_priority": 0}):
+        n = Node(ME, **tags)
+        n.feed("pg", **pg(running=False, data="missing"))
+        v = dcs(None)
+        v["initialize"] = None
+        assert n.feed("dcs", **v) == []
+        assert n.last.awaits == "peers"
+        # once a member that may lead has bootstrapped and leads, it clones as usual
+        v = dcs("pg2", 3, pg2=member("pg2", role="master"))
+        v["initialize"] = "pg2"
+        assert n.feed("dcs", **v) == ["clone"]

@@ -2,7 +2,7 @@
 local cluster: the read-write port reaches the master, the read-only port the streaming
 replicas; after a failover (SIGTERM of the master's agent) new connections through the
 read-write port reach the new master. The failover figure is printed here and measured by the
-benchmark through pgsidecar.haproxy.measure_haproxy_failover."""
+benchmark through pgsidecar.lab.haproxy.measure_haproxy_failover."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from pgsidecar.haproxy import HAPROXY_CFG, haproxy_binary, haproxy_failover, running_haproxy
+from pgsidecar.lab.haproxy import HAPROXY_CFG, haproxy_binary, haproxy_failover, running_haproxy
 from tests.clusterutil import local_cluster, wait_for
 
 pytestmark = pytest.mark.skipif(haproxy_binary() is None, reason="haproxy is not installed")

@@ -15,9 +15,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from events.kafka import default_topic, read_topic
-from events.kafka_broker import java_available
 from events.sinks import read_journal
 from pgsidecar.cli import main
+from pgsidecar.lab.kafka_broker import java_available
 from tests.clusterutil import local_cluster, new_master, wait_for
 
 pytestmark = [

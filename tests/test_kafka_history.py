@@ -9,7 +9,6 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from events.kafka import KafkaSink, journal_skipped, read_topic
-from events.kafka_broker import KafkaBroker
 from events.sinks import JournalSink, read_journal
 from fsm.records import Record, Transition
 from pgsidecar.history import (
@@ -21,6 +20,7 @@ from pgsidecar.history import (
     parse_since,
     role_changes,
 )
+from pgsidecar.lab.kafka_broker import KafkaBroker
 
 # the broker fixtures; also fine if conftest lists the plugin too (it is loaded once)
 pytest_plugins = ["tests.fixtures_kafka"]

@@ -18,8 +18,8 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from prometheus_client import CollectorRegistry
 
 from events.kafka import KafkaPeerConsumer, KafkaSink, encode, ensure_topic, read_topic
-from events.kafka_broker import KafkaBroker
 from fsm.records import Record, Transition
+from pgsidecar.lab.kafka_broker import KafkaBroker
 
 # the broker fixtures; also fine if conftest lists the plugin too (it is loaded once)
 pytest_plugins = ["tests.fixtures_kafka"]

@@ -10,6 +10,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from fsm.records import format_lsn as format_lsn  # re-exported: the one formatter
+
 # libpq keyword/value strings: a value with spaces, quotes or backslashes (or an empty one) must be
 # single-quoted, with ' and \ escaped by a backslash (libpq "Keyword/Value Connection Strings").
 _DSN_BARE = re.compile(r"^[^\s'\\]+$")
@@ -70,10 +72,6 @@ def parse_lsn(text: str | None) -> int | None:
     if not sep:
         raise ValueError(f"not an LSN: {text!r}")
     return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def format_lsn(lsn: int) -> str:
-    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
 
 def parse_controldata(output: str) -> dict[str, str]:

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pgsidecar.local import LocalCluster
-from pgsidecar.workload import Writer
+from pgsidecar.lab.local import LocalCluster
+from pgsidecar.lab.workload import Writer
 
 
 def _wait(pred: Any, timeout: float, interval: float = 0.02) -> Any:
@@ -182,7 +182,7 @@ def run_failover_bench(
             lines.append(line)
 
         # --- through HAProxy: SIGTERM of the master -> first write via the read-write port
-        from pgsidecar.haproxy import haproxy_binary, measure_haproxy_failover
+        from pgsidecar.lab.haproxy import haproxy_binary, measure_haproxy_failover
 
         if haproxy_binary() is not None:
             runs = []

@@ -26,7 +26,7 @@ from pgsidecar.procutil import pid_alive, read_pid, terminate
 KAFKA_VERSION = os.environ.get("PGSIDECAR_KAFKA_VERSION", "3.9.2")
 # kafka_2.13 depends on slf4j-api only; the distribution's binding is slf4j-reload4j.
 SLF4J_VERSION = "1.7.36"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 class KafkaBrokerError(RuntimeError):
@@ -139,7 +139,7 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def server_properties(directory: Path, port: int, controller_port: int) -> str:
-    return f"""# written by pgsidecar (events/kafka_broker.py): single-node KRaft on loopback
+    return f"""# written by pgsidecar (pgsidecar/lab/kafka_broker.py): single-node KRaft on loopback
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}

@@ -58,9 +58,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pgsidecar.local import LocalCluster, LocalClusterError
+from pgsidecar.lab.local import LocalCluster, LocalClusterError
+from pgsidecar.lab.workload import Prober, Writer
 from pgsidecar.procutil import free_port_range, pid_alive, read_pid, terminate
-from pgsidecar.workload import Prober, Writer
 
 # -- the fault classes ---------------------------------------------------------------------------
 
@@ -681,7 +681,7 @@ class FaultRun:
             if p.returncode != 0:
                 raise Skip(f"`ip netns add` refused: {p.stderr.strip()}")
         if self.fc.kafka:
-            from events.kafka_broker import java_available
+            from pgsidecar.lab.kafka_broker import java_available
 
             if not java_available():
                 raise Skip("Apache Kafka needs Java 17 (apt-get install openjdk-17-jre-headless)")
@@ -694,7 +694,7 @@ class FaultRun:
         self.result.dir = str(self.root)
         cdir = self.root / "c"
         if self.fc.netns:
-            from pgsidecar.netns import NetnsLocalCluster
+            from pgsidecar.lab.netns import NetnsLocalCluster
 
             self.lc = NetnsLocalCluster(cdir)
         else:
@@ -748,13 +748,15 @@ class FaultRun:
             lc.start_member(m.name)
         lc.wait_healthy(timeout=120)
         if self.spec.synchronous_mode != "off":
-            wait_sync = getattr(lc, "wait_sync", None)
-            if wait_sync is None:
-                raise Skip("synchronous mode: this tree's LocalCluster has no wait_sync yet")
+            # a synchronous standby not put in force is a failure of the run, never a skip: a
+            # regression of synchronous mode must not pass as "skipped"
             try:
-                wait_sync(timeout=60)
+                lc.wait_sync(timeout=60)
             except LocalClusterError as exc:
-                raise Skip(f"synchronous mode requested but not in force: {exc}") from exc
+                raise LocalClusterError(
+                    f"synchronous mode {self.spec.synchronous_mode} requested but no synchronous "
+                    f"standby was put in force: {exc}"
+                ) from exc
         self.result.old_master = lc.master()
         self._note_pids()
         self.log(f"cluster up, master {self.result.old_master}")
@@ -926,7 +928,7 @@ class FaultRun:
         self.paused = []
 
     def fault_partition_master(self) -> None:
-        from pgsidecar.netns import NetnsLocalCluster
+        from pgsidecar.lab.netns import NetnsLocalCluster
 
         lc, old = self.lc, self._master()
         assert isinstance(lc, NetnsLocalCluster)
@@ -938,7 +940,7 @@ class FaultRun:
         lc.heal(old)
 
     def fault_partition_replica(self) -> None:
-        from pgsidecar.netns import NetnsLocalCluster
+        from pgsidecar.lab.netns import NetnsLocalCluster
 
         lc = self.lc
         assert isinstance(lc, NetnsLocalCluster)

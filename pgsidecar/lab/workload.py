@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from pgsidecar.local import LocalCluster
+from pgsidecar.lab.local import LocalCluster
 
 
 def multi_host_dsn(lc: LocalCluster) -> str:

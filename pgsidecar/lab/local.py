@@ -252,7 +252,7 @@ class LocalCluster:
         k = self.meta.get("kafka")
         if not k:
             return None
-        from events.kafka_broker import KafkaBroker
+        from pgsidecar.lab.kafka_broker import KafkaBroker
 
         return KafkaBroker(self.dir / "kafka", k["port"], k["controller_port"])
 

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pgsidecar.local import LocalCluster, LocalClusterError, MemberInfo, _which
+from pgsidecar.lab.local import LocalCluster, LocalClusterError, MemberInfo, _which
 from pgsidecar.procutil import pid_alive, read_pid, terminate
 
 CLUSTER_NET = 213  # 10.213.k.0/24: the cluster links, on a bridge

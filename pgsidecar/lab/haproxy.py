@@ -23,10 +23,10 @@ from pathlib import Path
 
 import psycopg
 
-from pgsidecar.local import LocalCluster
+from pgsidecar.lab.local import LocalCluster
 from pgsidecar.procutil import free_port_range, terminate
 
-HAPROXY_CFG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+HAPROXY_CFG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 # the shipped config has a server line for members 0..2
 MAX_MEMBERS = 3
 
