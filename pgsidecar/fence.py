@@ -246,9 +246,11 @@ class Fence:
         """SIGKILL the postmaster and the children it has (a stopped postmaster cannot pass
         SIGQUIT on to its backends; stopped backends must never run again)."""
         kids = children(pid)
-        signal_if_same(pid, start, signal.SIGKILL)
+        # the backends first: once the postmaster is seen gone, every backend is already on its
+        # way out (and a stopped postmaster cannot fork new ones meanwhile)
         for kid, kid_start in kids:
             signal_if_same(kid, kid_start, signal.SIGKILL)
+        signal_if_same(pid, start, signal.SIGKILL)
         log(f"postmaster {pid} {why}: SIGKILL to it and its {len(kids)} children")
 
     def follow_victim(self, now: float) -> None:

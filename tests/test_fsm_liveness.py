@@ -319,9 +319,9 @@ def test_a_lost_race_whose_winner_never_shows_races_again_after_a_ttl() -> None:
     assert n.wake() == ["race"]
 
 
-def test_demoted_with_the_lease_still_held_gives_it_up() -> None:
-    """A master that lost its key to a view (deleted by hand) still held its session: before,
-    demoted waited for ``not lease.held`` forever and renewals kept re-arming the watchdog."""
+def elected_alone() -> Node:
+    """A lone member elected master at term 5 (the prefix of a real bootstrap), its promotion
+    still in flight."""
     n = Node(ME)
     n.feed("pg", **pg(running=False, data="standby"))
     n.feed("dcs", **dcs(None))
@@ -329,7 +329,14 @@ def test_demoted_with_the_lease_still_held_gives_it_up() -> None:
     n.done("start_standby", upstream=None)
     n.done("announce", term=0)
     n.feed("lease", held=True, term=5)
-    n.done("acquire", won=True, term=5)
+    assert n.done("acquire", won=True, term=5) == ["won_lease"]
+    return n
+
+
+def test_demoted_with_the_lease_still_held_gives_it_up() -> None:
+    """A master that lost its key to a view (deleted by hand) still held its session: before,
+    demoted waited for ``not lease.held`` forever and renewals kept re-arming the watchdog."""
+    n = elected_alone()
     n.done("promote")
     assert n.role is Role.MASTER
     assert n.feed("dcs", **{**dcs(None), "index": 9}) == ["lease_lost"]
@@ -341,14 +348,7 @@ def test_demoted_with_the_lease_still_held_gives_it_up() -> None:
 
 
 def test_a_failed_fence_is_retried_while_postgresql_still_runs() -> None:
-    n = Node(ME)
-    n.feed("pg", **pg(running=False, data="standby"))
-    n.feed("dcs", **dcs(None))
-    n.feed("pg", **pg())
-    n.done("start_standby", upstream=None)
-    n.done("announce", term=0)
-    n.feed("lease", held=True, term=5)
-    n.done("acquire", won=True, term=5)
+    n = elected_alone()
     n.done("promote")
     assert n.feed("lease", held=False, term=None) == ["lease_lost"]
     assert n.done("fence", ok=False, error="pg_ctl timed out") == []
@@ -356,14 +356,7 @@ def test_a_failed_fence_is_retried_while_postgresql_still_runs() -> None:
 
 
 def test_a_failed_promotion_gives_the_lease_up() -> None:
-    n = Node(ME)
-    n.feed("pg", **pg(running=False, data="standby"))
-    n.feed("dcs", **dcs(None))
-    n.feed("pg", **pg())
-    n.done("start_standby", upstream=None)
-    n.done("announce", term=0)
-    n.feed("lease", held=True, term=5)
-    assert n.done("acquire", won=True, term=5) == ["won_lease"]
+    n = elected_alone()
     assert n.done("promote", ok=False, error="pg_promote timed out") == ["promote_failed"]
     assert n.role is Role.DEMOTED and n.s.busy == "give_up"
 
