@@ -65,7 +65,17 @@ def test_haproxy_routes_to_the_master_before_and_after_a_failover() -> None:
         assert lc.master() == res.new_master
         # a SIGTERM failover does not wait for the TTL; HAProxy adds at most a few checks
         assert res.seconds < 5.0 + 2.0, res
-        # new connections through the read-write port reach the new master, and only it
+
+        # new connections through the read-write port reach the new master, and only it, once
+        # HAProxy's checks have marked the old master down: the first write through HAProxy can
+        # land while the old one is still UP for up to one check interval (inter 500 ms), and a
+        # connection sent to it then is refused (found by CI: an immediate check was flaky)
+        def one_primary_up() -> bool:
+            rows = [r for r in hp.stats() if r.get("pxname") == "primary"]
+            up = [r for r in rows if r.get("svname") not in ("FRONTEND", "BACKEND")]
+            return sum(r.get("status") == "UP" for r in up) == 1
+
+        wait_for(one_primary_up, 5, what="HAProxy to mark the old master down")
         for _ in range(5):
             assert hp.server_behind(hp.rw_port) == (res.new_master_port, False)
         # the read-only port serves the one replica left, once it streams from the new master
