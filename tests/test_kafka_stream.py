@@ -15,6 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from events.kafka import KafkaPeerConsumer, KafkaSink, encode, ensure_topic, read_topic
@@ -48,14 +49,27 @@ def sample(reg: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 async def raw_topic(bootstrap: str, topic: str) -> list[Any]:
-    """Every message on ``topic``, partition by partition, in offset order (no decoding)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
+    """Every message on ``topic``, partition by partition, in offset order (no decoding).
+
+    The precondition, waited for explicitly: the broker lists itself in its metadata. Right after
+    a SIGSTOP of the broker, KRaft may have fenced it for a moment (its heartbeats stopped): its
+    MetadataResponse then names no broker ("No broker metadata found") and a new client's
+    bootstrap fails at once (found by CI: the read after the hung-broker test failed so)."""
+    deadline = time.monotonic() + 30
+    while True:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        try:
+            await consumer.start()
+            break
+        except KafkaError:
+            await consumer.stop()
+            assert time.monotonic() < deadline, "the broker served no metadata for 30 s"
+            await asyncio.sleep(0.5)
     try:
         cluster = await consumer._client.fetch_all_metadata()
         tps = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or [])]
