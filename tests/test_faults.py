@@ -145,7 +145,12 @@ def _check_class(fault: str, r: RunResult) -> None:
         assert r.dcs_stalls[-1][0] + r.dcs_stalls[-1][1] - r.dcs_stalls[0][0] >= 2 * TTL
     if fault == "kafka-down":
         assert r.kafka_missing == 0 and r.kafka_out_of_order == 0, _explain(r)
-    if not FAULTS[fault].targets_master or r.new_master == r.old_master:
+    # with synchronous mode off, only a failover may lose writes (the unreplicated tail). It is
+    # expected when the master is the target, and legitimate when every lease expired (etcd frozen
+    # past the TTL: any member may win the new election; found by CI, 1 write lost with pg2
+    # elected); for the other classes a failover is itself unexpected, so no loss is allowed
+    failover_allowed = FAULTS[fault].targets_master or fault == "freeze-dcs"
+    if not failover_allowed or r.new_master == r.old_master:
         assert r.lost == 0, f"writes lost without a failover:\n{_explain(r)}"
 
 
