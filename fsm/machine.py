@@ -53,7 +53,7 @@ The table
 =========
 
 One row per transition: (source, trigger, dest, why). Every (state, trigger) pair not in the table
-is rejected by the machine (transitions.MachineError); tests/test_fsm_table.py checks every pair.
+is rejected by the machine (transitions.MachineError); tests/unit/test_fsm_table.py checks every pair.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ EFFECT: dict[str, Effect] = {
 
 # What a wait without a wake-up time is waiting for. ``decide`` never returns such a wait without
 # naming one of these; each names an input that some component other than a finished effect of
-# our own is bound to deliver (tests/test_fsm_liveness.py checks every wait against this list on
+# our own is bound to deliver (tests/unit/test_fsm_liveness.py checks every wait against this list on
 # generated histories). A wait for "our own effect that is no longer running" is the wedge this
 # list exists to rule out: failed effects are retried (RETRY_*) or lead to a transition instead.
 AWAITS: dict[str, str] = {

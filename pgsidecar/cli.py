@@ -355,7 +355,7 @@ def _command(argv: list[str] | None) -> str | None:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The CLI's parser. ``argv`` (default sys.argv[1:]) decides whether the lab's commands are
-    added: `pgsidecar run` in a container never imports the lab (tests/test_layers.py)."""
+    added: `pgsidecar run` in a container never imports the lab (tests/unit/test_layers.py)."""
     p = argparse.ArgumentParser(prog="pgsidecar", description="PostgreSQL high-availability agent")
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine too: installs what it needs first (scripts/setup.sh
-# --deps-only), then lint, types, and the tiers fastest first (docs/testing.md): unit, then
-# integration (real PostgreSQL, etcd, Kafka), then the fault suite. .ci/run calls exactly this.
+# --deps-only), then lint, types, and the tiers fastest first (docs/testing.md): tests/unit, then
+# tests/contract and tests/e2e (real PostgreSQL, etcd, Kafka), then tests/faults. .ci/run calls
+# exactly this.
 # With arguments, runs pytest with them instead of the tiers (e.g. a file or -k).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,10 +17,13 @@ if (($#)); then
 fi
 start=$SECONDS
 failed=()
-for tier in "not integration" "integration and not faults" "faults"; do
-    echo "== tier: -m \"$tier\" ($((SECONDS - start)) s so far)"
+# the tiers are folders (docs/testing.md): unit (no external process), contract and e2e (real
+# PostgreSQL, etcd, Kafka), faults
+for tier in "tests/unit" "tests/contract tests/e2e" "tests/faults"; do
+    echo "== tier: $tier ($((SECONDS - start)) s so far)"
     # every tier runs even after a failure, so one run shows everything that is wrong
-    $PY -m pytest -q -p no:cacheprovider -m "$tier" || failed+=("$tier")
+    # shellcheck disable=SC2086 # the tier is a list of folders
+    $PY -m pytest -q -p no:cacheprovider $tier || failed+=("$tier")
 done
 if ((${#failed[@]})); then
     echo "== FAILED tiers: ${failed[*]} ($((SECONDS - start)) s)"

@@ -5,17 +5,52 @@ from __future__ import annotations
 import pytest
 
 pytest_plugins = [
-    "tests.fixtures_etcd",
-    "tests.fixtures_consul",
-    "tests.fixtures_kafka",
+    "tests.support.fixtures_etcd",
+    "tests.support.fixtures_consul",
+    "tests.support.fixtures_kafka",
+    "tests.support.fenceutil",  # the procs fixture
 ]
 
 
 @pytest.fixture(params=["etcd", "consul"])
 def dcs_backend(request: pytest.FixtureRequest):
     """A factory ``make_dcs(cluster: str) -> DCS`` for each backend, over a real etcd (started by
-    tests.fixtures_etcd) and the Consul emulator (tests.fixtures_consul). Every DCS made is closed
+    tests.support.fixtures_etcd) and the Consul emulator (tests.support.fixtures_consul). Every DCS made is closed
     at teardown by the backend fixture."""
     if request.param == "etcd":
         return request.getfixturevalue("etcd_dcs_factory")
     return request.getfixturevalue("consul_dcs_factory")
+
+
+# The tiers are folders (docs/testing.md): the marker of every test comes from its folder, so
+# `pytest tests/unit` and `-m "not integration"` select the same tests. A test that starts a real
+# process (etcd, Kafka) cannot sit in tests/unit: collection fails and says where it belongs.
+TIER_MARKERS = {
+    "unit": (),
+    "contract": ("integration",),
+    "e2e": ("integration",),
+    "faults": ("integration", "faults"),
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from tests.support.fixtures_etcd import starts_etcd
+
+    for item in items:
+        parts = item.path.relative_to(config.rootpath).parts
+        tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else None
+        if tier not in TIER_MARKERS:
+            raise pytest.UsageError(
+                f"{item.nodeid}: every test lives in a tier folder ({', '.join(TIER_MARKERS)}) "
+                "under tests/; move it there"
+            )
+        starts = starts_etcd(item) or "kafka_session_broker" in getattr(item, "fixturenames", ())
+        if tier == "unit" and starts:
+            raise pytest.UsageError(
+                f"{item.nodeid} starts a real etcd or Kafka but lives in tests/unit (which starts "
+                "no external process): move it to tests/contract or tests/e2e"
+            )
+        for name in TIER_MARKERS[tier]:
+            if item.get_closest_marker(name) is None:
+                item.add_marker(getattr(pytest.mark, name))

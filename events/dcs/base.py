@@ -17,7 +17,7 @@ Keys, under ``<prefix>/<cluster>/`` (prefix without a leading slash, default ``p
                         written by the master only; after a failure only a member of the set
                         recorded by the last leader may race (synchronous mode)
 
-Semantics every backend must provide (tests/test_dcs_contract.py states them as tests):
+Semantics every backend must provide (tests/contract/test_dcs_contract.py states them as tests):
 
 * ``acquire_leader`` is an atomic create-if-absent bound to this agent's session: of concurrent
   acquirers exactly one wins.

@@ -836,7 +836,7 @@ class ConsulDCS(DCS):
         )
         self._service_id = None
 
-    # -- test hooks (used by tests/test_dcs_contract.py; every backend implements them) ---------
+    # -- test hooks (used by tests/contract/test_dcs_contract.py; every backend implements them) ---------
     async def _drop_watch_connection(self) -> None:
         """Cut the connection of every running watch, as a network failure would."""
         for req in list(self._watch_requests):

@@ -674,7 +674,7 @@ class EtcdDCS(DCS):
             self._watch_responses.discard(resp)
             resp.close()
 
-    # -- test hooks (used by tests/test_dcs_contract.py; every backend implements them) ---------
+    # -- test hooks (used by tests/contract/test_dcs_contract.py; every backend implements them) ---------
     async def _drop_watch_connection(self) -> None:
         """Break the connection of every running watch, as a network failure would."""
         for resp in list(self._watch_responses):

@@ -4,5 +4,5 @@ network namespaces, the HAProxy helper and the Kafka broker launcher.
 Tools for trying, testing and measuring pgsidecar, never part of the running agent: nothing in
 fsm/, events/ or the agent's runtime imports this package, and the CLI imports it only for the
 commands that need it (``local``, ``bench``, ``chaos``, ``--dir`` of a local cluster).
-tests/test_layers.py checks both.
+tests/unit/test_layers.py checks both.
 """

@@ -1,0 +1,91 @@
+"""Helpers for tests that run a real local cluster: a writer that records acknowledged commits,
+and a prober that checks every member for writability (to catch two masters at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from pgsidecar.lab.local import LocalCluster
+from pgsidecar.lab.workload import Prober, Writer, multi_host_dsn
+
+__all__ = ["Prober", "Writer", "local_cluster", "multi_host_dsn", "new_master", "wait_for"]
+
+
+@contextlib.contextmanager
+def consul_emulator_thread() -> Iterator[object]:
+    """The Consul emulator (tests/support/consul_emulator.py) on its own event loop in a thread, for
+    clusters of real agents (separate processes) that use Consul."""
+    from tests.support.consul_emulator import ConsulEmulator
+
+    loop = asyncio.new_event_loop()
+    emu = ConsulEmulator(min_ttl=2)
+    thread = threading.Thread(target=loop.run_forever, name="consul-emulator", daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(emu.start(), loop).result(10)
+        yield emu
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(emu.stop(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+@contextlib.contextmanager
+def local_cluster(
+    nodes: int = 3,
+    ttl: float = 5.0,
+    extra: dict | None = None,
+    dcs: str = "etcd",
+    kafka: bool = False,
+) -> Iterator[LocalCluster]:
+    """A fresh cluster in a temp dir that the postgres user can enter; everything it started is
+    stopped (by pid) and the dir removed at exit, so a test can run twice in a row. With
+    ``dcs="consul"`` the agents use the Consul emulator."""
+    with contextlib.ExitStack() as stack:
+        dcs_url = None
+        if dcs == "consul":
+            emu = stack.enter_context(consul_emulator_thread())
+            dcs_url = emu.url  # type: ignore[attr-defined]
+        d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
+        os.chmod(d, 0o755)
+        lc = LocalCluster(d / "c")
+        try:
+            lc.create(nodes=nodes, ttl=ttl, extra=extra, dcs=dcs, dcs_url=dcs_url, kafka=kafka)
+            lc.up(detach=False, timeout=120)
+            yield lc
+        finally:
+            try:
+                lc.down()
+            finally:
+                for m in lc.members:
+                    for pid in (lc.agent_pid(m.name), lc.postmaster_pid(m.name)):
+                        if pid:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, 9)
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what} (last: {last!r})")
+
+
+def new_master(lc: LocalCluster, old: str | None) -> str | None:
+    m = lc.master()
+    return m if m is not None and m != old else None

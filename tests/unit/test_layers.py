@@ -1,0 +1,94 @@
+"""The layers go one way: fsm (pure) <- events (adapters) <- the agent runtime <- the CLI and the
+lab. Read from the source (every import statement, at any depth), and checked in a fresh
+interpreter for what `pgsidecar run` actually loads."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STDLIB = sys.stdlib_module_names
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module an import statement in ``path`` names (absolute imports only: the project
+    uses no relative ones)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            # `from pgsidecar import x` names the module pgsidecar.x
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def modules(package: str) -> dict[str, set[str]]:
+    return {
+        str(p.relative_to(REPO)): imports_of(p)
+        for p in sorted((REPO / package).rglob("*.py"))
+        if "__pycache__" not in p.parts
+    }
+
+
+def top(name: str) -> str:
+    return name.split(".")[0]
+
+
+def test_fsm_imports_only_the_standard_library_and_transitions() -> None:
+    for path, names in modules("fsm").items():
+        bad = {n for n in names if top(n) not in STDLIB and top(n) not in ("fsm", "transitions")}
+        assert not bad, f"{path} imports {sorted(bad)}: fsm/ is pure"
+
+
+# events/ should import nothing of pgsidecar; these are the imports that still do (the settings
+# classes live in pgsidecar/config.py, history's merge in pgsidecar/history.py). The set must
+# match exactly: a new upward import fails, and so does one removed without updating this list.
+EVENTS_UPWARD_KNOWN = {
+    ("events/dcs/consul.py", "pgsidecar.config"),
+    ("events/dcs/etcd.py", "pgsidecar.config"),
+    ("events/dcs/factory.py", "pgsidecar.config"),
+    ("events/k8s.py", "pgsidecar.config"),
+    ("events/kafka.py", "pgsidecar.history"),
+}
+
+
+def test_events_imports_fsm_and_adapters_never_the_runtime_or_the_lab() -> None:
+    upward = set()
+    for path, names in modules("events").items():
+        for n in names:
+            if top(n) == "pgsidecar":
+                assert not n.startswith("pgsidecar.lab"), f"{path} imports the lab ({n})"
+                upward.add((path, n.rsplit(".", 1)[0] if n.count(".") > 1 else n))
+    assert upward == EVENTS_UPWARD_KNOWN
+
+
+def test_nothing_outside_the_lab_and_the_cli_imports_the_lab() -> None:
+    for package in ("fsm", "events", "pgsidecar"):
+        for path, names in modules(package).items():
+            if path.startswith("pgsidecar/lab/") or path == "pgsidecar/cli.py":
+                continue
+            lab = sorted(n for n in names if n.startswith("pgsidecar.lab"))
+            assert not lab, f"{path} imports {lab}: only the CLI (lazily) may"
+
+
+def test_pgsidecar_run_never_loads_the_lab() -> None:
+    """A fresh interpreter that builds the CLI for `pgsidecar run` and imports the agent (what
+    a container runs) has no module of pgsidecar.lab loaded; the lab's commands still work."""
+    code = (
+        "import sys\n"
+        "from pgsidecar.cli import build_parser\n"
+        "build_parser(['run', '--config', 'agent.yaml'])\n"
+        "import pgsidecar.agent, pgsidecar.api, events.kafka, events.k8s\n"
+        "print(sorted(m for m in sys.modules if m.startswith('pgsidecar.lab')))\n"
+        "build_parser(['chaos', '--runs', '1'])\n"
+        "print('pgsidecar.lab.faults' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == ["[]", "True"], out
