@@ -69,6 +69,9 @@ class PostgresSettings(Strict):
     superuser: Credentials = Credentials(username="postgres")
     replication: Credentials = Credentials(username="replicator")
     parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    # parameters that run commands, load code or name files (pgsidecar/dcs_params.py) are taken
+    # from the DCS only when listed here: the member's own operator vouches for them
+    parameters_allowed_from_dcs: list[str] = Field(default_factory=list)
     # client networks allowed (scram-sha-256) in the agent-written pg_hba.conf
     hba_networks: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     # how long a master whose PostgreSQL crashed may take to come back before it gives up the lease

@@ -10,12 +10,13 @@ import asyncio
 import math
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from events.dcs import DCS, ClusterView
 from fsm.inputs import member_view
+from pgsidecar import dcs_params
 
 
 class OpsError(Exception):
@@ -326,21 +327,6 @@ def valid_keys_text() -> str:
     return ", ".join(keys) + ", postgresql.parameters.<name> (any PostgreSQL parameter)"
 
 
-# settings the agent writes itself (pgsidecar/postgres/control.py): its own connections, the
-# walreceiver and the role depend on them, so a cluster-wide value would be wrong or ignored
-AGENT_MANAGED_PARAMS = frozenset(
-    {
-        "listen_addresses",
-        "port",
-        "unix_socket_directories",
-        "cluster_name",
-        "primary_conninfo",
-        "primary_slot_name",
-        "recovery_target_timeline",
-    }
-)
-
-
 def _agent_rule(name: str, value: str) -> str | None:
     """Values that would break what the agent relies on (replication, pg_rewind)."""
     v = value.strip().lower()
@@ -362,9 +348,12 @@ def _scalar_for_pg(text: str) -> Any:
     return int(text) if re.fullmatch(r"-?\d+", text.strip()) else text
 
 
-def parse_assignments(items: list[str]) -> list[tuple[tuple[str, ...], Any]]:
+def parse_assignments(
+    items: list[str], allowed: Collection[str] = ()
+) -> list[tuple[tuple[str, ...], Any]]:
     """``KEY=VALUE`` arguments -> [(path, value)], validated; ``KEY=null`` removes KEY.
-    Raises ConfigChangeError naming the first bad argument."""
+    A PostgreSQL parameter that runs commands, loads code or names files is refused unless in
+    ``allowed`` (pgsidecar/dcs_params.py). Raises ConfigChangeError naming the first bad argument."""
     out: list[tuple[tuple[str, ...], Any]] = []
     if not items:
         raise ConfigChangeError("give at least one KEY=VALUE")
@@ -382,6 +371,8 @@ def parse_assignments(items: list[str]) -> list[tuple[tuple[str, ...], Any]]:
             # PostgreSQL's names are case-insensitive
             path = (*PG_PARAM_PREFIX, key[len(pg_prefix) :].lower())
             value = DELETE if delete else _scalar_for_pg(raw)
+            if not delete and (why := dcs_params.refusal(path[-1], allowed)) is not None:
+                raise ConfigChangeError(f"{key}: {why}")
         elif key in CLUSTER_KEYS:
             path = (key,)
             value = DELETE if delete else CLUSTER_KEYS[key][1](raw)
@@ -450,7 +441,9 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def validate_document(new: Any, old: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def validate_document(
+    new: Any, old: Mapping[str, Any], allowed: Collection[str] = ()
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check a whole config document (``config edit``). Keys whose value is unchanged from ``old``
     are taken as they are (so a key another version wrote does not block an edit); every new or
     changed key must be valid. Returns (document to store, PostgreSQL parameters to validate
@@ -502,6 +495,10 @@ def validate_document(new: Any, old: Mapping[str, Any]) -> tuple[dict[str, Any],
                 raise ConfigChangeError(
                     f"postgresql.parameters.{name}: a value must be a scalar, not {type(value).__name__}"
                 )
+            if (why := dcs_params.refusal(name, allowed)) is not None and not (
+                name in old_params and _same(old_params[name], value)
+            ):
+                raise ConfigChangeError(f"postgresql.parameters.{name}: {why}")
             clean[name.lower()] = value
             if name not in old_params or not _same(old_params[name], value):
                 pg_check[name.lower()] = value
@@ -624,7 +621,7 @@ def check_pg_parameter(s: PgSetting | None, name: str, value: Any, asked: str) -
             f"{key}: PostgreSQL on {asked} knows no parameter {name!r} "
             "(an extension's parameter is known only once the extension is loaded)"
         )
-    if name in AGENT_MANAGED_PARAMS:
+    if name in dcs_params.AGENT_MANAGED_PARAMETERS:
         raise ConfigChangeError(
             f"{key}: set by the agent itself for each member; not settable here"
         )
