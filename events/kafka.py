@@ -47,6 +47,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from events.sinks import Sink
 from events.spool import KINDS, Spool, SpoolError, fsync_and_close
+from fsm import bounded_json
 from fsm.records import Record
 from pgsidecar.history import merge_by_time
 
@@ -76,11 +77,7 @@ def decode(value: bytes | None) -> Record:
     """Strict decode of a Kafka value; raises ValueError naming what is wrong."""
     if value is None:
         raise ValueError("empty value (tombstone)")
-    try:
-        data = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"value is not JSON: {exc}") from None
-    return Record.from_dict(data)
+    return Record.from_dict(bounded_json.loads(value))
 
 
 def _servers(bootstrap: str | Iterable[str]) -> list[str]:

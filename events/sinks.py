@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fsm import bounded_json
 from fsm.records import Record
 
 
@@ -80,8 +81,8 @@ def read_journal(path: Path) -> tuple[list[Record], list[tuple[int, str]]]:
             if not line:
                 continue
             try:
-                rec = Record.from_dict(json.loads(line))
-            except (ValueError, json.JSONDecodeError) as exc:
+                rec = Record.from_dict(bounded_json.loads(line))
+            except ValueError as exc:
                 skipped.append((lineno, str(exc)))
                 continue
             if (rec.node, rec.seq) in seen:

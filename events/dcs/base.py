@@ -33,10 +33,11 @@ Semantics every backend must provide (tests/contract/test_dcs_contract.py states
 from __future__ import annotations
 
 import abc
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from fsm import bounded_json
 
 
 class DCSError(Exception):
@@ -88,10 +89,9 @@ def decode_json_object(
     if raw is None:
         return None, None
     try:
-        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-        value = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{key}: not valid JSON ({exc.__class__.__name__})"
+        value = bounded_json.loads(raw)
+    except ValueError as exc:
+        return None, f"{key}: {exc}"
     if not isinstance(value, dict):
         return None, f"{key}: expected a JSON object, got {type(value).__name__}"
     return value, None
