@@ -8,17 +8,21 @@ pytest_plugins = [
     "tests.support.fixtures_etcd",
     "tests.support.fixtures_consul",
     "tests.support.fixtures_kafka",
+    "tests.support.fixtures_sim",
     "tests.support.fenceutil",  # the procs fixture
 ]
 
 
-@pytest.fixture(params=["etcd", "consul"])
+@pytest.fixture(params=["etcd", "consul", "sim"])
 def dcs_backend(request: pytest.FixtureRequest):
     """A factory ``make_dcs(cluster: str) -> DCS`` for each backend, over a real etcd (started by
-    tests.support.fixtures_etcd) and the Consul emulator (tests.support.fixtures_consul). Every DCS made is closed
-    at teardown by the backend fixture."""
+    tests.support.fixtures_etcd), the Consul emulator (tests.support.fixtures_consul) and the simulator's store
+    (tests.support.fixtures_sim, on the test's ordinary loop). Every DCS made is closed at teardown by the
+    backend fixture."""
     if request.param == "etcd":
         return request.getfixturevalue("etcd_dcs_factory")
+    if request.param == "sim":
+        return request.getfixturevalue("sim_dcs_factory")
     return request.getfixturevalue("consul_dcs_factory")
 
 

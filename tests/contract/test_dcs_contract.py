@@ -1,7 +1,8 @@
 """The contract every DCS backend meets, stated only against events.dcs.base.DCS.
 
-Runs once per backend through the ``dcs_backend`` fixture (tests/conftest.py). What a backend
-fixture provides, besides ``make_dcs(cluster) -> DCS`` (not yet connected):
+Runs once per backend through the ``dcs_backend`` fixture (tests/conftest.py): a real etcd, the
+Consul emulator, and the simulator's store (pgsidecar/lab/sim/dcs.py, on the test's ordinary loop,
+so its clock is real time here). What a backend fixture provides, besides ``make_dcs(cluster) -> DCS`` (not yet connected):
 
 * ``make_dcs.min_ttl`` (optional, default 2): the smallest session TTL the store accepts; the
   expiry tests use it (etcd: 2 s; Consul: 10 s).

@@ -1,0 +1,173 @@
+"""The simulator's virtual-time event loop: time moves only when every task waits, asyncio's
+primitives behave as on a real loop, and a seed fixes the whole run."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from pgsidecar.lab.sim.clock import (
+    EPOCH,
+    SimulationDeadlock,
+    VirtualEventLoop,
+    current_rng,
+    run_simulation,
+)
+
+
+def now() -> float:
+    return asyncio.get_running_loop().time() - EPOCH
+
+
+def test_time_moves_only_when_every_task_waits() -> None:
+    async def main() -> list[float]:
+        seen = [now()]
+        for _ in range(1000):  # busy: always something ready, so no time passes
+            await asyncio.sleep(0)
+        seen.append(now())
+        await asyncio.sleep(5)
+        seen.append(now())
+        await asyncio.sleep(0.25)
+        seen.append(now())
+        return seen
+
+    assert run_simulation(main) == [0.0, 0.0, 5.0, 5.25]
+
+
+def test_the_clock_jumps_to_the_next_timer_among_many() -> None:
+    async def main() -> list[tuple[float, str]]:
+        order: list[tuple[float, str]] = []
+        loop = asyncio.get_running_loop()
+
+        def record(name: str) -> None:
+            order.append((now(), name))
+
+        for delay, name in ((3.0, "c"), (1.0, "a"), (2.0, "b")):
+            loop.call_later(delay, functools.partial(record, name))
+        await asyncio.sleep(10)
+        return order
+
+    assert run_simulation(main) == [(1.0, "a"), (2.0, "b"), (3.0, "c")]
+
+
+def test_wait_for_times_out_on_virtual_time_and_cancels_the_waiter() -> None:
+    async def main() -> tuple[float, bool]:
+        event = asyncio.Event()
+        waiter = asyncio.ensure_future(event.wait())
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(waiter, 3)
+        return now(), waiter.cancelled()
+
+    assert run_simulation(main) == (3.0, True)
+
+
+def test_a_cancelled_sleeper_does_not_hold_the_clock() -> None:
+    async def main() -> tuple[float, bool]:
+        sleeper = asyncio.create_task(asyncio.sleep(3600))
+        await asyncio.sleep(1)
+        sleeper.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeper
+        # nothing else is armed: the run ends at 1 s, not at the sleeper's hour
+        return now(), sleeper.cancelled()
+
+    assert run_simulation(main) == (1.0, True)
+
+
+def test_queue_event_and_tasks_interleave_in_virtual_time() -> None:
+    async def main() -> list[tuple[float, str]]:
+        log: list[tuple[float, str]] = []
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        done = asyncio.Event()
+
+        async def producer() -> None:
+            for i in range(3):
+                await asyncio.sleep(1)
+                await queue.put(i)
+            done.set()
+
+        async def consumer() -> None:
+            while True:
+                item = await queue.get()
+                log.append((now(), f"got {item}"))
+
+        tasks = [asyncio.create_task(producer()), asyncio.create_task(consumer())]
+        await done.wait()
+        await asyncio.sleep(0)
+        log.append((now(), "done"))
+        tasks[1].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return log
+
+    assert run_simulation(main) == [
+        (1.0, "got 0"),
+        (2.0, "got 1"),
+        (3.0, "got 2"),
+        (3.0, "done"),
+    ]
+
+
+def _random_program() -> Callable[[], Coroutine[Any, Any, list[tuple[float, int, int]]]]:
+    async def main() -> list[tuple[float, int, int]]:
+        rng = current_rng()
+        trace: list[tuple[float, int, int]] = []
+
+        async def worker(n: int) -> None:
+            for step in range(20):
+                await asyncio.sleep(rng.expovariate(2.0))
+                trace.append((round(now(), 9), n, step))
+
+        await asyncio.gather(*(worker(n) for n in range(8)))
+        return trace
+
+    return main
+
+
+def test_the_same_seed_gives_the_same_trace_and_another_seed_another() -> None:
+    first = run_simulation(_random_program(), seed=7)
+    again = run_simulation(_random_program(), seed=7)
+    other = run_simulation(_random_program(), seed=8)
+    assert len(first) == 160
+    assert first == again
+    assert first != other
+
+
+def test_waiting_with_no_timer_armed_is_a_deadlock_not_a_hang() -> None:
+    async def main() -> None:
+        await asyncio.Event().wait()  # nobody will ever set it
+
+    with pytest.raises(SimulationDeadlock, match="no timer is armed"):
+        run_simulation(main)
+
+
+def test_real_io_and_threads_are_refused() -> None:
+    async def reader() -> None:
+        a, b = socket.socketpair()
+        try:
+            asyncio.get_running_loop().add_reader(a.fileno(), lambda: None)
+        finally:
+            a.close()
+            b.close()
+
+    async def thread() -> None:
+        await asyncio.to_thread(sum, [1, 2])
+
+    with pytest.raises(RuntimeError, match="real I/O"):
+        run_simulation(reader)
+    with pytest.raises(RuntimeError, match="thread"):
+        run_simulation(thread)
+
+
+def test_the_loop_exposes_its_seeded_generator() -> None:
+    loops = [VirtualEventLoop(seed=3), VirtualEventLoop(seed=3)]
+    try:
+        assert loops[0].seed == 3
+        assert loops[0].rng.random() == loops[1].rng.random()
+    finally:
+        for loop in loops:
+            loop.close()
