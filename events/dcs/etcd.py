@@ -317,23 +317,23 @@ class EtcdDCS(DCS):
             self._raise_session_error(exc)
             raise  # unreachable: _raise_session_error always raises
 
-    async def _range_prefix(self) -> tuple[dict[str, tuple[bytes, int]], int]:
+    async def _range_prefix(self) -> tuple[dict[str, tuple[bytes, int, bool]], int]:
         reply = await self._post(
             "/v3/kv/range",
             {"key": _b64(self.base), "range_end": _b64(self._range_end)},
             idempotent=True,
         )
-        kvs: dict[str, tuple[bytes, int]] = {}
+        kvs: dict[str, tuple[bytes, int, bool]] = {}
         for kv in reply.get("kvs") or ():
             rel = self._rel(kv["key"])
             if rel is not None:
-                kvs[rel] = (_unb64(kv.get("value")), _int(kv.get("mod_revision")))
+                kvs[rel] = _entry(kv)
         return kvs, _int(reply.get("header", {}).get("revision"))
 
-    def _view(self, kvs: Mapping[str, tuple[bytes, int]], index: int) -> ClusterView:
+    def _view(self, kvs: Mapping[str, tuple[bytes, int, bool]], index: int) -> ClusterView:
         rows = [
-            (self.base + rel, value, mod_revision, True)
-            for rel, (value, mod_revision) in kvs.items()
+            (self.base + rel, value, mod_revision, held)
+            for rel, (value, mod_revision, held) in kvs.items()
         ]
         return build_view(self.base, rows, index)
 
@@ -418,6 +418,26 @@ class EtcdDCS(DCS):
         ):
             # we already hold it (e.g. a retry after a timeout whose put did go through)
             return Leader(name, _int(kv.get("mod_revision")))
+        if kv is not None and _int(kv.get("lease")) == 0:
+            # a leader key bound to no lease was not written by an agent (ours always carry
+            # one): it is no lock and would never expire. Take it over, if it is still that key.
+            reply = await self._txn(
+                {
+                    "compare": [
+                        {
+                            "key": key,
+                            "target": "MOD",
+                            "result": "EQUAL",
+                            "mod_revision": str(_int(kv.get("mod_revision"))),
+                        }
+                    ],
+                    "success": [
+                        {"request_put": {"key": key, "value": _b64(name), "lease": str(lease)}}
+                    ],
+                }
+            )
+            if reply.get("succeeded"):
+                return Leader(name, _int(reply.get("header", {}).get("revision")))
         return None
 
     async def release_leader(self, name: str, term: int) -> bool:
@@ -543,7 +563,7 @@ class EtcdDCS(DCS):
 
     async def watch(self) -> AsyncIterator[ClusterView]:
         """See DCS.watch. Ends (without raising) once ``close()`` was called."""
-        cache: dict[str, tuple[bytes, int]] | None = None
+        cache: dict[str, tuple[bytes, int, bool]] | None = None
         revision = 0
         backoff = WATCH_BACKOFF_START
         while not self._closed:
@@ -594,7 +614,7 @@ class EtcdDCS(DCS):
                 backoff = min(backoff * 2, WATCH_BACKOFF_CAP)
 
     def _apply_events(
-        self, cache: dict[str, tuple[bytes, int]], events: list[dict[str, Any]], revision: int
+        self, cache: dict[str, tuple[bytes, int, bool]], events: list[dict[str, Any]], revision: int
     ) -> int:
         """Apply one watch batch to ``cache``; return the new last revision. The revision comes
         from the events, not the reply header: a catching-up watch may send a header revision
@@ -609,7 +629,7 @@ class EtcdDCS(DCS):
             if event.get("type") == "DELETE":  # PUT is the enum default, hence omitted
                 cache.pop(rel, None)
             else:
-                cache[rel] = (_unb64(kv.get("value")), mod_revision)
+                cache[rel] = _entry(kv)
         return revision
 
     async def _watch_stream(self, start_revision: int) -> AsyncGenerator[dict[str, Any], None]:
@@ -691,6 +711,12 @@ class EtcdDCS(DCS):
             {"key": _b64(self.base), "range_end": _b64(self._range_end)},
             idempotent=True,
         )
+
+
+def _entry(kv: Mapping[str, Any]) -> tuple[bytes, int, bool]:
+    """(value, mod_revision, held): ``held`` says the key is bound to a lease. Every key an agent
+    writes is; the leader key without one is no lock (see build_view)."""
+    return _unb64(kv.get("value")), _int(kv.get("mod_revision")), _int(kv.get("lease")) != 0
 
 
 def _first_kv(txn_reply: Mapping[str, Any]) -> dict[str, Any] | None:

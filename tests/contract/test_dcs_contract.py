@@ -187,6 +187,19 @@ async def test_release_frees_the_key_at_once(dcs_backend: Any) -> None:
     assert (await a.read_cluster()).leader == lb
 
 
+async def test_a_leader_key_written_without_a_session_is_no_leader_and_can_be_taken(
+    dcs_backend: Any,
+) -> None:
+    """A value put under the leader key by anyone but an agent (no session, no lease) is not a
+    lock: it names no leader and would never expire, so an agent's acquire takes it over."""
+    a = await new_dcs(dcs_backend)
+    await a._put_raw(a.key("leader"), b"\xff garbage")  # type: ignore[attr-defined]
+    assert (await a.read_cluster()).leader is None
+    la = await a.acquire_leader("a")
+    assert la is not None and la.name == "a"
+    assert (await a.read_cluster()).leader == la
+
+
 async def test_release_with_wrong_term_or_name_does_nothing(dcs_backend: Any) -> None:
     a = await new_dcs(dcs_backend)
     b = await new_dcs(dcs_backend)

@@ -590,7 +590,8 @@ class SimDCS(DCS):
 
         def acquire() -> Leader | None:
             entry = self.store.get(key)
-            if entry is None:
+            # a key bound to no session is no lock (written by something other than an agent)
+            if entry is None or entry.session is None:
                 self.store.require_session(sid)
                 index = self.store.put(key, name.encode(), sid)
                 self.store.record("leader", "acquired", f"{name} term={index}")
