@@ -22,11 +22,18 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 
 
-def make_private_dir(path: Path | str) -> Path:
+def make_private_dir(path: Path | str, owner: tuple[int, int] | None = None) -> Path:
     """Create ``path`` (and missing parents) with mode 0700, or narrow an existing directory to
-    0700. Parents are created with the default mode: they may be shared mount points."""
+    0700. Parents are created with the default mode: they may be shared mount points.
+
+    ``owner`` (uid, gid): give the directory to that user, for an agent that runs as root and
+    PostgreSQL as another user, which must read the pgpass file in the state directory."""
     path = Path(path)
     path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    if owner is not None:
+        st = os.stat(path)
+        if (st.st_uid, st.st_gid) != owner:
+            os.chown(path, *owner)
     _narrow(path, os.stat(path).st_mode, PRIVATE_DIR_MODE, lambda m: os.chmod(path, m))
     return path
 

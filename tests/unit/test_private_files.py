@@ -63,6 +63,15 @@ def test_existing_state_dir_is_narrowed(tmp_path: Path, caplog: pytest.LogCaptur
     assert "narrowing the permissions" in caplog.text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_state_dir_can_be_given_to_the_postgres_user(tmp_path: Path) -> None:
+    state = tmp_path / "agent"
+    state.mkdir(mode=0o755)
+    make_private_dir(state, owner=(4321, 4322))
+    st = os.stat(state)
+    assert (st.st_uid, st.st_gid) == (4321, 4322) and mode(state) == 0o700
+
+
 def test_open_private_narrows_but_never_widens(tmp_path: Path) -> None:
     wide, narrow = tmp_path / "wide", tmp_path / "narrow"
     wide.write_text("x")
