@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from events.privatefiles import make_private_dir, open_private
+from events.privatefiles import open_private
 from fsm.records import Record
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class JournalSink(Sink):
     """Append-only JSON lines file. Each line is flushed and fsync'd for transition records, so a
     transition is on disk before its effects run; input records are flushed without fsync.
 
-    The file is the agent's alone (0600, in a 0700 directory). A crash in the middle of a write
+    The file is the agent's alone (0600). Its directory, the state directory, is created (0700,
+    and given to PostgreSQL's user when the agent runs as root) by the agent before this. A crash in the middle of a write
     can leave a last line without its newline; the next record appended would be glued to it and
     both would be unreadable. So the tail is repaired on open: a torn last line is cut off
     (``torn_bytes`` says how much, and a warning is logged), or, if it is a whole record that only
@@ -47,7 +48,7 @@ class JournalSink(Sink):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        make_private_dir(path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         try:
             self.torn_bytes = _repair_tail(fd, path)

@@ -86,8 +86,8 @@ def test_open_private_narrows_but_never_widens(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ journal
 
 
-def test_journal_is_0600_in_a_0700_dir(tmp_path: Path, open_umask: None) -> None:
-    path = tmp_path / "agent" / "journal.jsonl"
+def test_journal_is_0600(tmp_path: Path, open_umask: None) -> None:
+    path = make_private_dir(tmp_path / "agent") / "journal.jsonl"
     sink = JournalSink(path)
     sink.emit(record(1))
     close(sink)
