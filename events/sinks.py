@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from events.privatefiles import open_private
 from fsm import bounded_json
 from fsm.records import Record
+
+log = logging.getLogger(__name__)
+
+# how far back from the end the repair looks for the last complete line; a record is far smaller
+_TAIL_SCAN = 1 << 20
 
 
 class Sink(abc.ABC):
@@ -31,12 +38,25 @@ class Sink(abc.ABC):
 
 class JournalSink(Sink):
     """Append-only JSON lines file. Each line is flushed and fsync'd for transition records, so a
-    transition is on disk before its effects run; input records are flushed without fsync."""
+    transition is on disk before its effects run; input records are flushed without fsync.
+
+    The file is the agent's alone (0600). Its directory, the state directory, is created (0700,
+    and given to PostgreSQL's user when the agent runs as root) by the agent before this. A crash in the middle of a write
+    can leave a last line without its newline; the next record appended would be glued to it and
+    both would be unreadable. So the tail is repaired on open: a torn last line is cut off
+    (``torn_bytes`` says how much, and a warning is logged), or, if it is a whole record that only
+    lacks its newline, the newline is added."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the agent's life
+        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        try:
+            self.torn_bytes = _repair_tail(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fh = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the agent's life
 
     def emit(self, record: Record) -> None:
         self._fh.write(json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True) + "\n")
@@ -46,6 +66,41 @@ class JournalSink(Sink):
 
     async def close(self) -> None:
         self._fh.close()
+
+
+def _repair_tail(fd: int, path: Path) -> int:
+    """Make the journal end with a newline; returns the number of torn bytes cut off."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return 0
+    start = max(0, size - _TAIL_SCAN)
+    chunk = os.pread(fd, size - start, start)
+    newline = chunk.rfind(b"\n")
+    cut = start + newline + 1 if newline >= 0 else start
+    if newline < 0 and start > 0:
+        # no line end in the last MiB: not a journal this code wrote; leave it to the reader
+        log.warning("journal %s: no line end in its last %d bytes; not repaired", path, len(chunk))
+        return 0
+    tail = chunk[cut - start :]
+    try:
+        whole = isinstance(json.loads(tail), dict)
+    except ValueError:
+        whole = False
+    if whole:
+        # the record was written, only its newline was not
+        os.write(fd, b"\n")
+        os.fsync(fd)
+        log.warning("journal %s: last record had no line end; added one", path)
+        return 0
+    os.ftruncate(fd, cut)
+    os.fsync(fd)
+    log.warning(
+        "journal %s: cut off a torn last line (%d bytes at offset %d) left by a crash",
+        path,
+        len(tail),
+        cut,
+    )
+    return len(tail)
 
 
 class LogSink(Sink):

@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from events.privatefiles import make_private_dir, open_private
+
 log = logging.getLogger(__name__)
 
 KINDS: tuple[str, ...] = ("input", "transition", "action")
@@ -149,8 +151,9 @@ class Spool:
         self.input_fsync_interval = input_fsync_interval
         self.fsync_mode = fsync
         self._dir_dirty = False
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        # the agent's alone: 0700 directory, 0600 files (events/privatefiles.py: why)
+        make_private_dir(self.directory)
+        self._lock_fd = open_private(self.directory / ".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -182,7 +185,7 @@ class Spool:
                 paths.append((int(p.name[len(_SEG_PREFIX) : -len(_SEG_SUFFIX)]), p))
         paths.sort()
         for no, path in paths:
-            fd = os.open(path, os.O_RDWR | os.O_APPEND)
+            fd = open_private(path, os.O_RDWR | os.O_APPEND)
             seg = _Segment(no, path, fd, 0)
             self._segments[no] = seg
             with open(path, "rb", buffering=0) as fh:
@@ -241,7 +244,7 @@ class Spool:
 
     def _new_segment(self, no: int) -> _Segment:
         path = self.directory / _seg_name(no)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         seg = _Segment(no, path, fd, os.fstat(fd).st_size)
         self._segments[no] = seg
         # the new name must be durable before an fsync'd transition in it counts as recorded
@@ -369,7 +372,11 @@ class Spool:
             # No fsync: a lost ack only means records are sent again, and consumers drop
             # duplicates by (node, seq).
             tmp = self.directory / "ack.tmp"
-            tmp.write_text(str(upto_id))
+            fd = open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.write(fd, str(upto_id).encode())
+            finally:
+                os.close(fd)
             os.replace(tmp, self.directory / "ack")
         tail_no = self._tail.no
         for no in list(self._segments):
@@ -493,7 +500,7 @@ class Spool:
         crash leaves either the old file or the new one."""
         tmp = seg.path.with_suffix(".tmp")
         chunks = [os.pread(seg.fd, e.size, e.offset) for e in live]
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        fd = open_private(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
         try:
             if chunks:
                 data = b"".join(chunks)

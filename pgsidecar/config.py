@@ -5,13 +5,18 @@ A bad value exits 2 with a message naming the field, before anything is started 
 ``*_file`` field, so a ConfigMap can carry the config and a Secret the password.
 
 Environment overrides: ``PGSIDECAR_<SECTION>__<FIELD>`` (double underscore between levels), for
-instance ``PGSIDECAR_POSTGRESQL__PORT=5433`` or ``PGSIDECAR_NAME=pg-1``.
+instance ``PGSIDECAR_POSTGRESQL__PORT=5433`` or ``PGSIDECAR_NAME=pg-1``. String fields (names,
+paths, URLs, passwords) take the value literally; numbers, booleans and lists are YAML. Variables
+that look like Kubernetes service links (``PGSIDECAR_..._SERVICE_HOST``, ``..._PORT``) and name no
+field are ignored.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -224,11 +229,87 @@ class AgentConfig(Strict):
         return self
 
 
+# What Kubernetes puts in a container's environment for every Service of the namespace (unless
+# the pod says enableServiceLinks: false): <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<PORT>],
+# <NAME>_PORT, <NAME>_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]. A Service whose name starts with
+# "pgsidecar" produces variables with our prefix that are not overrides.
+_SERVICE_LINK_RE = re.compile(
+    r"^PGSIDECAR(_[A-Z0-9_]*)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$"
+)
+# types whose override is the variable's text as it is: a '#', a ': ', 'null' or 'yes' in a
+# password or a URL is part of it, not YAML syntax
+_LITERAL_TYPES: tuple[type, ...] = (str, SecretStr, Path)
+_MISSING = object()
+
+
+def _field_type(path: list[str]) -> Any:
+    """The annotation of the AgentConfig field at ``path`` (names or aliases, lower case), or
+    ``_MISSING`` if there is no such field."""
+    annotation: Any = AgentConfig
+    for part in path:
+        annotation = _unwrap_optional(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields = annotation.model_fields
+            found = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
+            if found is None:
+                return _MISSING
+            annotation = found.annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return _MISSING
+    return annotation
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if _is_union(annotation) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def _env_value(key: str, annotation: Any, raw: str) -> Any:
+    """The value of override ``key`` for a field of type ``annotation``: string fields (secrets,
+    paths, names, URLs) take the text literally; numbers, booleans, lists and mappings are
+    written in YAML (``5433``, ``true``, ``["kafka-0:9092", "kafka-1:9092"]``)."""
+    annotation = _unwrap_optional(annotation)
+    options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    literal_ok = [
+        o
+        for o in options
+        if (isinstance(o, type) and issubclass(o, _LITERAL_TYPES))
+        or (typing.get_origin(o) is Literal and all(isinstance(v, str) for v in typing.get_args(o)))
+    ]
+    if not raw or (literal_ok and len(literal_ok) == len(options)):
+        return raw
+    try:
+        parsed = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        if literal_ok:
+            return raw
+        raise ConfigError(
+            f"environment variable {key} is not valid YAML (a number, true/false, or a list "
+            f"like [a, b]); fix its value (not shown: it may be a secret)"
+        ) from None
+    if literal_ok and not isinstance(parsed, (bool, int, float)):
+        # a mixed field (a PostgreSQL parameter): only a number or a boolean is parsed
+        return raw
+    return parsed
+
+
 def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
     for key, value in environ.items():
         if not key.startswith("PGSIDECAR_") or key in ("PGSIDECAR_CONFIG",):
             continue
         path = key[len("PGSIDECAR_") :].lower().split("__")
+        annotation = _field_type(path)
+        if annotation is _MISSING and _SERVICE_LINK_RE.match(key):
+            continue  # a Kubernetes service link, not an override
         node = data
         for part in path[:-1]:
             child = node.get(part)
@@ -236,8 +317,36 @@ def _apply_env(data: dict[str, Any], environ: dict[str, str]) -> dict[str, Any]:
                 child = {}
                 node[part] = child
             node = child
-        node[path[-1]] = yaml.safe_load(value) if value else value
+        # an unknown field keeps its text: validation then names it as unknown
+        node[path[-1]] = value if annotation is _MISSING else _env_value(key, annotation, value)
     return data
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
+    """A YAML syntax error as file, line, column and problem. Never the text of the line (PyYAML
+    shows it in its own message): a password may be on it."""
+    problem_mark = getattr(exc, "problem_mark", None)
+    context_mark = getattr(exc, "context_mark", None)
+    problem = str(getattr(exc, "problem", None) or "syntax error")
+    context = getattr(exc, "context", None)
+    where = ""
+    if problem_mark is not None:
+        where = f" at line {problem_mark.line + 1}, column {problem_mark.column + 1}"
+    if context:
+        problem += f" ({context}"
+        if context_mark is not None:
+            problem += (
+                f" that starts at line {context_mark.line + 1}, column {context_mark.column + 1}"
+            )
+        problem += ")"
+    # quoted text in PyYAML's problem is taken from the file (an alias, a tag, a token): elided,
+    # except a single character such as '\t'
+    problem = re.sub(r"'(?:[^'\\]|\\.){2,}'", "'...'", problem)
+    return ConfigError(
+        f"config file {path} is not valid YAML{where}: {problem}. Fix the syntax there (the line "
+        f"is not shown: it may hold a secret); quote values that contain ': ', ' #' or start with "
+        f"a special character"
+    )
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -268,7 +377,7 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raise _yaml_error(path, exc) from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"config file {path} must hold a mapping at the top level, got {type(data).__name__}"

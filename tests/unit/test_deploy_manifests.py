@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import tomllib
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ POD_KILLING = DEPLOY / "overlays" / "pod-killing"
 CONSUL = DEPLOY / "consul"
 README = DEPLOY / "README.md"
 DOCKERFILE = DEPLOY / "Dockerfile"
+ACL_BOOTSTRAP = CONSUL / "acl-bootstrap.sh"
 
 Doc = dict[str, Any]
 
@@ -198,6 +200,10 @@ def documented_secrets() -> dict[str, set[str]]:
             if w.startswith("--from-literal=") or w.startswith("--from-file=")
         }
         found[name] = keys
+    # keys the Consul ACL bootstrap script adds to an existing Secret
+    script = ACL_BOOTSTRAP.read_text()
+    for name in re.findall(r"patch secret (\S+)", script):
+        found.setdefault(name, set()).update(re.findall(r'"stringData":\{"([^"]+)"', script))
     return found
 
 
@@ -273,7 +279,7 @@ def test_kubectl_kustomize_agrees(directory: Path) -> None:
         )
 
     assert shape(ours) == shape(real)
-    for kind in ("Role", "Service", "PodDisruptionBudget"):
+    for kind in ("Role", "Service", "PodDisruptionBudget", "NetworkPolicy"):
         for d in by_kind(ours, kind):
             r = one(real, kind, d["metadata"]["name"])
             assert d.get("rules") == r.get("rules") and d.get("spec") == r.get("spec"), d[
@@ -424,17 +430,21 @@ def test_agent_config_is_valid_and_matches_the_pod(directory: Path) -> None:
             data_mount
         ) and cfg.postgresql.data_dir != Path(data_mount)
         assert cfg.state_dir.is_relative_to(data_mount)
-        secret_volume = next(v for v in spec["volumes"] if "secret" in v)
         secret_files = {
-            Path(mounts[secret_volume["name"]]) / i["path"]
-            for i in secret_volume["secret"]["items"]
+            Path(mounts[v["name"]]) / i["path"]
+            for v in spec["volumes"]
+            if "secret" in v
+            for i in v["secret"]["items"]
         }
         used = {
             cfg.postgresql.superuser.password_file,
             cfg.postgresql.replication.password_file,
             cfg.api.token_file,
+            cfg.dcs.consul.token_file,
+            cfg.dcs.consul.ca_cert,
         }
         assert used <= secret_files, ctx
+        assert cfg.dcs.consul.token is None
         assert (
             cfg.postgresql.superuser.password is None
             and cfg.postgresql.replication.password is None
@@ -448,12 +458,24 @@ def test_agent_config_is_valid_and_matches_the_pod(directory: Path) -> None:
         )
         assert str(config_file) == dockerfile_entrypoint()[-1]
 
-        # the DCS is the Consul server Service of deploy/consul
+        # the DCS is the Consul server Service of deploy/consul, over HTTPS, verified with the
+        # CA of the Secret the servers use
         assert cfg.dcs.type == "consul"
-        consul_svc = one(render(CONSUL), "Service", "consul-server")
-        url = re.match(r"http://([^:/]+):(\d+)$", cfg.dcs.consul.url)
+        consul_docs = render(CONSUL)
+        consul_svc = one(consul_docs, "Service", "consul-server")
+        url = re.match(r"https://([^:/]+):(\d+)$", cfg.dcs.consul.url)
         assert url and url.group(1) == consul_svc["metadata"]["name"]
         assert int(url.group(2)) in {p["port"] for p in consul_svc["spec"]["ports"]}
+        assert cfg.dcs.consul.verify and cfg.dcs.consul.ca_cert is not None
+        ca_volume = next(
+            v
+            for v in spec["volumes"]
+            if mounts.get(v["name"]) == str(cfg.dcs.consul.ca_cert.parent)
+        )
+        consul_spec = pod_spec(one(consul_docs, "StatefulSet"))
+        assert consul_spec is not None
+        consul_tls = next(v for v in consul_spec["volumes"] if v["name"] == "tls")
+        assert ca_volume["secret"]["secretName"] == consul_tls["secret"]["secretName"]
         assert cfg.dcs.consul.register_service is False
         assert cfg.kafka.bootstrap_servers, "Kafka bootstrap servers come from the config"
 
@@ -576,7 +598,7 @@ def test_consul_servers() -> None:
             assert svc["spec"]["selector"].items() <= pod_labels.items(), f"{how}: {name}"
             for p in svc["spec"]["ports"]:
                 assert ports[p["targetPort"]] == p["port"], f"{how}: {name} {p['name']}"
-        assert server["ports"]["http"] == ports["http"]
+        assert server["ports"]["https"] == ports["https"]
         pdb = one(docs, "PodDisruptionBudget")
         assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     # the cluster and Consul share a namespace: the agents use the short Service name
@@ -602,3 +624,478 @@ def test_readme_covers_what_an_operator_needs() -> None:
     ):
         assert command in text, command
     assert "leave_on_terminate" in text and "invalidated" in text, "why the Consul servers directly"
+
+
+# ------------------------------------------------------------------ Pod Security "restricted"
+# The checks of the Pod Security Standards (https://kubernetes.io/docs/concepts/security/
+# pod-security-standards/), baseline and restricted, field by field, plus two of our own:
+# a read-only root filesystem and a numeric uid.
+
+RESTRICTED_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+
+
+def all_containers(spec: Doc) -> list[Doc]:
+    return [
+        c
+        for key in ("initContainers", "containers", "ephemeralContainers")
+        for c in spec.get(key) or []
+    ]
+
+
+def restricted_violations(doc: Doc) -> list[str]:
+    """What keeps the pods of ``doc`` from the "restricted" profile (empty: they pass)."""
+    spec = pod_spec(doc)
+    assert spec is not None
+    out = []
+    psc = spec.get("securityContext") or {}
+    for host_field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(host_field):
+            out.append(f"pod {host_field}")
+    for v in spec.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            out.append(f"volume {v['name']}: type {kinds}")
+    for sysctl in psc.get("sysctls") or []:
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            out.append(f"pod sysctl {sysctl['name']}")
+    for where, sc in [("pod", psc)] + [
+        (c["name"], c.get("securityContext") or {}) for c in all_containers(spec)
+    ]:
+        se = sc.get("seLinuxOptions") or {}
+        if (
+            se.get("user")
+            or se.get("role")
+            or se.get("type")
+            not in (
+                None,
+                "",
+                "container_t",
+                "container_init_t",
+                "container_kvm_t",
+                "container_engine_t",
+            )
+        ):
+            out.append(f"{where}: seLinuxOptions")
+        if (sc.get("appArmorProfile") or {}).get("type") == "Unconfined":
+            out.append(f"{where}: appArmor unconfined")
+        if (sc.get("windowsOptions") or {}).get("hostProcess"):
+            out.append(f"{where}: hostProcess")
+        if "runAsUser" in sc and (not isinstance(sc["runAsUser"], int) or sc["runAsUser"] == 0):
+            out.append(f"{where}: runAsUser {sc['runAsUser']!r}")
+    pod_seccomp = (psc.get("seccompProfile") or {}).get("type")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        out.append(f"pod seccomp {pod_seccomp}")
+    for c in all_containers(spec):
+        name = c["name"]
+        sc = c.get("securityContext") or {}
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{name}: capabilities not dropped (drop: [ALL])")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: capabilities added {caps['add']}")
+        if sc.get("procMount") not in (None, "Default"):
+            out.append(f"{name}: procMount")
+        seccomp = (sc.get("seccompProfile") or {}).get("type", pod_seccomp)
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile {seccomp}")
+        non_root = sc.get("runAsNonRoot", psc.get("runAsNonRoot"))
+        if non_root is not True:
+            out.append(f"{name}: runAsNonRoot is not true")
+        if not isinstance(sc.get("runAsUser", psc.get("runAsUser")), int):
+            out.append(f"{name}: no numeric runAsUser")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            out.append(f"{name}: root filesystem not read-only")
+        for p in c.get("ports") or []:
+            if p.get("hostPort"):
+                out.append(f"{name}: hostPort {p['hostPort']}")
+    return out
+
+
+def pod_docs(directory: Path) -> list[tuple[str, Doc]]:
+    return [(how, d) for how, docs in renderings(directory) for d in docs if pod_spec(d)]
+
+
+ALL_DIRS = [BASE, POD_KILLING, CONSUL]
+ALL_IDS = ["base", "pod-killing", "consul"]
+
+
+@pytest.mark.parametrize("directory", ALL_DIRS, ids=ALL_IDS)
+def test_every_pod_passes_pod_security_restricted(directory: Path) -> None:
+    found = pod_docs(directory)
+    assert found
+    for how, doc in found:
+        assert restricted_violations(doc) == [], f"{doc['metadata']['name']} ({how})"
+
+
+def _breakers() -> list[tuple[str, Any]]:
+    def container(d: Doc) -> Doc:
+        spec = pod_spec(d)
+        assert spec is not None
+        sc: Doc = spec["containers"][0]["securityContext"]
+        return sc
+
+    def pod(d: Doc) -> Doc:
+        psc: Doc = spec_of(d)["securityContext"]
+        return psc
+
+    def spec_of(d: Doc) -> Doc:
+        spec = pod_spec(d)
+        assert spec is not None
+        return spec
+
+    return [
+        ("escalation", lambda d: container(d).pop("allowPrivilegeEscalation")),
+        ("caps", lambda d: container(d)["capabilities"].update(drop=["NET_RAW"])),
+        ("caps-add", lambda d: container(d)["capabilities"].update(add=["SYS_ADMIN"])),
+        ("seccomp", lambda d: pod(d).pop("seccompProfile")),
+        ("root", lambda d: container(d).update(runAsNonRoot=False)),
+        ("root-unset", lambda d: (pod(d).pop("runAsNonRoot"), container(d).pop("runAsNonRoot"))),
+        ("uid", lambda d: pod(d).pop("runAsUser")),
+        ("uid0", lambda d: container(d).update(runAsUser=0)),
+        ("rw-root", lambda d: container(d).pop("readOnlyRootFilesystem")),
+        ("privileged", lambda d: container(d).update(privileged=True)),
+        ("hostPath", lambda d: spec_of(d)["volumes"].append({"name": "h", "hostPath": {}})),
+        ("hostNetwork", lambda d: spec_of(d).update(hostNetwork=True)),
+        ("hostPort", lambda d: spec_of(d)["containers"][0]["ports"][0].update(hostPort=5432)),
+    ]
+
+
+@pytest.mark.parametrize(("what", "breaker"), _breakers(), ids=[b[0] for b in _breakers()])
+def test_restricted_check_catches_each_field(what: str, breaker: Any) -> None:
+    for directory in (BASE, CONSUL):
+        doc = copy.deepcopy(one(render(directory), "StatefulSet"))
+        breaker(doc)
+        assert restricted_violations(doc), f"{what} not caught in {directory.name}"
+
+
+@pytest.mark.parametrize("directory", ALL_DIRS, ids=ALL_IDS)
+def test_no_service_links_and_token_only_where_needed(directory: Path) -> None:
+    for how, doc in pod_docs(directory):
+        spec = pod_spec(doc)
+        assert spec is not None
+        assert spec["enableServiceLinks"] is False, f"{doc['metadata']['name']} ({how})"
+        # only the agent calls the Kubernetes API
+        assert spec["automountServiceAccountToken"] is (directory != CONSUL), how
+
+
+def writable_mounts(spec: Doc, claims: set[str]) -> list[Path]:
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    out = []
+    for m in spec["containers"][0]["volumeMounts"]:
+        if m.get("readOnly"):
+            continue
+        v = volumes.get(m["name"], {})
+        assert m["name"] in claims or "emptyDir" in v, f"{m['name']}: writable but not scratch"
+        out.append(Path(m["mountPath"]))
+    return out
+
+
+def test_read_only_root_leaves_writable_what_is_written() -> None:
+    docs = render(BASE)
+    sts = one(docs, "StatefulSet")
+    spec = pod_spec(sts)
+    assert spec is not None
+    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    writable = writable_mounts(spec, claims)
+    cfg, _ = agent_config(docs)
+    for path in (
+        cfg.state_dir,  # journal, spool, pgpass, sequence numbers
+        cfg.postgresql.data_dir,
+        Path("/tmp"),
+        Path("/var/run/postgresql"),
+        Path("/dev/shm"),
+    ):
+        assert any(path.is_relative_to(w) for w in writable), f"{path} is not writable"
+    consul = one(render(CONSUL), "StatefulSet")
+    consul_spec = pod_spec(consul)
+    assert consul_spec is not None
+    cm = one(render(CONSUL), "ConfigMap")
+    server = json.loads(cm["data"]["server.json"])
+    consul_writable = writable_mounts(
+        consul_spec, {c["metadata"]["name"] for c in consul["spec"]["volumeClaimTemplates"]}
+    )
+    for path in (Path(server["data_dir"]), Path("/tmp")):
+        assert any(path.is_relative_to(w) for w in consul_writable), f"consul: {path}"
+
+
+# ------------------------------------------------------------------ NetworkPolicies
+
+
+def labels_match(selector: Doc, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels is evaluated here: {selector}"
+    return (selector.get("matchLabels") or {}).items() <= labels.items()
+
+
+@dataclass
+class Pod:
+    namespace: str
+    labels: dict[str, str]
+    ports: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (port, protocol)
+
+    @property
+    def namespace_labels(self) -> dict[str, str]:
+        return {"kubernetes.io/metadata.name": self.namespace}
+
+
+def pod_of(docs: list[Doc], kind: str = "StatefulSet") -> Pod:
+    sts = one(docs, kind)
+    spec = pod_spec(sts)
+    assert spec is not None
+    ports = {
+        p["name"]: (p["containerPort"], p.get("protocol", "TCP"))
+        for c in spec["containers"]
+        for p in c.get("ports") or []
+    }
+    return Pod(sts["metadata"]["namespace"], sts["spec"]["template"]["metadata"]["labels"], ports)
+
+
+def ingress_allowed(policies: list[Doc], src: Pod, dst: Pod, port: int, protocol: str) -> bool:
+    """NetworkPolicy semantics (networking.k8s.io/v1, ingress): a pod selected by no policy
+    accepts everything; a selected one accepts what one rule of one policy allows."""
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == dst.namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and labels_match(p["spec"]["podSelector"], dst.labels)
+    ]
+    if not selecting:
+        return True
+    for policy in selecting:
+        for rule in policy["spec"].get("ingress") or []:
+            port_ok = not rule.get("ports") or any(
+                (dst.ports[p["port"]][0] if isinstance(p["port"], str) else p["port"]) == port
+                and p.get("protocol", "TCP") == protocol
+                for p in rule["ports"]
+            )
+            if not port_ok:
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True
+            for peer in peers:
+                assert "ipBlock" not in peer, "address blocks are not used"
+                ns_ok = (
+                    labels_match(peer["namespaceSelector"], src.namespace_labels)
+                    if "namespaceSelector" in peer
+                    else src.namespace == policy["metadata"]["namespace"]
+                )
+                pod_ok = "podSelector" not in peer or labels_match(peer["podSelector"], src.labels)
+                if ns_ok and pod_ok:
+                    return True
+    return False
+
+
+def test_network_policies_admit_only_who_needs_each_port() -> None:
+    for (how, base), (_, consul_docs) in zip(renderings(BASE), renderings(CONSUL), strict=True):
+        policies = by_kind(base, "NetworkPolicy") + by_kind(consul_docs, "NetworkPolicy")
+        assert len(policies) == 2, how
+        pg, consul = pod_of(base), pod_of(consul_docs)
+        ns = pg.namespace
+        assert consul.namespace == ns
+        client = Pod("shop", {"app": "shop", "pgsidecar.io/client": "pg"})
+        monitor = Pod("monitoring", {"app": "prometheus", "pgsidecar.io/api-client": "pg"})
+        stranger = Pod(ns, {"app": "debug"})
+        # a pod wearing the members' labels in another namespace is not a member
+        impostor = Pod("other", dict(pg.labels))
+        pg_port, api_port = pg.ports["postgresql"][0], pg.ports["api"][0]
+
+        def allowed(
+            src: Pod, dst: Pod, port: int, proto: str = "TCP", policies: list[Doc] = policies
+        ) -> bool:
+            return ingress_allowed(policies, src, dst, port, proto)
+
+        # PostgreSQL: members (replication, rewind, clone) and labelled clients
+        expected_pg = {
+            "pg": True,
+            "client": True,
+            "monitor": False,
+            "stranger": False,
+            "impostor": False,
+            "consul": False,
+        }
+        # the agents' API: members (peers' status, switchover) and labelled API clients
+        expected_api = {
+            "pg": True,
+            "client": False,
+            "monitor": True,
+            "stranger": False,
+            "impostor": False,
+            "consul": False,
+        }
+        sources = {
+            "pg": pg,
+            "client": client,
+            "monitor": monitor,
+            "stranger": stranger,
+            "impostor": impostor,
+            "consul": consul,
+        }
+        for name, src in sources.items():
+            assert allowed(src, pg, pg_port) is expected_pg[name], f"{how}: {name} -> 5432"
+            assert allowed(src, pg, api_port) is expected_api[name], f"{how}: {name} -> 8008"
+            # no other port of a member is open to anyone
+            assert not allowed(src, pg, 22), f"{how}: {name} -> 22"
+            assert not allowed(src, pg, pg_port, "UDP"), f"{how}: {name} -> 5432/udp"
+
+        # Consul: HTTPS from the members and the servers; Raft and gossip between servers only
+        https = consul.ports["https"][0]
+        internal = [consul.ports[n] for n in ("server", "serflan-tcp", "serflan-udp")]
+        for name, src in sources.items():
+            assert allowed(src, consul, https) is (name in ("pg", "consul")), f"{how}: {name}"
+            for port, proto in internal:
+                assert allowed(src, consul, port, proto) is (name == "consul"), (
+                    f"{how}: {name} -> {port}/{proto}"
+                )
+            assert not allowed(src, consul, 8302), "WAN gossip"
+            assert not allowed(src, consul, 8500), "plain HTTP"
+        # every port a pod declares is governed by a rule naming it
+        for pod in (pg, consul):
+            for pname, (port, proto) in pod.ports.items():
+                assert any(allowed(s, pod, port, proto) for s in sources.values()), pname
+
+
+# ------------------------------------------------------------------ Consul security
+
+
+def consul_server_config(docs: list[Doc]) -> Doc:
+    cm = one(docs, "ConfigMap")
+    server: Doc = json.loads(cm["data"]["server.json"])
+    return server
+
+
+def hcl_rules(path: Path) -> set[tuple[str, str, str]]:
+    """(resource, name, policy) of a Consul ACL policy in HCL; anything else is refused."""
+    text = re.sub(r"#.*", "", path.read_text())
+    rules = re.findall(r'(\w+)\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(\w+)"\s*\}', text)
+    rest = re.sub(r'(\w+)\s+"([^"]*)"\s*\{\s*policy\s*=\s*"(\w+)"\s*\}', "", text)
+    assert not rest.strip(), f"{path}: unparsed policy text {rest.strip()!r}"
+    return set(rules)
+
+
+def secret_file(spec: Doc, path: str) -> tuple[str, str]:
+    """(Secret, key) a file of the pod's first container comes from."""
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    for v in spec["volumes"]:
+        if "secret" in v and Path(path).parent == Path(mounts.get(v["name"], "/nonexistent")):
+            item = next(i for i in v["secret"]["items"] if i["path"] == Path(path).name)
+            return v["secret"]["secretName"], item["key"]
+    raise AssertionError(f"{path} is not from a Secret")
+
+
+def test_consul_acls_tls_gossip_and_no_ui() -> None:
+    secrets = documented_secrets()
+    for how, docs in renderings(CONSUL):
+        server = consul_server_config(docs)
+        # ACLs on, everything denied that a token does not allow
+        assert server["acl"]["enabled"] is True and server["acl"]["default_policy"] == "deny"
+        assert server["acl"]["down_policy"] != "allow"
+        # no UI, no plain HTTP, no DNS or gRPC
+        assert server["ui_config"]["enabled"] is False and not server.get("ui")
+        assert server["ports"]["http"] == -1 and server["ports"]["dns"] == -1
+        assert server["ports"]["grpc"] == -1 and server["ports"]["grpc_tls"] == -1
+        # TLS: the API over HTTPS, servers verify each other (certificate and name)
+        tls = server["tls"]
+        assert tls["defaults"]["verify_incoming"] is True
+        assert tls["defaults"]["verify_outgoing"] is True
+        assert tls["internal_rpc"]["verify_server_hostname"] is True
+        # gossip encrypted, the key from a Secret, never in the ConfigMap
+        assert "encrypt" not in server
+        assert server["encrypt_verify_incoming"] and server["encrypt_verify_outgoing"]
+
+        sts = one(docs, "StatefulSet")
+        spec = pod_spec(sts)
+        assert spec is not None
+        container = spec["containers"][0]
+        for key in ("ca_file", "cert_file", "key_file"):
+            name, item = secret_file(spec, tls["defaults"][key])
+            assert item in secrets.get(name, set()), f"{how}: {name}/{item} not in the README"
+        gossip = [a.split("=", 1)[1] for a in container["command"] if a.startswith("-config-file=")]
+        assert len(gossip) == 1
+        name, item = secret_file(spec, gossip[0])
+        assert item in secrets.get(name, set()), f"{how}: {name}/{item} not in the README"
+        assert '"encrypt"' in README.read_text().replace("\\", "")
+
+        # listening on the pod address (and loopback), never on every address
+        assert "client_addr" not in server and "bind_addr" not in server
+        args = container["command"]
+        assert "-bind=$(POD_IP)" in args
+        client = next(a for a in args if a.startswith("-client="))
+        assert set(client.removeprefix("-client=").split()) == {"127.0.0.1", "$(POD_IP)"}
+        assert "0.0.0.0" not in json.dumps(server) and "0.0.0.0" not in " ".join(args)
+        # the probe and the CLI use HTTPS on loopback, where the server certificate is valid
+        probe = " ".join(container["readinessProbe"]["exec"]["command"])
+        assert "https://127.0.0.1:" in probe and "--cacert" in probe
+
+
+def test_consul_acl_policies_are_narrow() -> None:
+    from events.dcs.consul import ConsulDCS
+    from pgsidecar.config import ConsulSettings
+
+    cfg, _ = agent_config(render(BASE))
+    consul_docs = render(CONSUL)
+    sts = one(consul_docs, "StatefulSet")
+    spec = pod_spec(sts)
+    assert spec is not None
+    container = spec["containers"][0]
+    # the servers' node names are their pod names: the sessions the agents create belong to them
+    assert "-node=$(POD_NAME)" in container["command"]
+    assert container_env(container, SAMPLE)["POD_NAME"] == SAMPLE["metadata.name"]
+    nodes = f"{sts['metadata']['name']}-"
+
+    base = ConsulDCS(ConsulSettings(), cfg.cluster, cfg.dcs.prefix).base
+    assert hcl_rules(CONSUL / "acl" / "pgsidecar.hcl") == {
+        ("key_prefix", base, "write"),  # the cluster's keys and nothing else
+        ("session_prefix", nodes, "write"),
+        ("service", cfg.cluster, "write"),
+    }
+    assert hcl_rules(CONSUL / "acl" / "server-agent.hcl") == {
+        ("node_prefix", nodes, "write"),
+        ("service_prefix", "", "read"),
+    }
+    # the bootstrap script installs both policies and hands the agents' token to the file
+    # the agent reads it from
+    script = ACL_BOOTSTRAP.read_text()
+    for policy in ("acl/pgsidecar.hcl", "acl/server-agent.hcl"):
+        assert f'"$HERE/{policy}"' in script
+    assert "-policy-name pgsidecar-pg" in script and "-name pgsidecar-pg" in script
+    pg_spec = pod_spec(one(render(BASE), "StatefulSet"))
+    assert pg_spec is not None
+    token_file = cfg.dcs.consul.token_file
+    assert token_file is not None
+    pg_secret = next(
+        v for v in pg_spec["volumes"] if v.get("secret", {}).get("secretName") == "pg-secrets"
+    )
+    item = next(i for i in pg_secret["secret"]["items"] if i["path"] == token_file.name)
+    assert re.search(r"patch secret pg-secrets\b", script)
+    assert f'"stringData":{{"{item["key"]}"' in script
+    assert "acl bootstrap" in script and "set-agent-token agent" in script
+    # no token on a command line of the operator's machine
+    assert not re.search(r"--from-literal=token", script)
+    readme = README.read_text()
+    assert "deploy/consul/acl-bootstrap.sh" in readme
