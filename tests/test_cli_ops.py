@@ -1,4 +1,4 @@
-"""Operator commands (pgsidecar/cli_ops.py, pgsidecar/ops.py): pause / resume, config show / set /
+"""Operator commands (pgsidecar/cli/cluster.py, pgsidecar/ops.py): pause / resume, config show / set /
 edit, list.
 
 Three layers: pure checks (config keys, PostgreSQL value rules, the list table); the CLI against
@@ -28,7 +28,7 @@ import yaml
 from events.dcs import ClusterView, Leader
 from fsm.inputs import DYNAMIC_SETTINGS
 from pgsidecar.cli import main
-from pgsidecar.cli_ops import list_document, render_table
+from pgsidecar.cli.cluster import list_document, render_table
 from pgsidecar.ops import (
     CLUSTER_KEYS,
     ConfigChangeError,
