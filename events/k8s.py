@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiohttp
 
-from pgsidecar.config import KubernetesSettings
+from events.settings import KubernetesSettings
 
 if TYPE_CHECKING:
     from kubernetes_asyncio import client as k8s_client

@@ -9,14 +9,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from events.kafka import KafkaSink, journal_skipped, read_topic
-from events.sinks import JournalSink, read_journal
+from events.sinks import JournalSink, merge_by_time, read_journal
 from fsm.records import Record, Transition
 from pgsidecar.history import (
     format_history,
     format_json_lines,
     format_lsn,
     format_table,
-    merge_by_time,
     parse_since,
     role_changes,
 )

@@ -114,7 +114,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -135,10 +135,7 @@ from events.dcs.base import (
     build_view,
     decode_json_object,
 )
-from pgsidecar.config import ConfigError
-
-if TYPE_CHECKING:
-    from pgsidecar.config import ConsulSettings
+from events.settings import ConfigError, ConsulSettings
 
 log = logging.getLogger(__name__)
 
