@@ -170,7 +170,7 @@ class _NotFound(DCSError):
     """Consul answered 404 where the endpoint treats it as an error (session renew)."""
 
 
-class _Transport(consul.aio.HTTPClient):  # type: ignore[misc]
+class _Transport(consul.aio.HTTPClient):  # type: ignore[misc]  # py-consul has no types
     """py-consul's asyncio HTTP client with our own aiohttp session: explicit TLS context, a
     bounded timeout on every request, created lazily inside the running loop."""
 
@@ -223,7 +223,7 @@ class _Transport(consul.aio.HTTPClient):  # type: ignore[misc]
             self._http = None
 
 
-class _Client(consul.aio.Consul):  # type: ignore[misc]
+class _Client(consul.aio.Consul):  # type: ignore[misc]  # py-consul has no types
     """consul.aio.Consul on our transport; the token comes from our config only."""
 
     def __init__(
