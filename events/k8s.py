@@ -18,7 +18,7 @@ no token or no reachable API server, ``available`` is False, the reason is logge
 Every ``KubeApi`` method that calls the API says which (resource, verb) it is with ``@api_call``;
 ``K8S_API_CALLS`` and ``POD_KILLING_API_CALLS`` (only the pod-killing component grants these) are
 read off those methods, not kept by hand. What the code really sends is observed in
-tests/test_k8s_access.py: the components run against a fake API server that enforces the Role
+tests/unit/test_k8s_access.py: the components run against a fake API server that enforces the Role
 deploy/kubernetes renders to, and the Role must grant exactly the calls seen there.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import importlib
 import json
 import os
@@ -36,11 +37,11 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import aiohttp
 
-from pgsidecar.config import KubernetesSettings
+from events.settings import KubernetesSettings
 
 if TYPE_CHECKING:
     from kubernetes_asyncio import client as k8s_client
@@ -737,7 +738,14 @@ class PodWatcher:
 
 # --------------------------------------------------------------------------- role label
 
-_UNKNOWN = object()
+
+class _Unknown(enum.Enum):
+    """The label was never read nor written: unlike None (no label), it differs from every role."""
+
+    UNKNOWN = "unknown"
+
+
+_UNKNOWN: Final = _Unknown.UNKNOWN
 
 
 class PodLabeler:
@@ -763,8 +771,8 @@ class PodLabeler:
         self.api = api or KubeApi(settings)
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
-        self._desired: str | None | object = _UNKNOWN
-        self._applied: str | None | object = _UNKNOWN
+        self._desired: str | None | _Unknown = _UNKNOWN
+        self._applied: str | None | _Unknown = _UNKNOWN
         self._wake = asyncio.Event()
         self._settled = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -778,11 +786,11 @@ class PodLabeler:
 
     @property
     def desired(self) -> str | None:
-        return None if self._desired is _UNKNOWN else self._desired  # type: ignore[return-value]
+        return None if self._desired is _UNKNOWN else self._desired
 
     @property
     def applied(self) -> str | None:
-        return None if self._applied is _UNKNOWN else self._applied  # type: ignore[return-value]
+        return None if self._applied is _UNKNOWN else self._applied
 
     def set_role(self, role: Role | None) -> None:
         if role is not None and role not in ROLE_VALUES:

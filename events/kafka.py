@@ -45,11 +45,11 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from events.sinks import Sink
+from events.settings import KafkaSettings
+from events.sinks import Sink, merge_by_time
 from events.spool import KINDS, Spool, SpoolError, fsync_and_close
 from fsm import bounded_json
 from fsm.records import Record
-from pgsidecar.history import merge_by_time
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +273,13 @@ class KafkaSink(Sink):
     @classmethod
     def from_settings(
         cls,
-        settings: Any,
+        settings: KafkaSettings,
         cluster: str,
         node: str,
         state_dir: Path,
         **kwargs: Any,
     ) -> KafkaSink:
-        """Build from ``pgsidecar.config.KafkaSettings``; the spool lives in
+        """Build from the agent's ``kafka`` settings; the spool lives in
         ``state_dir/kafka-spool``."""
         return cls(
             settings.bootstrap_servers,
@@ -290,7 +290,7 @@ class KafkaSink(Sink):
             partitions=settings.partitions,
             retention_ms=settings.retention_ms,
             linger_ms=settings.linger_ms,
-            replication_factor=getattr(settings, "replication_factor", 1),
+            replication_factor=settings.replication_factor,
             **kwargs,
         )
 

@@ -2,15 +2,19 @@
 local file opened in append mode), and the slow part, if any, runs in the sink's own task.
 
 Implementations: JournalSink (append-only JSON lines in the member's state dir), LogSink (the
-structured log), and events.kafka.KafkaSink (the audit stream, its own issue).
+structured log), and events.kafka.KafkaSink (the audit stream). The readers of what they wrote
+are here too: ``read_journal`` and ``merge_by_time`` (the order of a cluster's records).
 """
 
 from __future__ import annotations
 
 import abc
+import collections
+import heapq
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -145,3 +149,13 @@ def read_journal(path: Path) -> tuple[list[Record], list[tuple[int, str]]]:
             seen.add((rec.node, rec.seq))
             records.append(rec)
     return records, skipped
+
+
+def merge_by_time(records: Iterable[Record]) -> list[Record]:
+    """Each node's records in seq order, the nodes interleaved by time. A plain sort by time
+    would reorder the records of a node whose clock stepped back; seq never does."""
+    per_node: dict[str, list[Record]] = collections.defaultdict(list)
+    for r in records:
+        per_node[r.node].append(r)
+    lists = [sorted(rs, key=lambda r: r.seq) for rs in per_node.values()]
+    return list(heapq.merge(*lists, key=lambda r: r.time))

@@ -8,15 +8,14 @@ elsewhere.
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
-import heapq
 import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from events.sinks import merge_by_time
 from fsm.records import Record
 from fsm.records import format_lsn as records_format_lsn
 
@@ -69,16 +68,6 @@ class RoleChange:
 
 def _opt_int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def merge_by_time(records: Iterable[Record]) -> list[Record]:
-    """Each node's records in seq order, the nodes interleaved by time. A plain sort by time
-    would reorder the records of a node whose clock stepped back; seq never does."""
-    per_node: dict[str, list[Record]] = collections.defaultdict(list)
-    for r in records:
-        per_node[r.node].append(r)
-    lists = [sorted(rs, key=lambda r: r.seq) for rs in per_node.values()]
-    return list(heapq.merge(*lists, key=lambda r: r.time))
 
 
 def role_changes(

@@ -114,7 +114,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -135,10 +135,7 @@ from events.dcs.base import (
     build_view,
     decode_json_object,
 )
-from pgsidecar.config import ConfigError
-
-if TYPE_CHECKING:
-    from pgsidecar.config import ConsulSettings
+from events.settings import ConfigError, ConsulSettings
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +170,7 @@ class _NotFound(DCSError):
     """Consul answered 404 where the endpoint treats it as an error (session renew)."""
 
 
-class _Transport(consul.aio.HTTPClient):  # type: ignore[misc]
+class _Transport(consul.aio.HTTPClient):  # type: ignore[misc]  # py-consul has no types
     """py-consul's asyncio HTTP client with our own aiohttp session: explicit TLS context, a
     bounded timeout on every request, created lazily inside the running loop."""
 
@@ -226,7 +223,7 @@ class _Transport(consul.aio.HTTPClient):  # type: ignore[misc]
             self._http = None
 
 
-class _Client(consul.aio.Consul):  # type: ignore[misc]
+class _Client(consul.aio.Consul):  # type: ignore[misc]  # py-consul has no types
     """consul.aio.Consul on our transport; the token comes from our config only."""
 
     def __init__(

@@ -32,7 +32,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 
@@ -47,9 +47,7 @@ from events.dcs.base import (
     build_view,
     decode_json_object,
 )
-
-if TYPE_CHECKING:
-    from pgsidecar.config import EtcdSettings
+from events.settings import EtcdSettings
 
 log = logging.getLogger(__name__)
 

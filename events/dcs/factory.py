@@ -3,12 +3,8 @@ not import the Consul client and vice versa."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from events.dcs.base import DCS
-
-if TYPE_CHECKING:
-    from pgsidecar.config import DcsSettings
+from events.settings import DcsSettings
 
 
 def create_dcs(settings: DcsSettings, cluster: str) -> DCS:

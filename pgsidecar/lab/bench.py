@@ -185,11 +185,11 @@ def run_failover_bench(
         from pgsidecar.lab.haproxy import haproxy_binary, measure_haproxy_failover
 
         if haproxy_binary() is not None:
-            runs = []
+            haproxy_runs: list[float] = []
             for _ in range(repeat):
                 lc.wait_healthy(timeout=120)
                 old = lc.master()
-                runs.append(measure_haproxy_failover(lc))
+                haproxy_runs.append(measure_haproxy_failover(lc))
                 if old:
                     lc.stop_member(old)
                     lc.start_member(old)
@@ -199,8 +199,8 @@ def run_failover_bench(
                     "scenario": "sigterm_through_haproxy",
                     "ttl": ttl,
                     "repeat": repeat,
-                    "seconds_to_first_write_median": round(statistics.median(runs), 3),
-                    "seconds_to_first_write_runs": [round(r, 3) for r in runs],
+                    "seconds_to_first_write_median": round(statistics.median(haproxy_runs), 3),
+                    "seconds_to_first_write_runs": [round(r, 3) for r in haproxy_runs],
                 }
             )
 

@@ -1,5 +1,5 @@
 """Kubernetes end to end: real agents, PostgreSQL and etcd, and the fake API server
-(tests/k8s_fake.py) standing in for the kube-apiserver. The role labels follow every transition
+(tests/support/k8s_fake.py) standing in for the kube-apiserver. The role labels follow every transition
 of a failover; deleting the master's pod starts the hand-off before any SIGTERM."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Operator commands (pgsidecar/cli_ops.py, pgsidecar/ops.py), the pure parts: config keys,
+"""Operator commands (pgsidecar/cli/cluster.py, pgsidecar/ops.py), the pure parts: config keys,
 PostgreSQL value rules, the list table. Against real etcd and a real cluster:
 tests/e2e/test_cli_ops_e2e.py."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from events.dcs import ClusterView, Leader
 from fsm.inputs import DYNAMIC_SETTINGS
-from pgsidecar.cli_ops import list_document, render_table
+from pgsidecar.cli.cluster import list_document, render_table
 from pgsidecar.ops import (
     CLUSTER_KEYS,
     ConfigChangeError,

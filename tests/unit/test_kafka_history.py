@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 
 from events.kafka import journal_skipped
-from events.sinks import JournalSink, read_journal
+from events.sinks import JournalSink, merge_by_time, read_journal
 from fsm.records import Record, Transition
 from pgsidecar.history import (
     format_history,
     format_json_lines,
     format_lsn,
     format_table,
-    merge_by_time,
     parse_since,
     role_changes,
 )

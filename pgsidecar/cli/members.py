@@ -1,12 +1,15 @@
-"""Operator commands aimed at members: restart (one, or a rolling restart of all), reinit, and
-a manual failover when there is no healthy master. Each goes through the member's REST API
-(token required) or the DCS, and becomes an input of the machines, recorded like any other."""
+"""Operator commands that move the master or act on members: switchover (planned, now or at a
+time), restart (one, or a rolling restart of all), reinit, and a manual failover when there is no
+healthy master. Each goes through the member's REST API (token required) or the DCS, and becomes
+an input of the machines, recorded like any other."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,8 +17,75 @@ from typing import Any
 
 from events.dcs import DCS
 from fsm.inputs import member_view
-from pgsidecar.cli_ops import EXIT_REFUSED, OpsError, _err, _run_with_dcs, _target
-from pgsidecar.config import AgentConfig
+from pgsidecar.cli.common import EXIT_REFUSED, add_target, config_from_args, err, run_with_dcs
+from pgsidecar.config import AgentConfig, ConfigError
+from pgsidecar.ops import OpsError
+
+# -- switchover ------------------------------------------------------------------------------------
+
+
+def parse_at(text: str) -> float:
+    """An ISO 8601 time (UTC if no offset), or +SECONDS from now."""
+    if text.startswith("+"):
+        try:
+            return time.time() + float(text[1:])
+        except ValueError:
+            raise ConfigError(f"--at {text!r}: expected +SECONDS or an ISO 8601 time") from None
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(
+            f"--at {text!r}: expected an ISO 8601 time such as 2026-11-25T22:00:00Z"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return t.timestamp()
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    from events.dcs.factory import create_dcs
+    from pgsidecar.ops import (
+        SwitchoverError,
+        cancel_switchover,
+        request_switchover,
+        wait_for_leader,
+    )
+
+    cfg = config_from_args(args)
+
+    async def go() -> int:
+        dcs = create_dcs(cfg.dcs, cfg.cluster)
+        await dcs.connect()
+        try:
+            try:
+                if args.cancel:
+                    sw = await cancel_switchover(dcs)
+                    print(
+                        f"switchover cancelled: {sw.get('from')} -> {sw.get('to') or 'best replica'}"
+                    )
+                    return 0
+                at = parse_at(args.at) if args.at else None
+                cmd = await request_switchover(dcs, args.to, at)
+            except SwitchoverError as exc:
+                print(f"pgsidecar: switchover refused: {exc}", file=sys.stderr)
+                return 1
+            when = f" at {args.at}" if args.at else ""
+            print(f"switchover requested: {cmd['from']} -> {cmd['to'] or 'best replica'}{when}")
+            if args.wait <= 0 or args.at:
+                return 0
+            view = await wait_for_leader(dcs, cmd["from"], args.wait)
+            if view is None or view.leader is None:
+                print(f"pgsidecar: no new master within {args.wait:g} s", file=sys.stderr)
+                return 1
+            print(f"new master: {view.leader.name} (term {view.leader.term})")
+            return 0
+        finally:
+            await dcs.close()
+
+    return asyncio.run(go())
+
+
+# -- restart / reinit / failover -------------------------------------------------------------------
 
 
 def _api(
@@ -124,7 +194,7 @@ def cmd_restart(args: argparse.Namespace) -> int:
             print(f"  {n} is back")
         return 0
 
-    return _run_with_dcs(args, "restart", body)
+    return run_with_dcs(args, "restart", body)
 
 
 def cmd_reinit(args: argparse.Namespace) -> int:
@@ -152,7 +222,7 @@ def cmd_reinit(args: argparse.Namespace) -> int:
         print(f"{args.name} is a streaming replica again")
         return 0
 
-    return _run_with_dcs(args, "reinit", body)
+    return run_with_dcs(args, "reinit", body)
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
@@ -199,17 +269,37 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
         new = await wait_for_leader(dcs, None, args.timeout)
         if new is None or new.leader is None or new.leader.name != args.to:
-            _err(f"{args.to} did not take over within {args.timeout:g} s (see its agent.log)")
+            err(f"{args.to} did not take over within {args.timeout:g} s (see its agent.log)")
             return EXIT_REFUSED
         print(f"new master: {args.to} (term {new.leader.term})")
         return 0
 
-    return _run_with_dcs(args, "failover", body)
+    return run_with_dcs(args, "failover", body)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+# -- parsers ----------------------------------------------------------------------------------------
+
+
+def add_switchover_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sw = sub.add_parser(
+        "switchover", help="planned switchover: the target catches up, then promotes"
+    )
+    add_target(sw)
+    sw.add_argument("--to", help="target member (default: the most advanced replica)")
+    sw.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for the new master (0: do not)"
+    )
+    sw.add_argument(
+        "--at", help="scheduled: ISO 8601 time (UTC unless an offset is given) or +SECONDS"
+    )
+    sw.add_argument("--cancel", action="store_true", help="cancel a pending (scheduled) switchover")
+    sw.set_defaults(func=cmd_switchover)
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add restart, reinit and failover to the top-level parser."""
     rp = sub.add_parser("restart", help="restart PostgreSQL of a member, or of all (rolling)")
-    _target(rp)
+    add_target(rp)
     g = rp.add_mutually_exclusive_group(required=True)
     g.add_argument("name", nargs="?", help="the member")
     g.add_argument(
@@ -227,13 +317,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     ri = sub.add_parser(
         "reinit", help="throw a replica's data away and clone it again from the master"
     )
-    _target(ri)
+    add_target(ri)
     ri.add_argument("name")
     ri.add_argument("--timeout", type=float, default=600.0)
     ri.set_defaults(func=cmd_reinit)
 
     fo = sub.add_parser("failover", help="promote NAME when there is no healthy master")
-    _target(fo)
+    add_target(fo)
     fo.add_argument("--to", required=True, help="the member to promote")
     fo.add_argument(
         "--force", action="store_true", help="even if it is behind another member (abandons WAL)"

@@ -1,9 +1,5 @@
-"""Day-to-day operator commands (issue 7), registered into the `pgsidecar` parser by cli.py.
-
-    pgsidecar pause  (--dir DIR | --config FILE)        maintenance mode: no automatic action
-    pgsidecar resume (--dir DIR | --config FILE)
-    pgsidecar config show | set KEY=VALUE... | edit     the cluster-wide config in the DCS
-    pgsidecar list [--json] [--watch SECONDS]           (parser in cli.py, output here)
+"""The cluster as the DCS holds it: ``list`` (the members), ``pause`` / ``resume`` (maintenance
+mode) and ``config show | set KEY=VALUE... | edit`` (the cluster-wide config).
 
 Every command reads the DCS, validates everything, then writes at most once. A refusal
 exits 1 with a message naming what is wrong and changes nothing; a bad --config exits 2.
@@ -22,12 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import yaml
 
 from events.dcs import DCS, ClusterView, DCSError
+from pgsidecar.cli.common import EXIT_REFUSED, add_target, config_from_args, err, run_with_dcs
 from pgsidecar.config import AgentConfig
 from pgsidecar.ops import (
     DEFAULT_TAGS,
@@ -49,47 +45,11 @@ from pgsidecar.ops import (
     validate_pg_parameters,
 )
 
-EXIT_REFUSED = 1
-
 # what fsm/machine.py does while paused (eligible() and the paused checks in decide())
 PAUSE_EFFECT = (
     "while paused no agent fails over, switches over or restarts a stopped PostgreSQL on its "
     "own; the master keeps its lease (and still fences itself if it cannot renew it)"
 )
-
-
-def _err(msg: str) -> None:
-    print(f"pgsidecar: {msg}", file=sys.stderr)
-
-
-def _run_with_dcs(
-    args: argparse.Namespace, what: str, body: Callable[[AgentConfig, DCS], Awaitable[int]]
-) -> int:
-    """Connect to the cluster's DCS (no session: an operator holds no lease), run ``body``,
-    close. DCS errors and refusals become exit 1 with the reason."""
-    from events.dcs.factory import create_dcs
-    from pgsidecar.cli import _config_from_args
-
-    cfg = _config_from_args(args)
-
-    async def go() -> int:
-        dcs = create_dcs(cfg.dcs, cfg.cluster)
-        try:
-            await asyncio.wait_for(dcs.connect(), timeout=15)
-            return await body(cfg, dcs)
-        finally:
-            with contextlib.suppress(Exception):
-                await dcs.close()
-
-    try:
-        return asyncio.run(go())
-    except OpsError as exc:
-        _err(f"{what} refused: {exc}")
-    except (DCSError, TimeoutError) as exc:
-        _err(
-            f"{what}: cannot reach the DCS ({cfg.dcs.type}): {exc or 'timed out'}; nothing changed"
-        )
-    return EXIT_REFUSED
 
 
 # -- pause / resume -------------------------------------------------------------------------------
@@ -111,7 +71,7 @@ def cmd_pause(args: argparse.Namespace) -> int:
             )
         return 0
 
-    return _run_with_dcs(args, args.cmd, body)
+    return run_with_dcs(args, args.cmd, body)
 
 
 # -- config -----------------------------------------------------------------------------------------
@@ -156,7 +116,7 @@ async def _validate_and_store(
             "the ttl of its own config until the agents apply the cluster ttl to their session"
         )
     if any(line.startswith("postgresql.parameters.") for line in diff):
-        # applying them (reload, or pending restart) is the agents' part of issue 7
+        # applying them (a reload, or a pending restart) is each agent's job, not the CLI's
         print("PostgreSQL parameters are stored; each member applies them itself")
     return 0
 
@@ -168,7 +128,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         try:
             changes = parse_assignments(args.assignments)
         except OpsError as exc:
-            _err(f"config set refused: {exc}")
+            err(f"config set refused: {exc}")
             return EXIT_REFUSED
 
         async def set_body(cfg: AgentConfig, dcs: DCS) -> int:
@@ -182,7 +142,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             }
             return await _validate_and_store(cfg, dcs, view, new, pg_check)
 
-        return _run_with_dcs(args, "config set", set_body)
+        return run_with_dcs(args, "config set", set_body)
 
     if sub == "show":
 
@@ -192,7 +152,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             sys.stdout.write(_dump_yaml(dict(view.config or {})))
             return 0
 
-        return _run_with_dcs(args, "config show", show_body)
+        return run_with_dcs(args, "config show", show_body)
 
     async def edit_body(cfg: AgentConfig, dcs: DCS) -> int:
         view = await _read(dcs, cfg)
@@ -207,7 +167,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         new, pg_check = validate_document(doc, old)
         return await _validate_and_store(cfg, dcs, view, new, pg_check)
 
-    return _run_with_dcs(args, "config edit", edit_body)
+    return run_with_dcs(args, "config edit", edit_body)
 
 
 def _edit_template(config: dict[str, Any]) -> str:
@@ -230,10 +190,10 @@ def _edit_text(initial: str) -> str | None:
         try:
             rc = subprocess.call([*shlex.split(editor), path])
         except OSError as exc:
-            _err(f"config edit: cannot run the editor {editor!r}: {exc.strerror}; nothing changed")
+            err(f"config edit: cannot run the editor {editor!r}: {exc.strerror}; nothing changed")
             return None
         if rc != 0:
-            _err(f"config edit: the editor {editor!r} exited with {rc}; nothing changed")
+            err(f"config edit: the editor {editor!r} exited with {rc}; nothing changed")
             return None
         with open(path) as fh:
             return fh.read()
@@ -322,12 +282,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     """``pgsidecar list``: the members as the DCS sees them; ``--watch SECONDS`` refreshes until
     Ctrl-C."""
     from events.dcs.factory import create_dcs
-    from pgsidecar.cli import _config_from_args
 
-    cfg = _config_from_args(args)
+    cfg = config_from_args(args)
     watch = getattr(args, "watch", None)
     if watch is not None and watch <= 0:
-        _err("list: --watch takes a positive number of seconds")
+        err("list: --watch takes a positive number of seconds")
         return EXIT_REFUSED
 
     # the agents' own synchronous_mode, in force unless the DCS config overrides it
@@ -351,7 +310,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                         connected = True
                     view = await asyncio.wait_for(dcs.read_cluster(), timeout=15)
                 except (DCSError, TimeoutError) as exc:
-                    _err(f"list: cannot reach the DCS ({cfg.dcs.type}): {exc or 'timed out'}")
+                    err(f"list: cannot reach the DCS ({cfg.dcs.type}): {exc or 'timed out'}")
                     if watch is None:
                         return EXIT_REFUSED
                 else:
@@ -380,34 +339,38 @@ def cmd_list(args: argparse.Namespace) -> int:
 # -- parsers ----------------------------------------------------------------------------------------
 
 
-def _target(sp: argparse.ArgumentParser) -> None:
-    g = sp.add_mutually_exclusive_group()
-    g.add_argument("--config", help="an agent's config file (names the DCS and the cluster)")
-    g.add_argument("--dir", help="a local cluster's directory")
+def add_list_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ls = sub.add_parser("list", help="members of the cluster, as the DCS sees them")
+    add_target(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C"
+    )
+    ls.set_defaults(func=cmd_list)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add this module's subcommands to the top-level parser."""
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add pause, resume and config to the top-level parser."""
     for name, helptext in (
         ("pause", "maintenance mode: no agent takes any automatic action"),
         ("resume", "end maintenance mode: the agents act again"),
     ):
         sp = sub.add_parser(name, help=helptext, description=helptext)
-        _target(sp)
+        add_target(sp)
         sp.set_defaults(func=cmd_pause)
 
     cp = sub.add_parser("config", help="the cluster-wide dynamic config in the DCS")
     csub = cp.add_subparsers(dest="config_cmd", required=True)
     show = csub.add_parser("show", help="print the config key as YAML")
-    _target(show)
+    add_target(show)
     st = csub.add_parser(
         "set",
         help="set keys (KEY=VALUE; KEY=null removes)",
         description=f"Valid keys: {valid_keys_text()}. PostgreSQL parameters are checked by the "
         "master's PostgreSQL before anything is stored.",
     )
-    _target(st)
+    add_target(st)
     st.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
     ed = csub.add_parser("edit", help="edit the config as YAML in $EDITOR, validated on save")
-    _target(ed)
+    add_target(ed)
     cp.set_defaults(func=cmd_config)

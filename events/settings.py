@@ -1,0 +1,74 @@
+"""The settings the adapters in events/ are built from, and the error a bad one raises. They live
+here, below both, so that events/ imports nothing of pgsidecar; ``pgsidecar.config`` builds the
+agent's whole config from them and re-exports them under their old names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the field and what to do."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EtcdSettings(Strict):
+    # http://host:port of the etcd v3 JSON gateway (the client URL)
+    endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"], min_length=1)
+    username: str | None = None
+    password: SecretStr | None = None
+
+
+class ConsulSettings(Strict):
+    url: str = "http://127.0.0.1:8500"
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    verify: bool = True
+    register_service: bool = True
+    # the Consul servers' session_ttl_min (Consul's default 10 s); a session TTL is never below it
+    session_ttl_min: float = Field(default=10.0, gt=0, le=86400)
+
+
+class DcsSettings(Strict):
+    type: Literal["etcd", "consul"] = "etcd"
+    prefix: str = "pgsidecar"
+    etcd: EtcdSettings = EtcdSettings()
+    consul: ConsulSettings = ConsulSettings()
+
+
+class KafkaSettings(Strict):
+    bootstrap_servers: list[str] = Field(default_factory=list)
+    topic: str | None = None  # default pgsidecar.<cluster>.events
+    partitions: int = Field(default=3, ge=1)
+    retention_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=60_000)
+    spool_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    linger_ms: int = Field(default=5, ge=0, le=1000)
+    # of the topic the agent creates when it is missing: 1 suits a one-broker local cluster;
+    # use 3 with a production Kafka cluster
+    replication_factor: int = Field(default=1, ge=1)
+
+
+class KubernetesSettings(Strict):
+    enabled: bool = False
+    namespace: str | None = None
+    pod_name: str | None = None
+    label_selector: str | None = None
+    kill_unhealthy_pods: bool = False
+    unhealthy_pod_timeout: float = Field(default=300.0, gt=0)
+    pod_kill_interval: float = Field(default=600.0, gt=0)
+    # explicit API access (tests, out-of-cluster); by default the in-cluster service account:
+    # https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT, its token and CA bundle
+    api_url: str | None = None
+    token_file: Path | None = None
+    ca_file: Path | None = None
+    # server-side timeout of one watch request; the agent re-watches from its resourceVersion
+    watch_timeout: float = Field(default=60.0, ge=1.0, le=3600.0)

@@ -1,0 +1,152 @@
+"""``pgsidecar local``: a local cluster on loopback (etcd + N members). The lab's LocalCluster is
+imported only when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pgsidecar.config import ConfigError
+
+if TYPE_CHECKING:
+    from pgsidecar.lab.local import LocalCluster
+
+
+def want_kafka(args: argparse.Namespace) -> bool:
+    """--kafka / --no-kafka, or by default whether Java is there to run a broker."""
+    from pgsidecar.lab.kafka_broker import java_available
+
+    if args.kafka is not None:
+        if args.kafka and not java_available():
+            raise ConfigError("--kafka needs Java (apt-get install openjdk-17-jre-headless)")
+        return bool(args.kafka)
+    return java_available()
+
+
+def print_local_status(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(
+        f"{'Member':<8} {'Role':<10} {'PG port':>7} {'Running':<8} {'Streaming':<9} {'TL':>3}  DSN"
+    )
+    for r in rows:
+        print(
+            f"{r['name']:<8} {r['role']:<10} {r['port']:>7} {'yes' if r['pg_running'] else 'no':<8} "
+            f"{'yes' if r['streaming'] else '-':<9} {r['timeline'] or '-':>3}  {r['dsn']}"
+        )
+
+
+def yaml_mode(lc: LocalCluster) -> str:
+    """The synchronous_mode the local cluster's members were configured with."""
+    import yaml
+
+    cfg = yaml.safe_load(lc.config_path(lc.members[0].name).read_text())
+    return str((cfg.get("settings") or {}).get("synchronous_mode", "off"))
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    from pgsidecar.lab.local import LocalCluster, LocalClusterError
+
+    lc = LocalCluster(Path(args.dir))
+    try:
+        if args.local_cmd == "up":
+            if not lc.meta:
+                extra: dict[str, Any] = {}
+                if args.synchronous_mode != "off":
+                    extra["settings.synchronous_mode"] = args.synchronous_mode
+                lc.create(
+                    nodes=args.nodes,
+                    ttl=args.ttl,
+                    base_port=args.base_port,
+                    dcs=args.dcs,
+                    cluster=args.cluster,
+                    extra=extra,
+                    kafka=want_kafka(args),
+                )
+            rows = lc.up(detach=True, timeout=args.timeout)
+            cfg_mode = yaml_mode(lc)
+            if cfg_mode != "off":
+                sync = lc.wait_sync(timeout=args.timeout)
+                print(
+                    f"synchronous mode {cfg_mode}: synchronous standby {', '.join(sync)} recorded in the DCS"
+                )
+            print_local_status(rows, False)
+            master = next(r for r in rows if r["role"] == "master")
+            print(f'\nmaster: {master["name"]}\n  psql "{master["dsn"]}"')
+            return 0
+        if not lc.meta:
+            print(f"pgsidecar: {args.dir} holds no local cluster", file=sys.stderr)
+            return 1
+        if args.local_cmd == "down":
+            lc.down()
+            print("stopped")
+            return 0
+        if args.local_cmd == "status":
+            print_local_status(lc.status(), args.json)
+            return 0
+        if args.local_cmd == "stop":
+            lc.member(args.name)
+            lc.stop_member(args.name)
+            print(f"stopped {args.name}")
+            return 0
+        if args.local_cmd == "start":
+            lc.member(args.name)
+            if lc.meta.get("dcs") == "etcd" and lc.runs_own_dcs:
+                lc.start_etcd(detach=True)
+            pid = lc.start_member(args.name, detach=True)
+            print(f"started {args.name} (agent pid {pid})")
+            return 0
+    except LocalClusterError as exc:
+        print(f"pgsidecar: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lo = sub.add_parser("local", help="a local cluster on loopback (etcd + N members)")
+    losub = lo.add_subparsers(dest="local_cmd", required=True)
+    up = losub.add_parser("up", help="create (if needed) and start a local cluster")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--dir", default="./.local-cluster")
+    up.add_argument("--ttl", type=float, default=10.0, help="leader lease TTL, seconds")
+    up.add_argument(
+        "--base-port",
+        type=int,
+        default=None,
+        help="first of 2+2N consecutive ports (default: free range)",
+    )
+    up.add_argument("--dcs", choices=["etcd", "consul"], default="etcd")
+    up.add_argument("--cluster", default="local")
+    up.add_argument("--timeout", type=float, default=180)
+    up.add_argument(
+        "--synchronous-mode",
+        choices=["off", "on", "strict"],
+        default="off",
+        help="synchronous replication; returns once a synchronous standby is recorded",
+    )
+    k = up.add_mutually_exclusive_group()
+    k.add_argument(
+        "--kafka",
+        dest="kafka",
+        action="store_true",
+        default=None,
+        help="start a Kafka broker (default when Java is available)",
+    )
+    k.add_argument("--no-kafka", dest="kafka", action="store_false", help="local journals only")
+    for name, helptext in (("down", "stop everything"), ("status", "members and their DSNs")):
+        sp = losub.add_parser(name, help=helptext)
+        sp.add_argument("--dir", default="./.local-cluster")
+        if name == "status":
+            sp.add_argument("--json", action="store_true")
+    for name, helptext in (
+        ("stop", "SIGTERM one member's agent"),
+        ("start", "start one member's agent"),
+    ):
+        sp = losub.add_parser(name, help=helptext)
+        sp.add_argument("name")
+        sp.add_argument("--dir", default="./.local-cluster")
+    lo.set_defaults(func=cmd_local)
