@@ -58,7 +58,7 @@ DEFAULT_PARAMETERS: dict[str, Any] = {
 MANAGED_KEYS = ("listen_addresses", "port", "unix_socket_directories", "cluster_name")
 # recovery settings that follow the role; never taken from user parameters or postgresql.auto.conf
 ROLE_KEYS = frozenset({"primary_conninfo", "primary_slot_name"})
-# a standby follows the newest timeline; never taken from user parameters
+# the same for every role, and never taken from user parameters: see server_parameters
 FIXED_RECOVERY = {"recovery_target_timeline": "latest"}
 # every parameter the agent writes itself: a cluster-wide value would be wrong or ignored
 AGENT_MANAGED_PARAMS = frozenset({*MANAGED_KEYS, *ROLE_KEYS, *FIXED_RECOVERY})
@@ -73,7 +73,11 @@ def server_parameters(
     parameters: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """postgresql.conf's parameters for ``role``, and the managed keys whose user value was
-    ignored."""
+    ignored. Only primary_conninfo and primary_slot_name differ between the roles (both are
+    reloadable): a setting that can change only at server start must read the same for both, or
+    the moment a promoted master's file loses it PostgreSQL flags it ``pending_restart``, even
+    when the default it falls back to is the value in use. So recovery_target_timeline, which a
+    primary ignores, is written for both."""
     params: dict[str, Any] = dict(DEFAULT_PARAMETERS)
     params.update(settings.parameters)
     params.update(parameters or {})
@@ -88,13 +92,11 @@ def server_parameters(
     params.update(managed)
     for key in ROLE_KEYS:
         params.pop(key, None)
-    params.pop("recovery_target_timeline", None)
-    if role == "standby":
-        if primary_conninfo is not None:
-            params["primary_conninfo"] = primary_conninfo
-            if slot:
-                params["primary_slot_name"] = slot
-        params.update(FIXED_RECOVERY)
+    params.update(FIXED_RECOVERY)
+    if role == "standby" and primary_conninfo is not None:
+        params["primary_conninfo"] = primary_conninfo
+        if slot:
+            params["primary_slot_name"] = slot
     return params, ignored
 
 
