@@ -39,7 +39,6 @@ no token configured they are disabled.
 from __future__ import annotations
 
 import hmac
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -50,13 +49,10 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from fsm.machine import Role
+from pgsidecar.postgres.conf import parse_size
 
 if TYPE_CHECKING:
     from pgsidecar.agent import Agent
-
-# PostgreSQL's memory units (powers of 1024), matched case-insensitively: "16kB", "64MB", "1GB"
-_LAG_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
-_LAG_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 
 
 class QueryError(ValueError):
@@ -65,14 +61,13 @@ class QueryError(ValueError):
 
 def parse_lag(text: str) -> int:
     """``1048576``, ``1024kB``, ``10MB``, ``1.5GB`` -> bytes. Raises QueryError."""
-    m = _LAG_RE.match(text)
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _LAG_UNITS:
+    try:
+        return parse_size(text)
+    except ValueError:
         raise QueryError(
             f"lag={text!r} is not a size: give bytes (1048576) or a number with a unit "
             "(B, kB, MB, GB, TB), e.g. lag=10MB"
-        )
-    return int(float(m.group(1)) * _LAG_UNITS[unit])
+        ) from None
 
 
 @dataclass(frozen=True)

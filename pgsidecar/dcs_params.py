@@ -22,6 +22,8 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from pgsidecar.postgres.config import AGENT_MANAGED_PARAMS
+
 # run a shell command as the PostgreSQL OS user
 COMMAND_PARAMETERS = frozenset(
     {
@@ -58,6 +60,8 @@ FILE_PARAMETERS = frozenset(
         "log_directory",
         "log_filename",
         "promote_trigger_file",
+        "unix_socket_group",
+        "unix_socket_permissions",
         "ssl_ca_file",
         "ssl_cert_file",
         "ssl_crl_dir",
@@ -67,20 +71,8 @@ FILE_PARAMETERS = frozenset(
         "stats_temp_directory",
     }
 )
-# written by the agent itself for each member (pgsidecar/postgres/): never from the DCS
-AGENT_MANAGED_PARAMETERS = frozenset(
-    {
-        "listen_addresses",
-        "port",
-        "unix_socket_directories",
-        "unix_socket_group",
-        "unix_socket_permissions",
-        "cluster_name",
-        "primary_conninfo",
-        "primary_slot_name",
-        "recovery_target_timeline",
-    }
-)
+# written by the agent itself for each member (pgsidecar/postgres/config.py): never from the DCS
+AGENT_MANAGED_PARAMETERS = AGENT_MANAGED_PARAMS
 LOCAL_ONLY_PARAMETERS = COMMAND_PARAMETERS | CODE_PARAMETERS | FILE_PARAMETERS
 
 # a parameter name as postgresql.conf accepts it (an extension's has one dot: auto_explain.x)

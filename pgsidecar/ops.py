@@ -17,6 +17,8 @@ from typing import Any
 from events.dcs import DCS, ClusterView
 from fsm.inputs import member_view
 from pgsidecar import dcs_params
+from pgsidecar.postgres.conf import MEMORY_UNITS, parse_size
+from pgsidecar.postgres.config import AGENT_MANAGED_PARAMS
 
 
 class OpsError(Exception):
@@ -218,7 +220,6 @@ async def wait_for_leader(dcs: DCS, not_name: str | None, seconds: float) -> Clu
 
 _TRUE = frozenset({"true", "on", "yes", "1"})
 _FALSE = frozenset({"false", "off", "no", "0"})
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3, "tb": 1024**4}
 
 
 def _want_bool(key: str, v: Any) -> bool:
@@ -258,12 +259,12 @@ def _max_lag(v: Any) -> int:
     if isinstance(v, int):
         n = v
     else:
-        m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(v))
-        if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        try:
+            n = parse_size(str(v), whole=True)
+        except ValueError:
             raise ConfigChangeError(
                 f"{key}: {v!r} is not a size in bytes (1048576, or with a unit: 1MB, 512kB)"
-            )
-        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+            ) from None
     if n < 0:
         raise ConfigChangeError(f"{key}: {v!r} must be at least 0 bytes")
     return n
@@ -528,7 +529,6 @@ SELECT name, vartype, context, unit, min_val, max_val, enumvals
 FROM pg_settings WHERE lower(name) = ANY(%s)
 """
 
-_MEMORY_UNITS = {"B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
 _TIME_UNITS = {
     "us": 0.001,
     "ms": 1.0,
@@ -571,8 +571,8 @@ def _base_unit(unit: str) -> tuple[str, float]:
         raise ValueError(unit)
     mult = int(m.group(1)) if m.group(1) else 1
     u = m.group(2)
-    if u in _MEMORY_UNITS:
-        return "memory", mult * _MEMORY_UNITS[u]
+    if u in MEMORY_UNITS:
+        return "memory", mult * MEMORY_UNITS[u]
     if u in _TIME_UNITS:
         return "time", mult * _TIME_UNITS[u]
     raise ValueError(unit)
@@ -599,7 +599,7 @@ def _numeric(s: PgSetting, text: str) -> float:
         if not s.unit:
             raise ConfigChangeError(f"{key}: takes no unit, got {text!r}")
         kind, base = _base_unit(s.unit)
-        units = _MEMORY_UNITS if kind == "memory" else _TIME_UNITS
+        units = MEMORY_UNITS if kind == "memory" else _TIME_UNITS
         if unit not in units:
             raise ConfigChangeError(
                 f"{key}: unit {unit!r} is not valid here; use one of {', '.join(units)}"
@@ -621,7 +621,7 @@ def check_pg_parameter(s: PgSetting | None, name: str, value: Any, asked: str) -
             f"{key}: PostgreSQL on {asked} knows no parameter {name!r} "
             "(an extension's parameter is known only once the extension is loaded)"
         )
-    if name in dcs_params.AGENT_MANAGED_PARAMETERS:
+    if name in AGENT_MANAGED_PARAMS:
         raise ConfigChangeError(
             f"{key}: set by the agent itself for each member; not settable here"
         )

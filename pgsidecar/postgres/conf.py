@@ -1,4 +1,5 @@
-"""Pure text helpers: libpq connection strings, pgpass lines, postgresql.conf values, pg_controldata.
+"""Pure text helpers: libpq connection strings, pgpass lines, postgresql.conf values and sizes,
+pg_controldata, LSNs and timeline history files.
 
 No I/O here, so the quoting rules (where a stray quote or backslash would break a config file, or a
 password would end up in the wrong field) can be unit-tested without a server.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fsm.records import format_lsn as format_lsn  # re-exported: the one formatter
@@ -25,6 +28,44 @@ def dsn_quote(value: str) -> str:
 
 def make_dsn(params: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={dsn_quote(str(v))}" for k, v in params.items() if v is not None)
+
+
+@dataclass(frozen=True)
+class Conninfo:
+    """A PostgreSQL server to connect to (a peer, or the local one)."""
+
+    host: str
+    port: int
+    user: str
+    dbname: str = "postgres"
+    application_name: str | None = None
+
+    def dsn(self, passfile: Path, **extra: Any) -> str:
+        """libpq keyword/value string. The password comes from ``passfile``, never inline.
+        ``extra`` adds/overrides libpq keywords (connect_timeout, options, ...)."""
+        params: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "dbname": self.dbname,
+            "application_name": self.application_name,
+            "passfile": str(passfile),
+        }
+        params.update(extra)
+        if "password" in params:
+            raise ValueError("passwords belong in the passfile, not in a connection string")
+        return make_dsn(params)
+
+
+def local_host(listen: str) -> str:
+    """The address the agent reaches its own server at: the first of ``listen_addresses``, or the
+    loopback address when it listens on every address."""
+    first = listen.split(",")[0].strip()
+    if first in ("", "*", "0.0.0.0"):
+        return "127.0.0.1"
+    if first == "::":
+        return "::1"
+    return first
 
 
 def pgpass_escape(field: str) -> str:
@@ -62,6 +103,24 @@ def render_conf(params: Mapping[str, str | int | float | bool], header: str) -> 
             raise ValueError(f"invalid PostgreSQL parameter name {key!r}")
         lines.append(f"{key} = {conf_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+# PostgreSQL's memory units, powers of 1024, spelled as postgresql.conf wants them (case matters
+# there; parse_size, for values a person types on the command line or in a URL, ignores case)
+MEMORY_UNITS: dict[str, int] = {"B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+_SIZE_UNITS = {"": 1, **{unit.lower(): size for unit, size in MEMORY_UNITS.items()}}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_size(text: str, *, whole: bool = False) -> int:
+    """``1048576``, ``1024kB``, ``10MB``, ``1.5GB`` -> bytes (rounded down); a unit is one of
+    PostgreSQL's memory units in any case. ``whole`` refuses a fraction. Raises ValueError."""
+    m = _SIZE.fullmatch(text)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS or (whole and not m.group(1).isdigit()):
+        raise ValueError(f"not a size: {text!r}")
+    number, unit = m.group(1), _SIZE_UNITS[m.group(2).lower()]
+    # a whole number stays exact (a float loses bytes above 2**53)
+    return int(number) * unit if number.isdigit() else int(float(number) * unit)
 
 
 def parse_lsn(text: str | None) -> int | None:

@@ -1,0 +1,187 @@
+"""pgsidecar.postgres against real PostgreSQL 15: the one connection path, and what a promoted
+master reports as pending a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from pgsidecar.config import slot_name
+from pgsidecar.postgres import sql as sql_module
+from pgsidecar.postgres.control import PostgresControl, PostgresError
+from tests.support.pgtestutil import Lab, query, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def template() -> Iterator[Path]:
+    """One initdb'd cluster with the replication role, shut down cleanly; tests copy it."""
+    lab = Lab()
+
+    async def build() -> Path:
+        ctl = lab.control("template", from_template=False)
+        await ctl.initdb()
+        ctl.write_config("primary", None, None)
+        await ctl.start(30)
+        await ctl.ensure_roles()
+        await ctl.stop("fast")
+        return ctl.data_dir
+
+    try:
+        yield asyncio.run(build())
+    finally:
+        asyncio.run(lab.close())
+
+
+@pytest.fixture
+async def lab(template: Path) -> AsyncIterator[Lab]:
+    lab = Lab(template)
+    try:
+        yield lab
+    finally:
+        await lab.close()
+
+
+async def primary_and_standby(lab: Lab) -> tuple[PostgresControl, PostgresControl]:
+    a = lab.control("a")
+    a.write_config("primary", None, None)
+    await a.start(30)
+    await a.ensure_slots({"a", "b"})
+    b = lab.control("b", from_template=False)
+    await b.basebackup(a.replication_conninfo("127.0.0.1", a.settings.port))
+    b.write_config("standby", a.replication_conninfo("127.0.0.1", a.settings.port), slot_name("b"))
+    await b.start(30)
+
+    async def streaming() -> bool:
+        return (await b.probe()).receiver_streaming
+
+    await wait_for(streaming, 20, what="b streaming from a")
+    return a, b
+
+
+async def setting(ctl: PostgresControl, name: str) -> str:
+    rows = await query(
+        ctl.superuser_conninfo(), ctl.passfile, "SELECT current_setting(%s)", (name,)
+    )
+    return str(rows[0][0])
+
+
+async def test_a_promoted_master_has_no_pending_restart(lab: Lab) -> None:
+    """The agent's promotion: the primary's settings written while still a standby, reload,
+    promote, the primary config, reload. Nothing the standby had may leave a setting that only
+    a restart can change (recovery_target_timeline did), or `restart --pending-only` restarts a
+    healthy master for nothing."""
+    a, b = await primary_and_standby(lab)
+    params: dict[str, Any] = {"synchronous_standby_names": ""}
+    b.write_config("standby", None, None, parameters={**params, "log_statement": "none"})
+    await b.reload()
+    await b.promote()
+    # a reloadable marker tells when the postmaster has read the primary's file
+    params["log_statement"] = "ddl"
+    b.write_config("primary", None, None, parameters=params)
+    await b.reload()
+
+    async def reloaded() -> bool:
+        return await setting(b, "log_statement") == "ddl"
+
+    await wait_for(reloaded, 10, what="b's postmaster reading the primary config")
+    assert (await b.probe()).in_recovery is False
+    assert await b.pending_restart_settings() == []
+
+    # and it does report a change that needs one, so the empty list above means something
+    b.write_config("primary", None, None, parameters={**params, "max_connections": 110})
+    await b.reload()
+
+    async def pending() -> list[str]:
+        return await b.pending_restart_settings()
+
+    assert await wait_for(pending, 10, what="max_connections pending") == ["max_connections"]
+
+
+async def test_replication_state_reads_the_standbys(lab: Lab) -> None:
+    a, b = await primary_and_standby(lab)
+    await query(a.superuser_conninfo(), a.passfile, "CREATE TABLE t AS SELECT 1 AS x")
+    flushed = (await a.probe()).lsn
+    assert flushed
+
+    async def caught_up() -> Any:
+        state = await a.replication_state()
+        s = state.standbys.get("b")
+        return state if s is not None and s.flush_lsn >= flushed else None
+
+    state = await wait_for(caught_up, 10, what="b's flush position passing a's")
+    stats, flush = state  # the shape syncrep reads: {name: (state, sync_state, flush)}, flush
+    assert stats["b"][0] == "streaming" and stats["b"][1] == "async"
+    assert flush >= stats["b"][2] >= flushed
+
+
+async def test_every_sql_path_goes_through_the_one_connect(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each public operation that speaks SQL opens its connections through sql.connect, which
+    sets a connect timeout and a statement_timeout on every one of them."""
+    a, b = await primary_and_standby(lab)
+    opened: list[tuple[str, dict[str, str]]] = []
+    real_connect = psycopg.AsyncConnection.connect
+
+    def spy(conninfo: str = "", **kwargs: Any) -> Any:
+        caller = sys._getframe(1).f_code
+        where = "sql.connect" if caller is sql_module.connect.__code__ else caller.co_qualname
+        opened.append((where, conninfo_to_dict(conninfo)))
+        return real_connect(conninfo, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "connect", spy)
+    su_a = a.superuser_conninfo("127.0.0.1", a.settings.port)
+    await b.sql.close_probe()  # the probe keeps its connection: make it open a new one
+    operations: dict[str, Callable[[], Awaitable[Any]]] = {
+        "probe": b.probe,
+        "reload": b.reload,
+        "checkpoint": a.checkpoint,
+        "ensure_roles": a.ensure_roles,
+        "ensure_slots": lambda: a.ensure_slots({"a", "b"}),
+        "pending_restart_settings": a.pending_restart_settings,
+        "replication_state": a.replication_state,
+        "timeline_history": lambda: b.timeline_history(su_a),
+    }
+    for what, operation in operations.items():
+        before = len(opened)
+        await operation()
+        assert len(opened) > before, f"{what} opened no connection: the spy sees nothing"
+    await b.stop("fast")
+    await b.start(30)  # start waits for the server to answer as ours
+    await b.promote()
+    assert opened and all(where == "sql.connect" for where, _ in opened), opened
+    for _, dsn in opened:
+        assert int(dsn["connect_timeout"]) >= 2
+        assert dsn["options"].startswith("-c statement_timeout=")
+        assert int(dsn["options"].rpartition("=")[2]) > 0
+        assert "password" not in dsn
+
+
+async def test_statement_timeout_and_errors_come_back_as_postgres_error(lab: Lab) -> None:
+    a = lab.control("a")
+    a.write_config("primary", None, None)
+    await a.start(30)
+    async with a.sql.session("SHOW", statement_timeout=7) as conn:
+        cur = await conn.execute("SHOW statement_timeout")
+        assert await cur.fetchone() == ("7s",)
+    with pytest.raises(PostgresError, match="sleeping failed: .*statement timeout"):
+        await a.sql.one("sleeping", "SELECT pg_sleep(5)", timeout=0.3)
+    with pytest.raises(PostgresError, match='bad query failed: .*"nonsense"'):
+        await a.sql.one("bad query", "SELECT nonsense")
+    # the client-side bound holds even when the server never gets to cancel (a long lock wait
+    # in a statement with no timeout is modelled by the session bound below the statement's)
+    with pytest.raises(PostgresError, match="waiting timed out after 0.3s"):
+        async with a.sql.session("waiting", timeout=0.3, statement_timeout=30) as conn:
+            await conn.execute("SELECT pg_sleep(5)")
+    await a.stop("fast")
+    with pytest.raises(PostgresError, match=f"cannot connect to 127.0.0.1:{a.settings.port}"):
+        await a.pending_restart_settings()
