@@ -11,7 +11,7 @@ bash scripts/setup.sh --deps-only
 PY=${PYTHON:-python3}
 $PY -m ruff check .
 $PY -m ruff format --check .
-$PY -m mypy fsm
+$PY -m mypy fsm events pgsidecar
 if (($#)); then
     exec $PY -m pytest -q -p no:cacheprovider "$@"
 fi
