@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from events.dcs import DCS, ClusterView, DCSError
+from pgsidecar import dcs_params
 from pgsidecar.cli.common import EXIT_REFUSED, add_target, config_from_args, err, run_with_dcs
 from pgsidecar.config import AgentConfig
 from pgsidecar.ops import (
@@ -121,14 +122,17 @@ async def _validate_and_store(
     return 0
 
 
+_ALLOW_HINT = "; once every member allows it, store it with `config set --allow-from-dcs NAME ...`"
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     sub = args.config_cmd
     if sub == "set":
         # parse before connecting: a typo is refused without touching anything
         try:
-            changes = parse_assignments(args.assignments)
+            changes = parse_assignments(args.assignments, allowed=args.allow_from_dcs)
         except OpsError as exc:
-            err(f"config set refused: {exc}")
+            err(f"config set refused: {exc}{_ALLOW_HINT if 'allowed_from_dcs' in str(exc) else ''}")
             return EXIT_REFUSED
 
         async def set_body(cfg: AgentConfig, dcs: DCS) -> int:
@@ -149,7 +153,15 @@ def cmd_config(args: argparse.Namespace) -> int:
         async def show_body(cfg: AgentConfig, dcs: DCS) -> int:
             view = await _read(dcs, cfg)
             require_config_readable(view, dcs.key("config"))
-            sys.stdout.write(_dump_yaml(dict(view.config or {})))
+            config = dict(view.config or {})
+            sys.stdout.write(_dump_yaml(config))
+            # what this member would refuse of it (the DCS is not a root shell), as YAML comments
+            pg = config.get("postgresql")
+            params = pg.get("parameters") if isinstance(pg, dict) else None
+            if isinstance(params, dict):
+                _, refused = dcs_params.screen(params, cfg.postgresql.parameters_allowed_from_dcs)
+                for name, why in sorted(refused.items()):
+                    sys.stdout.write(f"# refused by member {cfg.name}: {name}: {why}\n")
             return 0
 
         return run_with_dcs(args, "config show", show_body)
@@ -164,7 +176,7 @@ def cmd_config(args: argparse.Namespace) -> int:
             doc = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise OpsError(f"the edited config is not valid YAML: {exc}; nothing changed") from None
-        new, pg_check = validate_document(doc, old)
+        new, pg_check = validate_document(doc, old, allowed=args.allow_from_dcs)
         return await _validate_and_store(cfg, dcs, view, new, pg_check)
 
     return run_with_dcs(args, "config edit", edit_body)
@@ -373,4 +385,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     st.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
     ed = csub.add_parser("edit", help="edit the config as YAML in $EDITOR, validated on save")
     add_target(ed)
+    for parser in (st, ed):
+        parser.add_argument(
+            "--allow-from-dcs",
+            action="append",
+            default=[],
+            metavar="PARAMETER",
+            help="store a PostgreSQL parameter that runs commands, loads code or names files "
+            "(each member applies it only if its local config lists it under "
+            "postgresql.parameters_allowed_from_dcs)",
+        )
     cp.set_defaults(func=cmd_config)

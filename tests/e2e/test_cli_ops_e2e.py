@@ -108,6 +108,9 @@ async def test_config_set_show_round_trip(dcs_cli: Any) -> None:
         (["pause=sometimes"], "pause"),
         (["synchronous_mode=2"], "synchronous_mode"),
         (["postgresql.parameters.work_mem=1MB"], "no member's PostgreSQL is running"),
+        # the DCS is not a root shell: refused before connecting, with how to allow one
+        (["postgresql.parameters.archive_command=sh -c id"], "--allow-from-dcs"),
+        (["postgresql.parameters.shared_preload_libraries=evil"], "loads code"),
     ],
 )
 async def test_config_set_refusals_change_nothing(
@@ -122,6 +125,21 @@ async def test_config_set_refusals_change_nothing(
     after = await dcs.read_cluster()
     assert after.config == {"ttl": 5.0}
     assert after.index == before.index, "nothing was written to the DCS"
+
+
+async def test_config_show_says_which_stored_parameters_this_member_refuses(
+    dcs_cli: Any,
+) -> None:
+    dcs, cli = dcs_cli
+    # stored by someone with DCS write access, past the CLI
+    await dcs.put_config(
+        {"postgresql": {"parameters": {"archive_command": "sh -c id", "work_mem": "8MB"}}}
+    )
+    rc, out, _ = await cli("config", "show")
+    assert rc == 0
+    assert yaml.safe_load(out)["postgresql"]["parameters"]["work_mem"] == "8MB"
+    refused = [line for line in out.splitlines() if line.startswith("# refused")]
+    assert len(refused) == 1 and "archive_command runs a shell command" in refused[0]
 
 
 async def test_pause_resume(dcs_cli: Any) -> None:
