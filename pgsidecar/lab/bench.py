@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pgsidecar.lab.local import LocalCluster
-from pgsidecar.lab.workload import Writer
+from pgsidecar.lab.workload import MemberWriters, Writer
 
 
 def _wait(pred: Any, timeout: float, interval: float = 0.02) -> Any:
@@ -60,6 +60,50 @@ def _stream_time(lc: LocalCluster, name: str, t0: float, timeout: float) -> floa
     return None if not ok else time.monotonic() - t0
 
 
+def _handoff_steps(
+    lc: LocalCluster, names: list[str | None], t0_wall: float, within: float
+) -> list[list[Any]]:
+    """The hand-off on one timeline, from the two members' journals: [seconds after the command,
+    member, what] for every transition, action and effect outcome in the window."""
+    steps: list[list[Any]] = []
+    for name in names:
+        if name is None:
+            continue
+        path = lc.member(name).dir / "journal.jsonl"
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            at = rec.get("time", 0) - t0_wall
+            if not -0.05 <= at <= within:
+                continue
+            body, kind = rec.get("body") or {}, rec.get("kind")
+            if kind == "transition":
+                what = f"{body.get('from')} -> {body.get('to')} ({body.get('trigger')})"
+            elif kind == "action":
+                what = f"{body.get('name')}: {body.get('outcome')} in {body.get('duration')} s"
+            elif body.get("type") == "effect":
+                data = body.get("data") or {}
+                what = f"effect {data.get('name')} ok={data.get('ok')}"
+            elif body.get("type") in ("dcs", "lease"):
+                data = body.get("data") or {}
+                leader = (data.get("leader") or {}).get("name") if body["type"] == "dcs" else None
+                what = (
+                    f"{body['type']} leader={leader}"
+                    if body["type"] == "dcs"
+                    else (f"lease held={data.get('held')}")
+                )
+            else:
+                continue
+            steps.append([round(at, 3), name, what])
+    return sorted(steps)
+
+
 def _proc_stat(pid: int) -> tuple[int, float]:
     with open(f"/proc/{pid}/status") as fh:
         rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
@@ -82,6 +126,7 @@ def run_failover_bench(
         "switchover": [],
         "rejoin": [],
     }
+    profiles: list[dict[str, Any]] = []
     try:
         lc.create(nodes=nodes, ttl=ttl)
         lc.up(detach=False, timeout=180)
@@ -91,6 +136,7 @@ def run_failover_bench(
             old = lc.master()
             assert old is not None
             w = Writer(lc).start()
+            clients = MemberWriters(lc).start()
             time.sleep(1.0)
             pid = lc.agent_pid(old)
             assert pid is not None
@@ -100,10 +146,14 @@ def run_failover_bench(
             lc.stop_member(old)
             time.sleep(0.5)
             w.stop()
+            clients.stop()
             results["sigterm"].append(
                 {
                     "seconds_to_first_write": dt,
                     "writes_unavailable_seconds": round(_max_gap(w, t0, t0 + (dt or 0)), 3),
+                    "client_gap_seconds": round(
+                        clients.longest_gap(t0 - 0.5, time.monotonic())[0], 3
+                    ),
                     "acked_writes_lost": len(w.lost(lc)),
                 }
             )
@@ -132,6 +182,7 @@ def run_failover_bench(
             old = lc.master()
             assert old is not None
             w = Writer(lc).start()
+            clients = MemberWriters(lc).start()
             time.sleep(1.0)
             import asyncio
 
@@ -149,17 +200,27 @@ def run_failover_bench(
                 finally:
                     await dcs.close()
 
-            t0 = time.monotonic()
+            t0, t0_wall = time.monotonic(), time.time()
             asyncio.run(switch())
             dt = _first_write_after(w, t0, ttl * 3, lc.member(old).pg_port)
-            _wait(lambda old=old: _new_master(lc, old), ttl * 3)
+            new = _wait(lambda old=old: _new_master(lc, old), ttl * 3)
             time.sleep(1.0)
             w.stop()
+            clients.stop()
+            gap, gap_from, gap_to = clients.longest_gap(t0 - 0.5, time.monotonic())
             results["switchover"].append(
                 {
                     "seconds_to_first_write": dt,
                     "writes_unavailable_seconds": round(_max_gap(w, t0, t0 + (dt or 0)), 3),
+                    "client_gap_seconds": round(gap, 3),
                     "acked_writes_lost": len(w.lost(lc)),
+                }
+            )
+            profiles.append(
+                {
+                    "bench": "switchover_profile",
+                    "client_gap": [round(gap_from - t0, 3), round(gap_to - t0, 3)],
+                    "steps": _handoff_steps(lc, [old, new], t0_wall, gap_to - t0 + 0.5),
                 }
             )
 
@@ -180,6 +241,8 @@ def run_failover_bench(
                     line[f"{k}_median"] = round(statistics.median(vals), 3) if vals else None
                     line[f"{k}_runs"] = [None if r.get(k) is None else round(r[k], 3) for r in runs]
             lines.append(line)
+
+        lines.extend(profiles)
 
         # --- through HAProxy: SIGTERM of the master -> first write via the read-write port
         from pgsidecar.lab.haproxy import haproxy_binary, measure_haproxy_failover
@@ -224,7 +287,12 @@ def run_failover_bench(
         for line in lines:
             print(json.dumps(line), file=out, flush=True)
         return lines
-    finally:
+    except BaseException:
+        # keep the cluster's journals and logs to read why (the processes are stopped)
+        print(f"bench failed; the cluster's files are kept in {base}", file=sys.stderr)
+        lc.down()
+        raise
+    else:
         lc.down()
         shutil.rmtree(base, ignore_errors=True)
 

@@ -152,3 +152,72 @@ class Prober:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+
+@dataclass
+class MemberWriters:
+    """What a client sees of a switchover: one writer per member, each on one persistent
+    connection straight to its member (no multi-host DSN, no target_session_attrs), committing
+    every ``interval`` and retrying at once on error (reconnecting if the connection is gone).
+    A replica refuses every write; the master acknowledges. The longest window with no
+    acknowledged commit on any member is the outage a client sees, whatever its driver."""
+
+    lc: LocalCluster
+    interval: float = 0.005
+    acked: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, port)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> MemberWriters:
+        master = self.lc.master() or self.lc.members[0].name
+        with psycopg.connect(self.lc.dsn(master), autocommit=True) as c:
+            c.execute("CREATE TABLE IF NOT EXISTS client_writes (t double precision, port int)")
+        for m in self.lc.members:
+            t = threading.Thread(target=self._run, args=(m.name, m.pg_port), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _run(self, name: str, port: int) -> None:
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(
+                        self.lc.dsn(name) + " connect_timeout=1", autocommit=True
+                    )
+                    conn.execute("SET statement_timeout = '2s'")
+                conn.execute(
+                    "INSERT INTO client_writes VALUES (extract(epoch from now()), %s)", (port,)
+                )
+                now = time.monotonic()
+                with self._lock:
+                    self.acked.append((now, port))
+            except psycopg.errors.ReadOnlySqlTransaction:
+                pass  # a replica (or a master that is demoting): the connection stays
+            except (psycopg.Error, OSError):
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = None
+            self._stop.wait(self.interval)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def longest_gap(self, start: float, end: float) -> tuple[float, float, float]:
+        """(seconds, from, to): the longest window in [start, end] with no acknowledged commit on
+        any member (times are monotonic)."""
+        with self._lock:
+            times = sorted(t for t, _ in self.acked if start <= t <= end)
+        best = (0.0, start, start)
+        for a, b in zip(times, times[1:], strict=False):
+            if b - a > best[0]:
+                best = (b - a, a, b)
+        return best
