@@ -234,6 +234,37 @@ def _pct(text: str) -> str:
     return text.replace("%", "%%")
 
 
+async def _end_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL every process left in ``proc``'s process group (its own session) and wait until
+    they are gone, so no worker outlives the command and keeps its lock."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(proc.wait(), 10)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while loop.time() < deadline:
+        if not _group_alive(proc.pid):
+            return
+        await asyncio.sleep(0.05)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a process of group ``pgid`` runs (zombies, whose locks are gone, do not count:
+    orphans are reaped late by PID 1 here)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
 class PgBackRest:
     """pgBackRest for one member: ``pg`` is its own PostgreSQL (pgBackRest's pg1), ``state_dir``
     the agent's state directory (the config, logs, locks and spool live under
@@ -477,10 +508,8 @@ class PgBackRest:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except BaseException as exc:
             # timed out or cancelled: the backup's worker processes share its process group
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(proc.wait(), 10)
+                await asyncio.wait_for(_end_group(proc), 15)
             if isinstance(exc, TimeoutError):
                 self.log.error("pgbackrest_timeout", command=command, timeout=timeout)
                 raise BackupError(f"pgbackrest {command} timed out after {timeout:g}s") from None
@@ -488,6 +517,9 @@ class PgBackRest:
         rc = proc.returncode if proc.returncode is not None else -1
         seconds = round(loop.time() - started, 3)
         if rc != 0:
+            # a pgbackrest killed from outside leaves its workers (backup:local, restore:local)
+            # copying on their own, holding the stanza's lock: the next backup would fail
+            await _end_group(proc)
             error = self._error(command, rc, err.decode(errors="replace"), out.decode("replace"))
             self.log.error(
                 "pgbackrest_failed",

@@ -316,7 +316,8 @@ async def test_backup_from_a_standby(lab: Lab) -> None:
     taken = await replica.br.backup("full", standby=replica.br.pg, primary=primary.br.pg)
     assert taken.type == "full"
     log = (replica.br.log_dir / f"{STANZA}-backup.log").read_text()
-    assert "backup-standby" in log
+    # pgBackRest waited for the standby to replay to the backup's start before copying from it
+    assert "replay on the standby reached" in log
     # a standby backup restores like any other
     dst = new_member(lab, "m3", archive=False, from_template=False)
     await dst.br.restore(dst.ctl.data_dir, RecoveryTarget("immediate"), backup_set=taken.label)
@@ -359,6 +360,13 @@ async def test_backup_killed_midway_leaves_the_repository_usable(lab: Lab) -> No
         os.kill(pid, signal.SIGKILL)
     with pytest.raises(BackupError, match="killed by signal 9"):
         await task
+    # it died midway: its partial backup is in the repository, and none of its workers is left
+    partial = [
+        p.name
+        for p in (lab.root / "repo" / "backup" / STANZA).iterdir()
+        if p.is_dir() and p.name.endswith("F") and p.name != first.label
+    ]
+    assert len(partial) == 1
     assert children_running(m.br.config_path, "backup") == []
 
     info = await m.br.info()
