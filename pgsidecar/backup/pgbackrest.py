@@ -443,6 +443,12 @@ class PgBackRest:
     # ------------------------------------------------------------------ running pgbackrest
 
     def scrub(self, text: str) -> str:
+        """``text`` without the repository's secrets (for logs and errors)."""
+        repo = self.settings.repository
+        if not self._secrets and isinstance(repo, S3Repository):
+            with contextlib.suppress(Exception):
+                creds = repo.read_credentials()
+                self._secrets = [creds.key, creds.secret]
         for secret in self._secrets:
             if secret:
                 text = text.replace(secret, REDACTED)

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,7 +72,7 @@ class Member:
         self.ctl = ctl
         self.br = br
 
-    async def sql(self, text: str, params: object = None) -> list[tuple]:
+    async def sql(self, text: str, params: object = None) -> list[tuple[Any, ...]]:
         return await query(self.ctl.superuser_conninfo(), self.ctl.passfile, text, params)
 
 
@@ -104,8 +105,8 @@ def new_member(
     return Member(ctl, br)
 
 
-async def archiving_primary(lab: Lab, name: str = "m1", **kw: object) -> Member:
-    m = new_member(lab, name, **kw)  # type: ignore[arg-type]
+async def archiving_primary(lab: Lab, name: str = "m1", **kw: Any) -> Member:
+    m = new_member(lab, name, **kw)
     m.ctl.write_config("primary", None, None)
     await m.ctl.start(30)
     await m.br.stanza_create()
