@@ -48,6 +48,7 @@ from pgsidecar.backup.settings import (
     PosixRepository,
     S3Repository,
 )
+from pgsidecar.postgres.conf import conf_value
 from pgsidecar.procutil import os_user_ids, traversable_by
 
 PGBACKREST = "/usr/bin/pgbackrest"
@@ -635,10 +636,7 @@ class PgBackRest:
         else:
             self._mkdir(data_dir, 0o700)
         self._check_reachable(data_dir, "the data directory")
-        options = [
-            f"--pg1-path={data_dir}",
-            f"--recovery-option=restore_command={self.restore_command()}",
-        ]
+        options = [f"--pg1-path={data_dir}"]
         if delta:
             options.append("--delta")
         if backup_set is not None:
@@ -654,6 +652,24 @@ class PgBackRest:
             if target.type != "default":
                 options.append(f"--target-action={target.action}")
         await self.run("restore", options, timeout=timeout)
+        self._set_restore_command(data_dir)
+
+    def _set_restore_command(self, data_dir: Path) -> None:
+        """Put this member's restore_command into postgresql.auto.conf in place of the one
+        pgBackRest wrote (which names its own command line and quotes no quote), quoted the way
+        PostgreSQL reads it."""
+        auto = data_dir / "postgresql.auto.conf"
+        try:
+            text = auto.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            text = ""
+        kept = [
+            line
+            for line in text.splitlines()
+            if line.split("=", 1)[0].strip().lower() != "restore_command"
+        ]
+        kept.append(f"restore_command = {conf_value(self.restore_command())}")
+        self._write_file(auto, "\n".join(kept) + "\n")
 
     async def expire(self, timeout: float = 3600.0) -> None:
         """Remove backups (and their WAL) beyond the retention; pgBackRest also runs this after

@@ -84,7 +84,9 @@ def new_member(
     archive: bool = True,
     from_template: bool = True,
     settings: BackupSettings | None = None,
+    br_dir: str = "state",
 ) -> Member:
+    """``br_dir``: the directory (under the member's) pgBackRest's config, logs and locks go in."""
     port = free_port()
     base = lab.root / name
     settings = settings or BackupSettings(repository=PosixRepository(path=lab.root / "repo"))
@@ -92,7 +94,7 @@ def new_member(
         settings,
         stanza,
         PgInstance(data_dir=base / "data", port=port),
-        state_dir=base / "state",
+        state_dir=base / br_dir,
         os_user=OS_USER,
         passfile=base / "state" / "pgpass",
         log=lab.log,
@@ -274,17 +276,22 @@ async def test_point_in_time_restore_to_a_time_between_two_commits(lab: Lab) -> 
     assert len(await src.sql("SELECT * FROM t")) == 2
 
 
+# a space, a quote and PostgreSQL's '%' in the paths of archive_command and restore_command
+ODD_DIR = "pg backrest's 100%"
+
+
 async def test_restore_as_standby_then_stream_from_the_primary(lab: Lab) -> None:
-    primary = await archiving_primary(lab)
+    primary = await archiving_primary(lab, br_dir=ODD_DIR)
     await primary.sql("CREATE TABLE t (id int)")
     await primary.br.backup("full")
     await primary.sql("INSERT INTO t VALUES (1)")
     await switch_and_wait_archived(primary)
 
-    replica = new_member(lab, "m2", from_template=False)
+    replica = new_member(lab, "m2", from_template=False, br_dir=ODD_DIR)
     await primary.ctl.ensure_slots({"m1", "m2"})
     await replica.br.restore(replica.ctl.data_dir, standby=True)
     assert (replica.ctl.data_dir / "standby.signal").exists()
+    (archived,) = (await primary.sql("SELECT last_archived_wal FROM pg_stat_archiver"))[0]
     upstream = primary.ctl.replication_conninfo("127.0.0.1", primary.ctl.settings.port)
     replica.ctl.write_config("standby", upstream, slot_name("m2"))
     await replica.ctl.start(60)
@@ -293,6 +300,8 @@ async def test_restore_as_standby_then_stream_from_the_primary(lab: Lab) -> None
         return (await replica.ctl.probe()).receiver_streaming
 
     await wait_for(streaming, 30, what="m2 streaming from m1")
+    # it replayed the archived segment through restore_command before it streamed
+    assert f'restored log file "{archived}" from archive' in replica.ctl.log_path.read_text()
     await primary.sql("INSERT INTO t VALUES (2)")
 
     async def caught_up() -> bool:

@@ -428,7 +428,6 @@ async def test_operations_map_to_pgbackrest_options(root: Path) -> None:
     assert command == "restore"
     assert options == [
         f"--pg1-path={root / 'new'}",
-        f"--recovery-option=restore_command={br.restore_command()}",
         "--type=lsn",
         "--target=0/5000100",
         "--target-exclusive",
@@ -438,8 +437,10 @@ async def test_operations_map_to_pgbackrest_options(root: Path) -> None:
 
     br.calls.clear()
     await br.restore(root / "new", standby=True, delta=True, backup_set="20261203-103054F")
-    assert br.calls[0][1][2:] == ["--delta", "--set=20261203-103054F", "--type=standby"]
+    assert br.calls[0][1][1:] == ["--delta", "--set=20261203-103054F", "--type=standby"]
 
+    auto = (root / "new" / "postgresql.auto.conf").read_text()
+    assert auto.count("restore_command") == 1
     (root / "new" / "PG_VERSION").write_text("15\n")
     with pytest.raises(BackupError, match="not empty"):
         await br.restore(root / "new")
@@ -514,3 +515,33 @@ def test_s3_config_holds_secrets_only_in_the_0600_file(root: Path) -> None:
     )
     assert error.code == 41
     assert KEY not in str(error) and SECRET not in str(error) and "S3 refused" in str(error)
+
+
+async def test_restore_command_in_auto_conf_is_quoted_for_postgresql(root: Path) -> None:
+    """pgBackRest's own restore_command line is replaced by the member's, quoted for
+    postgresql.conf even when the command holds quotes (a state dir with a space or a quote)."""
+    br = Captured(
+        posix_settings(root),
+        "main",
+        PgInstance(data_dir=root / "d", port=5434),
+        state_dir=root / "it's state",
+        log=RecordingLog(),
+    )
+    br.calls = []
+    data = root / "new"
+    data.mkdir()
+    (data / "postgresql.auto.conf").write_text(
+        "# Do not edit\nwork_mem = '8MB'\n"
+        "restore_command = 'pgbackrest --stanza=main archive-get %f \"%p\"'\n"
+        "recovery_target_time = '2026-01-01 00:00:00+00'\n"
+    )
+    await br.restore(data, RecoveryTarget.time(datetime(2026, 1, 1, tzinfo=UTC)), delta=True)
+    lines = (data / "postgresql.auto.conf").read_text().splitlines()
+    assert lines[:3] == [
+        "# Do not edit",
+        "work_mem = '8MB'",
+        "recovery_target_time = '2026-01-01 00:00:00+00'",
+    ]
+    expected = br.restore_command().replace("'", "''")
+    assert lines[3] == f"restore_command = '{expected}'"
+    assert "'\"'\"'" in br.restore_command()  # shlex quoted the quote
