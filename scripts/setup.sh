@@ -4,8 +4,9 @@
 #   bash scripts/setup.sh               install everything, then `pgsidecar local up --nodes 3 --dir ./.local-cluster`
 #   bash scripts/setup.sh --deps-only   install everything, start nothing (what the tests and CI use)
 #
-# Installs: PostgreSQL 15, etcd, HAProxy and iproute2 from Debian's packages; this package and its
-# test dependencies with pip; the Apache Kafka jars from Maven Central (scripts/kafka.sh fetch).
+# Installs: PostgreSQL 15, pgBackRest, etcd, HAProxy and iproute2 from Debian's packages; this
+# package and its test dependencies with pip; the Apache Kafka jars from Maven Central
+# (scripts/kafka.sh fetch).
 # Idempotent: a second run only checks.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,6 +19,7 @@ SUDO=""
 
 need_pkgs=()
 [[ -x /usr/lib/postgresql/15/bin/postgres ]] || need_pkgs+=(postgresql-15 postgresql-client-15)
+command -v pgbackrest >/dev/null || need_pkgs+=(pgbackrest)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 command -v etcdctl >/dev/null || need_pkgs+=(etcd-client)
 command -v haproxy >/dev/null || need_pkgs+=(haproxy)
@@ -35,7 +37,7 @@ fi
 # clusters pick free ports, so it is left alone.
 
 PY=${PYTHON:-python3}
-if ! $PY -c "import pgsidecar, pytest, hypothesis, aiokafka, consul, kubernetes_asyncio" 2>/dev/null \
+if ! $PY -c "import pgsidecar, pytest, hypothesis, aiokafka, consul, kubernetes_asyncio, cronsim" 2>/dev/null \
     || ! command -v pgsidecar >/dev/null; then
     echo "setup: installing the Python package and its test dependencies"
     $PY -m pip install -q --disable-pip-version-check -e ".[test]"
