@@ -89,16 +89,19 @@ def _apply_kustomization(directory: Path, docs: list[Doc], expect_kind: str) -> 
         target = (directory / res).resolve()
         docs.extend(render(target) if target.is_dir() else load_docs(target))
     for gen in k.get("configMapGenerator") or []:
-        assert set(gen) <= {"name", "files"}, gen
+        assert set(gen) <= {"name", "files", "options"}, gen
+        assert set(gen.get("options") or {}) <= {"labels"}, gen
         data = {}
         for f in gen["files"]:
             key, _, src = f.partition("=") if "=" in f else (Path(f).name, "", f)
             data[key] = (directory / src).read_text()
+        options_labels = (gen.get("options") or {}).get("labels")
+        labels = {"labels": dict(options_labels)} if options_labels else {}
         docs.append(
             {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
-                "metadata": {"name": gen["name"]},
+                "metadata": {"name": gen["name"], **labels},
                 "data": data,
             }
         )
