@@ -4,9 +4,9 @@
 #   bash scripts/setup.sh               install everything, then `pgsidecar local up --nodes 3 --dir ./.local-cluster`
 #   bash scripts/setup.sh --deps-only   install everything, start nothing (what the tests and CI use)
 #
-# Installs: PostgreSQL 15, pgBackRest, etcd, HAProxy and iproute2 from Debian's packages; this
-# package and its test dependencies with pip; the Apache Kafka jars from Maven Central
-# (scripts/kafka.sh fetch).
+# Installs: PostgreSQL 15, pgBackRest, etcd, HAProxy, iproute2 and Prometheus (for promtool) from
+# Debian's packages; this package and its test dependencies with pip; the Apache Kafka jars from
+# Maven Central (scripts/kafka.sh fetch); helm, built with Go from the Go module proxy when Go is there.
 # Idempotent: a second run only checks.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,6 +27,10 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v setpriv >/dev/null || need_pkgs+=(util-linux)
 command -v java >/dev/null || need_pkgs+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need_pkgs+=(maven)
+# promtool checks and unit-tests the alerting rules of deploy/monitoring; Debian ships it in the
+# prometheus package (the server is not started: no service manager in containers, and the
+# tests never run it)
+command -v promtool >/dev/null || need_pkgs+=(prometheus)
 if ((${#need_pkgs[@]})); then
     echo "setup: installing Debian packages: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -46,6 +50,20 @@ fi
 
 if command -v java >/dev/null; then
     bash scripts/kafka.sh fetch
+fi
+
+# helm renders and lints deploy/helm/pgsidecar in the tests. No Debian package: `go install`
+# builds the pinned release into $(go env GOPATH)/bin (about 2 minutes), which the tests also
+# look in when it is not on PATH. Without Go, the chart's tests skip and say why.
+HELM_VERSION=v3.21.4
+if command -v go >/dev/null; then
+    helm_bin="$(go env GOPATH)/bin/helm"
+    if ! "$helm_bin" version --template '{{.Version}}' 2>/dev/null | grep -q "^${HELM_VERSION%.*}"; then
+        echo "setup: building helm ${HELM_VERSION} with go install"
+        go install "helm.sh/helm/v3/cmd/helm@${HELM_VERSION}"
+    fi
+else
+    echo "setup: Go is not installed: helm is not built and the Helm chart's tests will skip"
 fi
 
 if ((DEPS_ONLY)); then

@@ -89,16 +89,19 @@ def _apply_kustomization(directory: Path, docs: list[Doc], expect_kind: str) -> 
         target = (directory / res).resolve()
         docs.extend(render(target) if target.is_dir() else load_docs(target))
     for gen in k.get("configMapGenerator") or []:
-        assert set(gen) <= {"name", "files"}, gen
+        assert set(gen) <= {"name", "files", "options"}, gen
+        assert set(gen.get("options") or {}) <= {"labels"}, gen
         data = {}
         for f in gen["files"]:
             key, _, src = f.partition("=") if "=" in f else (Path(f).name, "", f)
             data[key] = (directory / src).read_text()
+        options_labels = (gen.get("options") or {}).get("labels")
+        labels = {"labels": dict(options_labels)} if options_labels else {}
         docs.append(
             {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
-                "metadata": {"name": gen["name"]},
+                "metadata": {"name": gen["name"], **labels},
                 "data": data,
             }
         )
@@ -244,8 +247,15 @@ def agent_config(docs: list[Doc]) -> tuple[AgentConfig, dict[str, Any]]:
 # ------------------------------------------------------------------ tests
 
 
+# not Kubernetes manifests: the Helm chart (templates are not YAML until rendered; `helm lint`
+# and `helm template` check it, tests/unit/test_helm_chart.py) and promtool's unit tests
+# (tests/unit/test_monitoring.py)
+NOT_MANIFESTS = (DEPLOY / "helm", DEPLOY / "monitoring" / "tests")
+
+
 def test_every_file_parses() -> None:
     files = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
+    files = [f for f in files if not any(f.is_relative_to(d) for d in NOT_MANIFESTS)]
     assert len(files) >= 12
     for f in files:
         docs = load_docs(f)
@@ -393,7 +403,7 @@ def test_statefulset_shape() -> None:
     cfg, _ = agent_config(docs)
     # the hand-off (stop PostgreSQL, escalated after stop_timeout, then release) fits the grace
     assert spec["terminationGracePeriodSeconds"] >= cfg.postgresql.stop_timeout + 20
-    assert spec["securityContext"]["runAsUser"] == 999, "the official image's postgres uid"
+    assert spec["securityContext"]["runAsUser"] == 999, "the image's postgres uid"
     # the probes' paths are served by the agent's API
     api_source = (ROOT / "pgsidecar" / "api.py").read_text()
     for path in ("/readiness", "/liveness"):
@@ -433,7 +443,7 @@ def test_agent_config_is_valid_and_matches_the_pod(directory: Path) -> None:
         secret_files = {
             Path(mounts[v["name"]]) / i["path"]
             for v in spec["volumes"]
-            if "secret" in v
+            if "secret" in v and v["name"] in mounts
             for i in v["secret"]["items"]
         }
         used = {
@@ -527,11 +537,14 @@ def dockerfile_entrypoint() -> list[str]:
 
 def test_image_runs_the_agent_cli() -> None:
     instr = dockerfile_instructions()
-    assert instr[0] == ("FROM", "postgres:15")
     entry = dockerfile_entrypoint()
     assert entry == ["pgsidecar", "run", "--config", "/etc/pgsidecar/agent.yaml"]
-    assert ("STOPSIGNAL", "SIGTERM") in instr, "the official image's SIGINT would skip the hand-off"
-    assert ("USER", "postgres") in instr
+    assert ("STOPSIGNAL", "SIGTERM") in instr, "SIGINT would skip the hand-off"
+    # the numeric uid the pods run as (runAsUser), so runAsNonRoot is checkable
+    sts_spec = pod_spec(one(render(BASE), "StatefulSet"))
+    assert sts_spec is not None
+    uid = sts_spec["securityContext"]["runAsUser"]
+    assert ("USER", f"{uid}:{sts_spec['securityContext']['runAsGroup']}") in instr
     assert ("CMD", "[]") in instr
 
     # the console script exists and the CLI takes exactly these arguments
@@ -543,7 +556,12 @@ def test_image_runs_the_agent_cli() -> None:
     assert args.cmd == "run" and args.config == entry[-1] and args.func is cmd_run
 
     # everything pip needs is copied in: pyproject and every package it includes
-    copied = {Path(rest.split()[0]) for op, rest in instr if op == "COPY"}
+    copied = {
+        Path(src)
+        for op, rest in instr
+        if op == "COPY" and not rest.startswith("--from=")  # from the build stage
+        for src in rest.split()[:-1]
+    }
     assert Path("pyproject.toml") in copied
     packages = {
         p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
@@ -924,6 +942,7 @@ def test_network_policies_admit_only_who_needs_each_port() -> None:
         # a pod wearing the members' labels in another namespace is not a member
         impostor = Pod("other", dict(pg.labels))
         pg_port, api_port = pg.ports["postgresql"][0], pg.ports["api"][0]
+        exporter_port = pg.ports["metrics"][0]
 
         def allowed(
             src: Pod, dst: Pod, port: int, proto: str = "TCP", policies: list[Doc] = policies
@@ -959,6 +978,8 @@ def test_network_policies_admit_only_who_needs_each_port() -> None:
         for name, src in sources.items():
             assert allowed(src, pg, pg_port) is expected_pg[name], f"{how}: {name} -> 5432"
             assert allowed(src, pg, api_port) is expected_api[name], f"{how}: {name} -> 8008"
+            # postgres_exporter: Prometheus only
+            assert allowed(src, pg, exporter_port) is (name == "monitor"), f"{how}: {name} -> 9187"
             # no other port of a member is open to anyone
             assert not allowed(src, pg, 22), f"{how}: {name} -> 22"
             assert not allowed(src, pg, pg_port, "UDP"), f"{how}: {name} -> 5432/udp"
@@ -1099,3 +1120,83 @@ def test_consul_acl_policies_are_narrow() -> None:
     assert not re.search(r"--from-literal=token", script)
     readme = README.read_text()
     assert "deploy/consul/acl-bootstrap.sh" in readme
+
+
+# ------------------------------------------------------------------ probes, spreading, exporter
+
+
+def probe_budget(probe: Doc) -> float:
+    """Seconds of consecutive failures before the kubelet acts on a probe."""
+    return float(probe["periodSeconds"] * probe["failureThreshold"])
+
+
+@pytest.mark.parametrize("directory", [BASE, POD_KILLING], ids=["base", "pod-killing"])
+def test_probes_tolerate_slowness_and_never_ask_postgresql_for_liveness(directory: Path) -> None:
+    for how, docs in renderings(directory):
+        spec = pod_spec(one(docs, "StatefulSet"))
+        assert spec is not None
+        agent = spec["containers"][0]
+        ready, live, start = (agent[k] for k in ("readinessProbe", "livenessProbe", "startupProbe"))
+        # one slow or failed answer does not take a member out of its Service
+        assert ready["failureThreshold"] >= 2 and ready["timeoutSeconds"] >= 2, how
+        assert ready["httpGet"]["path"].split("?")[0] == "/readiness"
+        # liveness and startup ask the agent's loop only, never PostgreSQL
+        assert live["httpGet"]["path"] == start["httpGet"]["path"] == "/liveness", how
+        # a long crash recovery or clone: at least 15 minutes before a start counts as hung
+        assert probe_budget(start) >= 900, how
+        assert probe_budget(live) >= 60, "a liveness restart of the master is a failover"
+        assert "initialDelaySeconds" not in live, "the startup probe holds liveness off"
+        # no other container probes PostgreSQL into a restart either
+        for c in spec["containers"][1:]:
+            assert "livenessProbe" not in c, c["name"]
+
+
+def test_members_spread_over_nodes_and_zones() -> None:
+    for how, docs in renderings(BASE):
+        sts = one(docs, "StatefulSet")
+        spec = pod_spec(sts)
+        assert spec is not None
+        labels = sts["spec"]["template"]["metadata"]["labels"]
+        (zone,) = spec["topologySpreadConstraints"]
+        assert zone["topologyKey"] == "topology.kubernetes.io/zone" and zone["maxSkew"] == 1, how
+        assert zone["labelSelector"]["matchLabels"].items() <= labels.items()
+        anti = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_postgres_exporter_container() -> None:
+    for how, docs in renderings(BASE):
+        spec = pod_spec(one(docs, "StatefulSet"))
+        assert spec is not None
+        exporter = next(c for c in spec["containers"] if c["name"] == "postgres-exporter")
+        # upstream image, pinned by digest
+        assert re.fullmatch(
+            r"quay\.io/prometheuscommunity/postgres-exporter:v[\d.]+@sha256:[0-9a-f]{64}",
+            exporter["image"],
+        ), how
+        env = {e["name"]: e["value"] for e in exporter["env"]}
+        cfg, _ = agent_config(docs)
+        # over the pod's loopback, as the monitoring role, never the superuser
+        assert env["DATA_SOURCE_URI"].startswith(f"127.0.0.1:{cfg.postgresql.port}/")
+        assert env["DATA_SOURCE_USER"] not in (
+            cfg.postgresql.superuser.username,
+            cfg.postgresql.replication.username,
+        )
+        # the password is a file from the Secret, and the exporter sees no other secret
+        mounts = {m["name"]: m["mountPath"] for m in exporter["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        secret_mounts = [n for n in mounts if "secret" in volumes[n]]
+        assert len(secret_mounts) == 1
+        items = volumes[secret_mounts[0]]["secret"]["items"]
+        assert [i["key"] for i in items] == ["monitor-password"]
+        assert env["DATA_SOURCE_PASS_FILE"] == f"{mounts[secret_mounts[0]]}/{items[0]['path']}"
+        assert all(m.get("readOnly") for m in exporter["volumeMounts"])
+        # the agent gets the same password (it creates the role with it)
+        agent_mounts = {m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        agent_items = {
+            i["key"]
+            for v in spec["volumes"]
+            if "secret" in v and v["name"] in agent_mounts
+            for i in v["secret"]["items"]
+        }
+        assert "monitor-password" in agent_items
