@@ -23,6 +23,7 @@ appended to ``SimStore.trace`` with its virtual time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from collections import deque
@@ -448,6 +449,8 @@ class SimDCS(DCS):
         self._closed = False
         self._streams: list[_Stream] = []
         self.requests = 0
+        # member key -> (raw value, decoded, reason): a watch view re-decodes only what changed
+        self._decoded: dict[str, tuple[bytes, dict[str, Any] | None, str | None]] = {}
 
     def __repr__(self) -> str:
         return f"SimDCS(cluster={self.cluster!r}, member={self.member!r})"
@@ -692,8 +695,35 @@ class SimDCS(DCS):
         return cache, self.store.index
 
     def _view(self, cache: dict[str, tuple[bytes, int]], index: int) -> ClusterView:
-        rows = [(key, value, mod, True) for key, (value, mod) in sorted(cache.items())]
-        return build_view(self.base, rows, index)
+        """build_view's result, with member values decoded once per distinct value: every
+        change delivered to every watcher yields a view of all members, and decoding them all
+        each time was most of a simulated cluster's cost. Each view still gets its own member
+        dicts (shallow copies), as from a real adapter."""
+        prefix = self.base + "members/"
+        rows: list[tuple[str, bytes, int, bool]] = []
+        members: dict[str, dict[str, Any]] = {}
+        malformed: list[tuple[str, str]] = []
+        decoded = self._decoded
+        for key, (value, mod) in sorted(cache.items()):
+            if not key.startswith(prefix):
+                rows.append((key, value, mod, True))
+                continue
+            memo = decoded.get(key)
+            if memo is None or memo[0] != value:
+                memo = (value, *decode_json_object(key, value))
+                decoded[key] = memo
+            _value, obj, reason = memo
+            name = key[len(prefix) :]
+            if reason is not None:
+                malformed.append((key, reason))
+            elif name and "/" not in name and obj is not None:
+                members[name] = dict(obj)
+        view = build_view(self.base, rows, index)
+        if not members and not malformed:
+            return view
+        return dataclasses.replace(
+            view, members=members, malformed=tuple(sorted((*view.malformed, *malformed)))
+        )
 
     async def read_cluster(self) -> ClusterView:
         cache, index = await self._call("read_cluster", self._snapshot, write=False)
