@@ -198,6 +198,9 @@ class SimStore:
         self.clients: list[SimDCS] = []
         self.trace: list[tuple[float, str, str]] = []
         self._episodes: asyncio.Task[None] | None = None
+        # member key -> (raw value, decoded, reason), shared by every client's views: each
+        # value is decoded once, however many members read it
+        self.decoded: dict[str, tuple[bytes, dict[str, Any] | None, str | None]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
     @staticmethod
@@ -449,8 +452,6 @@ class SimDCS(DCS):
         self._closed = False
         self._streams: list[_Stream] = []
         self.requests = 0
-        # member key -> (raw value, decoded, reason): a watch view re-decodes only what changed
-        self._decoded: dict[str, tuple[bytes, dict[str, Any] | None, str | None]] = {}
 
     def __repr__(self) -> str:
         return f"SimDCS(cluster={self.cluster!r}, member={self.member!r})"
@@ -492,7 +493,43 @@ class SimDCS(DCS):
             raise DCSError(f"{what}: no answer within {self.timeout:g}s")
         lose_answer = write and store.draw(self.rng, "lost_answer")
         await asyncio.sleep(self.rng.uniform(*store.latency.request))
+        if self.member in store.cut_off:  # cut while the request travelled: lost
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
+        if store.stalled:
+            result = await self._wait_stalled(what, op, undo, deadline)
+        else:
+            # the usual case: the store applies the request on arrival (an answer such as
+            # SessionLost raises from here), with no future and no timer for our timeout
+            result = op()
+        if lose_answer:
+            store.record("fault", "lost_answer", f"{self.member} {what}")
+            if undo is not None:
+                undo(result)
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            raise DCSError(f"{what}: connection lost before the answer")
+        await asyncio.sleep(self.rng.uniform(*store.latency.request))
+        if self.member in store.cut_off:
+            if undo is not None:
+                undo(result)
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
+        return result
+
+    async def _wait_stalled(
+        self,
+        what: str,
+        op: Callable[[], T],
+        undo: Callable[[T], None] | None,
+        deadline: float,
+    ) -> T:
+        """A request that reached a stalled store: queued until the stall ends; we wait until
+        our deadline at most (the request is applied anyway when the stall ends)."""
+        loop = asyncio.get_running_loop()
         answer: asyncio.Future[T] = loop.create_future()
+        # an answer may come after its caller is gone (killed, paused past its timeout): it is
+        # then nobody's to read, which is no error
+        answer.add_done_callback(_retrieved)
 
         def apply() -> None:
             # runs even when the caller gave up meanwhile: the request reached the store
@@ -505,28 +542,12 @@ class SimDCS(DCS):
             if not answer.done():
                 answer.set_result(result)
 
-        if self.member in store.cut_off:  # cut while the request travelled: lost
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
-        store.submit(apply)
+        self.store.submit(apply)
         try:
-            result = await asyncio.wait_for(
-                asyncio.shield(answer), max(0.0, deadline - loop.time())
-            )
+            return await asyncio.wait_for(asyncio.shield(answer), max(0.0, deadline - loop.time()))
         except TimeoutError:
             answer.add_done_callback(lambda fut: _abandon(fut, undo))
             raise DCSError(f"{what}: no answer within {self.timeout:g}s") from None
-        if lose_answer:
-            store.record("fault", "lost_answer", f"{self.member} {what}")
-            _abandon(answer, undo)
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            raise DCSError(f"{what}: connection lost before the answer")
-        await asyncio.sleep(self.rng.uniform(*store.latency.request))
-        if self.member in store.cut_off:
-            _abandon(answer, undo)
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
-        return result
 
     def _require_sid(self) -> int:
         if self._sid is None:
@@ -695,15 +716,15 @@ class SimDCS(DCS):
         return cache, self.store.index
 
     def _view(self, cache: dict[str, tuple[bytes, int]], index: int) -> ClusterView:
-        """build_view's result, with member values decoded once per distinct value: every
-        change delivered to every watcher yields a view of all members, and decoding them all
-        each time was most of a simulated cluster's cost. Each view still gets its own member
-        dicts (shallow copies), as from a real adapter."""
+        """build_view's result, with member values decoded once per distinct value (for all
+        clients of the store): every change delivered to every watcher yields a view of all
+        members, and decoding them all each time was most of a simulated cluster's cost. Each
+        view still gets its own member dicts (shallow copies), as from a real adapter."""
         prefix = self.base + "members/"
         rows: list[tuple[str, bytes, int, bool]] = []
         members: dict[str, dict[str, Any]] = {}
         malformed: list[tuple[str, str]] = []
-        decoded = self._decoded
+        decoded = self.store.decoded
         for key, (value, mod) in sorted(cache.items()):
             if not key.startswith(prefix):
                 rows.append((key, value, mod, True))
@@ -811,6 +832,11 @@ def _apply(cache: dict[str, tuple[bytes, int]], changes: list[Change], index: in
             cache[change.key] = (change.value, change.mod_index)
         index = max(index, change.index)
     return index
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _abandon(fut: asyncio.Future[T], undo: Callable[[T], None] | None) -> None:
