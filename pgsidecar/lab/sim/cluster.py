@@ -101,9 +101,13 @@ class SimFence:
         if self._stopped:
             return
         self.deadline = deadline
-        if self._timer is not None:
+        # a master re-arms on every renewal, each time a little later: the timer already set
+        # for an earlier deadline stays and, when it fires, moves on to the current one
+        if self._timer is not None and self._timer.when() > deadline:
             self._timer.cancel()
-        self._timer = self._loop.call_at(deadline, self._fire)
+            self._timer = None
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._fire)
         self._checker.fencing_deadline(self.member, deadline)
 
     def disarm(self) -> None:
@@ -132,6 +136,11 @@ class SimFence:
 
     def _fire(self) -> None:
         self._timer = None
+        if self.deadline is None:
+            return
+        if self._loop.time() < self.deadline:
+            self._timer = self._loop.call_at(self.deadline, self._fire)
+            return
         self.fired_count += 1
         self._pg.world.record(f"{self.member} fence fired (deadline reached)")
         self._pg.fence()

@@ -381,10 +381,14 @@ class SimStore:
         session = self.sessions.get(sid)
         if session is None:
             return
+        session.timer = None
         if self.stalled:
-            return  # the stall's end expires it
+            # the stall's end expires it if its time passed by then; else its own time does
+            if session.expires_at > self._stalled_until:
+                self._arm_expiry(session)
+            return
         if session.expires_at > self.now():
-            self._arm_expiry(session)
+            self._arm_expiry(session)  # renewed since this timer was set
             return
         self.record("session", "expired", f"{session.owner} #{sid}")
         self._drop_session(sid)
@@ -394,7 +398,10 @@ class SimStore:
         if session is None:
             raise SessionLost(f"simulated session #{sid} no longer exists")
         session.expires_at = self.now() + session.ttl
-        self._arm_expiry(session)
+        # the timer set at the previous expiry stays: when it fires it finds the new time and
+        # moves on to it (one timer per TTL rather than one per renewal)
+        if session.timer is None:
+            self._arm_expiry(session)
         return session.ttl
 
     def _drop_session(self, sid: int) -> bool:
@@ -492,7 +499,19 @@ class SimDCS(DCS):
             await asyncio.sleep(self.timeout)
             raise DCSError(f"{what}: no answer within {self.timeout:g}s")
         lose_answer = write and store.draw(self.rng, "lost_answer")
-        await asyncio.sleep(self.rng.uniform(*store.latency.request))
+        if not lose_answer:
+            outcome, answer = await self._round_trip(op)
+            if outcome == "ok":
+                return answer  # type: ignore[no-any-return]
+            if outcome == "cut":
+                if undo is not None:
+                    undo(answer)
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
+                raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
+        else:
+            await asyncio.sleep(self.rng.uniform(*store.latency.request))
+        # the request reached a stalled store, or someone was cut meanwhile, or the answer will
+        # be lost: the general path
         if self.member in store.cut_off:  # cut while the request travelled: lost
             await asyncio.sleep(max(0.0, deadline - loop.time()))
             raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
@@ -515,6 +534,37 @@ class SimDCS(DCS):
             await asyncio.sleep(max(0.0, deadline - loop.time()))
             raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
         return result
+
+    async def _round_trip(self, op: Callable[[], T]) -> tuple[str, Any]:
+        """The usual request: applied on arrival, answered after the way back, with one wake-up
+        of the caller (timers carry the request there and the answer back). Returns ("ok",
+        result); ("cut", result) when we were cut off while the answer travelled; or ("slow",
+        None) at the arrival time when the store is stalled or we are cut off, for the general
+        path to go on from there. An answer such as SessionLost raises."""
+        store = self.store
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[tuple[str, Any]] = loop.create_future()
+
+        def arrive() -> None:
+            if reply.done():
+                return  # the caller went away before the request left
+            if self.member in store.cut_off or store.stalled:
+                reply.set_result(("slow", None))
+                return
+            try:
+                result = op()
+            except Exception as exc:  # an answer (SessionLost, DuplicateMember, ...)
+                reply.set_exception(exc)
+                return
+            back = self.rng.uniform(*store.latency.request)
+            loop.call_at(loop.time() + back, answer_back, result)
+
+        def answer_back(result: Any) -> None:
+            if not reply.done():
+                reply.set_result(("cut" if self.member in store.cut_off else "ok", result))
+
+        loop.call_at(loop.time() + self.rng.uniform(*store.latency.request), arrive)
+        return await reply
 
     async def _wait_stalled(
         self,
