@@ -23,6 +23,7 @@ appended to ``SimStore.trace`` with its virtual time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from collections import deque
@@ -197,6 +198,9 @@ class SimStore:
         self.clients: list[SimDCS] = []
         self.trace: list[tuple[float, str, str]] = []
         self._episodes: asyncio.Task[None] | None = None
+        # member key -> (raw value, decoded, reason), shared by every client's views: each
+        # value is decoded once, however many members read it
+        self.decoded: dict[str, tuple[bytes, dict[str, Any] | None, str | None]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
     @staticmethod
@@ -377,10 +381,14 @@ class SimStore:
         session = self.sessions.get(sid)
         if session is None:
             return
+        session.timer = None
         if self.stalled:
-            return  # the stall's end expires it
+            # the stall's end expires it if its time passed by then; else its own time does
+            if session.expires_at > self._stalled_until:
+                self._arm_expiry(session)
+            return
         if session.expires_at > self.now():
-            self._arm_expiry(session)
+            self._arm_expiry(session)  # renewed since this timer was set
             return
         self.record("session", "expired", f"{session.owner} #{sid}")
         self._drop_session(sid)
@@ -390,7 +398,10 @@ class SimStore:
         if session is None:
             raise SessionLost(f"simulated session #{sid} no longer exists")
         session.expires_at = self.now() + session.ttl
-        self._arm_expiry(session)
+        # the timer set at the previous expiry stays: when it fires it finds the new time and
+        # moves on to it (one timer per TTL rather than one per renewal)
+        if session.timer is None:
+            self._arm_expiry(session)
         return session.ttl
 
     def _drop_session(self, sid: int) -> bool:
@@ -488,8 +499,87 @@ class SimDCS(DCS):
             await asyncio.sleep(self.timeout)
             raise DCSError(f"{what}: no answer within {self.timeout:g}s")
         lose_answer = write and store.draw(self.rng, "lost_answer")
+        if not lose_answer:
+            outcome, answer = await self._round_trip(op)
+            if outcome == "ok":
+                return answer  # type: ignore[no-any-return]
+            if outcome == "cut":
+                if undo is not None:
+                    undo(answer)
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
+                raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
+        else:
+            await asyncio.sleep(self.rng.uniform(*store.latency.request))
+        # the request reached a stalled store, or someone was cut meanwhile, or the answer will
+        # be lost: the general path
+        if self.member in store.cut_off:  # cut while the request travelled: lost
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
+        if store.stalled:
+            result = await self._wait_stalled(what, op, undo, deadline)
+        else:
+            # the usual case: the store applies the request on arrival (an answer such as
+            # SessionLost raises from here), with no future and no timer for our timeout
+            result = op()
+        if lose_answer:
+            store.record("fault", "lost_answer", f"{self.member} {what}")
+            if undo is not None:
+                undo(result)
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            raise DCSError(f"{what}: connection lost before the answer")
         await asyncio.sleep(self.rng.uniform(*store.latency.request))
+        if self.member in store.cut_off:
+            if undo is not None:
+                undo(result)
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
+        return result
+
+    async def _round_trip(self, op: Callable[[], T]) -> tuple[str, Any]:
+        """The usual request: applied on arrival, answered after the way back, with one wake-up
+        of the caller (timers carry the request there and the answer back). Returns ("ok",
+        result); ("cut", result) when we were cut off while the answer travelled; or ("slow",
+        None) at the arrival time when the store is stalled or we are cut off, for the general
+        path to go on from there. An answer such as SessionLost raises."""
+        store = self.store
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[tuple[str, Any]] = loop.create_future()
+
+        def arrive() -> None:
+            if reply.done():
+                return  # the caller went away before the request left
+            if self.member in store.cut_off or store.stalled:
+                reply.set_result(("slow", None))
+                return
+            try:
+                result = op()
+            except Exception as exc:  # an answer (SessionLost, DuplicateMember, ...)
+                reply.set_exception(exc)
+                return
+            back = self.rng.uniform(*store.latency.request)
+            loop.call_at(loop.time() + back, answer_back, result)
+
+        def answer_back(result: Any) -> None:
+            if not reply.done():
+                reply.set_result(("cut" if self.member in store.cut_off else "ok", result))
+
+        loop.call_at(loop.time() + self.rng.uniform(*store.latency.request), arrive)
+        return await reply
+
+    async def _wait_stalled(
+        self,
+        what: str,
+        op: Callable[[], T],
+        undo: Callable[[T], None] | None,
+        deadline: float,
+    ) -> T:
+        """A request that reached a stalled store: queued until the stall ends; we wait until
+        our deadline at most (the request is applied anyway when the stall ends)."""
+        loop = asyncio.get_running_loop()
         answer: asyncio.Future[T] = loop.create_future()
+        # an answer may come after its caller is gone (killed, paused past its timeout): it is
+        # then nobody's to read, which is no error
+        answer.add_done_callback(_retrieved)
 
         def apply() -> None:
             # runs even when the caller gave up meanwhile: the request reached the store
@@ -502,28 +592,12 @@ class SimDCS(DCS):
             if not answer.done():
                 answer.set_result(result)
 
-        if self.member in store.cut_off:  # cut while the request travelled: lost
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
-        store.submit(apply)
+        self.store.submit(apply)
         try:
-            result = await asyncio.wait_for(
-                asyncio.shield(answer), max(0.0, deadline - loop.time())
-            )
+            return await asyncio.wait_for(asyncio.shield(answer), max(0.0, deadline - loop.time()))
         except TimeoutError:
             answer.add_done_callback(lambda fut: _abandon(fut, undo))
             raise DCSError(f"{what}: no answer within {self.timeout:g}s") from None
-        if lose_answer:
-            store.record("fault", "lost_answer", f"{self.member} {what}")
-            _abandon(answer, undo)
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            raise DCSError(f"{what}: connection lost before the answer")
-        await asyncio.sleep(self.rng.uniform(*store.latency.request))
-        if self.member in store.cut_off:
-            _abandon(answer, undo)
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            raise DCSError(f"{what}: no answer within {self.timeout:g}s (cut off from the DCS)")
-        return result
 
     def _require_sid(self) -> int:
         if self._sid is None:
@@ -693,8 +767,35 @@ class SimDCS(DCS):
         return cache, self.store.index
 
     def _view(self, cache: dict[str, tuple[bytes, int]], index: int) -> ClusterView:
-        rows = [(key, value, mod, True) for key, (value, mod) in sorted(cache.items())]
-        return build_view(self.base, rows, index)
+        """build_view's result, with member values decoded once per distinct value (for all
+        clients of the store): every change delivered to every watcher yields a view of all
+        members, and decoding them all each time was most of a simulated cluster's cost. Each
+        view still gets its own member dicts (shallow copies), as from a real adapter."""
+        prefix = self.base + "members/"
+        rows: list[tuple[str, bytes, int, bool]] = []
+        members: dict[str, dict[str, Any]] = {}
+        malformed: list[tuple[str, str]] = []
+        decoded = self.store.decoded
+        for key, (value, mod) in sorted(cache.items()):
+            if not key.startswith(prefix):
+                rows.append((key, value, mod, True))
+                continue
+            memo = decoded.get(key)
+            if memo is None or memo[0] != value:
+                memo = (value, *decode_json_object(key, value))
+                decoded[key] = memo
+            _value, obj, reason = memo
+            name = key[len(prefix) :]
+            if reason is not None:
+                malformed.append((key, reason))
+            elif name and "/" not in name and obj is not None:
+                members[name] = dict(obj)
+        view = build_view(self.base, rows, index)
+        if not members and not malformed:
+            return view
+        return dataclasses.replace(
+            view, members=members, malformed=tuple(sorted((*view.malformed, *malformed)))
+        )
 
     async def read_cluster(self) -> ClusterView:
         cache, index = await self._call("read_cluster", self._snapshot, write=False)
@@ -782,6 +883,11 @@ def _apply(cache: dict[str, tuple[bytes, int]], changes: list[Change], index: in
             cache[change.key] = (change.value, change.mod_index)
         index = max(index, change.index)
     return index
+
+
+def _retrieved(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _abandon(fut: asyncio.Future[T], undo: Callable[[T], None] | None) -> None:

@@ -41,7 +41,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from fsm.snapshot import DataState, PgFacts
 from pgsidecar.config import slot_name
@@ -217,10 +217,28 @@ class Commit:
     at: float
 
 
+class WorldObserver(Protocol):
+    """What the invariant checkers are told, synchronously, at the instant it happens."""
+
+    def writable_changed(self, now: float, writable: tuple[str, ...]) -> None:
+        """The set of members accepting writes changed (sorted names)."""
+
+    def write_accepted(self, now: float, member: str, lsn: int, tli: int) -> None:
+        """``member`` put a commit into its WAL (before any synchronous wait)."""
+
+
 class PgWorld:
     """Every simulated PostgreSQL of one cluster, the network between them (and the client),
-    the seed's generator, and a change signal the streaming standbys and waiting commits use.
-    ``trace`` records (virtual time, what) of every state change."""
+    the seed's generator, and a change signal for outside waiters. ``trace`` records (virtual
+    time, what) of every state change; ``observers`` are told of every change of who accepts
+    writes and of every write accepted.
+
+    Replication costs no task and no wake-up per standby: a topology change (``changed()``:
+    a start, an exit, a promotion, a network cut, a reload, new slots) re-evaluates once, at the
+    end of the current instant, which upstream every standby streams from; new WAL on a member is
+    delivered to each of its streaming standbys by one timer per standby, which carries whatever
+    the upstream holds when it was armed (writes arriving meanwhile ride on the next one), so a
+    burst of writes costs one delivery per standby and lag interval."""
 
     def __init__(
         self,
@@ -240,6 +258,12 @@ class PgWorld:
         self._next_system = 7_000_000_000_000_000_000
         self._signal: asyncio.Future[None] | None = None
         self._crashes: asyncio.Task[None] | None = None
+        self._reevaluate_pending = False
+        self._writable: tuple[str, ...] = ()
+        self.observers: list[WorldObserver] = []
+        # every timeline ever made: its id -> the lineage of segments it ends (for durability
+        # accounting: where a lost commit's timeline left the surviving one)
+        self.lineages: dict[int, tuple[Segment, ...]] = {}
 
     @staticmethod
     def now() -> float:
@@ -266,12 +290,31 @@ class PgWorld:
         return str(self._next_system)
 
     def changed(self, what: str | None = None) -> None:
-        """Something a waiter may care about changed: wake every waiter."""
+        """Something that decides who streams from whom or who accepts writes changed: tell the
+        observers now if the writable set changed, re-evaluate streaming at the end of this
+        instant (once, however many changes it holds), wake outside waiters."""
         if what:
             self.record(what)
+        writable = tuple(self.writable_members())
+        if writable != self._writable:
+            self._writable = writable
+            now = self.now()
+            for observer in self.observers:
+                observer.writable_changed(now, writable)
+        if not self._reevaluate_pending:
+            self._reevaluate_pending = True
+            asyncio.get_running_loop().call_soon(self._reevaluate)
         sig, self._signal = self._signal, None
         if sig is not None and not sig.done():
             sig.set_result(None)
+
+    def _reevaluate(self) -> None:
+        self._reevaluate_pending = False
+        members = [pg for _name, pg in sorted(self.members.items())]
+        for pg in members:
+            pg._update_receiver()
+        for pg in members:
+            pg._check_sync_waiters()
 
     def wait_change(self) -> asyncio.Future[None]:
         """A future resolved at the next change; shielded, so that cancelling one waiter (a
@@ -282,6 +325,11 @@ class PgWorld:
 
     def writable_members(self) -> list[str]:
         return sorted(name for name, pg in self.members.items() if pg.writable)
+
+    def lineage_wal(self, uid: int, lsn: int) -> Wal | None:
+        """The WAL of timeline ``uid`` up to ``lsn`` (None for a timeline never recorded)."""
+        segments = self.lineages.get(uid)
+        return Wal(segments, lsn) if segments is not None else None
 
     def reach(self, source: str, ci: Conninfo, *, replication: bool = False) -> SimPostgres:
         """The member ``source`` reaches at ``ci``, accepting connections; else PostgresError."""
@@ -358,7 +406,9 @@ class _Postmaster:
     sync_names: str = ""
     receiver: str | None = None  # the upstream member we stream from right now
     promoting: bool = False
-    streamer: asyncio.Task[None] | None = None
+    delivery: asyncio.TimerHandle | None = None  # the next batch of WAL from the upstream
+    # commits waiting for synchronous standbys: (lsn, timeline id, acknowledgement)
+    sync_waiters: list[tuple[int, int, asyncio.Future[None]]] = field(default_factory=list)
 
 
 class SimPostgres:
@@ -481,8 +531,6 @@ class SimPostgres:
         data.state = "in archive recovery" if pm.in_recovery else "in production"
         pm.accepting = True
         self._record("accepting")
-        if pm.in_recovery:
-            pm.streamer = asyncio.create_task(self._stream(pm))
         self.world.changed()
 
     def _apply_config(self, pm: _Postmaster) -> None:
@@ -501,9 +549,17 @@ class SimPostgres:
                 self.data.checkpoint_lsn = self.data.wal.lsn
                 self.data.checkpoint_tli = self.data.wal.tli
             # else: the control file keeps "in production" / "in archive recovery" (crashed)
-        if pm.streamer is not None:
-            pm.streamer.cancel()
+        if pm.delivery is not None:
+            pm.delivery.cancel()
+            pm.delivery = None
+        pm.receiver = None
         pm.exit.set_result(code)
+        waiters, pm.sync_waiters = pm.sync_waiters, []
+        for _lsn, _uid, fut in waiters:
+            if not fut.done():
+                fut.set_exception(
+                    PostgresError(f"{self.name}: server closed the connection unexpectedly")
+                )
         self._record(f"exit pid={pm.pid} code={code} ({why})")
         self.world.changed()
 
@@ -581,11 +637,13 @@ class SimPostgres:
             data = self.data
             tli = data.wal.max_tli() + 1
             data.wal = data.wal.switch(tli, self.world.new_uid())
+            self.world.lineages[data.wal.uid] = data.wal.segments
             pm.in_recovery = False
             pm.promoting = False
             pm.receiver = None
-            if pm.streamer is not None:
-                pm.streamer.cancel()
+            if pm.delivery is not None:
+                pm.delivery.cancel()
+                pm.delivery = None
             data.state = "in production"
             self._record(f"promoted tli={tli} at {data.wal.lsn}")
             self.world.changed()
@@ -675,6 +733,7 @@ class SimPostgres:
             checkpoint_lsn=INITIAL_LSN,
             checkpoint_tli=1,
         )
+        self.world.lineages[uid] = self.data.wal.segments
         self._record(f"initdb system={self.data.system_id}")
 
     async def basebackup(self, source: Conninfo, timeout: float = 3600.0) -> None:
@@ -831,28 +890,78 @@ class SimPostgres:
             return None  # forked: the walreceiver cannot follow that timeline
         return src
 
-    async def _stream(self, pm: _Postmaster) -> None:
-        while not pm.exit.done() and pm.in_recovery:
-            src = self._stream_source(pm)
-            receiver = src.name if src is not None else None
-            if receiver != pm.receiver:
-                pm.receiver = receiver
-                self._record(f"receiver {'streaming from ' + receiver if receiver else 'stopped'}")
-                self.world.changed()
-            if src is None or src.data is None or self.data is None:
-                await self.world.wait_change()
+    def _update_receiver(self) -> None:
+        """Called by the world's re-evaluation: follow the upstream we can stream from now."""
+        pm = self._pm
+        if pm is None or not pm.in_recovery or not pm.accepting or pm.exit.done():
+            return
+        src = self._stream_source(pm)
+        receiver = src.name if src is not None else None
+        if receiver != pm.receiver:
+            pm.receiver = receiver
+            self._record(f"receiver {'streaming from ' + receiver if receiver else 'stopped'}")
+            if pm.delivery is not None:
+                pm.delivery.cancel()
+                pm.delivery = None
+        if src is not None:
+            self._schedule_delivery(pm, src)
+
+    def _schedule_delivery(self, pm: _Postmaster, src: SimPostgres) -> None:
+        """One timer per standby carries what ``src`` holds now, after a drawn lag."""
+        if pm.delivery is not None or src.data is None or self.data is None:
+            return
+        target = src.data.wal
+        mine = self.data.wal
+        if target.lsn <= mine.lsn and target.uid == mine.uid:
+            return  # nothing new
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.rng.uniform(*self.world.timings.replication_lag)
+        pm.delivery = loop.call_at(due, self._deliver, pm, src, target)
+
+    def _deliver(self, pm: _Postmaster, src: SimPostgres, target: Wal) -> None:
+        pm.delivery = None
+        if pm.exit.done() or not pm.in_recovery or self.data is None:
+            return
+        if pm.receiver != src.name or self._stream_source(pm) is not src:
+            self.world.changed()  # the link changed while this batch travelled: re-evaluate
+            return
+        data = self.data
+        if contains(target, data.wal) and target.lsn >= data.wal.lsn and target != data.wal:
+            data.wal = target
+            assert src.data is not None
+            data.roles |= src.data.roles
+            src._check_sync_waiters()
+            self._wal_advanced()
+        self._schedule_delivery(pm, src)  # more arrived meanwhile
+
+    def _wal_advanced(self) -> None:
+        """Our WAL grew: start a delivery to every standby streaming from us; a standby that
+        names us but could not follow may be able to now."""
+        reevaluate = False
+        for _name, pg in sorted(self.world.members.items()):
+            other = pg._pm
+            if other is None or pg is self or other.exit.done() or not other.in_recovery:
                 continue
-            if src.data.wal.lsn <= self.data.wal.lsn and src.data.wal.uid == self.data.wal.uid:
-                await self.world.wait_change()
+            if other.receiver == self.name:
+                pg._schedule_delivery(other, self)
+            elif other.upstream is not None and other.upstream.host == self.name:
+                reevaluate = True
+        if reevaluate:
+            self.world.changed()
+
+    def _check_sync_waiters(self) -> None:
+        pm = self._pm
+        if pm is None or not pm.sync_waiters:
+            return
+        waiting = []
+        for lsn, uid, fut in pm.sync_waiters:
+            if fut.done():
                 continue
-            target = src.data.wal
-            await asyncio.sleep(self.rng.uniform(*self.world.timings.replication_lag))
-            if self._stream_source(pm) is not src or self.data is None:
-                continue
-            if contains(target, self.data.wal) and target.lsn >= self.data.wal.lsn:
-                self.data.wal = target
-                self.data.roles |= src.data.roles
-                self.world.changed()
+            if self._sync_satisfied(pm, lsn, uid):
+                fut.set_result(None)
+            else:
+                waiting.append((lsn, uid, fut))
+        pm.sync_waiters = waiting
 
     def _sync_satisfied(self, pm: _Postmaster, lsn: int, uid: int) -> bool:
         names, k = _parse_sync_names(pm.sync_names)
@@ -876,11 +985,13 @@ class SimPostgres:
         self.data.wal = self.data.wal.append(size)
         lsn, tli, uid = self.data.wal.lsn, self.data.wal.tli, self.data.wal.uid
         self._record(f"write lsn={lsn} tli={tli}")
-        self.world.changed()
-        while not self._sync_satisfied(pm, lsn, uid):
-            if pm.exit.done():
-                raise PostgresError(f"{self.name}: server closed the connection unexpectedly")
-            await self.world.wait_change()
+        for observer in self.world.observers:
+            observer.write_accepted(self.world.now(), self.name, lsn, tli)
+        self._wal_advanced()
+        if not self._sync_satisfied(pm, lsn, uid):
+            acknowledged: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            pm.sync_waiters.append((lsn, uid, acknowledged))
+            await acknowledged
         if pm.exit.done():
             raise PostgresError(f"{self.name}: server closed the connection unexpectedly")
         return lsn, tli, uid
