@@ -1353,3 +1353,20 @@ class PostgresControl:
                 f"reading the timeline history of {src.host}:{src.port} failed: {str(exc).strip()}"
             ) from None
         return parse_timeline_history(text_row[0] if text_row else "")
+
+    # ------------------------------------------------------------------ settings
+
+    async def pending_restart_settings(self) -> list[str]:
+        """The settings the running server has read from its files but applies only after a
+        restart (pg_settings.pending_restart), by name. Raises PostgresError."""
+        conn = await self._connect(self.superuser_conninfo(), timeout=3, statement_timeout=5)
+        try:
+            async with asyncio.timeout(7), conn:
+                cur = await conn.execute(
+                    "SELECT name FROM pg_settings WHERE pending_restart ORDER BY name"
+                )
+                return [str(r[0]) for r in await cur.fetchall()]
+        except TimeoutError:
+            raise PostgresError("reading pg_settings.pending_restart timed out") from None
+        except psycopg.Error as exc:
+            raise PostgresError(f"reading pg_settings.pending_restart failed: {exc}") from None
