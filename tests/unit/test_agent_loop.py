@@ -159,3 +159,23 @@ async def test_the_postmasters_exit_watch_is_a_kept_task(tmp_path: Path) -> None
     assert kind == "pg" and data["crashed"] is True and data["running"] is False
     await asyncio.sleep(0)
     assert waiter.done() and waiter not in rig.agent.tasks
+
+
+def test_the_agent_reads_time_only_through_its_clock() -> None:
+    """A simulator runs the agent on virtual time: no part but the real Clock may import
+    ``time`` (time.monotonic / time.time would bypass it)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "pgsidecar" / "agent"
+    for path in sorted(package.glob("*.py")):
+        if path.name == "ports.py":  # SystemClock, the real Clock
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            assert "time" not in names, f"{path.name} imports time"
