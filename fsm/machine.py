@@ -38,12 +38,13 @@ aside for one TTL.
 How the machine is driven
 =========================
 
-The runtime (pgsidecar/agent.py) owns one asyncio queue of inputs. For each input it calls
+The runtime (pgsidecar/agent/loop.py) owns one asyncio queue of inputs. For each input it calls
 ``step(role, snapshot, input)`` (fsm/inputs.py folds the input into the snapshot, then ``decide``
 picks at most one trigger), fires the trigger on the ``RoleMachine`` (which checks it against the
 table below and produces a Transition record), and runs the effect bound to the trigger
-(``_fx_<trigger>`` in pgsidecar/agent.py). The effect's outcome comes back as another input. ``busy`` in the snapshot
-says an effect is in flight; decisions wait for it, except the master's lease check.
+(``EFFECT`` below; one function per Effect in pgsidecar/agent/effects.py). The effect's outcome
+comes back as another input. ``busy`` in the snapshot says an effect is in flight; decisions wait
+for it, except the master's lease check.
 
 Because ``decide`` is a pure function of (role, snapshot) and the snapshot is a pure fold of the
 recorded inputs, replaying a node's recorded inputs into a fresh machine must reproduce its
@@ -136,7 +137,7 @@ TRIGGERS: tuple[str, ...] = tuple(sorted({row.trigger for row in TABLE}))
 
 
 class Effect(StrEnum):
-    """What the runtime does for a trigger (``_fx_<trigger>`` in pgsidecar/agent.py). ``busy``
+    """What the runtime does for a trigger (pgsidecar/agent/effects.py). ``busy``
     is set to it while it runs, and its outcome comes back as an ``effect`` input with this name:
     ``ok: true`` (with its answer, e.g. ``won``) or ``ok: false`` (the call failed)."""
 

@@ -39,20 +39,65 @@ no token configured they are disabled.
 from __future__ import annotations
 
 import hmac
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from fsm.machine import Role
+from fsm.snapshot import Snapshot
+from pgsidecar.config import ApiSettings
 from pgsidecar.postgres.conf import parse_size
 
-if TYPE_CHECKING:
-    from pgsidecar.agent import Agent
+
+class AgentStatus(Protocol):
+    """What the API reads of the agent and the commands it sends it
+    (pgsidecar.agent.loop.AgentApi is the real one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def cluster(self) -> str: ...
+
+    def role(self) -> Role: ...
+
+    def snapshot(self) -> Snapshot: ...
+
+    def lease_valid(self) -> bool:
+        """The fencing deadline has not passed (our own clock)."""
+        ...
+
+    def pg_running(self) -> bool: ...
+
+    def term(self) -> int | None: ...
+
+    def last_error(self) -> str | None: ...
+
+    def uptime(self) -> float: ...
+
+    def counters(self) -> Mapping[str, int]: ...
+
+    def tags(self) -> dict[str, Any]: ...
+
+    def own_member_key(self) -> Mapping[str, Any]:
+        """Our member key as the DCS last showed it."""
+        ...
+
+    def alive(self) -> tuple[bool, str]:
+        """The loop and its input sources run; else why not."""
+        ...
+
+    def command(self, name: str) -> None:
+        """Post an operator's command (restart, reinit) to the machine."""
+        ...
+
+    async def request_switchover(self, target: str | None) -> dict[str, Any]:
+        """Validate and write a switchover command; raises ops.SwitchoverError."""
+        ...
 
 
 class QueryError(ValueError):
@@ -269,12 +314,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiServer:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(
+        self,
+        agent: AgentStatus,
+        settings: ApiSettings,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.agent = agent
-        self.token = agent.cfg.api.resolve_token()
+        self.settings = settings
+        self.token = settings.resolve_token()
         # the agent's registry: the Kafka sink's metrics (records sent, spooled, dropped, Kafka
         # up) are in it too, so /metrics serves them
-        self.registry: CollectorRegistry = agent.metrics_registry
+        self.registry: CollectorRegistry = registry if registry is not None else CollectorRegistry()
         self._role = Gauge(
             "pgsidecar_role", "1 for the member's current role", ["role"], registry=self.registry
         )
@@ -329,7 +380,7 @@ class ApiServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        cfg = self.agent.cfg.api
+        cfg = self.settings
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True)
@@ -343,18 +394,14 @@ class ApiServer:
 
     def is_primary(self) -> bool:
         a = self.agent
+        s = a.snapshot()
         return (
-            a.machine.role is Role.MASTER
-            and a.snapshot.lease.held
-            and a.watchdog.armed_and_valid()
-            and a.pg.running
-            and a.snapshot.pg.in_recovery is False
+            a.role() is Role.MASTER
+            and s.lease.held
+            and a.lease_valid()
+            and a.pg_running()
+            and s.pg.in_recovery is False
         )
-
-    def is_streaming_replica(self) -> bool:
-        a = self.agent
-        s = a.snapshot
-        return a.machine.role is Role.REPLICA and a.pg.running and s.pg.receiver_streaming
 
     def sync_members(self) -> frozenset[str]:
         """The synchronous standbys the current master recorded (``snapshot.dcs.sync``, folded
@@ -362,11 +409,12 @@ class ApiServer:
         object or mapping with ``members``) so the checks never fail on a shape they do not
         know. Not in force, so empty: a set recorded by an earlier master, or any set while
         synchronous_mode is off."""
-        if getattr(self.agent.snapshot.settings, "synchronous_mode", None) == "off":
+        s = self.agent.snapshot()
+        if s.settings.synchronous_mode == "off":
             # the master requires no standby then, though its last record stays in the DCS
             return frozenset()
-        dcs = self.agent.snapshot.dcs
-        sync = getattr(dcs, "sync", None)
+        dcs = s.dcs
+        sync = dcs.sync
         recorded_by = getattr(sync, "leader", None)
         if (
             isinstance(recorded_by, str)
@@ -376,67 +424,45 @@ class ApiServer:
             return frozenset()  # recorded by an earlier master: not the set now in force
         return _names(sync)
 
-    def alive(self) -> tuple[bool, str]:
-        """The agent's loop runs and none of its input sources (DCS watch, lease renewal, probe)
-        has died. A hung event loop needs no check: it would not answer this request at all."""
-        a = self.agent
-        done = getattr(a, "_done", None)
-        if done is not None and done.is_set():
-            return False, "the agent loop has finished"
-        for task in getattr(a, "_tasks", ()):
-            if task.done():
-                name = getattr(task, "get_name", lambda: "task")()
-                return False, f"an input source of the agent ended ({name})"
-        return True, ""
-
     def facts(self) -> HealthFacts:
         a = self.agent
-        s = a.snapshot
-        alive, why = self.alive()
-        lease_valid = bool(s.lease.held and a.watchdog.armed_and_valid())
+        s = a.snapshot()
+        alive, why = a.alive()
+        lease_valid = bool(s.lease.held and a.lease_valid())
         return HealthFacts(
-            role=a.machine.role,
+            role=a.role(),
             primary=self.is_primary(),
             lease_valid=lease_valid,
-            pg_running=bool(a.pg.running),
+            pg_running=bool(a.pg_running()),
             streaming=s.pg.receiver_streaming,
             replayed_lsn=s.pg.replayed_lsn if s.pg.replayed_lsn is not None else s.pg.lsn,
             received_lsn=s.pg.received_lsn if s.pg.received_lsn is not None else s.pg.lsn,
             leader_lsn=s.dcs.last_leader_lsn,
-            tags=a.cfg.tags.model_dump(),
+            tags=a.tags(),
             synchronous=a.name in self.sync_members(),
             maximum_lag_on_failover=s.settings.maximum_lag_on_failover,
             alive=alive,
             alive_reason=why,
         )
 
-    def _own_member_key(self) -> dict[str, Any]:
-        view = getattr(self.agent, "dcs_view", None)
-        members = getattr(view, "members", None) or {}
-        data = members.get(self.agent.name)
-        return data if isinstance(data, dict) else {}
-
     def status_dict(self) -> dict[str, Any]:
         a = self.agent
-        s = a.snapshot
+        s = a.snapshot()
+        role = a.role()
         leader = s.dcs.leader
         lag = None
-        if (
-            s.dcs.last_leader_lsn is not None
-            and s.pg.lsn is not None
-            and a.machine.role is not Role.MASTER
-        ):
+        if s.dcs.last_leader_lsn is not None and s.pg.lsn is not None and role is not Role.MASTER:
             lag = max(0, s.dcs.last_leader_lsn - s.pg.lsn)
         return {
             "name": a.name,
-            "cluster": a.cfg.cluster,
-            "role": a.machine.role.value,
-            "term": a._term(),
+            "cluster": a.cluster,
+            "role": role.value,
+            "term": a.term(),
             "timeline": s.pg.timeline,
             "lsn": s.pg.lsn,
-            "lag_bytes": lag if a.machine.role is not Role.MASTER else 0,
+            "lag_bytes": lag if role is not Role.MASTER else 0,
             "leader": leader.name if leader else None,
-            "pg_running": a.pg.running,
+            "pg_running": a.pg_running(),
             "in_recovery": s.pg.in_recovery,
             "streaming": s.pg.receiver_streaming,
             "upstream": s.upstream,
@@ -444,13 +470,13 @@ class ApiServer:
             "dcs_reachable": s.dcs.reachable,
             "paused": s.dcs.paused,
             "busy": s.busy,
-            "last_error": a.last_error,
-            "uptime": round(time.time() - a.start_time, 1),
-            "counters": dict(a.counters),
-            "tags": a.cfg.tags.model_dump(),
+            "last_error": a.last_error(),
+            "uptime": round(a.uptime(), 1),
+            "counters": dict(a.counters()),
+            "tags": a.tags(),
             "sync_standby": a.name in self.sync_members(),
-            # set by the agent in its member key once it applies parameter changes (issue 7)
-            "pending_restart": self._own_member_key().get("pending_restart") is True,
+            # set by the agent in its member key once it applies parameter changes
+            "pending_restart": a.own_member_key().get("pending_restart") is True,
         }
 
     # -- handlers ----------------------------------------------------------------------------------
@@ -486,17 +512,19 @@ class ApiServer:
     async def metrics(self, request: web.Request) -> web.Response:
         a = self.agent
         st = self.status_dict()
+        role = a.role()
         for r in Role:
-            self._role.labels(role=r.value).set(1 if a.machine.role is r else 0)
+            self._role.labels(role=r.value).set(1 if role is r else 0)
         self._lag.set(st["lag_bytes"] or 0)
         self._term.set(st["term"] or 0)
         self._tl.set(st["timeline"] or 0)
         self._running.set(1 if st["pg_running"] else 0)
         self._lease.set(1 if st["lease_held"] else 0)
         self._paused.set(1 if st["paused"] else 0)
-        self._inputs.set(a.counters["inputs"])
-        self._trans.set(a.counters["transitions"])
-        self._malformed.set(a.counters["malformed_dcs_values"])
+        counters = a.counters()
+        self._inputs.set(counters.get("inputs", 0))
+        self._trans.set(counters.get("transitions", 0))
+        self._malformed.set(counters.get("malformed_dcs_values", 0))
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -516,25 +544,22 @@ class ApiServer:
                 {"error": "missing or wrong API token (Authorization: Bearer <api.token>)"},
                 status=401,
             )
-        from fsm.machine import Role
-
         a = self.agent
-        role = a.machine.role
+        role = a.role()
+        s = a.snapshot()
         if name == "reinit" and role is Role.MASTER:
             return web.json_response(
                 {"error": f"{a.name} is the master: switch over first, then reinit it"}, status=409
             )
-        if name == "reinit" and a.snapshot.dcs.leader is None:
+        if name == "reinit" and s.dcs.leader is None:
             return web.json_response({"error": "there is no master to clone from"}, status=409)
-        if name == "restart" and not a.pg.running:
+        if name == "restart" and not a.pg_running():
             return web.json_response(
                 {"error": f"PostgreSQL of {a.name} is not running"}, status=409
             )
-        if a.snapshot.command is not None:
-            return web.json_response(
-                {"error": f"a {a.snapshot.command} is already in progress"}, status=409
-            )
-        a.post("command", name=name)
+        if s.command is not None:
+            return web.json_response({"error": f"a {s.command} is already in progress"}, status=409)
+        a.command(name)
         return web.json_response(
             {"accepted": name, "member": a.name, "role": role.value}, status=202
         )
@@ -560,10 +585,10 @@ class ApiServer:
         target = body.get("to")
         if target is not None and not isinstance(target, str):
             return web.json_response({"error": "'to' must be a member name"}, status=400)
-        from pgsidecar.ops import SwitchoverError, request_switchover
+        from pgsidecar.ops import SwitchoverError
 
         try:
-            cmd = await request_switchover(self.agent.dcs, target)
+            cmd = await self.agent.request_switchover(target)
         except SwitchoverError as exc:
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"accepted": cmd}, status=202)

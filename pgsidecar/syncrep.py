@@ -24,16 +24,27 @@ set of a dead predecessor never outlives it and nothing is promised before it is
 
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-import psycopg
 import structlog
 
-if TYPE_CHECKING:
-    from pgsidecar.agent import Agent
+from fsm.snapshot import Snapshot
 
 log = structlog.get_logger("pgsidecar.syncrep")
+
+# application_name -> (state, sync_state, flush LSN), and our own flush LSN
+ReplicationStats = tuple[dict[str, tuple[str, str, int]], int]
+
+
+class SyncStore(Protocol):
+    """Where the synchronous set is recorded (the DCS)."""
+
+    async def put_sync(self, state: dict[str, Any]) -> None: ...
+
+
+class ActionLog(Protocol):
+    def __call__(self, name: str, outcome: str, started: float, /, **detail: Any) -> None: ...
 
 
 def standby_names(members: set[str], mode: str) -> str:
@@ -44,14 +55,41 @@ def standby_names(members: set[str], mode: str) -> str:
 
 
 class SyncManager:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-        self.applied: str | None = None  # synchronous_standby_names as last written
+    """Run by the master's probe loop (``tick``) and its promotion (``prepare_promotion``).
+
+    It reads the node's snapshot, the members' tags and pg_stat_replication; it writes the DCS
+    record and, through ``reconfigure`` (write the primary's config, reload), PostgreSQL's
+    synchronous_standby_names. ``still_master`` says we may write the record: master, holding
+    the lease, valid on our own clock."""
+
+    def __init__(
+        self,
+        name: str,
+        store: SyncStore,
+        *,
+        snapshot: Callable[[], Snapshot],
+        still_master: Callable[[], bool],
+        member_tags: Callable[[str], dict[str, Any]],
+        read_replication: Callable[[], Awaitable[ReplicationStats]],
+        reconfigure: Callable[[], Awaitable[None]],
+        record: ActionLog,
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.snapshot = snapshot
+        self.still_master = still_master
+        self.member_tags = member_tags
+        self.read_replication = read_replication
+        self.reconfigure = reconfigure
+        self.record = record
+        self.monotonic = monotonic
+        self.applied: str | None = None  # synchronous_standby_names as last written and reloaded
         self._added_at: dict[str, int] = {}  # member -> our flush LSN when it was required
 
     @property
     def mode(self) -> str:
-        return self.agent.snapshot.settings.synchronous_mode
+        return self.snapshot().settings.synchronous_mode
 
     def parameters(self) -> dict[str, Any]:
         """Extra postgresql.conf settings the master's config must carry."""
@@ -65,73 +103,55 @@ class SyncManager:
             self.applied = ""
             return
         self.applied = standby_names(set(), self.mode)
-        await self.agent.dcs.put_sync({"leader": self.agent.name, "term": term, "members": []})
-
-    async def _replication(self) -> tuple[dict[str, tuple[str, str, int]], int]:
-        pg = self.agent.pg
-        dsn = pg.superuser_conninfo().dsn(pg.passfile, connect_timeout=3)
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            cur = await conn.execute(
-                "SELECT application_name, state, sync_state, flush_lsn - '0/0'::pg_lsn "
-                "FROM pg_stat_replication"
-            )
-            rows = await cur.fetchall()
-            cur = await conn.execute("SELECT pg_current_wal_flush_lsn() - '0/0'::pg_lsn")
-            one = await cur.fetchone()
-        stats = {str(r[0]): (str(r[1]), str(r[2]), int(r[3] or 0)) for r in rows}
-        return stats, int(one[0]) if one else 0
+        await self.store.put_sync({"leader": self.name, "term": term, "members": []})
 
     async def _set_standby_names(self, value: str) -> None:
         if value == self.applied:
             return
-        self.applied = value
-        self.agent.write_primary_config()
-        await self.agent.pg.reload()
+        # the config is written with the new value; it counts as applied only once PostgreSQL
+        # reloaded it: a failed write or reload leaves the old value, so the next tick retries
+        previous, self.applied = self.applied, value
+        try:
+            await self.reconfigure()
+        except BaseException:
+            self.applied = previous
+            raise
         log.info("synchronous_standby_names", value=value)
 
-    def _still_master(self) -> bool:
-        """Every write of the record is made only while our lease is valid on our own clock: a
-        master cut off from the DCS must not rewrite the set after its lease may have lapsed."""
-        from fsm.machine import Role
-
-        a = self.agent
-        return (
-            a.machine.role is Role.MASTER and a.snapshot.lease.held and a.watchdog.armed_and_valid()
-        )
-
     async def _put(self, state: dict[str, Any]) -> None:
-        if not self._still_master():
+        # every write of the record is made only while our lease is valid on our own clock: a
+        # master cut off from the DCS must not rewrite the set after its lease may have lapsed
+        if not self.still_master():
             raise RuntimeError("no longer master: the synchronous set is not written")
-        await self.agent.dcs.put_sync(state)
+        await self.store.put_sync(state)
 
     async def tick(self) -> None:
-        a = self.agent
-        s = a.snapshot
-        if not self._still_master():
+        s = self.snapshot()
+        if not self.still_master():
             return
         term = s.lease.term
         if self.mode == "off":
             await self._set_standby_names("")
             return
-        started = time.monotonic()
+        started = self.monotonic()
         rec = s.dcs.sync
         recorded = (
             set(rec.members)
-            if rec is not None and rec.leader == a.name and rec.term == term
+            if rec is not None and rec.leader == self.name and rec.term == term
             else None
         )
         if recorded is None:
             recorded = set()
-            await self._put({"leader": a.name, "term": term, "members": []})
-        stats, flush = await self._replication()
+            await self._put({"leader": self.name, "term": term, "members": []})
+        stats, flush = await self.read_replication()
         n = max(1, s.settings.synchronous_node_count)
         healthy = [
             name
             for name, m in s.dcs.members.items()
-            if name != a.name
+            if name != self.name
             and name in stats
             and stats[name][0] == "streaming"
-            and not _nosync(a, name)
+            and self.member_tags(name).get("nosync") is not True
         ]
         healthy.sort(key=lambda x: -stats[x][2])
         # keep the members already recorded while healthy, fill up with the most advanced
@@ -140,8 +160,8 @@ class SyncManager:
         keep = recorded & set(target)
         if keep != recorded:
             # 1. shrink the record before PostgreSQL stops waiting for anyone
-            await self._put({"leader": a.name, "term": term, "members": sorted(keep)})
-            a.record_action(
+            await self._put({"leader": self.name, "term": term, "members": sorted(keep)})
+            self.record(
                 "sync_set", "shrunk", started, members=sorted(keep), removed=sorted(recorded - keep)
             )
             recorded = keep
@@ -161,13 +181,7 @@ class SyncManager:
         }
         if confirmed:
             members = sorted(recorded | confirmed)
-            await self._put({"leader": a.name, "term": term, "members": members})
-            a.record_action("sync_set", "grown", started, members=members, added=sorted(confirmed))
+            await self._put({"leader": self.name, "term": term, "members": members})
+            self.record("sync_set", "grown", started, members=members, added=sorted(confirmed))
             for x in confirmed:
                 self._added_at.pop(x, None)
-
-
-def _nosync(agent: Agent, name: str) -> bool:
-    m = agent.dcs_view.members.get(name) if agent.dcs_view is not None else None
-    tags = m.get("tags") if isinstance(m, dict) else None
-    return isinstance(tags, dict) and tags.get("nosync") is True

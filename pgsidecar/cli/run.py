@@ -38,9 +38,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pgsidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(cfg.log_level)
-    from pgsidecar.agent import Agent
+    from pgsidecar.agent import build_agent
 
-    agent = Agent(cfg)
+    agent = build_agent(cfg)
     return asyncio.run(agent.run())
 
 

@@ -4,11 +4,9 @@ is asked with GET, HEAD and OPTIONS, which must agree on the status."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -34,14 +32,6 @@ MB = 1024 * 1024
 LEADER_LSN = 100 * MB
 
 
-class FakeWatchdog:
-    def __init__(self, valid: bool) -> None:
-        self.valid = valid
-
-    def armed_and_valid(self) -> bool:
-        return self.valid
-
-
 class FakeDcs:
     """Enough of a DCS for POST /switchover: a view with a master and one streaming replica."""
 
@@ -64,32 +54,68 @@ class FakeDcs:
 
 @dataclass
 class FakeAgent:
-    """The attributes ApiServer reads from pgsidecar.agent.Agent."""
+    """The agent as the API sees it (pgsidecar.api.AgentStatus)."""
 
     cfg: AgentConfig
-    role: Role
-    snapshot: Snapshot
-    pg_running: bool
+    role_: Role
+    snapshot_: Snapshot
+    pg_running_: bool
     watchdog_valid: bool = True
     name: str = "pg2"
-    last_error: str | None = None
-    start_time: float = 0.0
-    counters: dict[str, int] = field(
+    last_error_: str | None = None
+    counters_: dict[str, int] = field(
         default_factory=lambda: {"inputs": 3, "transitions": 2, "malformed_dcs_values": 0}
     )
-    dcs_view: Any = None
-    dcs: Any = field(default_factory=FakeDcs)
+    member_key: dict[str, Any] = field(default_factory=dict)
+    dcs: FakeDcs = field(default_factory=FakeDcs)
     metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    _tasks: list[Any] = field(default_factory=list)
-    _done: asyncio.Event = field(default_factory=asyncio.Event)
+    alive_: tuple[bool, str] = (True, "")
+    commands: list[str] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.machine = SimpleNamespace(role=self.role)
-        self.pg = SimpleNamespace(running=self.pg_running)
-        self.watchdog = FakeWatchdog(self.watchdog_valid)
+    @property
+    def cluster(self) -> str:
+        return self.cfg.cluster
 
-    def _term(self) -> int | None:
+    def role(self) -> Role:
+        return self.role_
+
+    def snapshot(self) -> Snapshot:
+        return self.snapshot_
+
+    def lease_valid(self) -> bool:
+        return self.watchdog_valid
+
+    def pg_running(self) -> bool:
+        return self.pg_running_
+
+    def term(self) -> int | None:
         return 7
+
+    def last_error(self) -> str | None:
+        return self.last_error_
+
+    def uptime(self) -> float:
+        return 12.0
+
+    def counters(self) -> dict[str, int]:
+        return self.counters_
+
+    def tags(self) -> dict[str, Any]:
+        return self.cfg.tags.model_dump()
+
+    def own_member_key(self) -> dict[str, Any]:
+        return self.member_key
+
+    def alive(self) -> tuple[bool, str]:
+        return self.alive_
+
+    def command(self, name: str) -> None:
+        self.commands.append(name)
+
+    async def request_switchover(self, target: str | None) -> dict[str, Any]:
+        from pgsidecar.ops import request_switchover
+
+        return await request_switchover(self.dcs, target)  # type: ignore[arg-type]
 
 
 def make_cfg(tmp: Path, token: str | None = TOKEN, **tags: Any) -> AgentConfig:
@@ -316,15 +342,17 @@ async def client_factory(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
 
     async def make(scenario: str = "replica", token: str | None = TOKEN, **over: Any) -> Any:
         role, snap, running, valid, tags = SCENARIOS[scenario]
+        cfg = make_cfg(tmp_path, token, **tags)
         agent = FakeAgent(
-            cfg=make_cfg(tmp_path, token, **tags),
-            role=role,
-            snapshot=snap(),
-            pg_running=running,
+            cfg=cfg,
+            role_=role,
+            snapshot_=snap(),
+            pg_running_=running,
             watchdog_valid=valid,
             **over,
         )
-        client: TestClient[Any, Any] = TestClient(TestServer(ApiServer(agent).app))  # type: ignore[arg-type]
+        server = ApiServer(agent, cfg.api, registry=agent.metrics_registry)
+        client: TestClient[Any, Any] = TestClient(TestServer(server.app))
         await client.start_server()
         made.append(client)
         client.agent = agent  # type: ignore[attr-defined]
@@ -374,28 +402,17 @@ async def test_malformed_query_is_400_naming_the_parameter(client_factory: Any, 
     assert (await client.options(path)).status == 400
 
 
-async def test_liveness_fails_when_an_input_source_died(client_factory: Any) -> None:
-    async def boom() -> None:
-        raise RuntimeError("watch died")
-
-    dead = asyncio.ensure_future(boom())
-    await asyncio.sleep(0)
-    await asyncio.gather(dead, return_exceptions=True)
-    client = await client_factory("replica", _tasks=[dead])
+async def test_liveness_answers_what_the_agent_says_of_its_loop(client_factory: Any) -> None:
+    client = await client_factory("replica", alive_=(False, "an input source ended (watch)"))
     resp = await client.get("/liveness")
     assert resp.status == 503
     assert "input source" in (await resp.json())["reason"]
-    client.agent._tasks.clear()
-    client.agent._done.set()
-    assert (await client.get("/liveness")).status == 503
-    client.agent._done.clear()
+    client.agent.alive_ = (True, "")
     assert (await client.get("/liveness")).status == 200
 
 
 async def test_status_and_metrics(client_factory: Any) -> None:
-    client = await client_factory(
-        "replica_lag_20MB", dcs_view=ClusterView(members={"pg2": {"pending_restart": True}})
-    )
+    client = await client_factory("replica_lag_20MB", member_key={"pending_restart": True})
     st = await (await client.get("/status")).json()
     assert st["role"] == "replica" and st["lag_bytes"] == 20 * MB
     assert st["pending_restart"] is True and st["sync_standby"] is False
@@ -500,10 +517,10 @@ async def test_metrics_serve_the_kafka_sinks_metrics(
     assert "pgsidecar_kafka_up" in text
 
 
-def test_the_agent_gives_its_kafka_sink_the_registry_the_api_serves() -> None:
-    import inspect
-
-    from pgsidecar.agent import Agent
-
-    src = inspect.getsource(Agent.__init__)
-    assert "registry=self.metrics_registry" in src.split("KafkaSink.from_settings(", 1)[1]
+async def test_restart_command_reaches_the_agent(client_factory: Any) -> None:
+    client = await client_factory("replica")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    resp = await client.post("/restart", headers=auth)
+    assert resp.status == 202 and client.agent.commands == ["restart"]
+    resp = await client.post("/reinit", headers={"Authorization": "Bearer wrong"})
+    assert resp.status == 401 and client.agent.commands == ["restart"]

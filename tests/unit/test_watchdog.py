@@ -4,34 +4,37 @@ the loop notification once raised in the thread, which died after its first fenc
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import time
-from types import SimpleNamespace
 
-from pgsidecar.agent import Agent
+from pgsidecar.agent.loop import Inbox
+from pgsidecar.agent.ports import SystemClock
+from pgsidecar.agent.sources import watchdog_fired
 from pgsidecar.watchdog import Watchdog
 
 
 async def test_watchdog_fences_then_the_loop_gets_lease_lost_and_the_thread_lives_on() -> None:
-    loop = asyncio.get_running_loop()
-    got: asyncio.Queue[tuple[str, dict]] = asyncio.Queue()
-    agent = SimpleNamespace(loop=loop, post=lambda t, **d: got.put_nowait((t, d)))
+    """Wired as the factory wires it: the watchdog's thread posts to the agent's inbox."""
+    inbox = Inbox(SystemClock())
+    inbox.loop = asyncio.get_running_loop()
     fenced: list[float] = []
 
     wd = Watchdog(
         fence=lambda: fenced.append(time.monotonic()) or True,
-        on_fired=lambda: Agent._post_threadsafe(agent, "lease", held=False, term=None),
-    )  # type: ignore[arg-type]
+        on_fired=functools.partial(watchdog_fired, inbox.post_threadsafe),
+    )
     try:
         t0 = time.monotonic()
         wd.arm(t0 + 0.2)
-        kind, data = await asyncio.wait_for(got.get(), timeout=3)
-        assert (kind, data) == ("lease", {"held": False, "term": None})
+        inp = await asyncio.wait_for(inbox.queue.get(), timeout=3)
+        assert (inp.type, inp.data) == ("lease", {"held": False, "term": None})
+        assert inp.now >= t0 + 0.19  # stamped on the loop's clock when it arrived
         assert len(fenced) == 1 and fenced[0] - t0 >= 0.19
         assert not wd.armed_and_valid()
         # the thread survived its first firing: it fences again when re-armed
         wd.arm(time.monotonic() + 0.1)
-        await asyncio.wait_for(got.get(), timeout=3)
+        await asyncio.wait_for(inbox.queue.get(), timeout=3)
         assert len(fenced) == 2 and wd.fired_count == 2
         assert any(t.name == "pgsidecar-watchdog" and t.is_alive() for t in threading.enumerate())
     finally:

@@ -1,0 +1,284 @@
+"""The agent's input sources against in-memory ports: lease renewal (and the fence deadline it
+moves), the DCS views, the fork check, Kafka peers, the watchdog's call; and the two writes
+whose success was once recorded before PostgreSQL had reloaded them."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from events.dcs import ClusterView, DCSError, Leader, SessionLost
+from fsm.machine import Role
+from fsm.records import Record
+from fsm.snapshot import DataState, LeaseFacts, PgFacts
+from pgsidecar.agent.sources import (
+    FORK_CHECK_AFTER,
+    ForkCheck,
+    PeerFeed,
+    fence_deadline,
+    watchdog_fired,
+)
+from pgsidecar.postgres.control import PostgresError
+from tests.unit.agent_fakes import ManualClock, Rig, peer, put, see
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> Rig:
+    r = Rig(tmp_path)
+    r.dcs.ttl = 4.0
+    return r
+
+
+def types(posted: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [t for t, _ in posted]
+
+
+# -- lease renewal ------------------------------------------------------------------------------
+
+
+def test_fence_deadline_keeps_the_margin_and_the_drift() -> None:
+    # margin = clamp(0.15 ttl, 0.5, 2): 0.6 s at ttl 4, 2 s at ttl 30, 0.5 s at ttl 2
+    assert fence_deadline(10.0, 4.0, 0.01) == pytest.approx(10.0 + 3.96 - 0.6)
+    assert fence_deadline(0.0, 30.0, 0.0) == pytest.approx(28.0)
+    assert fence_deadline(0.0, 2.0, 0.0) == pytest.approx(1.5)
+
+
+async def test_renewal_moves_the_fence_deadline_while_we_hold_the_lease(rig: Rig) -> None:
+    renewal = rig.agent.renewal
+    put(rig, Role.MASTER, lease=LeaseFacts(held=True, term=3))
+    before = rig.clock.monotonic()
+    assert await renewal.renew_once(1.0, down=False) is False
+    assert rig.agent.state.lease_sent >= before
+    assert rig.fence.deadline == pytest.approx(renewal.fence_deadline(rig.agent.state.lease_sent))
+    assert rig.posted() == []
+
+
+async def test_renewal_failure_posts_dcs_down_once(rig: Rig) -> None:
+    renewal = rig.agent.renewal
+    rig.dcs.fail["renew_session"] = DCSError("connection refused")
+    assert await renewal.renew_once(1.0, down=False) is True
+    assert rig.posted() == [("dcs_down", {})]
+    assert await renewal.renew_once(1.0, down=True) is True
+    assert rig.posted() == [], "no repeat while it stays down"
+
+
+async def test_a_renewal_that_times_out_is_a_failure(rig: Rig) -> None:
+    async def hang() -> None:
+        await asyncio.sleep(10)
+
+    rig.dcs.renew_session = hang  # type: ignore[method-assign]
+    assert await rig.agent.renewal.renew_once(0.05, down=False) is True
+    assert types(rig.posted()) == ["dcs_down"]
+
+
+async def test_the_dcs_answering_again_posts_a_fresh_view(rig: Rig) -> None:
+    rig.dcs.leader = Leader("pg2", 4)
+    assert await rig.agent.renewal.renew_once(1.0, down=True) is False
+    ((kind, data),) = rig.posted()
+    assert kind == "dcs" and data["leader"] == {"name": "pg2", "term": 4}
+
+
+async def test_session_lost_fences_and_reopens(rig: Rig) -> None:
+    rig.pg.data = DataState.PRIMARY_CLEAN
+    rig.pg.write_config("primary", None, None)
+    await rig.pg.start(timeout=1)
+    put(rig, Role.MASTER, lease=LeaseFacts(held=True, term=3))
+    rig.fence.arm(1e12)
+    rig.dcs.fail["renew_session"] = SessionLost("404")
+    sessions = rig.dcs.sessions
+    assert await rig.agent.renewal.renew_once(1.0, down=False) is False
+    assert rig.pg.fenced == 1 and rig.fence.deadline is None
+    posted = rig.posted()
+    assert posted[0] == ("lease", {"held": False, "term": None})
+    assert types(posted)[1:] == ["dcs"], "a fresh view after the new session"
+    assert rig.dcs.sessions == sessions + 1
+    assert rig.dcs.members["pg1"]["instance_id"] == rig.agent.recorder.seqs.instance_id
+
+
+async def test_session_lost_without_the_lease_does_not_fence(rig: Rig) -> None:
+    rig.dcs.fail["renew_session"] = SessionLost("404")
+    assert await rig.agent.renewal.renew_once(1.0, down=False) is False
+    assert rig.pg.fenced == 0 and types(rig.posted()) == ["dcs"]
+
+
+async def test_session_lost_and_no_new_session_keeps_what_it_knew(rig: Rig) -> None:
+    rig.dcs.fail["renew_session"] = SessionLost("404")
+    rig.dcs.fail["open_session"] = DCSError("unreachable")
+    assert await rig.agent.renewal.renew_once(1.0, down=True) is True
+    assert await rig.agent.renewal.renew_once(1.0, down=False) is False
+    assert rig.posted() == [], "no view without a session; retried at the next renewal"
+
+
+def test_the_watchdog_firing_is_a_lost_lease() -> None:
+    got: list[tuple[str, dict[str, Any]]] = []
+    watchdog_fired(lambda type_, **data: got.append((type_, data)))
+    assert got == [("lease", {"held": False, "term": None})]
+
+
+# -- DCS views ---------------------------------------------------------------------------------
+
+
+async def test_a_read_never_posts_a_view_older_than_the_watchs(rig: Rig) -> None:
+    views = rig.agent.views
+    views.post_view(ClusterView(index=10), from_watch=True)
+    views.post_view(ClusterView(index=9, leader=Leader("old", 1)), from_watch=False)
+    views.post_view(ClusterView(index=3), from_watch=True)  # the watch's own index restarted
+    assert [d["index"] for _, d in rig.posted()] == [10, 3]
+
+
+async def test_malformed_values_are_counted_and_skipped(rig: Rig) -> None:
+    rig.agent.views.post_view(ClusterView(malformed=(("k", "not JSON"),)), from_watch=True)
+    assert rig.agent.counters["malformed_dcs_values"] == 1
+
+
+async def test_a_scheduled_switchover_is_put_on_our_monotonic_clock(rig: Rig) -> None:
+    at = rig.clock.wall() + 30
+    rig.agent.views.post_view(ClusterView(switchover={"at": at}), from_watch=True)
+    ((_, data),) = rig.posted()
+    assert data["switchover"]["at_monotonic"] == pytest.approx(rig.clock.monotonic() + 30, 0.01)
+
+
+# -- PostgreSQL: the fork check ----------------------------------------------------------------
+
+
+async def test_fork_check_reports_a_forked_timeline(rig: Rig) -> None:
+    rig.dcs.leader = Leader("pg2", 5)
+    rig.dcs.members["pg2"] = peer("pg2", timeline=3)
+    see(rig)
+    put(
+        rig,
+        Role.REPLICA,
+        pg=PgFacts(running=True, in_recovery=True, timeline=2, lsn=500, receiver_streaming=False),
+    )
+    rig.pg.history = [(1, 100), (2, 400)]  # the master left timeline 2 at 400; we have 500
+    clock = ManualClock()
+    actions: list[tuple[Any, ...]] = []
+    fork = ForkCheck(
+        rig.agent.state,
+        rig.pg,
+        rig.inbox.post,
+        lambda *a, **kw: actions.append((*a, kw)),
+        clock,
+    )
+    await fork.check()  # not streaming from now on
+    clock.now += FORK_CHECK_AFTER
+    await fork.check()
+    assert rig.posted() == [("effect", {"name": "diverged", "done": False})]
+    assert actions[0][:2] == ("fork_check", "forked")
+    # not checked again before FORK_CHECK_AFTER, and a timeline the master's history knows is
+    # not a fork
+    rig.pg.history = [(1, 100), (2, 600)]
+    clock.now += 1
+    await fork.check()
+    clock.now += FORK_CHECK_AFTER
+    await fork.check()
+    assert rig.posted() == [] and actions[-1][:2] == ("fork_check", "not_forked")
+
+
+async def test_fork_check_that_cannot_read_the_history_reports_nothing(rig: Rig) -> None:
+    rig.dcs.leader = Leader("pg2", 5)
+    rig.dcs.members["pg2"] = peer("pg2")
+    see(rig)
+    put(rig, Role.REPLICA, pg=PgFacts(running=True, in_recovery=True, timeline=2, lsn=500))
+    rig.pg.fail["timeline_history"] = PostgresError("connection refused")
+    clock = ManualClock()
+    fork = ForkCheck(rig.agent.state, rig.pg, rig.inbox.post, lambda *a, **kw: None, clock)
+    await fork.check()
+    clock.now += FORK_CHECK_AFTER
+    await fork.check()
+    assert rig.posted() == []
+
+
+# -- Kafka peers ---------------------------------------------------------------------------------
+
+
+def test_only_peers_transitions_of_our_cluster_become_inputs() -> None:
+    got: list[tuple[str, dict[str, Any]]] = []
+    feed = PeerFeed(["k:9092"], "t", "c1", "pg1", lambda type_, **d: got.append((type_, d)))
+    body = {"from": "candidate", "to": "master", "trigger": "won_lease", "lsn": 7, "timeline": 2}
+    feed.on_record(Record("transition", "c1", "pg2", 11, 0.0, 4, body))
+    feed.on_record(Record("transition", "c1", "pg1", 12, 0.0, 4, body))  # our own
+    feed.on_record(Record("transition", "c2", "pg2", 13, 0.0, 4, body))  # another cluster
+    feed.on_record(Record("input", "c1", "pg2", 14, 0.0, 4, {}))  # not a transition
+    assert got == [
+        (
+            "peer",
+            {
+                "node": "pg2",
+                "seq": 11,
+                "term": 4,
+                "source": "candidate",
+                "dest": "master",
+                "trigger": "won_lease",
+                "lsn": 7,
+                "timeline": 2,
+            },
+        )
+    ]
+
+
+# -- applied only once reloaded ------------------------------------------------------------------
+
+
+async def running_master(rig: Rig, **cluster: Any) -> None:
+    rig.pg.data = DataState.PRIMARY_CLEAN
+    rig.pg.write_config("primary", None, None)
+    await rig.pg.start(timeout=1)
+    rig.dcs.leader = Leader("pg1", 8)
+    rig.dcs.members["pg2"] = peer("pg2", "replica", streaming=True)
+    see(rig)
+    put(rig, Role.MASTER, lease=LeaseFacts(held=True, term=8), pg=await rig.pg.probe())
+    rig.fence.arm(1e12)
+
+
+async def test_a_failed_reload_of_the_synchronous_set_is_retried(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, synchronous_mode="on")
+    await running_master(rig)
+    rig.stats = ({"pg2": ("streaming", "async", 0)}, 100)
+    rig.pg.fail["reload"] = PostgresError("pg_reload_conf failed")
+    with pytest.raises(PostgresError):
+        await rig.agent.sync.tick()
+    assert rig.agent.sync.applied is None, "not applied: PostgreSQL never loaded it"
+    rig.pg.fail.clear()
+    await rig.agent.sync.tick()
+    assert rig.agent.sync.applied == 'FIRST 1 ("pg2")'
+    assert rig.pg.configs[-1][3]["synchronous_standby_names"] == 'FIRST 1 ("pg2")'
+    assert len(rig.pg.called("reload")) == 2, "the second tick wrote and reloaded it again"
+
+
+async def test_a_failed_reload_of_the_cluster_parameters_is_retried(rig: Rig) -> None:
+    await running_master(rig)
+    rig.dcs.config = {"postgresql": {"parameters": {"work_mem": "16MB"}}}
+    see(rig)
+    rig.pg.pending = ["shared_buffers"]
+    rig.pg.fail["reload"] = PostgresError("pg_reload_conf failed")
+    config = rig.agent.config
+    assert config.parameters_changed()
+    with pytest.raises(PostgresError):
+        await config.apply_cluster_parameters()
+    assert config.parameters_changed(), "still to apply"
+    assert not [r for r in rig.sink.of("action") if r.body["name"] == "apply_parameters"]
+    rig.pg.fail.clear()
+    await config.apply_cluster_parameters()
+    assert not config.parameters_changed()
+    assert rig.pg.configs[-1][3]["work_mem"] == "16MB"
+    assert rig.agent.state.pending_restart == ["shared_buffers"]
+    (applied,) = [r.body for r in rig.sink.of("action") if r.body["name"] == "apply_parameters"]
+    assert applied["pending_restart"] == ["shared_buffers"]
+
+
+async def test_parameters_are_not_marked_applied_in_a_role_that_writes_no_config(
+    rig: Rig,
+) -> None:
+    await running_master(rig)
+    put(rig, Role.CANDIDATE)
+    rig.dcs.config = {"postgresql": {"parameters": {"work_mem": "16MB"}}}
+    see(rig)
+    await rig.agent.config.apply_cluster_parameters()
+    assert rig.pg.called("reload") == [] and rig.agent.config.parameters_changed()
+    put(rig, Role.REPLICA)
+    await rig.agent.config.apply_cluster_parameters()
+    assert len(rig.pg.called("reload")) == 1 and not rig.agent.config.parameters_changed()
