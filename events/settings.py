@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class ConfigError(Exception):
@@ -19,10 +19,47 @@ class Strict(BaseModel):
 
 
 class EtcdSettings(Strict):
-    # http://host:port of the etcd v3 JSON gateway (the client URL)
+    # http(s)://host:port of the etcd v3 JSON gateway (the client URL)
     endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"], min_length=1)
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
+    # TLS (https:// endpoints): the CA that signed etcd's server certificate (default: the
+    # system's CAs), and a client certificate and key for etcd's --client-cert-auth
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    # a username and password over http:// travel in clear: refused unless this says so
+    allow_plaintext_credentials: bool = False
+
+    @model_validator(mode="after")
+    def _check_security(self) -> EtcdSettings:
+        schemes = {e.split("://", 1)[0].lower() if "://" in e else "" for e in self.endpoints}
+        if not schemes <= {"http", "https"}:
+            raise ValueError("every endpoint must start with http:// or https://")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together: set both or neither")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.username is not None and "http" in schemes and not self.allow_plaintext_credentials:
+            raise ValueError(
+                "username and password would travel in clear over an http:// endpoint: use "
+                "https:// endpoints (with ca_cert), or set allow_plaintext_credentials: true "
+                "to accept that"
+            )
+        return self
+
+    def resolve_password(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read dcs.etcd.password_file {self.password_file}: {exc.strerror}"
+                ) from None
+        return None
 
 
 class ConsulSettings(Strict):
