@@ -1,4 +1,5 @@
-"""Record signatures (events/recordauth.py), the Kafka security settings, and how history marks
+"""Record signatures (events/recordauth.py), the Kafka and PostgreSQL TLS settings, pg_hba with
+hostssl, and how history marks
 records that do not verify."""
 
 from __future__ import annotations
@@ -123,3 +124,29 @@ def test_kafka_security_settings(tmp_path: Path) -> None:
     broken = KafkaSettings(security_protocol="SSL", ssl_ca_file=tmp_path / "nope.crt")
     with pytest.raises(ConfigError, match="kafka.ssl_ca_file"):
         client_security(broken)
+
+
+def test_postgres_tls_settings_and_hba() -> None:
+    from pgsidecar.config import PostgresTls
+    from pgsidecar.postgres.config import render_hba
+
+    with pytest.raises(ValidationError, match="enabled is false"):
+        PostgresTls(ca_file=Path("/x"))
+    with pytest.raises(ValidationError, match="cert_file needs ca_file"):
+        PostgresTls(enabled=True, cert_file=Path("/c"), key_file=Path("/k"))
+    with pytest.raises(ValidationError, match="go together"):
+        PostgresTls(enabled=True, cert_file=Path("/c"), ca_file=Path("/ca"))
+    PostgresTls(enabled=True, ca_file=Path("/ca"), ca_key_file=Path("/cakey"))
+    PostgresTls(enabled=True)
+    nets = ["127.0.0.1/32", "127.0.0.0/8", "::1/128", "10.0.0.0/8", "0.0.0.0/0"]
+    plain = render_hba(nets)
+    assert "hostssl" not in plain
+    lines = render_hba(nets, tls=True).splitlines()[2:]
+    kinds = {line.split()[3]: line.split()[0] for line in lines}
+    assert kinds == {
+        "127.0.0.1/32": "host",
+        "127.0.0.0/8": "host",
+        "::1/128": "host",
+        "10.0.0.0/8": "hostssl",
+        "0.0.0.0/0": "hostssl",
+    }
