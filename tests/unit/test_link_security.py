@@ -1,6 +1,5 @@
 """Record signatures (events/recordauth.py), the Kafka and PostgreSQL TLS settings, pg_hba with
-hostssl, and how history marks
-records that do not verify."""
+hostssl, and how history marks records that do not verify."""
 
 from __future__ import annotations
 
