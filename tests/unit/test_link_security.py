@@ -149,3 +149,35 @@ def test_postgres_tls_settings_and_hba() -> None:
         "10.0.0.0/8": "hostssl",
         "0.0.0.0/0": "hostssl",
     }
+
+
+@pytest.mark.parametrize("backend", ["cryptography", "openssl"])
+def test_generated_certificates_verify_against_their_ca(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    import subprocess
+
+    from pgsidecar import tlscerts
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to check the certificates")
+    if backend == "openssl":
+        monkeypatch.setattr(tlscerts, "_have_cryptography", lambda: False)
+    material = tlsgen.generate(tmp_path, ["pg-1"], ["10.1.2.3", "pg-1.example"])
+    for name in ("pg-1", "client"):
+        issued = material.member(name)
+        assert oct(issued.key.stat().st_mode & 0o777) == "0o600"
+        check = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(material.ca_cert), str(issued.cert)],
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        text = subprocess.run(
+            ["openssl", "x509", "-noout", "-text", "-in", str(issued.cert)],
+            capture_output=True,
+            text=True,
+        ).stdout
+        assert "IP Address:10.1.2.3" in text and "DNS:pg-1.example" in text
+        assert ("CN = pg-1" in text or "CN=pg-1" in text) == (name == "pg-1")
