@@ -32,6 +32,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
@@ -45,7 +46,9 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
-from events.settings import KafkaSettings
+from events.recordauth import RecordAuthError, RecordKeys
+from events.recordauth import from_settings as record_keys_from_settings
+from events.settings import ConfigError, KafkaSettings
 from events.sinks import Sink, merge_by_time
 from events.spool import KINDS, Spool, SpoolError, fsync_and_close
 from fsm import bounded_json
@@ -80,6 +83,92 @@ def decode(value: bytes | None) -> Record:
     return Record.from_dict(bounded_json.loads(value))
 
 
+def client_security(settings: KafkaSettings) -> dict[str, Any]:
+    """aiokafka's keyword arguments for ``settings``' security protocol: TLS with the brokers'
+    CA (and a client certificate when given), and a SCRAM login for SASL_SSL. Empty for
+    PLAINTEXT. A file that cannot be read is a ConfigError naming the setting."""
+    if settings.security_protocol == "PLAINTEXT":
+        return {}
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ssl_ca_file) if settings.ssl_ca_file is not None else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load kafka.ssl_ca_file {settings.ssl_ca_file}: {_why(exc)}"
+        ) from None
+    if settings.ssl_cert_file is not None and settings.ssl_key_file is not None:
+        try:
+            context.load_cert_chain(str(settings.ssl_cert_file), str(settings.ssl_key_file))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load kafka.ssl_cert_file {settings.ssl_cert_file} with "
+                f"kafka.ssl_key_file {settings.ssl_key_file}: {_why(exc)}"
+            ) from None
+    out: dict[str, Any] = {"security_protocol": settings.security_protocol, "ssl_context": context}
+    if settings.security_protocol == "SASL_SSL":
+        out["sasl_mechanism"] = settings.sasl_mechanism
+        out["sasl_plain_username"] = settings.sasl_username
+        out["sasl_plain_password"] = settings.resolve_sasl_password()
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    # an SSLError's reason or an OSError's strerror: never a file's content
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
+
+
+def record_keys(settings: KafkaSettings) -> RecordKeys | None:
+    """The cluster's record keys from ``settings`` (None: records are neither signed nor
+    verified)."""
+    return record_keys_from_settings(settings.record_key_file, settings.record_verify_key_files)
+
+
+async def explain_connect_failure(
+    bootstrap: str | Iterable[str], security: dict[str, Any], timeout: float = 5.0
+) -> str | None:
+    """Why a TLS/SASL client could not bootstrap, naming the setting to fix; None when a
+    connection to the first broker works or fails for another reason. aiokafka only logs the
+    cause and raises "Unable to bootstrap", which hides a wrong password or an untrusted
+    certificate behind what looks like an outage."""
+    if not security:
+        return None
+    from aiokafka.conn import create_conn
+    from aiokafka.errors import SaslAuthenticationFailed
+
+    host, _, port = _servers(bootstrap)[0].rpartition(":")
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(host, int(port), request_timeout_ms=int(timeout * 1000), **security),
+            timeout,
+        )
+    except SaslAuthenticationFailed:
+        return (
+            f"Kafka refused the SASL login of kafka.sasl_username "
+            f"{security.get('sasl_plain_username')!r} ({security.get('sasl_mechanism')}): "
+            f"authentication failed; check kafka.sasl_password(_file) and the user's SCRAM "
+            f"credentials on the brokers"
+        )
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"TLS: the broker's certificate is not trusted ({exc.verify_message}); set "
+            f"kafka.ssl_ca_file to the CA that signed it, and check that it names the host"
+        )
+    except ssl.SSLError as exc:
+        return (
+            f"TLS handshake with the broker failed ({_why(exc)}); check kafka.ssl_ca_file, "
+            f"kafka.ssl_cert_file and kafka.ssl_key_file"
+        )
+    except (OSError, KafkaError, TimeoutError):
+        return None
+    conn.close()
+    return None
+
+
+# the beginnings of explain_connect_failure's answers
+_CONFIG_PROBLEMS = ("Kafka refused", "TLS")
+
+
 def _servers(bootstrap: str | Iterable[str]) -> list[str]:
     if isinstance(bootstrap, str):
         return [s.strip() for s in bootstrap.split(",") if s.strip()]
@@ -98,6 +187,7 @@ class KafkaMetrics:
     up: Gauge
     skipped: Counter
     duplicates: Counter
+    unauthenticated: Counter
 
 
 _METRICS: weakref.WeakKeyDictionary[CollectorRegistry, KafkaMetrics] = weakref.WeakKeyDictionary()
@@ -146,9 +236,18 @@ def kafka_metrics(registry: CollectorRegistry | None = None) -> KafkaMetrics:
                 "Records read from the topic and dropped as a duplicate (node, seq)",
                 registry=registry,
             ),
+            unauthenticated=Counter(
+                "pgsidecar_records_unauthenticated",
+                "Records read from the topic and dropped: unsigned, or a signature that does not "
+                "verify with the cluster's record key",
+                ["reason"],
+                registry=registry,
+            ),
         )
         for kind in KINDS:
             m.dropped.labels(kind=kind)  # export zeros, so alerts need no absent()
+        for reason in ("unsigned", "forged"):
+            m.unauthenticated.labels(reason=reason)
         _METRICS[registry] = m
     return m
 
@@ -164,11 +263,14 @@ async def ensure_topic(
     replication_factor: int = 1,
     retention_ms: int | None = None,
     timeout: float = 10.0,
+    security: dict[str, Any] | None = None,
 ) -> bool:
     """Create ``topic`` unless it exists; True if this call created it. Raises KafkaError or
     TimeoutError if the broker cannot be reached within ``timeout``."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=_servers(bootstrap), request_timeout_ms=int(timeout * 1000)
+        bootstrap_servers=_servers(bootstrap),
+        request_timeout_ms=int(timeout * 1000),
+        **(security or {}),
     )
     try:
         await asyncio.wait_for(admin.start(), timeout)
@@ -229,8 +331,13 @@ class KafkaSink(Sink):
         on_drop: Callable[[dict[str, Any]], None] | None = None,
         registry: CollectorRegistry | None = None,
         spool_fsync: Literal["background", "inline"] = "background",
+        security: dict[str, Any] | None = None,
+        keys: RecordKeys | None = None,
     ) -> None:
         self.bootstrap = _servers(bootstrap_servers)
+        # aiokafka's TLS/SASL arguments (client_security) and the record signing keys
+        self.security = dict(security or {})
+        self.keys = keys
         self.topic = topic
         self.node = node
         self._key = node.encode()
@@ -291,6 +398,8 @@ class KafkaSink(Sink):
             retention_ms=settings.retention_ms,
             linger_ms=settings.linger_ms,
             replication_factor=settings.replication_factor,
+            security=client_security(settings),
+            keys=record_keys(settings),
             **kwargs,
         )
 
@@ -426,6 +535,9 @@ class KafkaSink(Sink):
                 log.exception("on_drop callback failed")
 
     def _set_up(self, up: bool, error: str | None = None) -> None:
+        if not up and error and error != self.last_error and error.startswith(_CONFIG_PROBLEMS):
+            # a wrong password or CA is no outage that heals: say it at once, once
+            log.error("kafka at %s: %s", ",".join(self.bootstrap), error)
         if up != self.up:
             if up:
                 log.info("kafka reachable again at %s", ",".join(self.bootstrap))
@@ -444,6 +556,7 @@ class KafkaSink(Sink):
                 replication_factor=self.replication_factor,
                 retention_ms=self.retention_ms,
                 timeout=self.request_timeout_ms / 1000,
+                security=self.security,
             )
             self._topic_ready = True
         if self._producer is None:
@@ -457,6 +570,7 @@ class KafkaSink(Sink):
                 request_timeout_ms=self.request_timeout_ms,
                 retry_backoff_ms=100,
                 metadata_max_age_ms=60_000,
+                **self.security,
             )
             try:
                 await asyncio.wait_for(producer.start(), self.request_timeout_ms / 1000 + 1)
@@ -536,7 +650,10 @@ class KafkaSink(Sink):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # KafkaError, OSError, TimeoutError: all mean "try again"
-                self._set_up(False, f"{type(exc).__name__}: {exc}")
+                error = f"{type(exc).__name__}: {exc}"
+                if "Unable to bootstrap" in str(exc):
+                    error = await explain_connect_failure(self.bootstrap, self.security) or error
+                self._set_up(False, error)
                 if self._closing:
                     return  # what is left stays in the spool
                 if (
@@ -561,7 +678,13 @@ class KafkaSink(Sink):
         builder = producer.create_batch()
         n = 0
         for entry in batch:
-            if builder.append(key=self._key, value=entry.data, timestamp=None) is None:
+            # signed as it leaves: the spool keeps the plain value, so a record spooled before
+            # a key was configured (or under the previous key) goes out signed with the current one
+            headers = self.keys.headers(entry.data) if self.keys is not None else []
+            if (
+                builder.append(key=self._key, value=entry.data, timestamp=None, headers=headers)
+                is None
+            ):
                 break  # the batch builder is full; the rest goes next time
             n += 1
         assert self._partition is not None
@@ -593,6 +716,8 @@ class Skipped:
 
     where: str  # "partition P offset O" (topic) or "line N" (journal)
     reason: str
+    # the record did not verify with the cluster's record key (unsigned or forged)
+    unauthenticated: bool = False
 
     def __str__(self) -> str:
         return f"{self.where}: {self.reason}"
@@ -615,7 +740,10 @@ class _Dedup:
         return False
 
 
-def _check(msg: Any, cluster: str | None) -> Record:
+def _check(msg: Any, cluster: str | None, keys: RecordKeys | None = None) -> Record:
+    if keys is not None:
+        # before decoding: an unauthenticated value is never parsed further
+        keys.verify(msg.value or b"", msg.headers)
     rec = decode(msg.value)
     if msg.key is not None and msg.key != rec.node.encode():
         raise ValueError(f"key {msg.key!r} does not match node {rec.node!r}")
@@ -659,8 +787,14 @@ class KafkaPeerConsumer:
         from_beginning: bool = False,
         request_timeout_ms: int = 5000,
         registry: CollectorRegistry | None = None,
+        security: dict[str, Any] | None = None,
+        keys: RecordKeys | None = None,
     ) -> None:
         self.bootstrap = _servers(bootstrap_servers)
+        self.security = dict(security or {})
+        # with keys, records that do not verify are dropped and counted (unauthenticated)
+        self.keys = keys
+        self.unauthenticated = 0
         self.topic = topic
         self.node = node
         self.cluster = cluster
@@ -675,6 +809,27 @@ class KafkaPeerConsumer:
         self._dedup = _Dedup()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: KafkaSettings,
+        cluster: str,
+        node: str,
+        callback: RecordCallback,
+        **kwargs: Any,
+    ) -> KafkaPeerConsumer:
+        """Built from the agent's ``kafka`` settings: its topic, TLS/SASL and record keys."""
+        return cls(
+            settings.bootstrap_servers,
+            settings.topic or default_topic(cluster),
+            node,
+            callback,
+            cluster=cluster,
+            security=client_security(settings),
+            keys=record_keys(settings),
+            **kwargs,
+        )
 
     async def start(self) -> None:
         if self._task is None:
@@ -707,6 +862,7 @@ class KafkaPeerConsumer:
                 request_timeout_ms=self.request_timeout_ms,
                 fetch_max_wait_ms=100,  # peers' records are a fast path: do not sit on them
                 metadata_max_age_ms=30_000,
+                **self.security,
             )
             try:
                 await asyncio.wait_for(consumer.start(), self.request_timeout_ms / 1000 + 1)
@@ -735,10 +891,13 @@ class KafkaPeerConsumer:
             except (KafkaError, OSError, TimeoutError, LookupError) as exc:
                 # the same trouble again (a topic not created yet, a broker still down) is
                 # logged once, then quietly retried
-                level = logging.DEBUG if str(exc) == last_error else logging.WARNING
-                last_error = str(exc)
+                error = str(exc)
+                if "Unable to bootstrap" in error:
+                    error = await explain_connect_failure(self.bootstrap, self.security) or error
+                level = logging.DEBUG if error == last_error else logging.WARNING
+                last_error = error
                 log.log(
-                    level, "peer consumer on %s: %s; retrying in %.1fs", self.topic, exc, backoff
+                    level, "peer consumer on %s: %s; retrying in %.1fs", self.topic, error, backoff
                 )
             finally:
                 with contextlib.suppress(Exception):
@@ -748,7 +907,19 @@ class KafkaPeerConsumer:
 
     async def _handle(self, tp: TopicPartition, msg: Any) -> None:
         try:
-            rec = _check(msg, self.cluster)
+            rec = _check(msg, self.cluster, self.keys)
+        except RecordAuthError as exc:
+            # a record someone without the cluster's key wrote: never reaches the machine
+            log.warning(
+                "dropping unauthenticated record on %s partition %d offset %d: %s",
+                self.topic,
+                tp.partition,
+                msg.offset,
+                exc,
+            )
+            self.unauthenticated += 1
+            self.metrics.unauthenticated.labels(reason=exc.reason).inc()
+            return
         except ValueError as exc:
             skip = Skipped(f"partition {tp.partition} offset {msg.offset}", str(exc))
             log.warning("skipping record on %s %s", self.topic, skip)
@@ -778,11 +949,16 @@ async def read_topic(
     since: float | None = None,
     node: str | None = None,
     timeout: float = 30.0,
+    *,
+    security: dict[str, Any] | None = None,
+    keys: RecordKeys | None = None,
 ) -> tuple[list[Record], list[Skipped]]:
     """Every record on ``topic`` (up to its end at the time of the call), optionally only those
     of ``node`` and those with ``time >= since`` (epoch seconds); de-duplicated by (node, seq)
     and ordered by ``merge_by_time``. Returns (records, skipped). Raises LookupError if the
-    topic does not exist, TimeoutError if the topic cannot be read within ``timeout``."""
+    topic does not exist, TimeoutError if the topic cannot be read within ``timeout``. With
+    ``keys``, a record that does not verify is not returned: it is among the skipped, marked
+    ``unauthenticated``."""
     deadline = time.monotonic() + timeout
 
     def left() -> float:
@@ -798,6 +974,7 @@ async def read_topic(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         request_timeout_ms=int(min(timeout, 30.0) * 1000),
+        **(security or {}),
     )
     records: list[Record] = []
     skipped: list[Skipped] = []
@@ -832,7 +1009,16 @@ async def read_topic(
                     if msg.offset >= end[tp]:
                         continue
                     try:
-                        rec = _check(msg, None)
+                        rec = _check(msg, None, keys)
+                    except RecordAuthError as exc:
+                        skipped.append(
+                            Skipped(
+                                f"partition {tp.partition} offset {msg.offset}",
+                                f"unauthenticated, {exc}",
+                                unauthenticated=True,
+                            )
+                        )
+                        continue
                     except ValueError as exc:
                         skipped.append(
                             Skipped(f"partition {tp.partition} offset {msg.offset}", str(exc))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class ConfigError(Exception):
@@ -19,10 +19,47 @@ class Strict(BaseModel):
 
 
 class EtcdSettings(Strict):
-    # http://host:port of the etcd v3 JSON gateway (the client URL)
+    # http(s)://host:port of the etcd v3 JSON gateway (the client URL)
     endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"], min_length=1)
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
+    # TLS (https:// endpoints): the CA that signed etcd's server certificate (default: the
+    # system's CAs), and a client certificate and key for etcd's --client-cert-auth
+    ca_cert: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    # a username and password over http:// travel in clear: refused unless this says so
+    allow_plaintext_credentials: bool = False
+
+    @model_validator(mode="after")
+    def _check_security(self) -> EtcdSettings:
+        schemes = {e.split("://", 1)[0].lower() if "://" in e else "" for e in self.endpoints}
+        if not schemes <= {"http", "https"}:
+            raise ValueError("every endpoint must start with http:// or https://")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together: set both or neither")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set password or password_file, not both")
+        if self.username is not None and "http" in schemes and not self.allow_plaintext_credentials:
+            raise ValueError(
+                "username and password would travel in clear over an http:// endpoint: use "
+                "https:// endpoints (with ca_cert), or set allow_plaintext_credentials: true "
+                "to accept that"
+            )
+        return self
+
+    def resolve_password(self) -> str | None:
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read dcs.etcd.password_file {self.password_file}: {exc.strerror}"
+                ) from None
+        return None
 
 
 class ConsulSettings(Strict):
@@ -55,6 +92,63 @@ class KafkaSettings(Strict):
     # of the topic the agent creates when it is missing: 1 suits a one-broker local cluster;
     # use 3 with a production Kafka cluster
     replication_factor: int = Field(default=1, ge=1)
+    # PLAINTEXT, SSL (TLS) or SASL_SSL (TLS and a SCRAM login); SASL without TLS is not offered
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = "PLAINTEXT"
+    # TLS: the CA of the brokers' certificates (default: the system's CAs), and a client
+    # certificate and key for brokers that ask for one (ssl.client.auth)
+    ssl_ca_file: Path | None = None
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = "SCRAM-SHA-512"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    # the cluster's record key (at least 32 bytes, in a file): every record the agent publishes
+    # is signed with it (HMAC-SHA256), and records read back are verified with it
+    record_key_file: Path | None = None
+    # keys that verify but do not sign: the previous key while a new one is rolled out
+    record_verify_key_files: list[Path] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        tls_files = (self.ssl_ca_file, self.ssl_cert_file, self.ssl_key_file)
+        if self.security_protocol == "PLAINTEXT" and any(f is not None for f in tls_files):
+            raise ValueError("ssl_* files are set but security_protocol is PLAINTEXT: use SSL")
+        if (self.ssl_cert_file is None) != (self.ssl_key_file is None):
+            raise ValueError("ssl_cert_file and ssl_key_file go together: set both or neither")
+        sasl_set = (
+            self.sasl_username is not None
+            or self.sasl_password is not None
+            or self.sasl_password_file is not None
+        )
+        if self.security_protocol == "SASL_SSL":
+            if self.sasl_username is None or (
+                self.sasl_password is None and self.sasl_password_file is None
+            ):
+                raise ValueError("SASL_SSL needs sasl_username and sasl_password(_file)")
+        elif sasl_set:
+            raise ValueError(
+                "sasl_username/sasl_password are set but security_protocol is not SASL_SSL: "
+                "a SCRAM login is only sent over TLS"
+            )
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            raise ValueError("set sasl_password or sasl_password_file, not both")
+        if self.record_verify_key_files and self.record_key_file is None:
+            raise ValueError("record_verify_key_files needs record_key_file (the signing key)")
+        return self
+
+    def resolve_sasl_password(self) -> str | None:
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            try:
+                return self.sasl_password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot read kafka.sasl_password_file {self.sasl_password_file}: "
+                    f"{exc.strerror}"
+                ) from None
+        return None
 
 
 class KubernetesSettings(Strict):

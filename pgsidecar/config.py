@@ -63,6 +63,40 @@ class Tags(Strict):
     failover_priority: int = Field(default=1, ge=0)
 
 
+class PostgresTls(Strict):
+    """TLS for PostgreSQL (off by default). With ``cert_file``, ``key_file`` and ``ca_file`` the
+    server uses the given certificate; with ``ca_file`` and ``ca_key_file`` the agent issues its
+    own server certificate from that CA (for its connect address, listen address, host name and
+    loopback); with no file at all it makes a CA and a certificate of its own in
+    ``state_dir/tls`` (peers then need that ca.crt as their ``ca_file``). Every non-local address
+    must then use TLS (``hostssl`` in pg_hba), and the agent's and the replicas' connections
+    verify the server's certificate against ``ca_file``."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    ca_key_file: Path | None = None
+    # verify-ca when the certificates cannot name the addresses peers connect to; connections
+    # to a loopback address always use verify-ca (a provided certificate rarely names it)
+    sslmode: Literal["verify-full", "verify-ca"] = "verify-full"
+
+    @model_validator(mode="after")
+    def _check(self) -> PostgresTls:
+        files = (self.cert_file, self.key_file, self.ca_file, self.ca_key_file)
+        if not self.enabled and any(f is not None for f in files):
+            raise ValueError("TLS files are set but enabled is false: set enabled: true")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        if self.cert_file is not None and self.ca_file is None:
+            raise ValueError("cert_file needs ca_file (the CA peers verify it with)")
+        if self.ca_key_file is not None and (self.ca_file is None or self.cert_file is not None):
+            raise ValueError("ca_key_file goes with ca_file and without cert_file/key_file")
+        if self.ca_file is not None and self.cert_file is None and self.ca_key_file is None:
+            raise ValueError("ca_file needs cert_file and key_file, or ca_key_file")
+        return self
+
+
 class PostgresSettings(Strict):
     bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
     data_dir: Path
@@ -80,6 +114,7 @@ class PostgresSettings(Strict):
     parameters_allowed_from_dcs: list[str] = Field(default_factory=list)
     # client networks allowed (scram-sha-256) in the agent-written pg_hba.conf
     hba_networks: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    tls: PostgresTls = PostgresTls()
     # how long a master whose PostgreSQL crashed may take to come back before it gives up the lease
     master_start_timeout: float = Field(default=30.0, gt=0)
     # fast shutdown is escalated to immediate after this many seconds

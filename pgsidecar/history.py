@@ -170,7 +170,9 @@ def format_table(changes: list[RoleChange], skipped: Iterable[Any] = ()) -> str:
         out.append("")
     skipped = list(skipped)
     if skipped:
-        out.append(f"{len(skipped)} record{'s' if len(skipped) != 1 else ''} skipped:")
+        forged = sum(1 for s in skipped if getattr(s, "unauthenticated", False))
+        note = f" ({forged} UNAUTHENTICATED: unsigned or forged, not used)" if forged else ""
+        out.append(f"{len(skipped)} record{'s' if len(skipped) != 1 else ''} skipped{note}:")
         for s in skipped[:20]:
             out.append(f"  {s}")
         if len(skipped) > 20:

@@ -40,6 +40,7 @@ TIER_MARKERS = {
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from tests.support.fixtures_etcd import starts_etcd
+    from tests.support.fixtures_kafka import KAFKA_FIXTURES
 
     for item in items:
         parts = item.path.relative_to(config.rootpath).parts
@@ -49,7 +50,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 f"{item.nodeid}: every test lives in a tier folder ({', '.join(TIER_MARKERS)}) "
                 "under tests/; move it there"
             )
-        starts = starts_etcd(item) or "kafka_session_broker" in getattr(item, "fixturenames", ())
+        starts = starts_etcd(item) or bool(KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())))
         if tier == "unit" and starts:
             raise pytest.UsageError(
                 f"{item.nodeid} starts a real etcd or Kafka but lives in tests/unit (which starts "

@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import math
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -47,7 +48,7 @@ from events.dcs.base import (
     build_view,
     decode_json_object,
 )
-from events.settings import EtcdSettings
+from events.settings import ConfigError, EtcdSettings
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,8 @@ class EtcdDCS(DCS):
         self._endpoints = [e.rstrip("/") for e in settings.endpoints]
         self._current = 0  # index of the endpoint that answered last
         self._username = settings.username
-        self._password = settings.password.get_secret_value() if settings.password else None
+        self._password = settings.resolve_password()
+        self._ssl = _ssl_context(settings)
         self._request_timeout = request_timeout
         self._watch_idle_timeout = watch_idle_timeout
         self._http: aiohttp.ClientSession | None = None
@@ -175,7 +177,9 @@ class EtcdDCS(DCS):
         if self._http is None or self._http.closed:
             # Created lazily: aiohttp binds the session to the running loop.
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=16, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(
+                    limit=16, keepalive_timeout=30, ssl=self._ssl if self._ssl is not None else True
+                ),
                 timeout=aiohttp.ClientTimeout(total=MAX_REQUEST_TIMEOUT * 4),
             )
         return self._http
@@ -253,6 +257,8 @@ class EtcdDCS(DCS):
                 ) as resp:
                     raw = await resp.read()
                     status = resp.status
+            except _TLS_ERRORS as exc:
+                raise _tls_error(self._endpoints[idx], exc) from None
             except _NOT_SENT_ERRORS as exc:
                 # never reached this endpoint: any request may go to the next one
                 last_error = f"{self._endpoints[idx]}: {_describe(exc)}"
@@ -260,6 +266,8 @@ class EtcdDCS(DCS):
                 i += 1
                 continue
             except _TRANSPORT_ERRORS as exc:
+                if _is_tls_failure(exc):
+                    raise _tls_error(self._endpoints[idx], exc) from None
                 # may have been applied: only an idempotent request is sent again
                 last_error = f"{self._endpoints[idx]}: {_describe(exc)}"
                 self._current = (idx + 1) % len(self._endpoints)
@@ -655,7 +663,11 @@ class EtcdDCS(DCS):
                 resp = await http.post(
                     self._endpoints[idx] + "/v3/watch", json=body, headers=headers, timeout=timeout
                 )
+            except _TLS_ERRORS as exc:
+                raise _tls_error(self._endpoints[idx], exc) from None
             except _TRANSPORT_ERRORS as exc:
+                if _is_tls_failure(exc):
+                    raise _tls_error(self._endpoints[idx], exc) from None
                 last_error = f"{self._endpoints[idx]}: {_describe(exc)}"
                 self._current = (idx + 1) % len(self._endpoints)
                 continue
@@ -725,6 +737,77 @@ def _first_kv(txn_reply: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _ssl_context(settings: EtcdSettings) -> ssl.SSLContext | None:
+    """The client side of TLS for https:// endpoints: etcd's CA (else the system's) and our
+    client certificate. None when no endpoint is https:// and no TLS file is set."""
+    tls_files = (settings.ca_cert, settings.client_cert, settings.client_key)
+    if not any(e.lower().startswith("https://") for e in settings.endpoints):
+        if any(f is not None for f in tls_files):
+            raise ConfigError(
+                "dcs.etcd.ca_cert/client_cert/client_key are set but no endpoint is https://: "
+                "use https:// endpoints (or remove the TLS files)"
+            )
+        return None
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ca_cert) if settings.ca_cert is not None else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load dcs.etcd.ca_cert {settings.ca_cert}: {_ssl_reason(exc)}"
+        ) from None
+    if settings.client_cert is not None and settings.client_key is not None:
+        try:
+            context.load_cert_chain(str(settings.client_cert), str(settings.client_key))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load dcs.etcd.client_cert {settings.client_cert} with "
+                f"dcs.etcd.client_key {settings.client_key}: {_ssl_reason(exc)}"
+            ) from None
+    return context
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    # an SSLError's reason or an OSError's strerror: never the content of a file
+    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
+
+
+# a TLS handshake that failed (a certificate not trusted, ours refused): no other endpoint
+# would do better with the same settings, and retrying hides the cause
+_TLS_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientSSLError, ssl.SSLError)
+
+
+def _is_tls_failure(exc: BaseException) -> bool:
+    """A TLS alert from the server arrives after the handshake looked done on our side (TLS 1.3
+    sends the verdict on our certificate with the first read): aiohttp reports it as a
+    ClientOSError whose cause is an SSLError."""
+    if isinstance(exc, _TLS_ERRORS):
+        return True
+    cause = getattr(exc, "__cause__", None) or getattr(exc, "__context__", None)
+    return isinstance(cause, ssl.SSLError) or "[SSL:" in str(exc)
+
+
+def _tls_error(endpoint: str, exc: BaseException) -> DCSError:
+    cause = getattr(exc, "os_error", None) or getattr(exc, "certificate_error", None) or exc
+    reason = _ssl_reason(cause)
+    lowered = str(cause).lower()
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError) or "certificate verify" in lowered:
+        return DCSError(
+            f"etcd {endpoint}: TLS: the server's certificate is not trusted ({reason}); set "
+            f"dcs.etcd.ca_cert to the CA that signed it, and check that it names the host"
+        )
+    if "certificate required" in lowered or "bad certificate" in lowered or "unknown ca" in lowered:
+        return AuthError(
+            f"etcd {endpoint}: TLS: the server refused our client certificate ({reason}); set "
+            f"dcs.etcd.client_cert and dcs.etcd.client_key to a certificate its "
+            f"--trusted-ca-file signed"
+        )
+    return DCSError(
+        f"etcd {endpoint}: TLS handshake failed ({reason}); check dcs.etcd.ca_cert, "
+        f"dcs.etcd.client_cert and dcs.etcd.client_key"
+    )
+
+
 def _describe(exc: BaseException) -> str:
     # aiohttp's messages name the host and port, never a request body (where a password may be)
     text = str(exc) or exc.__class__.__name__
@@ -732,6 +815,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def _decode_reply(path: str, status: int, raw: bytes) -> dict[str, Any]:
+    if status == 400 and raw.startswith(b"CommonName of client"):
+        raise AuthError(
+            f"etcd {path}: the gateway refuses a client certificate with a CommonName while "
+            f"authentication is on; issue dcs.etcd.client_cert without a CommonName (names in "
+            f"subjectAltName only)"
+        )
     try:
         reply = json.loads(raw) if raw else {}
     except ValueError:

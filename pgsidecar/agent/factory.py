@@ -44,7 +44,7 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
     registry = CollectorRegistry()
     peer_feed = None
     if cfg.kafka.bootstrap_servers:
-        from events.kafka import KafkaSink, default_topic
+        from events.kafka import KafkaSink
 
         # the spool drop is itself recorded (an action with our own seq)
         recorder.sinks.append(
@@ -57,13 +57,7 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
                 registry=registry,
             )
         )
-        peer_feed = PeerFeed(
-            cfg.kafka.bootstrap_servers,
-            cfg.kafka.topic or default_topic(cfg.cluster),
-            cfg.cluster,
-            cfg.name,
-            inbox.post,
-        )
+        peer_feed = PeerFeed(cfg.kafka, cfg.cluster, cfg.name, inbox.post)
     pg = PostgresControl(cfg.postgresql, state_dir, cfg.name, log)
     watchdog = Watchdog(
         fence=pg.fence,

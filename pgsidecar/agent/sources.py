@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from events.dcs import DCS, ClusterView, DCSError, SessionLost
+from events.settings import KafkaSettings
 from fsm.inputs import pg_facts_to_dict
 from fsm.machine import Role
 from fsm.records import Record
@@ -343,11 +344,9 @@ class PeerFeed:
     (recorded like any input). They never decide leadership: only the DCS does. Only
     transitions are fed, so our own input records of peers do not echo back."""
 
-    def __init__(
-        self, bootstrap_servers: list[str], topic: str, cluster: str, name: str, post: Post
-    ) -> None:
-        self.bootstrap_servers = bootstrap_servers
-        self.topic = topic
+    def __init__(self, settings: KafkaSettings, cluster: str, name: str, post: Post) -> None:
+        # the whole settings: the topic, TLS/SASL, and the keys that verify peers' records
+        self.settings = settings
         self.cluster = cluster
         self.name = name
         self.post = post
@@ -372,8 +371,8 @@ class PeerFeed:
     async def start(self) -> None:
         from events.kafka import KafkaPeerConsumer
 
-        self._consumer = KafkaPeerConsumer(
-            self.bootstrap_servers, self.topic, self.name, self.on_record, cluster=self.cluster
+        self._consumer = KafkaPeerConsumer.from_settings(
+            self.settings, self.cluster, self.name, self.on_record
         )
         await self._consumer.start()
 

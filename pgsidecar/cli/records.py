@@ -30,11 +30,24 @@ def load_records(args: argparse.Namespace) -> tuple[list[Record], list[Skipped],
         return recs, journal_skipped(skipped), f"journal {args.journal}"
     cfg = config_from_args(args)
     if cfg.kafka.bootstrap_servers:
-        from events.kafka import default_topic, read_topic
+        from events.kafka import client_security, default_topic, read_topic, record_keys
 
         topic = cfg.kafka.topic or default_topic(cfg.cluster)
+        keys = record_keys(cfg.kafka)
+        if keys is None:
+            print(
+                f"pgsidecar: the records of topic {topic} are not verified (no "
+                "kafka.record_key_file): anyone who can write to the topic can forge them",
+                file=sys.stderr,
+            )
         recs, skipped_in_topic = asyncio.run(
-            read_topic(cfg.kafka.bootstrap_servers, topic, timeout=args.timeout)
+            read_topic(
+                cfg.kafka.bootstrap_servers,
+                topic,
+                timeout=args.timeout,
+                security=client_security(cfg.kafka),
+                keys=keys,
+            )
         )
         return recs, skipped_in_topic, f"topic {topic}"
     if args.dir:
@@ -78,6 +91,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from pgsidecar.replay import replay
 
     recs, skipped, source = load_records(args)
+    for sk in skipped:
+        # unauthenticated (unsigned or forged) and malformed records are never replayed
+        print(f"pgsidecar: not replayed: {sk}", file=sys.stderr)
     nodes = [args.node] if args.node else sorted({r.node for r in recs})
     if not nodes:
         print(f"pgsidecar: no records in {source}", file=sys.stderr)

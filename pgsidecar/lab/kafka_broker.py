@@ -19,7 +19,9 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pgsidecar.procutil import pid_alive, read_pid, terminate
 
@@ -138,15 +140,56 @@ def _port_open(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def server_properties(directory: Path, port: int, controller_port: int) -> str:
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS client listener: the broker's certificate and key (PEM, the key unencrypted PKCS#8,
+    as ``pgsidecar.lab.tlsgen`` writes them), the CA clients verify it with, and the SCRAM users
+    (name -> password) created when the storage is formatted. ``protocol`` SASL_SSL asks every
+    client for a SCRAM-SHA-512 login over TLS; SSL is TLS alone."""
+
+    cert: Path
+    key: Path
+    ca_cert: Path
+    protocol: Literal["SSL", "SASL_SSL"] = "SASL_SSL"
+    scram_users: tuple[tuple[str, str], ...] = ()
+
+
+def server_properties(
+    directory: Path,
+    port: int,
+    controller_port: int,
+    tls: BrokerTls | None = None,
+    internal_port: int | None = None,
+) -> str:
+    """The broker's configuration. With ``tls`` the clients' listener on ``port`` speaks TLS
+    (and SCRAM); the broker's own traffic to itself stays on a loopback PLAINTEXT listener on
+    ``internal_port``, which only processes of this host reach."""
+    if tls is None:
+        listeners = f"""listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+"""
+    else:
+        name = tls.protocol
+        internal = internal_port if internal_port is not None else controller_port + 1
+        listeners = f"""listeners={name}://127.0.0.1:{port},PLAINTEXT://127.0.0.1:{internal},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners={name}://127.0.0.1:{port},PLAINTEXT://127.0.0.1:{internal}
+listener.security.protocol.map={name}:{name},PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+ssl.keystore.type=PEM
+ssl.keystore.location={directory}/broker-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location={tls.ca_cert}
+ssl.client.auth=none
+"""
+        if name == "SASL_SSL":
+            listeners += """sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+"""
     return f"""# written by pgsidecar (pgsidecar/lab/kafka_broker.py): single-node KRaft on loopback
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-controller.listener.names=CONTROLLER
+{listeners}controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 log.dirs={directory}/data
 num.partitions=1
@@ -194,10 +237,17 @@ class KafkaBroker:
         *,
         home: Path | None = None,
         heap: str = "384m",
+        tls: BrokerTls | None = None,
+        internal_port: int | None = None,
     ) -> None:
         self.directory = Path(directory).resolve()
         self.port = port
         self.controller_port = controller_port if controller_port is not None else port + 1
+        # with TLS: the broker's own PLAINTEXT listener on loopback (default controller_port + 1)
+        self.tls = tls
+        self.internal_port = (
+            internal_port if internal_port is not None else self.controller_port + 1
+        )
         self.home = home or kafka_home()
         self.heap = heap
         self._proc: subprocess.Popen[bytes] | None = None
@@ -251,7 +301,17 @@ class KafkaBroker:
         self.fetch()
         self.directory.mkdir(parents=True, exist_ok=True)
         props = self.directory / "server.properties"
-        props.write_text(server_properties(self.directory, self.port, self.controller_port))
+        props.write_text(
+            server_properties(
+                self.directory, self.port, self.controller_port, self.tls, self.internal_port
+            )
+        )
+        if self.tls is not None:
+            # Kafka's PEM key store: the private key, then the certificate chain, in one file
+            keystore = self.directory / "broker-keystore.pem"
+            fd = os.open(keystore, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(self.tls.key.read_bytes() + self.tls.cert.read_bytes())
         (self.directory / "log4j.properties").write_text(log4j_properties(self.directory))
         if not (self.directory / "data" / "meta.properties").exists():
             # 16 random bytes, base64url without padding: the form of Kafka's random-uuid
@@ -261,12 +321,18 @@ class KafkaBroker:
                 cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
             cmd = [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id]
             cmd += ["-c", str(props), "--ignore-formatted"]
+            for user, password in self.tls.scram_users if self.tls is not None else ():
+                # KIP-900: SCRAM credentials written into the metadata log at format time
+                cmd += ["--add-scram", f"SCRAM-SHA-512=[name={user},password={password}]"]
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             except subprocess.TimeoutExpired:
                 raise KafkaBrokerError("kafka storage format timed out") from None
             if proc.returncode != 0:
-                raise KafkaBrokerError(f"kafka storage format failed: {proc.stdout}{proc.stderr}")
+                output = proc.stdout + proc.stderr
+                for _, password in self.tls.scram_users if self.tls is not None else ():
+                    output = output.replace(password, "***")
+                raise KafkaBrokerError(f"kafka storage format failed: {output}")
         out = open(self.directory / "kafka.out", "ab")  # noqa: SIM115 - handed to the child
         try:
             self._proc = subprocess.Popen(

@@ -39,10 +39,16 @@ class Conninfo:
     user: str
     dbname: str = "postgres"
     application_name: str | None = None
+    # TLS: libpq's sslmode and the CA to verify the server with; require_auth refuses any
+    # authentication but the one named (libpq >= 16; see postgres/tls.py)
+    sslmode: str | None = None
+    sslrootcert: str | None = None
+    require_auth: str | None = None
 
     def dsn(self, passfile: Path, **extra: Any) -> str:
         """libpq keyword/value string. The password comes from ``passfile``, never inline.
-        ``extra`` adds/overrides libpq keywords (connect_timeout, options, ...)."""
+        ``extra`` adds/overrides libpq keywords (connect_timeout, options, ...); an extra of
+        None removes the keyword."""
         params: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
@@ -50,6 +56,9 @@ class Conninfo:
             "dbname": self.dbname,
             "application_name": self.application_name,
             "passfile": str(passfile),
+            "sslmode": self.sslmode,
+            "sslrootcert": self.sslrootcert,
+            "require_auth": self.require_auth,
         }
         params.update(extra)
         if "password" in params:

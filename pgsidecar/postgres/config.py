@@ -24,6 +24,7 @@ from pgsidecar.postgres.conf import (
 )
 from pgsidecar.postgres.errors import PostgresError
 from pgsidecar.postgres.osuser import OsUser
+from pgsidecar.postgres.tls import PostgresTlsFiles, is_loopback
 
 Role = Literal["primary", "standby"]
 
@@ -60,6 +61,8 @@ MANAGED_KEYS = ("listen_addresses", "port", "unix_socket_directories", "cluster_
 ROLE_KEYS = frozenset({"primary_conninfo", "primary_slot_name"})
 # the same for every role, and never taken from user parameters: see server_parameters
 FIXED_RECOVERY = {"recovery_target_timeline": "latest"}
+# with postgresql.tls on, the agent's own; a user or cluster value is dropped
+TLS_PARAMS = ("ssl", "ssl_cert_file", "ssl_key_file", "ssl_ca_file", "ssl_min_protocol_version")
 # every parameter the agent writes itself: a cluster-wide value would be wrong or ignored
 AGENT_MANAGED_PARAMS = frozenset({*MANAGED_KEYS, *ROLE_KEYS, *FIXED_RECOVERY})
 
@@ -117,26 +120,41 @@ def hba_networks(networks: list[str], own_host: str) -> list[str]:
     return [*nets, f"{own}/{own.max_prefixlen}"]
 
 
-def render_hba(networks: list[str]) -> str:
-    """pg_hba.conf: scram-sha-256 over TCP from ``networks``, for databases and replication."""
+def is_local_network(net: str) -> bool:
+    """A network of loopback addresses only (127.0.0.0/8 and its parts, ::1)."""
+    try:
+        network = ipaddress.ip_network(net, strict=False)
+    except ValueError:
+        return False
+    return is_loopback(str(network.network_address)) and is_loopback(str(network.broadcast_address))
+
+
+def render_hba(networks: list[str], tls: bool = False) -> str:
+    """pg_hba.conf: scram-sha-256 over TCP from ``networks``, for databases and replication.
+    With ``tls`` every network but a loopback one is ``hostssl``: a connection without TLS
+    from another address matches no line and is refused."""
     hba = [
         "# Written by pgsidecar; any edit is overwritten. Networks: postgresql.hba_networks.",
-        "# TYPE  DATABASE     USER  ADDRESS  METHOD",
+        "# TYPE   DATABASE     USER  ADDRESS  METHOD",
     ]
     for net in networks:
         if not net or any(c.isspace() for c in net):
             raise PostgresError(f"invalid hba network {net!r}")
-        hba.append(f"host    all          all   {net}  scram-sha-256")
-        hba.append(f"host    replication  all   {net}  scram-sha-256")
+        kind = "hostssl" if tls and not is_local_network(net) else "host   "
+        hba.append(f"{kind} all          all   {net}  scram-sha-256")
+        hba.append(f"{kind} replication  all   {net}  scram-sha-256")
     return "\n".join(hba) + "\n"
 
 
-def primary_conninfo(upstream: Conninfo, passfile: Path, name: str) -> str:
+def primary_conninfo(
+    upstream: Conninfo, passfile: Path, name: str, require_auth: str | None = None
+) -> str:
     """The walreceiver's connection string: short timeouts and keepalives so a dead upstream is
     noticed in seconds."""
     return upstream.dsn(
         passfile,
         application_name=name,
+        require_auth=require_auth,
         connect_timeout=3,
         keepalives_idle=5,
         keepalives_interval=2,
@@ -162,6 +180,7 @@ class ConfigFiles:
         self.passfile = passfile
         self.osuser = osuser
         self.log = log
+        self.tls = PostgresTlsFiles(settings, state_dir, osuser)
 
     def ensure_state_dir(self) -> None:
         self.osuser.ensure_dir(self.state_dir, "state_dir (it holds the passfile PostgreSQL reads)")
@@ -177,6 +196,8 @@ class ConfigFiles:
                 lines.append(pgpass_line(cred.username, password))
         self.osuser.write_file(self.passfile, "".join(line + "\n" for line in lines), 0o600)
         self.log.info("pg_passfile_written", path=str(self.passfile), users=len(lines))
+        # the CA our connections verify peers with must be there before the first of them
+        self.tls.install()
 
     def write(
         self,
@@ -189,14 +210,28 @@ class ConfigFiles:
             raise ValueError(f"role must be primary or standby, not {role!r}")
         if not (self.data_dir / "PG_VERSION").exists():
             raise PostgresError(f"write_config: {self.data_dir} holds no PostgreSQL data directory")
+        self.tls.install()
         conninfo = (
-            primary_conninfo(upstream, self.passfile, self.name)
+            primary_conninfo(
+                upstream,
+                self.passfile,
+                self.name,
+                # the walreceiver runs the server's libpq, which may predate require_auth
+                require_auth=self.tls.client_options(upstream.host, for_tools=True).get(
+                    "require_auth"
+                ),
+            )
             if upstream is not None and role == "standby"
             else None
         )
         params, ignored = server_parameters(
             self.settings, self.name, role, conninfo, slot, parameters
         )
+        # TLS is the member's own: never from a user or cluster parameter
+        if self.tls.enabled:
+            for key in TLS_PARAMS:
+                params.pop(key, None)
+            params.update(self.tls.server_parameters())
         for key in ignored:
             self.log.warning("pg_parameter_ignored", parameter=key, reason="managed by the agent")
         header = (
@@ -208,7 +243,7 @@ class ConfigFiles:
         own_host = local_host(self.settings.listen)
         write(
             self.data_dir / "pg_hba.conf",
-            render_hba(hba_networks(list(self.settings.hba_networks), own_host)),
+            render_hba(hba_networks(list(self.settings.hba_networks), own_host), self.tls.enabled),
         )
 
         standby_signal = self.data_dir / "standby.signal"

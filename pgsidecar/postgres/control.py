@@ -31,6 +31,7 @@ from pgsidecar.postgres.errors import PostgresError
 from pgsidecar.postgres.osuser import OsUser
 from pgsidecar.postgres.process import Postmaster
 from pgsidecar.postgres.sql import ReplicationState, Sql, probe_facts
+from pgsidecar.postgres.tls import PostgresTlsFiles
 
 __all__ = ["Conninfo", "ControlData", "PostgresControl", "PostgresError", "ReplicationState"]
 
@@ -49,6 +50,7 @@ class PostgresControl:
         self.slots_path = self.state_dir / "replication_slots.json"
 
         self.osuser = OsUser(settings.os_user, self.passfile, log)
+        self.tls = PostgresTlsFiles(settings, self.state_dir, self.osuser)
         self.postmaster = Postmaster(
             self.data_dir, self.bin_dir, self.log_path, settings.stop_timeout, self.osuser, log
         )
@@ -72,14 +74,25 @@ class PostgresControl:
     # ------------------------------------------------------------------ identities, files
 
     def superuser_conninfo(self, host: str | None = None, port: int | None = None) -> Conninfo:
-        return Conninfo(
-            host=host or local_host(self.settings.listen),
-            port=port or self.settings.port,
-            user=self.settings.superuser.username,
+        return self._conninfo(
+            host or local_host(self.settings.listen),
+            port or self.settings.port,
+            self.settings.superuser.username,
         )
 
     def replication_conninfo(self, host: str, port: int) -> Conninfo:
-        return Conninfo(host=host, port=port, user=self.settings.replication.username)
+        return self._conninfo(host, port, self.settings.replication.username)
+
+    def _conninfo(self, host: str, port: int, user: str) -> Conninfo:
+        tls = self.tls.client_options(host)  # empty with postgresql.tls off
+        return Conninfo(
+            host=host,
+            port=port,
+            user=user,
+            sslmode=tls.get("sslmode"),
+            sslrootcert=tls.get("sslrootcert"),
+            require_auth=tls.get("require_auth"),
+        )
 
     def write_passfile(self) -> None:
         self.config_files.write_passfile()

@@ -26,6 +26,7 @@ from pgsidecar.config import PostgresSettings
 from pgsidecar.postgres.conf import Conninfo, parse_controldata, parse_lsn
 from pgsidecar.postgres.errors import PostgresError, tail
 from pgsidecar.postgres.osuser import OsUser
+from pgsidecar.postgres.tls import PostgresTlsFiles
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,11 @@ class DataOps:
         self.log_path = log_path
         self.osuser = osuser
         self.log = log
+        self.tls = PostgresTlsFiles(settings, state_dir, osuser)
+
+    def _require_auth(self, ci: Conninfo) -> str | None:
+        # pg_basebackup and pg_rewind run bin_dir's libpq, which may predate require_auth
+        return self.tls.client_options(ci.host, for_tools=True).get("require_auth")
 
     def _bin(self, name: str) -> str:
         return str(Path(self.settings.bin_dir) / name)
@@ -193,7 +199,8 @@ class DataOps:
             application_name=source.application_name or f"{self.name}-basebackup",
         )
         self._prepare_empty_data_dir()
-        dsn = src.dsn(self.passfile, connect_timeout=10)
+        self.tls.install()  # sslrootcert
+        dsn = src.dsn(self.passfile, connect_timeout=10, require_auth=self._require_auth(src))
         argv = [
             self._bin("pg_basebackup"),
             "-D",
@@ -253,7 +260,13 @@ class DataOps:
     async def pg_rewind(self, source: Conninfo, timeout: float) -> str:
         """Run pg_rewind from ``source`` (connects as given: the superuser) on the cleanly stopped
         data directory. Returns "rewound" or "not_needed"."""
-        dsn = source.dsn(self.passfile, application_name=f"{self.name}-rewind", connect_timeout=10)
+        self.tls.install()  # sslrootcert
+        dsn = source.dsn(
+            self.passfile,
+            application_name=f"{self.name}-rewind",
+            connect_timeout=10,
+            require_auth=self._require_auth(source),
+        )
         argv = [
             self._bin("pg_rewind"),
             f"--target-pgdata={self.data_dir}",

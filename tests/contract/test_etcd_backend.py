@@ -281,6 +281,8 @@ def _auth_dcs(server: EtcdServer, password: str | None, prefix: str = "pgauth") 
         endpoints=[server.endpoint],
         username="agent" if password is not None else None,
         password=SecretStr(password) if password is not None else None,
+        # this etcd listens on http:// (TLS with auth: tests/contract/test_etcd_tls.py)
+        allow_plaintext_credentials=True,
     )
     return EtcdDCS(settings, cluster="c1", prefix=prefix)
 

@@ -345,7 +345,7 @@ async def test_malformed_and_duplicate_records_are_skipped_and_counted(
     where = [s.where for s in peer.skipped]
     assert where == [f"partition 0 offset {o}" for o in (0, 1, 2, 3, 6, 8)]
     reasons = " | ".join(s.reason for s in peer.skipped)
-    for needle in ("not JSON", "unknown schema", "'seq'", "does not match node", "tombstone"):
+    for needle in ("not valid JSON", "unknown schema", "'seq'", "does not match node", "tombstone"):
         assert needle in reasons
     assert "offset 2" in caplog.text and "unknown schema" in caplog.text
 

@@ -35,7 +35,7 @@ from pgsidecar.procutil import free_port_range, terminate
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 # fixtures that start a real etcd process (the ones in tests/contract/test_etcd_backend.py included)
-ETCD_FIXTURES = frozenset({"etcd_server", "etcd_with_auth", "etcd_cluster"})
+ETCD_FIXTURES = frozenset({"etcd_server", "etcd_with_auth", "etcd_cluster", "etcd_tls"})
 
 
 def starts_etcd(item: pytest.Item) -> bool:

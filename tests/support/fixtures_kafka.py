@@ -16,16 +16,22 @@ from collections.abc import Iterator
 
 import pytest
 
-from pgsidecar.lab.kafka_broker import KafkaBroker, fetch, java_available
+from pgsidecar.lab import tlsgen
+from pgsidecar.lab.kafka_broker import BrokerTls, KafkaBroker, fetch, java_available
 from pgsidecar.procutil import free_port_range
 
 _topics = itertools.count(1)
+# fixtures that start a real broker (tests/conftest.py keeps them out of tests/unit)
+KAFKA_FIXTURES = frozenset({"kafka_session_broker", "kafka_secure_broker"})
+# the SCRAM user of the secure broker
+SCRAM_USER = "agent"
+SCRAM_PASSWORD = "scram-Pa55-w0rd-x"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "kafka_session_broker" in getattr(item, "fixturenames", ()):
+        if KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())):
             for name in ("integration", "kafka"):
                 if item.get_closest_marker(name) is None:
                     item.add_marker(getattr(pytest.mark, name))
@@ -40,6 +46,33 @@ def kafka_session_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[K
     fetch()
     port = free_port_range(2)
     broker = KafkaBroker(tmp_path_factory.mktemp("kafka"), port, port + 1)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def kafka_secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """A second broker whose clients' listener is SASL_SSL (SCRAM-SHA-512 user ``SCRAM_USER``),
+    its certificate from a CA in ``broker.tls.ca_cert`` (pgsidecar.lab.tlsgen)."""
+    if not java_available():
+        pytest.skip(
+            "Java is not installed: the Kafka tests need a Java 17 runtime (openjdk-17-jre-headless)"
+        )
+    fetch()
+    material = tlsgen.generate(tmp_path_factory.mktemp("kafka-tls"), ["kafka"])
+    issued = material.member("kafka")
+    tls = BrokerTls(
+        cert=issued.cert,
+        key=issued.key,
+        ca_cert=material.ca_cert,
+        protocol="SASL_SSL",
+        scram_users=((SCRAM_USER, SCRAM_PASSWORD),),
+    )
+    port = free_port_range(3)
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka-secure"), port, port + 1, tls=tls)
     broker.start()
     try:
         yield broker

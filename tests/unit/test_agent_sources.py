@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from events.dcs import ClusterView, DCSError, Leader, SessionLost
+from events.settings import KafkaSettings
 from fsm.machine import Role
 from fsm.records import Record
 from fsm.snapshot import DataState, LeaseFacts, PgFacts
@@ -197,7 +198,12 @@ async def test_fork_check_that_cannot_read_the_history_reports_nothing(rig: Rig)
 
 def test_only_peers_transitions_of_our_cluster_become_inputs() -> None:
     got: list[tuple[str, dict[str, Any]]] = []
-    feed = PeerFeed(["k:9092"], "t", "c1", "pg1", lambda type_, **d: got.append((type_, d)))
+    feed = PeerFeed(
+        KafkaSettings(bootstrap_servers=["k:9092"], topic="t"),
+        "c1",
+        "pg1",
+        lambda type_, **d: got.append((type_, d)),
+    )
     body = {"from": "candidate", "to": "master", "trigger": "won_lease", "lsn": 7, "timeline": 2}
     feed.on_record(Record("transition", "c1", "pg2", 11, 0.0, 4, body))
     feed.on_record(Record("transition", "c1", "pg1", 12, 0.0, 4, body))  # our own
