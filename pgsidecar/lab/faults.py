@@ -1,4 +1,4 @@
-"""Fault injection against a real local cluster (issue 6): `pgsidecar chaos`.
+"""Fault injection against a real local cluster: `pgsidecar chaos`.
 
 One run = a fresh 3-member cluster (etcd, PostgreSQL 15, the agents), a Writer (sequential ids,
 each acknowledged commit recorded with the server that acknowledged it) and a Prober (a write
@@ -21,7 +21,7 @@ invariants checked afterwards:
   frozen or stopped, its agent frozen): the old master's last acknowledged write after the fault,
   in seconds from the moment it could last have renewed its lease; past the TTL is a violation.
 - ``to_writable_after_heal_s``: from the healing (SIGCONT of etcd, say) to the first write
-  acknowledged by any member; bounded for the DCS faults (issue 10).
+  acknowledged by any member; bounded for the DCS faults (a member must elect a master again after the DCS returns).
 
 Faults and timings are drawn from ``random.Random(seed)`` before anything starts, so a seed
 replays the same runs; ``--only K`` replays run K alone. The bootstrap is staged (pg1 first, the
@@ -296,7 +296,7 @@ def stall_schedule(spec: RunSpec) -> list[tuple[float, float]]:
 
 
 def fence_pid_file(member_dir: Path) -> Path:
-    """Where the agent writes the pid of its separate fence process (issue 11)."""
+    """Where the agent writes the pid of its separate fence process (pgsidecar/fence.py)."""
     return member_dir / "fence.pid"
 
 
@@ -586,7 +586,7 @@ class FaultRun:
     # ("leader_deleted") or when, after that, the first survivor announces its position for the
     # election ("announced": the announcements and the race that follow them meet the stall);
     # an announcement in a gap ends the gap either way.
-    # Measured against the agent of issue 10 (a race either way: the agents and this watch see
+    # Measured against the agent before the DCS-outage fix (a race either way: the agents and this watch see
     # the same events within milliseconds): the survivors were left stuck in 7 runs of 9 with
     # gaps ended by announcements, in 4 of 9 with only the first stall started by one, in none
     # of 5 with the first stall at the key's deletion and fixed gaps.
@@ -1036,7 +1036,7 @@ class FaultRun:
 
     def fault_freeze_dcs(self) -> None:
         """etcd frozen, not stopped: its sockets stay open, requests hang instead of being
-        refused, and on SIGCONT it serves what was queued (issue 10)."""
+        refused, and on SIGCONT it serves what was queued."""
         pid = self._etcd_pid()
         self.log(f"SIGSTOP etcd for {self.spec.duration} s")
         self.mark_fault()
@@ -1053,7 +1053,7 @@ class FaultRun:
         gap early, with the next stall, the instant a survivor announces again: the race that
         follows an announcement meets a stall. After the last stall, the killed member is
         restarted once a survivor has acknowledged a write, or when the bound on that has
-        passed: the survivors must elect a master on their own (issue 10)."""
+        passed: the survivors must elect a master on their own."""
         lc, old = self.lc, self._master()
         assert lc is not None
         pid = self._etcd_pid()
@@ -1166,7 +1166,7 @@ class FaultRun:
     def fault_freeze_agent(self) -> None:
         """The master's agent process alone frozen (its PostgreSQL runs on): its lease lapses,
         and only a fence that does not depend on the agent's threads can stop PostgreSQL in
-        time (issue 11)."""
+        time (pgsidecar/fence.py)."""
         lc, old = self.lc, self._master()
         assert lc is not None
         pid = lc.agent_pid(old)
@@ -1181,7 +1181,7 @@ class FaultRun:
 
     def fault_freeze_fence(self) -> None:
         """The master's separate fence process alone frozen: the agent must notice that its
-        fence no longer answers and fence (and give up the lease) itself (issue 11)."""
+        fence no longer answers and fence (and give up the lease) itself."""
         lc, old = self.lc, self._master()
         assert lc is not None
         member_dir = lc.member(old).dir

@@ -151,7 +151,7 @@ async def test_exactly_one_of_concurrent_acquirers_wins(dcs_backend: Any) -> Non
 
 
 async def test_a_reopened_session_does_not_inherit_the_old_sessions_key(dcs_backend: Any) -> None:
-    """The agent reopens its session after a DCS outage (issue 10): the old session's keys go
+    """The agent reopens its session after a DCS outage: the old session's keys go
     at once (not at its TTL), so a key of ours from before is never left standing in the way of
     the election; a *different* old session's key under our name (an earlier run of the agent)
     is refused to us, and the compare-and-delete on (name, term) that the machine's

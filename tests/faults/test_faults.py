@@ -1,4 +1,4 @@
-"""The fault-injection suite (issues 6, 10, 11): each fault class once against a fresh real
+"""The fault-injection suite: each fault class once against a fresh real
 cluster (etcd, PostgreSQL 15, the agents; Kafka for kafka-down; freeze-dcs and
 stall-dcs-election several times, see REPEATS), synchronous mode on for three classes, then
 `pgsidecar chaos --runs 2 --seed 1`.
@@ -50,11 +50,11 @@ KEEP = os.environ.pop("PGSIDECAR_FAULTS_KEEP", "never")
 # Cases of a bug not fixed yet get a strict xfail here (strict: the case XPASSes, and fails, the
 # moment the fix lands, so the marker goes). Keys: a fault name (test_fault_class),
 # "<name>@sync-on" (test_synchronous_mode_on_loses_no_acknowledged_write). Empty: the cases of
-# issues 10 and 11 (freeze-dcs, stall-dcs-election, freeze-agent, also @sync-on, freeze-fence)
+# the DCS outage and the frozen agent (freeze-dcs, stall-dcs-election, freeze-agent, also @sync-on, freeze-fence)
 # failed against 03384cb and pass since the fixes (c9ce793..497b853); docs/faults.md has both.
 KNOWN_BUGS: dict[str, str] = {}
 # the fault runs this many times (fresh clusters, the seed's draw), the case failing at the first
-# failed run: issue 10 is a race that the agent of 03384cb lost in some runs only (freeze-dcs: 6
+# failed run: the DCS-outage wedge is a race that the agent of 03384cb lost in some runs only (freeze-dcs: 6
 # of 11 runs; stall-dcs-election: 7 of 9), so one run would miss a regression. With these counts
 # the two cases together miss it about 1 time in 200 (each alone: 1 in 11, 1 in 20); the pure
 # core's liveness tests (tests/unit/test_fsm_liveness.py) catch that class of bug deterministically.
@@ -168,7 +168,7 @@ def _check_class(fault: str, r: RunResult) -> None:
 )
 def test_synchronous_mode_on_loses_no_acknowledged_write(fault: str) -> None:
     """With synchronous mode on, neither a hard kill nor a partition of the master nor a frozen
-    agent loses an acknowledged write (issues 6, 11), and every class invariant holds. Fails
+    agent loses an acknowledged write, and every class invariant holds. Fails
     (the run's error) if the agent puts no synchronous standby in force: never a skip."""
     r = run_one(spec_for(fault, TTL, seed=SEED, synchronous_mode="on"), keep_dir=KEEP)
     try:
@@ -213,7 +213,7 @@ def test_the_draw_is_a_pure_function_of_the_seed() -> None:
         assert lo <= s.duration <= hi and 1.0 <= s.delay <= 3.0
     # the brief's bound: a pause is longer than the TTL
     assert FAULTS["pause-master"].duration(TTL)[0] > TTL
-    # issue 10: etcd frozen for longer than 2 x TTL; issue 11: the agent or its fence for 2 x TTL
+    # etcd frozen for longer than 2 x TTL; the agent or its fence frozen for 2 x TTL
     assert FAULTS["freeze-dcs"].duration(TTL) == (2 * TTL + 1, 2 * TTL + 3)
     for name in ("freeze-agent", "freeze-fence", "stall-dcs-election"):
         assert FAULTS[name].duration(TTL)[0] >= 2 * TTL

@@ -1,4 +1,4 @@
-"""The fence process (pgsidecar/fence.py) and the Watchdog client that drives it (issue 11).
+"""The fence process (pgsidecar/fence.py) and the Watchdog client that drives it.
 
 Real processes throughout: ``sleep 60`` as a stand-in postmaster where a target is enough, real
 PostgreSQL 15 where what matters is that writes stop. Every test picks its own /tmp directory and

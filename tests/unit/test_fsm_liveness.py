@@ -1,4 +1,4 @@
-"""Liveness of the pure core (issue 10): the machine never waits for an input nobody will send.
+"""Liveness of the pure core: the machine never waits for an input nobody will send.
 
 The bug this guards: after a DCS outage longer than the TTL every member went candidate, their
 ``announce`` failed (the lease was gone), the failure was folded as "not announced yet", and each
@@ -255,7 +255,7 @@ def test_every_wait_names_an_input_that_is_coming_over_many_seeds() -> None:
     assert reached[Role.CANDIDATE] > 600 and failed > 1000, (reached, failed)
 
 
-# --- the bugs of issue 10, one scenario each --------------------------------------------------------
+# --- the DCS-outage wedges, one scenario each ------------------------------------------------------
 
 
 def candidate_after_outage() -> Node:
