@@ -80,7 +80,7 @@ class HAProxy:
             "PGSC_RW_BIND": f"127.0.0.1:{self.rw_port}",
             "PGSC_RO_BIND": f"127.0.0.1:{self.ro_port}",
             "PGSC_STATS_BIND": f"127.0.0.1:{self.stats_port}",
-            "PGSC_API_CHECK_TLS": check_tls_options(self.api_ca_file, self.api_client_pem),
+            "PGSC_API_CHECK_TLS": check_tls_options(*self._api_tls()),
         }
         for i in range(MAX_MEMBERS):
             if i < len(members):
@@ -92,6 +92,16 @@ class HAProxy:
                 env[f"PGSC_PG{i}_ADDR"] = "127.0.0.1:1"
                 env[f"PGSC_PG{i}_API_PORT"] = "1"
         return env
+
+    def _api_tls(self) -> tuple[Path | None, Path | None]:
+        """The CA and client certificate of the checks: as given, else those of a cluster
+        brought up with ``--tls`` (its API requires client certificates)."""
+        if self.api_ca_file is not None:
+            return self.api_ca_file, self.api_client_pem
+        material = getattr(self.lc, "tls_material", None)
+        if material is None:
+            return None, None
+        return material.ca_cert, material.directory / "client.pem"
 
     def start(self) -> HAProxy:
         binary = haproxy_binary()
