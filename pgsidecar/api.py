@@ -33,7 +33,12 @@ Deliberate differences from Patroni, each toward "do not route traffic here":
   ``nosync``, ``failover_priority``); booleans compare as ``true``/``false``, as in Patroni.
 
 Endpoints that change something require the API token (``Authorization: Bearer <token>``); with
-no token configured they are disabled.
+no token configured they are disabled. They are also refused (403) to clients outside
+``api.command_networks``, whatever token they send.
+
+With ``api.tls.enabled`` the server speaks only TLS on its port (a plain HTTP request fails the
+handshake and gets no answer), and with ``api.tls.client_auth: required`` a client without a
+certificate from ``api.tls.ca_file`` cannot connect at all.
 """
 
 from __future__ import annotations
@@ -383,7 +388,10 @@ class ApiServer:
         cfg = self.settings
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, cfg.listen, cfg.port, reuse_address=True)
+        ssl_context = cfg.tls.server_context() if cfg.tls.enabled else None
+        site = web.TCPSite(
+            self._runner, cfg.listen, cfg.port, reuse_address=True, ssl_context=ssl_context
+        )
         await site.start()
 
     async def stop(self) -> None:
@@ -528,7 +536,25 @@ class ApiServer:
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _authorized(self, request: web.Request) -> bool:
+    def _refusal(self, request: web.Request) -> web.Response | None:
+        """Why a request that changes something is refused (None: it may go on): a client
+        outside ``api.command_networks`` (403), then a missing or wrong token (401)."""
+        if not self.settings.command_allowed(request.remote):
+            return web.json_response(
+                {
+                    "error": "requests that change something are not allowed from this address "
+                    "(api.command_networks)"
+                },
+                status=403,
+            )
+        if not self._token_ok(request):
+            return web.json_response(
+                {"error": "missing or wrong API token (Authorization: Bearer <api.token>)"},
+                status=401,
+            )
+        return None
+
+    def _token_ok(self, request: web.Request) -> bool:
         if not self.token:
             return False  # no token configured: changes through the API are disabled
         got = request.headers.get("Authorization", "")
@@ -539,11 +565,8 @@ class ApiServer:
 
     async def _member_command(self, request: web.Request, name: str) -> web.Response:
         """restart / reinit of this member: an input of its machine, recorded like any other."""
-        if not self._authorized(request):
-            return web.json_response(
-                {"error": "missing or wrong API token (Authorization: Bearer <api.token>)"},
-                status=401,
-            )
+        if (refused := self._refusal(request)) is not None:
+            return refused
         a = self.agent
         role = a.role()
         s = a.snapshot()
@@ -571,11 +594,8 @@ class ApiServer:
         return await self._member_command(request, "reinit")
 
     async def switchover(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return web.json_response(
-                {"error": "missing or wrong API token (Authorization: Bearer <api.token>)"},
-                status=401,
-            )
+        if (refused := self._refusal(request)) is not None:
+            return refused
         try:
             body = await request.json()
         except Exception:

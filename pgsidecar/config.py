@@ -13,8 +13,10 @@ field are ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import ssl
 import types
 import typing
 from pathlib import Path
@@ -127,13 +129,120 @@ class PostgresSettings(Strict):
         return self.connect_address or self.listen
 
 
+class ApiTls(Strict):
+    """TLS for the REST API (off by default). With ``enabled`` the API speaks only TLS on its
+    port (a plain HTTP request gets no answer), with ``cert_file``/``key_file``. ``ca_file`` is
+    the CA that signed the API's certificate (the CLI verifies the server with it) and the CA
+    client certificates are verified against; ``client_auth`` says whether a client must present
+    one. ``client_cert_file``/``client_key_file`` are what this config's clients (the CLI) present
+    to members that ask for a certificate (default: ``cert_file``/``key_file``)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    client_auth: Literal["off", "optional", "required"] = "off"
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ApiTls:
+        files = (
+            self.cert_file,
+            self.key_file,
+            self.ca_file,
+            self.client_cert_file,
+            self.client_key_file,
+        )
+        if not self.enabled:
+            if any(f is not None for f in files) or self.client_auth != "off":
+                raise ValueError("TLS settings are set but enabled is false: set enabled: true")
+            return self
+        if self.cert_file is None or self.key_file is None:
+            raise ValueError("enabled needs cert_file and key_file (the API's certificate)")
+        if self.client_auth != "off" and self.ca_file is None:
+            raise ValueError(f"client_auth: {self.client_auth} needs ca_file (the clients' CA)")
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
+        return self
+
+    def server_context(self) -> ssl.SSLContext:
+        """The API server's TLS context; TLS 1.2 or later."""
+        assert self.cert_file is not None and self.key_file is not None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+            if self.ca_file is not None:
+                ctx.load_verify_locations(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            # the error names the files, never their contents
+            raise ConfigError(
+                f"cannot load the API's TLS files (api.tls.cert_file {self.cert_file}, "
+                f"key_file {self.key_file}, ca_file {self.ca_file}): "
+                f"{getattr(exc, 'strerror', None) or exc.__class__.__name__}"
+            ) from None
+        ctx.verify_mode = {
+            "off": ssl.CERT_NONE,
+            "optional": ssl.CERT_OPTIONAL,
+            "required": ssl.CERT_REQUIRED,
+        }[self.client_auth]
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a client of members' APIs (the CLI, the lab) uses: verifies the server against
+        ``ca_file`` (else the system's CAs) and presents the client certificate when members ask
+        for one."""
+        ctx = ssl.create_default_context(
+            cafile=str(self.ca_file) if self.ca_file is not None else None
+        )
+        cert = self.client_cert_file or self.cert_file
+        key = self.client_key_file or self.key_file
+        if self.client_auth != "off" and cert is not None and key is not None:
+            ctx.load_cert_chain(cert, key)
+        return ctx
+
+
+def _check_networks(networks: list[str]) -> list[str]:
+    for net in networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(
+                f"{net!r} is not a network: use CIDR notation such as 10.0.0.0/8 or ::1/128"
+            ) from None
+    return networks
+
+
 class ApiSettings(Strict):
     listen: str = "127.0.0.1"
     port: int = Field(default=8008, ge=1, le=65535)
-    # the URL peers and the CLI use; defaults to http://listen:port
+    # the URL peers and the CLI use; defaults to http(s)://listen:port
     connect_url: str | None = None
     token: SecretStr | None = None
     token_file: Path | None = None
+    tls: ApiTls = ApiTls()
+    # client networks (CIDR) from which requests that change something (switchover, restart,
+    # reinit) are taken, on top of the token; others get 403. Health checks, /status and
+    # /metrics answer everyone.
+    command_networks: list[str] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+
+    @model_validator(mode="after")
+    def _check_command_networks(self) -> ApiSettings:
+        _check_networks(self.command_networks)
+        return self
+
+    def command_allowed(self, address: str | None) -> bool:
+        """Whether a mutating request from ``address`` (the peer's IP) is allowed."""
+        if not address:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # a dual-stack socket shows IPv4 clients as ::ffff:a.b.c.d
+        return any(ip in ipaddress.ip_network(net, strict=False) for net in self.command_networks)
 
     def resolve_token(self) -> str | None:
         if self.token is not None:
@@ -149,7 +258,12 @@ class ApiSettings(Strict):
 
     @property
     def url(self) -> str:
-        return self.connect_url or f"http://{self.listen}:{self.port}"
+        scheme = "https" if self.tls.enabled else "http"
+        return self.connect_url or f"{scheme}://{self.listen}:{self.port}"
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """The TLS context for requests to members' APIs (None: plain HTTP)."""
+        return self.tls.client_context() if self.tls.enabled else None
 
 
 class ClusterSettings(Strict):

@@ -66,6 +66,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     cluster=args.cluster,
                     extra=extra,
                     kafka=want_kafka(args),
+                    tls=args.tls,
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             cfg_mode = yaml_mode(lc)
@@ -120,6 +121,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="first of 2+2N consecutive ports (default: free range)",
     )
     up.add_argument("--dcs", choices=["etcd", "consul"], default="etcd")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="a generated CA (DIR/tls) and TLS on every link: etcd, the REST API, PostgreSQL, Kafka",
+    )
     up.add_argument("--cluster", default="local")
     up.add_argument("--timeout", type=float, default=180)
     up.add_argument(

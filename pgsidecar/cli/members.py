@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import ssl
 import sys
 import time
 import urllib.error
@@ -89,8 +90,15 @@ def cmd_switchover(args: argparse.Namespace) -> int:
 
 
 def _api(
-    url: str, path: str, token: str | None, method: str = "GET", timeout: float = 5
+    url: str,
+    path: str,
+    token: str | None,
+    method: str = "GET",
+    timeout: float = 5,
+    context: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, Any]]:
+    """One request to a member's API; ``context`` verifies an https member (api.tls.ca_file)
+    and carries the client certificate members may ask for."""
     req = urllib.request.Request(
         url.rstrip("/") + path, method=method, data=b"{}" if method == "POST" else None
     )
@@ -98,7 +106,7 @@ def _api(
         req.add_header("Authorization", f"Bearer {token}")
     req.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
@@ -114,11 +122,17 @@ def _members(view: Any) -> dict[str, dict[str, Any]]:
     return {n: d for n, d in view.members.items() if isinstance(d, dict)}
 
 
-def _wait_member(url: str, want: str, deadline: float, progress: bool = False) -> bool:
+def _wait_member(
+    url: str,
+    want: str,
+    deadline: float,
+    progress: bool = False,
+    context: ssl.SSLContext | None = None,
+) -> bool:
     """Until the member's /status shows it back: running and (replica) streaming, or master."""
     last = None
     while time.monotonic() < deadline:
-        code, st = _api(url, "/status", None)
+        code, st = _api(url, "/status", None, context=context)
         if code == 200:
             state = (st.get("role"), st.get("busy"), st.get("pg_running"), st.get("streaming"))
             if progress and state != last:
@@ -141,7 +155,9 @@ def _wait_member(url: str, want: str, deadline: float, progress: bool = False) -
 
 
 def _command(cfg: AgentConfig, url: str, name: str) -> None:
-    code, body = _api(url, f"/{name}", cfg.api.resolve_token(), method="POST")
+    code, body = _api(
+        url, f"/{name}", cfg.api.resolve_token(), method="POST", context=cfg.api.client_context()
+    )
     if code != 202:
         raise OpsError(body.get("error") or f"the member's API answered {code or 'nothing'}")
 
@@ -188,6 +204,8 @@ def cmd_restart(args: argparse.Namespace) -> int:
                 url,
                 "master" if n == leader else "replica",
                 time.monotonic() + args.timeout,
+                False,
+                cfg.api.client_context(),
             )
             if not ok:
                 raise OpsError(f"{n} did not come back within {args.timeout:g} s; stopping here")
@@ -213,7 +231,12 @@ def cmd_reinit(args: argparse.Namespace) -> int:
         _command(cfg, url, "reinit")
         print(f"reinitializing {args.name}: its data is thrown away and cloned from the master")
         ok = await asyncio.to_thread(
-            _wait_member, url, "replica", time.monotonic() + args.timeout, True
+            _wait_member,
+            url,
+            "replica",
+            time.monotonic() + args.timeout,
+            True,
+            cfg.api.client_context(),
         )
         if not ok:
             raise OpsError(

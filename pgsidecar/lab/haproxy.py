@@ -37,6 +37,18 @@ def haproxy_binary() -> str | None:
     )
 
 
+def check_tls_options(ca_file: Path | None, client_pem: Path | None = None) -> str:
+    """The server options (PGSC_API_CHECK_TLS of the shipped config) that make HAProxy's health
+    checks speak TLS to the agents' API and verify it against ``ca_file``; empty for plain
+    HTTP."""
+    if ca_file is None:
+        return ""
+    options = f"check-ssl verify required ca-file {ca_file}"
+    if client_pem is not None:
+        options += f" crt {client_pem}"
+    return options
+
+
 def _die_with_parent() -> None:
     """preexec_fn: SIGKILL HAProxy if its parent dies without stopping it."""
     with contextlib.suppress(OSError, AttributeError):
@@ -53,6 +65,10 @@ class HAProxy:
     stats_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # the agents' API over TLS: the CA HAProxy verifies it with and, when the agents require a
+    # client certificate, the certificate and key in one PEM file
+    api_ca_file: Path | None = None
+    api_client_pem: Path | None = None
 
     def env(self) -> dict[str, str]:
         members = self.lc.members
@@ -64,6 +80,7 @@ class HAProxy:
             "PGSC_RW_BIND": f"127.0.0.1:{self.rw_port}",
             "PGSC_RO_BIND": f"127.0.0.1:{self.ro_port}",
             "PGSC_STATS_BIND": f"127.0.0.1:{self.stats_port}",
+            "PGSC_API_CHECK_TLS": check_tls_options(*self._api_tls()),
         }
         for i in range(MAX_MEMBERS):
             if i < len(members):
@@ -75,6 +92,16 @@ class HAProxy:
                 env[f"PGSC_PG{i}_ADDR"] = "127.0.0.1:1"
                 env[f"PGSC_PG{i}_API_PORT"] = "1"
         return env
+
+    def _api_tls(self) -> tuple[Path | None, Path | None]:
+        """The CA and client certificate of the checks: as given, else those of a cluster
+        brought up with ``--tls`` (its API requires client certificates)."""
+        if self.api_ca_file is not None:
+            return self.api_ca_file, self.api_client_pem
+        material = getattr(self.lc, "tls_material", None)
+        if material is None:
+            return None, None
+        return material.ca_cert, material.directory / "client.pem"
 
     def start(self) -> HAProxy:
         binary = haproxy_binary()

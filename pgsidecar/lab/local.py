@@ -19,6 +19,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -52,10 +53,11 @@ class MemberInfo:
     pg_port: int
     api_port: int
     dir: Path
+    tls: bool = False
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.api_port}"
 
 
 def _which(binary: str, hint: str) -> str:
@@ -83,9 +85,46 @@ class LocalCluster:
     @property
     def members(self) -> list[MemberInfo]:
         return [
-            MemberInfo(m["name"], m["pg_port"], m["api_port"], self.dir / m["name"])
+            MemberInfo(m["name"], m["pg_port"], m["api_port"], self.dir / m["name"], self.tls)
             for m in self.meta.get("members", [])
         ]
+
+    # -- TLS (local up --tls) --------------------------------------------------------------------
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.meta.get("tls"))
+
+    @property
+    def tls_material(self) -> Any:
+        """The cluster's CA and certificates (``pgsidecar.lab.tlsgen``), or None without TLS."""
+        if not self.tls:
+            return None
+        from pgsidecar.lab.tlsgen import TlsMaterial
+
+        d = self.dir / "tls"
+        return TlsMaterial(d, d / "ca.crt", d / "ca.key")
+
+    def _make_tls(self, names: list[str]) -> None:
+        from pgsidecar.lab import tlsgen
+
+        material = tlsgen.generate(self.dir / "tls", [*names, "etcd", "kafka"])
+        # HAProxy takes a client certificate as one file, certificate then key
+        client = material.member("client")
+        pem = material.directory / "client.pem"
+        pem.write_bytes(client.cert.read_bytes() + client.key.read_bytes())
+        os.chmod(pem, 0o600)
+
+    def client_ssl_context(self) -> ssl.SSLContext | None:
+        """For the lab's own requests (the members' APIs, etcd): verifies against the cluster's
+        CA and presents the client certificate, which both require."""
+        material = self.tls_material
+        if material is None:
+            return None
+        ctx = ssl.create_default_context(cafile=str(material.ca_cert))
+        client = material.member("client")
+        ctx.load_cert_chain(client.cert, client.key)
+        return ctx
 
     def member(self, name: str) -> MemberInfo:
         for m in self.members:
@@ -99,7 +138,7 @@ class LocalCluster:
         return (
             f"host=127.0.0.1 port={m.pg_port} user=postgres dbname={dbname} "
             f"passfile={self.dir / 'pgpass'} connect_timeout=3"
-        )
+        ) + (f" sslmode=verify-full sslrootcert={self.tls_material.ca_cert}" if self.tls else "")
 
     def config_path(self, name: str) -> Path:
         return self.dir / name / "agent.yaml"
@@ -118,9 +157,18 @@ class LocalCluster:
         extra: dict[str, Any] | None = None,
         dcs_url: str | None = None,
         kafka: bool = False,
+        tls: bool = False,
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
-        a cluster at the Consul emulator this way)."""
+        a cluster at the Consul emulator this way). ``tls``: a generated CA (``dir/tls``) and TLS
+        on every link: etcd's clients (certificates required), the REST API (client
+        certificates required), PostgreSQL (verify-full), the Kafka broker's listener (SSL)."""
+        if tls and dcs_url is not None:
+            raise LocalClusterError(
+                "--tls sets up its own etcd with TLS: it cannot use a given store"
+            )
+        if tls and dcs != "etcd":
+            raise LocalClusterError("--tls is for --dcs etcd")
         if self.meta_path.exists():
             raise LocalClusterError(
                 f"{self.dir} already holds a local cluster; `pgsidecar local down --dir {self.dir}` and remove it, "
@@ -154,7 +202,8 @@ class LocalCluster:
                 f"{blocked} cannot be entered by OS user {pg_user or uid}, who runs PostgreSQL: choose a --dir "
                 f"outside it (for example under /tmp or /var/tmp), or chmod o+x {blocked}"
             )
-        count = 4 + 2 * nodes
+        # with TLS the broker's loopback PLAINTEXT listener for its own traffic takes one more
+        count = 4 + 2 * nodes + (1 if tls and kafka else 0)
         # below the kernel's ephemeral range (32768+), where an outgoing connection may hold a port
         base = base_port or free_port_range(count, start=21000, end=32000)
         secrets_dir = self.dir / "secrets"
@@ -177,7 +226,14 @@ class LocalCluster:
             "base_port": base,
             "etcd": {"client_port": base, "peer_port": base + 1},
             "dcs_url": dcs_url,
-            "kafka": {"port": base + 2, "controller_port": base + 3} if kafka else None,
+            "kafka": {
+                "port": base + 2,
+                "controller_port": base + 3,
+                "internal_port": base + 4 + 2 * nodes,
+            }
+            if kafka
+            else None,
+            "tls": tls,
             "pg_bin": str(pg_bin),
             "pg_user": pg_user,
             "members": [
@@ -185,6 +241,8 @@ class LocalCluster:
                 for i, n in enumerate(names)
             ],
         }
+        if tls:
+            self._make_tls(names)
         self.meta_path.write_text(json.dumps(self.meta, indent=2))
         for m in self.members:
             m.dir.mkdir(exist_ok=True)
@@ -228,6 +286,8 @@ class LocalCluster:
         }
         if meta.get("pg_user"):
             cfg["postgresql"]["os_user"] = meta["pg_user"]
+        if self.tls:
+            self._tls_config(cfg, m)
         for key, value in extra.items():
             if isinstance(value, str):
                 # per-member values: "{name}" is the member's name (e.g. its pod name)
@@ -239,9 +299,36 @@ class LocalCluster:
             node[parts[-1]] = value
         return cfg
 
+    def _tls_config(self, cfg: dict[str, Any], m: MemberInfo) -> None:
+        """A member's TLS settings: its certificate for the API and PostgreSQL, the client
+        certificate for etcd, the CA for all of them."""
+        material = self.tls_material
+        own = material.member(m.name)
+        client = material.member("client")
+        ca = str(material.ca_cert)
+        cfg["api"]["tls"] = {
+            "enabled": True,
+            "cert_file": str(own.cert),
+            "key_file": str(own.key),
+            "ca_file": ca,
+            "client_auth": "required",
+        }
+        cfg["postgresql"]["tls"] = {
+            "enabled": True,
+            "cert_file": str(own.cert),
+            "key_file": str(own.key),
+            "ca_file": ca,
+        }
+        cfg["dcs"]["etcd"].update(
+            {"ca_cert": ca, "client_cert": str(client.cert), "client_key": str(client.key)}
+        )
+        if cfg["kafka"]:
+            cfg["kafka"].update({"security_protocol": "SSL", "ssl_ca_file": ca})
+
     def _dcs_config(self) -> dict[str, Any]:
         meta = self.meta
-        url = meta.get("dcs_url") or f"http://127.0.0.1:{meta['etcd']['client_port']}"
+        scheme = "https" if self.tls else "http"
+        url = meta.get("dcs_url") or f"{scheme}://127.0.0.1:{meta['etcd']['client_port']}"
         if meta["dcs"] == "consul":
             # a local agent (or the emulator) accepts short sessions; real servers' minimum is 10 s
             return {"type": "consul", "consul": {"url": url, "session_ttl_min": 2}}
@@ -252,9 +339,19 @@ class LocalCluster:
         k = self.meta.get("kafka")
         if not k:
             return None
-        from pgsidecar.lab.kafka_broker import KafkaBroker
+        from pgsidecar.lab.kafka_broker import BrokerTls, KafkaBroker
 
-        return KafkaBroker(self.dir / "kafka", k["port"], k["controller_port"])
+        material = self.tls_material
+        if material is None:
+            return KafkaBroker(self.dir / "kafka", k["port"], k["controller_port"])
+        broker = material.member("kafka")
+        return KafkaBroker(
+            self.dir / "kafka",
+            k["port"],
+            k["controller_port"],
+            tls=BrokerTls(broker.cert, broker.key, material.ca_cert, protocol="SSL"),
+            internal_port=k["internal_port"],
+        )
 
     def start_kafka(self) -> None:
         broker = self.kafka_broker
@@ -296,7 +393,8 @@ class LocalCluster:
         pid = read_pid(d / "etcd.pid")
         if pid and pid_alive(pid):
             return
-        client = f"http://127.0.0.1:{e['client_port']}"
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{e['client_port']}"
+        # one member, on loopback: its peer URL carries no traffic, it stays plain
         peer = f"http://127.0.0.1:{e['peer_port']}"
         argv = [
             _which("etcd", "install etcd-server"),
@@ -321,6 +419,18 @@ class LocalCluster:
             "--election-timeout",
             "1000",
         ]
+        material = self.tls_material
+        if material is not None:
+            own = material.member("etcd")
+            argv += [
+                "--cert-file",
+                str(own.cert),
+                "--key-file",
+                str(own.key),
+                "--trusted-ca-file",
+                str(material.ca_cert),
+                "--client-cert-auth",
+            ]
         self._spawn(argv, d / "etcd.log", d / "etcd.pid", "etcd", detach)
         self._wait_http(f"{client}/health", 30, "etcd")
 
@@ -412,7 +522,9 @@ class LocalCluster:
     def api_status(self, name: str, timeout: float = 1.0) -> dict[str, Any] | None:
         m = self.member(name)
         try:
-            with urllib.request.urlopen(f"{m.api_url}/status", timeout=timeout) as resp:
+            with urllib.request.urlopen(
+                f"{m.api_url}/status", timeout=timeout, context=self.client_ssl_context()
+            ) as resp:
                 data: dict[str, Any] = json.loads(resp.read())
                 return data
         except (OSError, urllib.error.URLError, ValueError):
@@ -504,7 +616,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url, timeout=1):
+                with urllib.request.urlopen(url, timeout=1, context=self.client_ssl_context()):
                     return
             except (OSError, urllib.error.URLError):
                 time.sleep(0.1)
