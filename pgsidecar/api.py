@@ -78,6 +78,10 @@ class AgentStatus(Protocol):
 
     def pg_running(self) -> bool: ...
 
+    def fencing_margin(self) -> float | None:
+        """Seconds before the fencing deadline of the lease we hold (None: none held)."""
+        ...
+
     def term(self) -> int | None: ...
 
     def last_error(self) -> str | None: ...
@@ -362,6 +366,32 @@ class ApiServer:
             "DCS values skipped as malformed",
             registry=self.registry,
         )
+        self._renewals = Gauge(
+            "pgsidecar_lease_renewals_total",
+            "successful renewals of the DCS session",
+            registry=self.registry,
+        )
+        self._renewal_failures = Gauge(
+            "pgsidecar_lease_renewal_failures_total",
+            "renewals of the DCS session that failed (error or timeout)",
+            registry=self.registry,
+        )
+        self._sessions_lost = Gauge(
+            "pgsidecar_sessions_lost_total",
+            "DCS sessions found lost (expired or invalidated) at renewal",
+            registry=self.registry,
+        )
+        self._by_trigger = Gauge(
+            "pgsidecar_transitions_by_trigger_total",
+            "transitions taken, by trigger",
+            ["trigger"],
+            registry=self.registry,
+        )
+        self._margin = Gauge(
+            "pgsidecar_fencing_margin_seconds",
+            "seconds left before the fencing deadline of the lease held (NaN when none is held)",
+            registry=self.registry,
+        )
         self._paused = Gauge(
             "pgsidecar_paused",
             "1 if the cluster is paused (maintenance mode: no automatic action)",
@@ -533,6 +563,14 @@ class ApiServer:
         self._inputs.set(counters.get("inputs", 0))
         self._trans.set(counters.get("transitions", 0))
         self._malformed.set(counters.get("malformed_dcs_values", 0))
+        self._renewals.set(counters.get("lease_renewals", 0))
+        self._renewal_failures.set(counters.get("lease_renewal_failures", 0))
+        self._sessions_lost.set(counters.get("sessions_lost", 0))
+        for key, n in counters.items():
+            if key.startswith("transition:"):
+                self._by_trigger.labels(trigger=key.split(":", 1)[1]).set(n)
+        margin = a.fencing_margin()
+        self._margin.set(float("nan") if margin is None else margin)
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

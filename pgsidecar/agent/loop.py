@@ -179,6 +179,7 @@ class Agent:
             members=self.members,
             ttl=self.settings.ttl,
             clock_drift=cfg.cluster_settings.clock_drift,
+            count=self.recorder.count,
         )
         self.fork = ForkCheck(self.state, self.pg, post, self.recorder.action, self.clock)
         report = Report(post, self.recorder.action, self.clock)
@@ -489,6 +490,14 @@ class AgentApi:
     def lease_valid(self) -> bool:
         """The fence is armed and its deadline has not passed (our own clock)."""
         return self._agent.fence.armed_and_valid()
+
+    def fencing_margin(self) -> float | None:
+        """Seconds left before the fencing deadline of the lease we hold (None: no lease). Each
+        renewal moves the deadline; a margin that shrinks towards 0 is a renewal running late."""
+        a = self._agent
+        if not a.state.snapshot.lease.held or not a.fence.armed_and_valid():
+            return None
+        return a.renewal.fence_deadline(a.state.lease_sent) - a.clock.monotonic()
 
     def pg_running(self) -> bool:
         return self._agent.pg.running

@@ -124,6 +124,8 @@ class Recorder:
 
     def transition(self, tr: Transition) -> None:
         self.count("transitions")
+        # per trigger, for /metrics (pgsidecar_transitions_by_trigger_total{trigger})
+        self.count(f"transition:{tr.trigger}")
         self.emit(tr.to_record())
 
     def action_body(self, body: dict[str, Any]) -> None:

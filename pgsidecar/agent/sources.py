@@ -125,10 +125,13 @@ class LeaseRenewal:
         members: Membership,
         ttl: float,
         clock_drift: float,
+        count: Callable[[str], None] = lambda name: None,
     ) -> None:
         self.dcs = dcs
         self.pg = pg
         self.fence = fence
+        # counters for /metrics: lease_renewals, lease_renewal_failures, sessions_lost
+        self.count = count
         self.state = state
         self.post = post
         self.clock = clock
@@ -162,6 +165,7 @@ class LeaseRenewal:
         sent = self.clock.monotonic()
         try:
             await asyncio.wait_for(self.dcs.renew_session(), timeout=interval)
+            self.count("lease_renewals")
             self.state.lease_sent = sent
             if self.state.snapshot.lease.held:
                 self.fence.arm(self.fence_deadline(sent))
@@ -170,6 +174,7 @@ class LeaseRenewal:
                 await self.views.post_fresh(within=interval)
             return False
         except SessionLost:
+            self.count("sessions_lost")
             log.warning("session_lost")
             if self.state.snapshot.lease.held:
                 self.pg.fence()
@@ -180,6 +185,7 @@ class LeaseRenewal:
                 return False
             return down
         except (TimeoutError, DCSError) as exc:
+            self.count("lease_renewal_failures")
             if not down:
                 log.warning("lease_renew_failed", error=str(exc) or type(exc).__name__)
                 self.post("dcs_down")

@@ -14,7 +14,7 @@ from fsm.machine import EFFECT, TABLE, Effect, Role
 from fsm.snapshot import DataState, DcsFacts, LeaseFacts
 from pgsidecar.agent.effects import EFFECTS
 from pgsidecar.postgres.control import PostgresError
-from tests.unit.agent_fakes import Rig, peer, put, see
+from tests.support.agent_fakes import Rig, peer, put, see
 
 
 def test_every_effect_of_the_table_has_a_runtime_effect() -> None:

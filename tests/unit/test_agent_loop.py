@@ -14,7 +14,7 @@ from fsm.machine import Effect, Role
 from fsm.snapshot import DataState, LeaseFacts
 from pgsidecar.agent.state import TaskSet
 from pgsidecar.postgres.control import PostgresError
-from tests.unit.agent_fakes import Rig, peer, put, see
+from tests.support.agent_fakes import Rig, peer, put, see
 
 
 def transitions(rig: Rig) -> list[tuple[str, str, str]]:

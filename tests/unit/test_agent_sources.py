@@ -15,6 +15,7 @@ from events.settings import KafkaSettings
 from fsm.machine import Role
 from fsm.records import Record
 from fsm.snapshot import DataState, LeaseFacts, PgFacts
+from pgsidecar.agent.loop import AgentApi
 from pgsidecar.agent.sources import (
     FORK_CHECK_AFTER,
     ForkCheck,
@@ -23,7 +24,7 @@ from pgsidecar.agent.sources import (
     watchdog_fired,
 )
 from pgsidecar.postgres.control import PostgresError
-from tests.unit.agent_fakes import ManualClock, Rig, peer, put, see
+from tests.support.agent_fakes import ManualClock, Rig, peer, put, see
 
 
 @pytest.fixture
@@ -55,6 +56,18 @@ async def test_renewal_moves_the_fence_deadline_while_we_hold_the_lease(rig: Rig
     assert rig.agent.state.lease_sent >= before
     assert rig.fence.deadline == pytest.approx(renewal.fence_deadline(rig.agent.state.lease_sent))
     assert rig.posted() == []
+    assert rig.agent.recorder.counters["lease_renewals"] == 1
+
+
+async def test_the_fencing_margin_is_the_time_left_before_the_deadline(rig: Rig) -> None:
+    api = AgentApi(rig.agent)
+    assert api.fencing_margin() is None, "no lease held: no margin"
+    put(rig, Role.MASTER, lease=LeaseFacts(held=True, term=3))
+    assert await rig.agent.renewal.renew_once(1.0, down=False) is False
+    margin = api.fencing_margin()
+    assert margin is not None
+    assert margin == pytest.approx(rig.fence.deadline - rig.clock.monotonic(), abs=0.05)
+    assert 0 < margin < rig.agent.renewal.session_ttl()
 
 
 async def test_renewal_failure_posts_dcs_down_once(rig: Rig) -> None:
@@ -64,6 +77,7 @@ async def test_renewal_failure_posts_dcs_down_once(rig: Rig) -> None:
     assert rig.posted() == [("dcs_down", {})]
     assert await renewal.renew_once(1.0, down=True) is True
     assert rig.posted() == [], "no repeat while it stays down"
+    assert rig.agent.recorder.counters["lease_renewal_failures"] == 2, "every failure counts"
 
 
 async def test_a_renewal_that_times_out_is_a_failure(rig: Rig) -> None:
@@ -92,6 +106,7 @@ async def test_session_lost_fences_and_reopens(rig: Rig) -> None:
     sessions = rig.dcs.sessions
     assert await rig.agent.renewal.renew_once(1.0, down=False) is False
     assert rig.pg.fenced == 1 and rig.fence.deadline is None
+    assert rig.agent.recorder.counters["sessions_lost"] == 1
     posted = rig.posted()
     assert posted[0] == ("lease", {"held": False, "term": None})
     assert types(posted)[1:] == ["dcs"], "a fresh view after the new session"

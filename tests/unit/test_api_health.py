@@ -71,6 +71,7 @@ class FakeAgent:
     metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     alive_: tuple[bool, str] = (True, "")
     commands: list[str] = field(default_factory=list)
+    fencing_margin_: float | None = None
 
     @property
     def cluster(self) -> str:
@@ -87,6 +88,9 @@ class FakeAgent:
 
     def pg_running(self) -> bool:
         return self.pg_running_
+
+    def fencing_margin(self) -> float | None:
+        return self.fencing_margin_
 
     def term(self) -> int | None:
         return 7
@@ -493,6 +497,33 @@ def test_evaluate_is_pure_and_unknown_leader_lsn_is_not_lag() -> None:
     )
     assert evaluate("replica", f, {"lag": "0"}).code == 200
     assert evaluate("readiness", f, {}).code == 200
+
+
+async def test_metrics_of_the_lease_fencing_and_transitions_by_trigger(
+    client_factory: Any,
+) -> None:
+    counters = {
+        "inputs": 9,
+        "transitions": 3,
+        "malformed_dcs_values": 0,
+        "lease_renewals": 41,
+        "lease_renewal_failures": 2,
+        "sessions_lost": 1,
+        "transition:won_lease": 2,
+        "transition:lease_lost": 1,
+    }
+    client = await client_factory("master", counters_=counters, fencing_margin_=3.25)
+    text = await (await client.get("/metrics")).text()
+    assert "pgsidecar_lease_renewals_total 41.0" in text
+    assert "pgsidecar_lease_renewal_failures_total 2.0" in text
+    assert "pgsidecar_sessions_lost_total 1.0" in text
+    assert 'pgsidecar_transitions_by_trigger_total{trigger="won_lease"} 2.0' in text
+    assert 'pgsidecar_transitions_by_trigger_total{trigger="lease_lost"} 1.0' in text
+    assert "pgsidecar_fencing_margin_seconds 3.25" in text
+    # no lease held: no margin (NaN), never a stale number
+    client = await client_factory("replica")
+    text = await (await client.get("/metrics")).text()
+    assert "pgsidecar_fencing_margin_seconds NaN" in text
 
 
 async def test_metrics_serve_the_kafka_sinks_metrics(
