@@ -305,8 +305,14 @@ class ForkCheck:
         self._last_check = now
         src = leader_conninfo(self.state, self.pg, replication=False)
         mine_tl, mine_lsn = s.pg.timeline, s.pg.lsn
-        if src is None or mine_tl is None or mine_lsn is None:
+        if src is None or mine_tl is None:
             return
+        if mine_lsn is None:
+            # a standby that does not answer queries yet (not consistent: it may be waiting for
+            # WAL of a timeline the master never had): where it has got to, from pg_control
+            mine_lsn = await self._control_lsn()
+            if mine_lsn is None:
+                return
         try:
             history = await asyncio.wait_for(self.pg.timeline_history(src[1]), timeout=10)
         except (PostgresError, TimeoutError) as exc:
@@ -317,11 +323,40 @@ class ForkCheck:
         forked = (switch is not None and mine_lsn > switch) or (
             switch is None and leader_tl is not None and mine_tl != leader_tl
         )
+        if not forked and switch is None and mine_tl == leader_tl and mine_tl > 1:
+            # the same timeline number is not the same timeline: two members that promoted from
+            # the same parent (one of them a promotion whose lease was lost at once) both call
+            # theirs N. They are one timeline only if they left the parent at the same point.
+            forked = await self._same_number_other_history(mine_tl, history)
         self.record(
             "fork_check", "forked" if forked else "not_forked", now, timeline=mine_tl, lsn=mine_lsn
         )
         if forked:
             self.post("effect", name="diverged", done=False)
+
+    async def _control_lsn(self) -> int | None:
+        try:
+            cd = await asyncio.wait_for(self.pg.controldata(), timeout=10)
+        except (PostgresError, TimeoutError, OSError) as exc:
+            log.info("fork_check_failed", error=str(exc) or type(exc).__name__)
+            return None
+        known = [x for x in (cd.checkpoint_lsn, cd.min_recovery_end_lsn) if x is not None]
+        return max(known) if known else None
+
+    async def _same_number_other_history(
+        self, tl: int, master_history: list[tuple[int, int]]
+    ) -> bool:
+        """Our timeline ``tl`` left its parent at another point than the master's ``tl`` did."""
+        theirs = dict(master_history).get(tl - 1)
+        try:
+            ours_list = await asyncio.wait_for(
+                self.pg.timeline_history(self.pg.superuser_conninfo()), timeout=10
+            )
+        except (PostgresError, TimeoutError) as exc:
+            log.info("fork_check_failed", error=str(exc))
+            return False
+        ours = dict(ours_list).get(tl - 1)
+        return theirs is not None and ours is not None and ours != theirs
 
 
 async def probe_loop(

@@ -205,6 +205,8 @@ class FakePostgres(Failing):
         self.pending: list[str] = []
         self.rewind_result = "rewound"
         self.history: list[tuple[int, int]] = []
+        # per server (host, port), where it differs from ``history``
+        self.histories: dict[tuple[str, int], list[tuple[int, int]]] = {}
         self._exit: asyncio.Future[int] | None = None
         self.fenced = 0
         # start() waits for this event when set (a slow start an effect is cancelled in)
@@ -330,7 +332,7 @@ class FakePostgres(Failing):
 
     async def timeline_history(self, source: Conninfo) -> list[tuple[int, int]]:
         self._call("timeline_history", source)
-        return self.history
+        return self.histories.get((source.host, source.port), self.history)
 
     async def pending_restart_settings(self) -> list[str]:
         self._call("pending_restart_settings")

@@ -194,6 +194,54 @@ async def test_fork_check_reports_a_forked_timeline(rig: Rig) -> None:
     assert rig.posted() == [] and actions[-1][:2] == ("fork_check", "not_forked")
 
 
+async def _fork_check_once(rig: Rig) -> list[tuple[Any, ...]]:
+    actions: list[tuple[Any, ...]] = []
+    clock = ManualClock()
+    fork = ForkCheck(
+        rig.agent.state, rig.pg, rig.inbox.post, lambda *a, **kw: actions.append((*a, kw)), clock
+    )
+    await fork.check()
+    clock.now += FORK_CHECK_AFTER
+    await fork.check()
+    return actions
+
+
+@pytest.mark.parametrize("our_switch, forked", [(450, True), (400, False)])
+async def test_the_same_timeline_number_from_another_promotion_is_a_fork(
+    rig: Rig, our_switch: int, forked: bool
+) -> None:
+    """Two members promoted from timeline 2 (one whose lease was lost at once) both call theirs
+    3: one timeline only if both left timeline 2 at the same point."""
+    rig.dcs.leader = Leader("pg2", 5)
+    rig.dcs.members["pg2"] = peer("pg2", timeline=3)
+    see(rig)
+    put(
+        rig,
+        Role.REPLICA,
+        pg=PgFacts(running=True, in_recovery=True, timeline=3, lsn=600, receiver_streaming=False),
+    )
+    rig.pg.history = [(1, 100), (2, 400)]  # the master's timeline 3 left 2 at 400
+    rig.pg.histories[("127.0.0.1", 5432)] = [(1, 100), (2, our_switch)]  # ours
+    actions = await _fork_check_once(rig)
+    assert actions[-1][:2] == ("fork_check", "forked" if forked else "not_forked")
+    assert rig.posted() == ([("effect", {"name": "diverged", "done": False})] if forked else [])
+
+
+async def test_a_standby_that_answers_no_query_is_checked_from_pg_control(rig: Rig) -> None:
+    """Not consistent yet (it waits for WAL of a timeline the master never had): no LSN from
+    SQL, so the fork check reads where it has got to from pg_control."""
+    rig.dcs.leader = Leader("pg2", 5)
+    rig.dcs.members["pg2"] = peer("pg2", timeline=3)
+    see(rig)
+    put(rig, Role.REPLICA, pg=PgFacts(running=True, in_recovery=True, timeline=2, lsn=None))
+    rig.pg.lsn = 500  # pg_control's checkpoint
+    rig.pg.history = [(1, 100), (2, 400)]
+    actions = await _fork_check_once(rig)
+    assert "controldata" in [c[0] for c in rig.pg.calls]
+    assert actions[-1][:2] == ("fork_check", "forked")
+    assert rig.posted() == [("effect", {"name": "diverged", "done": False})]
+
+
 async def test_fork_check_that_cannot_read_the_history_reports_nothing(rig: Rig) -> None:
     rig.dcs.leader = Leader("pg2", 5)
     rig.dcs.members["pg2"] = peer("pg2")
