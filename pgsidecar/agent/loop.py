@@ -121,11 +121,19 @@ class Agent:
         # SIGTERM / SIGINT hand off and stop; off for agents that share a process (tests)
         self.handle_signals = handle_signals
         self.settings = local_settings(cfg)
-        make_private_dir(cfg.state_dir)
         self.inbox = inbox or Inbox(self.clock)
-        self.recorder = recorder or Recorder(
-            cfg.cluster, cfg.name, SeqStore(cfg.state_dir / "state.json"), ports.sinks, self.clock
-        )
+        if recorder is None:
+            # the state dir holds state.json (seq, instance id); a caller that brings its own
+            # Recorder (the factory, the simulator) owns its files, or keeps none
+            make_private_dir(cfg.state_dir)
+            recorder = Recorder(
+                cfg.cluster,
+                cfg.name,
+                SeqStore(cfg.state_dir / "state.json"),
+                ports.sinks,
+                self.clock,
+            )
+        self.recorder = recorder
         self.state = NodeState(
             name=cfg.name,
             machine=RoleMachine(cfg.cluster, cfg.name),
