@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+
 from events.sinks import Sink
 from fsm.records import Record
 from pgsidecar.agent.loop import Agent, Inbox
