@@ -118,6 +118,11 @@ class SimFence:
         if not self._stopped:
             self._checker.fencing_deadline(self.member, None)
 
+    @property
+    def device_state(self) -> str | None:
+        """No watchdog device is modelled."""
+        return None
+
     def can_lead(self) -> bool:
         return not self._stopped
 
