@@ -121,11 +121,19 @@ class Agent:
         # SIGTERM / SIGINT hand off and stop; off for agents that share a process (tests)
         self.handle_signals = handle_signals
         self.settings = local_settings(cfg)
-        make_private_dir(cfg.state_dir)
         self.inbox = inbox or Inbox(self.clock)
-        self.recorder = recorder or Recorder(
-            cfg.cluster, cfg.name, SeqStore(cfg.state_dir / "state.json"), ports.sinks, self.clock
-        )
+        if recorder is None:
+            # the state dir holds state.json (seq, instance id); a caller that brings its own
+            # Recorder (the factory, the simulator) owns its files, or keeps none
+            make_private_dir(cfg.state_dir)
+            recorder = Recorder(
+                cfg.cluster,
+                cfg.name,
+                SeqStore(cfg.state_dir / "state.json"),
+                ports.sinks,
+                self.clock,
+            )
+        self.recorder = recorder
         self.state = NodeState(
             name=cfg.name,
             machine=RoleMachine(cfg.cluster, cfg.name),
@@ -361,21 +369,7 @@ class Agent:
         log.info("agent_start", name=self.name, cluster=self.cfg.cluster, dcs=self.cfg.dcs.type)
         self.pg.write_passfile()
         await self._connect_dcs()
-        await self.renewal.open_session()
-        try:
-            await self.dcs.register_member(self.name, self.members.member_data())
-        except DuplicateMember as exc:
-            raise AgentExit(
-                1,
-                f"another live agent already uses member name {self.name!r} in cluster "
-                f"{self.cfg.cluster!r}: give this member a unique `name` ({exc})",
-            ) from exc
-        view = await self.dcs.read_cluster()
-        if view.leader is not None and view.leader.name == self.name:
-            # The key of our previous incarnation: its PostgreSQL died with it (pdeathsig), so
-            # nothing is writable. Release it so the election starts now rather than after the TTL.
-            released = await self.dcs.release_leader(self.name, view.leader.term)
-            log.info("released_stale_leader_key", term=view.leader.term, released=released)
+        await self._join_cluster()
         facts = await self.pg.probe()
         self.post("pg", **pg_facts_to_dict(facts))
         for sink in self.recorder.sinks:
@@ -392,6 +386,40 @@ class Agent:
                 AgentApi(self), self.cfg.api, registry=self.services.metrics_registry
             )
             await self.api.start()
+
+    async def _join_cluster(self) -> None:
+        """Open our session, register our member key, release a key our previous incarnation
+        left. A transient DCS error (a timeout, a lost answer) retries the whole step with a
+        back-off, as connecting does: it must not end the agent (the simulator found an agent
+        killed by one timed-out register_member at start-up)."""
+        delay = 0.2
+        while True:
+            try:
+                await self.renewal.open_session()
+                try:
+                    await self.dcs.register_member(self.name, self.members.member_data())
+                except DuplicateMember as exc:
+                    raise AgentExit(
+                        1,
+                        f"another live agent already uses member name {self.name!r} in cluster "
+                        f"{self.cfg.cluster!r}: give this member a unique `name` ({exc})",
+                    ) from exc
+                view = await self.dcs.read_cluster()
+                if view.leader is not None and view.leader.name == self.name:
+                    # The key of our previous incarnation: its PostgreSQL died with it
+                    # (pdeathsig), so nothing is writable. Release it so the election starts now
+                    # rather than after the TTL.
+                    released = await self.dcs.release_leader(self.name, view.leader.term)
+                    log.info("released_stale_leader_key", term=view.leader.term, released=released)
+                return
+            except AuthError as exc:
+                raise AgentExit(2, str(exc)) from exc
+            except (DCSError, TimeoutError) as exc:
+                log.warning("dcs_join_failed_retrying", error=str(exc) or type(exc).__name__)
+                if self._stopping:
+                    raise AgentExit(0, "stopped while joining the cluster") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _connect_dcs(self) -> None:
         delay = 0.2

@@ -9,9 +9,9 @@ adding its own subparsers; none imports this package or another command module, 
     local.py    local up | down | status | stop | start
     common.py   exit codes, --config / --dir, a DCS connection for one command
 
-The lab's commands (bench, chaos) have their parsers in pgsidecar/lab/, imported only when the
-command line names one of them or asks for the list of commands; the lab's tooling used by the
-other commands (a local cluster for --dir) is imported when the command runs. `pgsidecar run`
+The lab's commands (bench, chaos, lab sim) have their parsers in pgsidecar/lab/, imported only
+when the command line names one of them or asks for the list of commands; the lab's tooling used
+by the other commands (a local cluster for --dir) is imported when the command runs. `pgsidecar run`
 never imports pgsidecar.lab.
 """
 
@@ -30,7 +30,11 @@ __all__ = ["build_parser", "cmd_run", "main"]
 
 # commands whose parsers live in the lab (pgsidecar/lab/): their modules are imported only when
 # the command line names one of them, or asks for the list of commands
-LAB_PARSERS = {"bench": "pgsidecar.lab.bench", "chaos": "pgsidecar.lab.faults"}
+LAB_PARSERS = {
+    "bench": "pgsidecar.lab.bench",
+    "chaos": "pgsidecar.lab.faults",
+    "lab": "pgsidecar.lab.sim.command",
+}
 
 
 def _command(argv: list[str] | None) -> str | None:

@@ -118,6 +118,11 @@ class SimFence:
         if not self._stopped:
             self._checker.fencing_deadline(self.member, None)
 
+    @property
+    def device_state(self) -> str | None:
+        """No watchdog device is modelled."""
+        return None
+
     def can_lead(self) -> bool:
         return not self._stopped
 
@@ -150,7 +155,8 @@ class SimFence:
 
 @dataclass
 class MemberPorts:
-    """What one agent is given: its DCS client, its PostgreSQL, its clock, its fence hook."""
+    """What one agent is given: its DCS client, its PostgreSQL, its clock, its fence hook, and
+    ``violation(invariant, message)`` for what only the agent's side can check (its replay)."""
 
     name: str
     dcs: SimDCS
@@ -158,6 +164,7 @@ class MemberPorts:
     clock: SimClock
     fence: SimFence
     settings: ClusterSettings
+    violation: Callable[[str, str], None] = lambda invariant, message: None
 
 
 class SimAgent(Protocol):
@@ -618,7 +625,15 @@ class SimCluster:
         incarnation = Incarnation(name, next(self._incarnations))
         dcs = self.store.client(CLUSTER, name)
         fence = SimFence(name, self.pgs[name], self.checker, incarnation)
-        ports = MemberPorts(name, dcs, self.pgs[name], self.clocks[name], fence, self.settings)
+        ports = MemberPorts(
+            name,
+            dcs,
+            self.pgs[name],
+            self.clocks[name],
+            fence,
+            self.settings,
+            lambda invariant, message: self.checker.violation(invariant, message),
+        )
         agent = self.agent_factory(name, ports)
         context = contextvars.copy_context()
         context.run(_incarnation.set, incarnation)

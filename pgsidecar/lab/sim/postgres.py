@@ -713,7 +713,7 @@ class SimPostgres:
             stats[name] = ("streaming", sync, standby.data.wal.lsn)
         return stats, self.data.wal.lsn
 
-    async def pending_restart(self) -> list[str]:
+    async def pending_restart_settings(self) -> list[str]:
         """Settings waiting for a restart: none is modelled."""
         self._local("pg_settings")
         return []

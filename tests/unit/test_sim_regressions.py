@@ -1,0 +1,24 @@
+"""Bugs of the real agent that the simulator found, each pinned by the seed that found it: the
+seed's run (the real agent, the default fault mix) must pass every invariant. The table in
+docs/simulation.md lists them."""
+
+from __future__ import annotations
+
+from pgsidecar.lab.sim.agent import agent_factory
+from pgsidecar.lab.sim.cluster import SimCluster
+
+
+def run(seed: int, members: int = 3, synchronous_mode: str = "off") -> None:
+    result = SimCluster(
+        seed=seed, members=members, synchronous_mode=synchronous_mode, agent_factory=agent_factory
+    ).run()
+    assert result.ok, (
+        f"{result.violation}\nreplay: pgsidecar lab sim --replay {seed} --members {members} "
+        f"--synchronous-mode {synchronous_mode}"
+    )
+
+
+def test_seed_2_a_timed_out_register_member_at_start_up_does_not_end_the_agent() -> None:
+    """A restarted agent's register_member timed out (a flaky DCS): the DCSError escaped
+    start-up and ended the agent; the member never came back (liveness)."""
+    run(2)
