@@ -279,14 +279,18 @@ def eligible(s: Snapshot) -> tuple[bool, str]:
 
 def sync_allows(s: Snapshot, name: str) -> bool:
     """Synchronous mode: after the master that recorded a synchronous set is gone, only a member
-    of that set may become master (only they are known to have every acknowledged commit). No
-    record for the last master means it never relied on one, and anyone may."""
+    of that set may become master (only they are known to have every acknowledged commit), or
+    that master itself: every commit it acknowledged is in its own WAL, and nobody has been
+    master since (a new master records its own set before its first write). Without the last
+    rule a master that lost its lease while its set was empty (no standby in sync) left a
+    cluster nobody could ever lead again (found by the simulator, seed 218). No record for the
+    last master means it never relied on one, and anyone may."""
     if s.settings.synchronous_mode == "off":
         return True
     sync = s.dcs.sync
     if sync is None or sync.leader != s.dcs.last_leader:
         return True
-    return name in sync.members
+    return name in sync.members or name == sync.leader
 
 
 def _peer_eligible(m: MemberView) -> bool:

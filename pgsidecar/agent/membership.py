@@ -50,7 +50,8 @@ class Membership:
         self.ttl = ttl  # the local config's (the DCS config may change the machine's)
         self._last: dict[str, Any] | None = None
         self._member_last_seen: dict[str, float] = {}
-        self._slot_members: set[str] = set()
+        # the members whose slots the last *successful* sync kept (None: none yet, or it failed)
+        self._slot_members: set[str] | None = None
 
     # -- member key ------------------------------------------------------------------------------
 
@@ -115,6 +116,8 @@ class Membership:
         for n in names:
             self._member_last_seen[n] = now
         if names != self._slot_members:
+            # marked done at once (one sync at a time); a failed sync clears it, so the next
+            # view tries again: a member without its slot could never stream from us
             self._slot_members = names
             self.tasks.spawn(self.sync_slots(), "sync_slots")
 
@@ -129,6 +132,7 @@ class Membership:
         try:
             await self.pg.ensure_slots(keep)
         except Exception as exc:
+            self._slot_members = None  # retried on the next view of the DCS
             log.warning("slot_sync_failed", error=str(exc))
 
     # -- Consul service registration ---------------------------------------------------------------

@@ -351,3 +351,28 @@ async def test_parameters_are_not_marked_applied_in_a_role_that_writes_no_config
     put(rig, Role.REPLICA)
     await rig.agent.config.apply_cluster_parameters()
     assert len(rig.pg.called("reload")) == 1 and not rig.agent.config.parameters_changed()
+
+
+# -- the master's replication slots --------------------------------------------------------------
+
+
+async def test_a_failed_slot_sync_is_retried_on_the_next_view(rig: Rig) -> None:
+    """A member without its slot can never stream from us: a sync that failed (PostgreSQL not
+    answering for a moment) must not count as done."""
+    rig.dcs.members["pg2"] = peer("pg2", role="replica")
+    see(rig)
+    put(rig, Role.MASTER, lease=LeaseFacts(held=True, term=3))
+    members = rig.agent.members
+    rig.pg.fail["ensure_slots"] = PostgresError("connection refused")
+    members.on_master_view(rig.agent.state.snapshot)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(rig.pg.called("ensure_slots")) == 1
+    del rig.pg.fail["ensure_slots"]
+    members.on_master_view(rig.agent.state.snapshot)  # the same members: tried again
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(rig.pg.called("ensure_slots")) == 2
+    members.on_master_view(rig.agent.state.snapshot)  # done now: not again
+    await asyncio.sleep(0)
+    assert len(rig.pg.called("ensure_slots")) == 2

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from fsm.inputs import Input, step
-from fsm.machine import Role, decide
-from fsm.snapshot import DataState, Snapshot
+from fsm.machine import Role, decide, sync_allows
+from fsm.snapshot import DataState, Settings, Snapshot, SyncSet
 
 LSN = 0x3000000
 
@@ -435,6 +436,26 @@ def test_sync_mode_empty_recorded_set_means_no_automatic_failover() -> None:
         assert n.feed("dcs", **sync_view([])) == []
         assert n.feed("timer", dt=30) == []
         assert n.role is Role.REPLICA
+
+
+def test_sync_mode_the_master_that_recorded_the_set_may_race_again() -> None:
+    """It lost its lease (a DCS stall longer than the TTL) while its set was empty: every commit
+    it acknowledged is in its own WAL and nobody has been master since, so it may lead again;
+    otherwise no member ever could (found by the simulator, seed 218). The others still may
+    not: they are not in the set."""
+    s = Snapshot(name="pg1", settings=Settings(synchronous_mode="on"))
+    s = dataclasses.replace(
+        s,
+        dcs=dataclasses.replace(
+            s.dcs, last_leader="pg1", sync=SyncSet(leader="pg1", term=10, members=frozenset())
+        ),
+    )
+    assert sync_allows(s, "pg1")
+    assert not sync_allows(s, "pg2")
+    with_member = dataclasses.replace(
+        s, dcs=dataclasses.replace(s.dcs, sync=SyncSet("pg1", 10, frozenset({"pg2"})))
+    )
+    assert sync_allows(with_member, "pg2") and not sync_allows(with_member, "pg3")
 
 
 def test_sync_mode_without_a_record_for_the_last_master_anyone_may_race() -> None:

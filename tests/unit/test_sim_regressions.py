@@ -22,3 +22,10 @@ def test_seed_2_a_timed_out_register_member_at_start_up_does_not_end_the_agent()
     """A restarted agent's register_member timed out (a flaky DCS): the DCSError escaped
     start-up and ended the agent; the member never came back (liveness)."""
     run(2)
+
+
+def test_seed_218_the_last_master_of_an_empty_synchronous_set_may_lead_again() -> None:
+    """Synchronous mode on: the master lost its lease in a DCS stall while no standby was in
+    sync (its recorded set was empty). No member was allowed to race, the old master included:
+    no master ever again (liveness). The master that recorded the set may now race."""
+    run(218, synchronous_mode="on")
