@@ -128,6 +128,10 @@ def cluster_paused(view: ClusterView) -> bool:
 # -- switchover ------------------------------------------------------------------------------------
 
 
+# a scheduled switchover further ahead is more likely a typo (or hostile) than a plan
+MAX_SWITCHOVER_DELAY = 7 * 86400.0
+
+
 async def request_switchover(
     dcs: DCS, target: str | None, at: float | None = None
 ) -> dict[str, Any]:
@@ -173,6 +177,11 @@ async def request_switchover(
         if not ok:
             raise SwitchoverError("no streaming replica can take over")
     now = time.time()
+    if at is not None and (not math.isfinite(at) or at > now + MAX_SWITCHOVER_DELAY):
+        raise SwitchoverError(
+            f"--at is out of range: a switchover can be scheduled at most "
+            f"{MAX_SWITCHOVER_DELAY // 86400:.0f} days ahead"
+        )
     if at is not None and at < now - 1:
         raise SwitchoverError(
             f"--at is in the past ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(at))} UTC)"
