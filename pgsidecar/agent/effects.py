@@ -245,6 +245,7 @@ async def promote(
     watch: PgWatch,
     report: Report,
     ttl: float,
+    on_promoted: Callable[[], None],
 ) -> None:
     started = report.now()
     try:
@@ -274,6 +275,8 @@ async def promote(
         with contextlib.suppress(Exception):
             await pg.reload()
     report.action("promote", "ok", started)
+    # archiving: the stanza is created (or confirmed) in the background, never in the way
+    on_promoted()
     try:
         await pg.ensure_roles()
     except Exception as exc:
@@ -418,6 +421,8 @@ class EffectContext:
     sync: SyncManager
     fence_deadline: Callable[[float], float]
     ttl: float  # the local config's
+    # called once PostgreSQL is writable after a promotion (the archiving's stanza)
+    on_promoted: Callable[[], None] = lambda: None
 
 
 EffectFn = Callable[[EffectContext], Awaitable[None]]
@@ -442,6 +447,7 @@ EFFECTS: dict[Effect, EffectFn] = {
         c.watch,
         c.report,
         c.ttl,
+        c.on_promoted,
     ),
     Effect.START_PRIMARY: lambda c: start_primary(c.fence, c.runner, c.report),
     Effect.FENCE: lambda c: fence_pg(c.state, c.pg, c.fence, c.runner, c.watch, c.report),

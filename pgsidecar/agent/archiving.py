@@ -1,0 +1,106 @@
+"""Continuous archiving with pgBackRest: the parameters each role's postgresql.conf gets, the
+member's pgbackrest.conf written at start, and the stanza the master creates after each
+promotion (the bootstrap's included). Archiving never stands in the way of the master: a stanza
+that cannot be created is recorded, reported and tried again while the member stays master."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import structlog
+
+from fsm.machine import Role
+from pgsidecar.agent.ports import Clock
+from pgsidecar.agent.state import ActionLog, NodeState, TaskSet
+from pgsidecar.backup import BackupError
+
+log = structlog.get_logger("pgsidecar.agent")
+
+
+class ArchivePort(Protocol):
+    """What the agent asks of pgBackRest (PgBackRest is the real one)."""
+
+    def archive_parameters(self) -> dict[str, str]: ...
+
+    def restore_command(self) -> str: ...
+
+    def write_config(self) -> Any: ...
+
+    async def stanza_create(self, timeout: float = ...) -> None: ...  # noqa: ASYNC109
+
+
+class Archiving:
+    """One member's archiving. ``stanza_ok`` is None until the first attempt of this promotion,
+    then whether the stanza was confirmed; ``failures`` counts failed attempts since the start;
+    ``last_error`` is the latest one's message (pgBackRest's, without secrets)."""
+
+    def __init__(
+        self,
+        pgbackrest: ArchivePort,
+        state: NodeState,
+        tasks: TaskSet,
+        record: ActionLog,
+        clock: Clock,
+        *,
+        first_retry: float = 5.0,
+        max_retry: float = 300.0,
+    ) -> None:
+        self.pgbackrest = pgbackrest
+        self.state = state
+        self.tasks = tasks
+        self.record = record
+        self.clock = clock
+        self.first_retry = first_retry
+        self.max_retry = max_retry
+        self.stanza_ok: bool | None = None
+        self.failures = 0
+        self.last_error: str | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    def primary_parameters(self) -> dict[str, str]:
+        # archive_mode can change only at server start: every role writes it, so a promoted
+        # standby archives at once, with no restart
+        return dict(self.pgbackrest.archive_parameters())
+
+    def standby_parameters(self) -> dict[str, str]:
+        # a standby that fell behind the master's WAL catches up from the repository
+        return {
+            **self.pgbackrest.archive_parameters(),
+            "restore_command": self.pgbackrest.restore_command(),
+        }
+
+    def write_config(self) -> None:
+        """pgbackrest.conf, before PostgreSQL starts (its archive_command reads it). Raises
+        BackupError (or OSError) when it cannot be written."""
+        self.pgbackrest.write_config()
+
+    def on_promoted(self) -> None:
+        """We are master now (after the bootstrap or a failover): create the stanza, or confirm
+        it (idempotent), in the background; the master serves meanwhile."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.stanza_ok = None
+        self._task = self.tasks.spawn(self._ensure_stanza(), "stanza_create")
+
+    async def _ensure_stanza(self) -> None:
+        delay = self.first_retry
+        while self.state.role is Role.MASTER:
+            started = self.clock.monotonic()
+            try:
+                await self.pgbackrest.stanza_create()
+            except BackupError as exc:
+                self.stanza_ok = False
+                self.failures += 1
+                self.last_error = str(exc)
+                log.error("stanza_create_failed", error=self.last_error, retry_in=delay)
+                self.record(
+                    "stanza_create", "failed", started, error=self.last_error[:500], retry=delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_retry)
+                continue
+            self.stanza_ok = True
+            self.last_error = None
+            self.record("stanza_create", "ok", started)
+            return

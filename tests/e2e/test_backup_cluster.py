@@ -1,0 +1,164 @@
+"""A local cluster of real agents archiving into a pgBackRest repository (real pgBackRest, real
+PostgreSQL, real etcd): WAL reaches the repository, a switchover's new master archives its
+timeline history and goes on with no gap, and `pgsidecar backup` takes a backup from the
+streaming replica and lists it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import structlog
+
+from pgsidecar.backup import PgBackRest, StanzaInfo
+from pgsidecar.backup.member import member_pgbackrest
+from pgsidecar.cli import main
+from pgsidecar.config import load_config
+from pgsidecar.lab.local import LocalCluster
+from tests.support.clusterutil import local_cluster, new_master, wait_for
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
+)
+
+# "000000020000000000000005" (a segment), "00000002.history", ".partial" of a segment
+_SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?-[0-9a-f]{40}")
+
+
+@pytest.fixture
+def repo_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="pgsc-repo-", dir="/tmp"))
+    os.chmod(d, 0o755)  # the agent creates backup/ in it, owned by PostgreSQL's OS user
+    try:
+        yield d / "backup"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster(repo_dir: Path) -> Iterator[LocalCluster]:
+    extra = {
+        "backup.repository.type": "posix",
+        "backup.repository.path": str(repo_dir),
+        "backup.archive_timeout": 30,
+    }
+    with local_cluster(nodes=2, ttl=5.0, extra=extra) as lc:
+        yield lc
+
+
+def pgbackrest_of(lc: LocalCluster, name: str) -> PgBackRest:
+    br = member_pgbackrest(load_config(lc.config_path(name)), structlog.get_logger("test"))
+    assert br is not None
+    return br
+
+
+def info(lc: LocalCluster, name: str) -> StanzaInfo | None:
+    try:
+        return asyncio.run(pgbackrest_of(lc, name).info())
+    except Exception:
+        return None
+
+
+def archive_max(lc: LocalCluster, name: str) -> str | None:
+    st = info(lc, name)
+    if st is None or not st.archives:
+        return None
+    return st.archives[-1].max
+
+
+def sql(lc: LocalCluster, name: str, text: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(lc.dsn(name), autocommit=True) as conn:
+        cur = conn.execute(text)
+        return cur.fetchall() if cur.description else []
+
+
+def write_and_switch(lc: LocalCluster, name: str, value: int) -> str:
+    """A commit on ``name``, then a WAL switch: returns the segment that held the commit."""
+    sql(lc, name, "CREATE TABLE IF NOT EXISTS t (v int)")
+    sql(lc, name, f"INSERT INTO t VALUES ({value})")
+    (seg,) = sql(lc, name, "SELECT pg_walfile_name(pg_current_wal_lsn())")[0]
+    sql(lc, name, "SELECT pg_switch_wal()")
+    return str(seg)
+
+
+def archived_segments(repo: Path, cluster: str) -> tuple[set[tuple[int, int]], set[int]]:
+    """(timeline, segment number) of every WAL segment in the stanza's archive (a .partial
+    left by a promotion counts for its old timeline), and the timelines with a history file."""
+    segments: set[tuple[int, int]] = set()
+    histories: set[int] = set()
+    for path in (repo / "archive" / cluster).rglob("*"):
+        if path.name.endswith(".history"):
+            histories.add(int(path.name.split(".")[0], 16))
+            continue
+        m = _SEGMENT_RE.match(path.name)
+        if m:
+            tl, log_id, seg = (int(g, 16) for g in m.groups()[:3])
+            segments.add((tl, log_id * 0x100 + seg))  # 16 MB segments: 256 per log id
+    return segments, histories
+
+
+def switchover(lc: LocalCluster) -> str:
+    old = lc.master()
+    assert main(["switchover", "--dir", str(lc.dir)]) == 0
+    new = wait_for(lambda: new_master(lc, old), 60, what="a new master after the switchover")
+    wait_for(
+        lambda: (lc.api_status(old) or {}).get("streaming"),
+        60,
+        what=f"{old} to stream from {new}",
+    )
+    return str(new)
+
+
+@pytest.mark.integration
+def test_archiving_goes_on_across_a_switchover_with_no_gap(
+    cluster: LocalCluster, repo_dir: Path
+) -> None:
+    lc = cluster
+    first = lc.master()
+    assert first is not None
+    # the master created the stanza after its bootstrap: the repository answers for it
+    wait_for(lambda: archive_max(lc, first), 60, what="the stanza and its first archived WAL")
+
+    seg = write_and_switch(lc, first, 1)
+    wait_for(
+        lambda: (archive_max(lc, first) or "") >= seg,
+        30,
+        what=f"segment {seg} in the archive",
+    )
+    # the replica is configured to fetch WAL from the repository if it falls behind
+    replica = next(m.name for m in lc.members if m.name != first)
+    (restore_command,) = sql(lc, replica, "SHOW restore_command")[0]
+    assert "archive-get" in restore_command and f"--stanza={lc.cluster}" in restore_command
+    (archive_mode,) = sql(lc, replica, "SHOW archive_mode")[0]
+    assert archive_mode == "on"  # set from the start: a promotion archives without a restart
+
+    second = switchover(lc)
+    seg2 = write_and_switch(lc, second, 2)
+    timeline = int(seg2[:8], 16)  # the new master writes on a timeline of its own
+    assert timeline > int(seg[:8], 16)
+    wait_for(
+        lambda: (archive_max(lc, second) or "") >= seg2,
+        60,
+        what=f"segment {seg2} of the new master's timeline in the archive",
+    )
+    segments, histories = archived_segments(repo_dir, lc.cluster)
+    assert timeline in histories, f"no {timeline:08X}.history in the archive"
+    # no gap: each timeline's segments are consecutive, and the new timeline starts at (or
+    # right after) the segment where the old one ended
+    by_timeline: dict[int, list[int]] = {}
+    for tl, n in sorted(segments):
+        by_timeline.setdefault(tl, []).append(n)
+    for tl, numbers in by_timeline.items():
+        assert numbers == list(range(numbers[0], numbers[-1] + 1)), f"gap in timeline {tl}"
+    previous = max(tl for tl in by_timeline if tl < timeline)
+    assert by_timeline[timeline][0] <= by_timeline[previous][-1] + 1
+    # pgBackRest agrees: check switches WAL on the new master and finds it archived
+    asyncio.run(pgbackrest_of(lc, second).check())
