@@ -66,6 +66,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     cluster=args.cluster,
                     extra=extra,
                     kafka=want_kafka(args),
+                    backup=args.backup,
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             cfg_mode = yaml_mode(lc)
@@ -127,6 +128,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=["off", "on", "strict"],
         default="off",
         help="synchronous replication; returns once a synchronous standby is recorded",
+    )
+    up.add_argument(
+        "--backup",
+        action="store_true",
+        help="archive WAL into a pgBackRest repository in DIR/backup (`pgsidecar backup`)",
     )
     k = up.add_mutually_exclusive_group()
     k.add_argument(

@@ -118,9 +118,11 @@ class LocalCluster:
         extra: dict[str, Any] | None = None,
         dcs_url: str | None = None,
         kafka: bool = False,
+        backup: bool = False,
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
-        a cluster at the Consul emulator this way)."""
+        a cluster at the Consul emulator this way). ``backup``: the members archive into a
+        pgBackRest repository in DIR/backup (docs/backup.md)."""
         if self.meta_path.exists():
             raise LocalClusterError(
                 f"{self.dir} already holds a local cluster; `pgsidecar local down --dir {self.dir}` and remove it, "
@@ -178,6 +180,7 @@ class LocalCluster:
             "etcd": {"client_port": base, "peer_port": base + 1},
             "dcs_url": dcs_url,
             "kafka": {"port": base + 2, "controller_port": base + 3} if kafka else None,
+            "backup": {"repository": str(self.dir / "backup")} if backup else None,
             "pg_bin": str(pg_bin),
             "pg_user": pg_user,
             "members": [
@@ -228,6 +231,12 @@ class LocalCluster:
         }
         if meta.get("pg_user"):
             cfg["postgresql"]["os_user"] = meta["pg_user"]
+        if meta.get("backup"):
+            # one repository for the cluster, which every member's agent creates if missing
+            cfg["backup"] = {
+                "repository": {"type": "posix", "path": meta["backup"]["repository"]},
+                "archive_timeout": 30,
+            }
         for key, value in extra.items():
             if isinstance(value, str):
                 # per-member values: "{name}" is the member's name (e.g. its pod name)

@@ -6,6 +6,8 @@ streaming replica and lists it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -105,8 +107,15 @@ def archived_segments(repo: Path, cluster: str) -> tuple[set[tuple[int, int]], s
     return segments, histories
 
 
+def streaming_in_dcs(lc: LocalCluster, master: str) -> list[str]:
+    members = lc.read_view().members
+    return [n for n, m in members.items() if n != master and m.get("streaming")]
+
+
 def switchover(lc: LocalCluster) -> str:
     old = lc.master()
+    assert old is not None
+    wait_for(lambda: streaming_in_dcs(lc, old), 30, what="a replica published as streaming")
     assert main(["switchover", "--dir", str(lc.dir)]) == 0
     new = wait_for(lambda: new_master(lc, old), 60, what="a new master after the switchover")
     wait_for(
@@ -118,8 +127,8 @@ def switchover(lc: LocalCluster) -> str:
 
 
 @pytest.mark.integration
-def test_archiving_goes_on_across_a_switchover_with_no_gap(
-    cluster: LocalCluster, repo_dir: Path
+def test_archiving_goes_on_across_a_switchover_then_a_backup_from_the_replica(
+    cluster: LocalCluster, repo_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     lc = cluster
     first = lc.master()
@@ -162,3 +171,66 @@ def test_archiving_goes_on_across_a_switchover_with_no_gap(
     assert by_timeline[timeline][0] <= by_timeline[previous][-1] + 1
     # pgBackRest agrees: check switches WAL on the new master and finds it archived
     asyncio.run(pgbackrest_of(lc, second).check())
+
+    # a backup: from the streaming replica (the former master), started on the new master
+    replica = first
+    wait_for(
+        lambda: (lc.api_status(replica) or {}).get("streaming"), 30, what=f"{replica} streaming"
+    )
+    capsys.readouterr()
+    assert main(["backup", "--dir", str(lc.dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"files from replica {replica}, started on master {second}" in out
+    assert main(["backup", "list", "--json", "--dir", str(lc.dir)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (full,) = doc["backups"]
+    assert full["type"] == "full" and full["size"] > 0 and full["repo_size"] > 0
+    assert full["wal_start"] <= full["wal_stop"] <= doc["archive"][-1]["max"]
+    assert full["label"] in out
+    manifest = repo_dir / "backup" / lc.cluster / full["label"] / "backup.manifest"
+    assert "option-backup-standby=true" in manifest.read_text()
+    # an incremental on top of it, listed after it as a table
+    assert main(["backup", "--type", "incr", "--dir", str(lc.dir)]) == 0
+    capsys.readouterr()
+    assert main(["backup", "list", "--dir", str(lc.dir)]) == 0
+    table = capsys.readouterr().out
+    lines = [ln for ln in table.splitlines() if ln.startswith("| 2")]
+    assert len(lines) == 2 and "| full " in lines[0] and "| incr " in lines[1], table
+
+
+@pytest.mark.integration
+def test_local_up_with_backup_then_a_backup_from_the_master(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`local up --backup`: the repository is DIR/backup; with one member, the backup comes
+    from the master."""
+    d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    lc = LocalCluster(d / "c")
+    try:
+        argv = ["local", "up", "--nodes", "1", "--dir", str(lc.dir), "--ttl", "5", "--no-kafka"]
+        assert main([*argv, "--backup"]) == 0
+        lc = LocalCluster(d / "c")  # as `local up` created it
+        master = lc.master()
+        assert master is not None
+        wait_for(lambda: archive_max(lc, master), 60, what="the stanza after the bootstrap")
+        capsys.readouterr()
+        assert main(["backup", "--dir", str(lc.dir), "--type", "diff"]) == 0
+        out = capsys.readouterr().out
+        assert f"from master {master}" in out
+        assert main(["backup", "list", "--json", "--dir", str(lc.dir)]) == 0
+        (only,) = json.loads(capsys.readouterr().out)["backups"]
+        # a diff with no full before it is taken as a full
+        assert only["type"] == "full"
+        assert (lc.dir / "backup" / "backup" / lc.cluster / only["label"]).is_dir()
+    finally:
+        lc = LocalCluster(d / "c")  # whatever `local up` got to start
+        try:
+            lc.down()
+        finally:
+            for m in lc.members:
+                for pid in (lc.agent_pid(m.name), lc.postmaster_pid(m.name)):
+                    if pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, 9)
+            shutil.rmtree(d, ignore_errors=True)
