@@ -6,6 +6,7 @@ that cannot be created is recorded, reported and tried again while the member st
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
@@ -13,7 +14,7 @@ import structlog
 from fsm.machine import Role
 from pgsidecar.agent.ports import Clock
 from pgsidecar.agent.state import ActionLog, NodeState, TaskSet
-from pgsidecar.backup import BackupError
+from pgsidecar.backup import BackupError, StanzaInfo
 
 log = structlog.get_logger("pgsidecar.agent")
 
@@ -29,6 +30,10 @@ class ArchivePort(Protocol):
 
     async def stanza_create(self, timeout: float = ...) -> None: ...  # noqa: ASYNC109
 
+    async def info(self, timeout: float = ...) -> StanzaInfo: ...  # noqa: ASYNC109
+
+    async def restore(self, data_dir: Path, *, standby: bool = ...) -> None: ...
+
 
 class Archiving:
     """One member's archiving. ``stanza_ok`` is None until the first attempt of this promotion,
@@ -42,6 +47,7 @@ class Archiving:
         tasks: TaskSet,
         record: ActionLog,
         clock: Clock,
+        data_dir: Path,
         *,
         first_retry: float = 5.0,
         max_retry: float = 300.0,
@@ -51,6 +57,7 @@ class Archiving:
         self.tasks = tasks
         self.record = record
         self.clock = clock
+        self.data_dir = data_dir
         self.first_retry = first_retry
         self.max_retry = max_retry
         self.stanza_ok: bool | None = None
@@ -104,3 +111,16 @@ class Archiving:
             self.last_error = None
             self.record("stanza_create", "ok", started)
             return
+
+    async def restore_replica(self) -> str | None:
+        """Restore the repository's latest backup into the (empty) data directory as a standby
+        (standby.signal, restore_command): the new replica replays the archive, then streams
+        from the master. Returns the backup's label, or None when the repository holds no
+        backup yet. Raises BackupError when the restore fails (the caller falls back on
+        pg_basebackup)."""
+        info = await self.pgbackrest.info()
+        latest = info.latest()
+        if latest is None:
+            return None
+        await self.pgbackrest.restore(self.data_dir, standby=True)
+        return latest.label

@@ -167,7 +167,12 @@ class Agent:
         self.archiving: Archiving | None = None
         if self.services.pgbackrest is not None:
             self.archiving = Archiving(
-                self.services.pgbackrest, self.state, self.tasks, self.recorder.action, self.clock
+                self.services.pgbackrest,
+                self.state,
+                self.tasks,
+                self.recorder.action,
+                self.clock,
+                cfg.postgresql.data_dir,
             )
         self.config = PgConfig(
             self.state,
@@ -220,6 +225,7 @@ class Agent:
             fence_deadline=self.renewal.fence_deadline,
             ttl=self.settings.ttl,
             on_promoted=self.archiving.on_promoted if self.archiving else _nothing,
+            restore_replica=self.archiving.restore_replica if self.archiving else None,
         )
         self._effect_task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None

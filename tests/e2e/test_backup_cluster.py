@@ -107,6 +107,11 @@ def archived_segments(repo: Path, cluster: str) -> tuple[set[tuple[int, int]], s
     return segments, histories
 
 
+def journal(lc: LocalCluster, name: str) -> list[dict[str, Any]]:
+    path = lc.dir / name / "journal.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def streaming_in_dcs(lc: LocalCluster, master: str) -> list[str]:
     members = lc.read_view().members
     return [n for n, m in members.items() if n != master and m.get("streaming")]
@@ -196,6 +201,21 @@ def test_archiving_goes_on_across_a_switchover_then_a_backup_from_the_replica(
     table = capsys.readouterr().out
     lines = [ln for ln in table.splitlines() if ln.startswith("| 2")]
     assert len(lines) == 2 and "| full " in lines[0] and "| incr " in lines[1], table
+
+    # reinit: the replica's data comes from the repository (restore, then it streams)
+    sql(lc, second, "INSERT INTO t VALUES (3)")
+    assert main(["reinit", replica, "--dir", str(lc.dir), "--timeout", "120"]) == 0
+    restores = [
+        r["body"]
+        for r in journal(lc, replica)
+        if r["kind"] == "action" and r["body"].get("name") == "restore_replica"
+    ]
+    assert [(r["outcome"], r["backup"]) for r in restores] == [("ok", lines[1].split()[1])]
+    wait_for(
+        lambda: sql(lc, replica, "SELECT count(*) FROM t WHERE v = 3")[0][0] == 1,
+        30,
+        what="the restored replica to stream the commit made after the backup",
+    )
 
 
 @pytest.mark.integration

@@ -14,10 +14,11 @@ import pytest
 from pydantic import ValidationError
 
 from fsm.machine import EFFECT, Effect, Role
-from pgsidecar.backup import BackupError
+from pgsidecar.backup import BackupError, StanzaInfo
 from pgsidecar.config import AgentConfig
 from tests.unit.agent_fakes import Rig, put
-from tests.unit.test_agent_effects import promoting
+from tests.unit.test_agent_effects import promoting, run, with_master
+from tests.unit.test_cli_backup import backup_set
 
 ARCHIVE = "/usr/bin/pgbackrest --stanza=c1 archive-push %p"
 RESTORE = '/usr/bin/pgbackrest --stanza=c1 archive-get %f "%p"'
@@ -28,6 +29,9 @@ class FakePgBackRest:
         self.configs_written = 0
         self.stanza_calls = 0
         self.fail_stanza: list[BackupError] = []
+        self.backups: list[str] = []  # labels in the repository
+        self.restored: list[tuple[Path, bool]] = []
+        self.fail_restore: BackupError | None = None
 
     def archive_parameters(self) -> dict[str, str]:
         return {"archive_mode": "on", "archive_command": ARCHIVE}
@@ -42,6 +46,16 @@ class FakePgBackRest:
         self.stanza_calls += 1
         if self.fail_stanza:
             raise self.fail_stanza.pop(0)
+
+    async def info(self, timeout: float = 60.0) -> StanzaInfo:  # noqa: ASYNC109
+        return StanzaInfo(
+            "c1", 0, "ok", backups=[backup_set(label, "full", 1) for label in self.backups]
+        )
+
+    async def restore(self, data_dir: Path, *, standby: bool = False) -> None:
+        self.restored.append((data_dir, standby))
+        if self.fail_restore is not None:
+            raise self.fail_restore
 
 
 @pytest.fixture
@@ -153,3 +167,41 @@ def test_the_config_refuses_archive_parameters_beside_a_backup_section(tmp_path:
         AgentConfig.model_validate(
             {**base, "backup": {"repository": {"type": "posix", "path": "/var/backup"}}}
         )
+
+
+# -- a new replica from the repository ---------------------------------------------------------
+
+
+async def test_a_new_replica_is_restored_from_the_latest_backup(
+    rig: Rig, br: FakePgBackRest
+) -> None:
+    br.backups = ["20261203-050000F", "20261203-050000F_20261203-060000I"]
+    with_master(rig)
+    out, _ = await run(rig, Effect.CLONE)
+    assert out == {"name": Effect.CLONE, "ok": True, "source": "repository"}
+    assert br.restored == [(rig.cfg.postgresql.data_dir, True)]
+    assert rig.pg.called("basebackup") == []
+    assert rig.pg.called("wipe_data") == [()]  # restore needs an empty directory
+    (action,) = [r.body for r in rig.sink.of("action") if r.body["name"] == "restore_replica"]
+    assert action["outcome"] == "ok" and action["backup"] == "20261203-050000F_20261203-060000I"
+
+
+async def test_pg_basebackup_when_the_repository_has_no_backup(
+    rig: Rig, br: FakePgBackRest
+) -> None:
+    with_master(rig)
+    out, _ = await run(rig, Effect.CLONE)
+    assert out == {"name": Effect.CLONE, "ok": True, "source": "pg2"}
+    assert br.restored == [] and len(rig.pg.called("basebackup")) == 1
+
+
+async def test_pg_basebackup_when_the_restore_fails(rig: Rig, br: FakePgBackRest) -> None:
+    br.backups = ["20261203-050000F"]
+    br.fail_restore = BackupError("pgbackrest restore: [104] unable to find backup set")
+    with_master(rig)
+    out, _ = await run(rig, Effect.CLONE)
+    assert out == {"name": Effect.CLONE, "ok": True, "source": "pg2"}
+    # the partial restore is wiped before the copy
+    assert rig.pg.called("wipe_data") == [(), ()] and len(rig.pg.called("basebackup")) == 1
+    (action,) = [r.body for r in rig.sink.of("action") if r.body["name"] == "restore_replica"]
+    assert action["outcome"] == "failed" and "[104]" in action["error"]
