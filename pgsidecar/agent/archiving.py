@@ -6,10 +6,12 @@ that cannot be created is recorded, reported and tried again while the member st
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+from prometheus_client.core import GaugeMetricFamily
 
 from fsm.machine import Role
 from pgsidecar.agent.ports import Clock
@@ -33,6 +35,9 @@ class ArchivePort(Protocol):
     async def info(self, timeout: float = ...) -> StanzaInfo: ...  # noqa: ASYNC109
 
     async def restore(self, data_dir: Path, *, standby: bool = ...) -> None: ...
+
+
+ArchiverStats = tuple[int, float | None, int, float | None]
 
 
 class Archiving:
@@ -64,6 +69,8 @@ class Archiving:
         self.failures = 0
         self.last_error: str | None = None
         self._task: asyncio.Task[Any] | None = None
+        # pg_stat_archiver as last read (watch_archiver), for /metrics
+        self.archiver: ArchiverStats | None = None
 
     def primary_parameters(self) -> dict[str, str]:
         # archive_mode can change only at server start: every role writes it, so a promoted
@@ -124,3 +131,71 @@ class Archiving:
             return None
         await self.pgbackrest.restore(self.data_dir, standby=True)
         return latest.label
+
+    async def watch_archiver(
+        self,
+        read: Callable[[], Awaitable[ArchiverStats]],
+        running: Callable[[], bool],
+        every: float = 10.0,
+    ) -> None:
+        """Read pg_stat_archiver every ``every`` seconds while PostgreSQL runs (for /metrics)."""
+        while True:
+            if running():
+                try:
+                    self.archiver = await read()
+                except Exception as exc:  # noqa: BLE001 - a probe: the next round tries again
+                    log.debug("archiver_stats_unread", error=str(exc))
+            await asyncio.sleep(every)
+
+
+class ArchivingMetrics:
+    """The archiving's health on /metrics (a collector on the agent's registry): the age of the
+    last archived WAL file, failed archive attempts, and whether the stanza is confirmed."""
+
+    def __init__(self, archiving: Archiving, clock: Clock) -> None:
+        self.archiving = archiving
+        self.clock = clock
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        a = self.archiving
+        if a.archiver is not None:
+            archived, last_archived, failed, last_failed = a.archiver
+            age = GaugeMetricFamily(
+                "pgsidecar_archive_last_archived_age_seconds",
+                "seconds since PostgreSQL last archived a WAL file (pg_stat_archiver; absent: "
+                "none since the statistics were reset)",
+            )
+            if last_archived is not None:
+                age.add_metric([], max(0.0, self.clock.wall() - last_archived))
+            yield age
+            yield GaugeMetricFamily(
+                "pgsidecar_archive_archived_count",
+                "WAL files archived (pg_stat_archiver.archived_count)",
+                value=archived,
+            )
+            yield GaugeMetricFamily(
+                "pgsidecar_archive_failed_count",
+                "failed archive attempts (pg_stat_archiver.failed_count)",
+                value=failed,
+            )
+            failing = last_failed is not None and (
+                last_archived is None or last_failed > last_archived
+            )
+            yield GaugeMetricFamily(
+                "pgsidecar_archive_failing",
+                "1 when the last archive attempt failed",
+                value=1 if failing else 0,
+            )
+        stanza = GaugeMetricFamily(
+            "pgsidecar_backup_stanza_ok",
+            "1 when this master created or confirmed the stanza, 0 when that failed (absent: "
+            "not master, or not tried yet)",
+        )
+        if a.stanza_ok is not None:
+            stanza.add_metric([], 1 if a.stanza_ok else 0)
+        yield stanza
+        yield GaugeMetricFamily(
+            "pgsidecar_backup_stanza_failures",
+            "failed stanza-create attempts since the agent started",
+            value=a.failures,
+        )

@@ -92,6 +92,7 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
     services = Services(
         serve_api=bool(cfg.api.port),
         pgbackrest=member_pgbackrest(cfg, log),
+        archiver_stats=pg.archiver_stats,
         metrics_registry=registry,
         peer_feed=peer_feed,
         kubernetes=kubernetes,

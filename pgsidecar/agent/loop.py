@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +24,7 @@ from events.privatefiles import make_private_dir
 from fsm.inputs import Input, pg_facts_to_dict, step
 from fsm.machine import EFFECT, Decision, Effect, Role, RoleMachine
 from fsm.snapshot import Settings, Snapshot
-from pgsidecar.agent.archiving import ArchivePort, Archiving
+from pgsidecar.agent.archiving import ArchivePort, ArchiverStats, Archiving, ArchivingMetrics
 from pgsidecar.agent.effects import EFFECTS, EffectContext, PgRunner, Report
 from pgsidecar.agent.membership import KubernetesGlue, Membership
 from pgsidecar.agent.pgconfig import PgConfig
@@ -101,6 +101,8 @@ class Services:
     peer_feed: PeerFeed | None = None
     kubernetes: KubernetesGlue | None = None
     pgbackrest: ArchivePort | None = None
+    # pg_stat_archiver for the archiving's /metrics (None: not watched)
+    archiver_stats: Callable[[], Awaitable[ArchiverStats]] | None = None
 
 
 class Agent:
@@ -174,6 +176,10 @@ class Agent:
                 self.clock,
                 cfg.postgresql.data_dir,
             )
+            if self.services.metrics_registry is not None:
+                self.services.metrics_registry.register(
+                    ArchivingMetrics(self.archiving, self.clock)
+                )
         self.config = PgConfig(
             self.state,
             self.pg,
@@ -356,6 +362,13 @@ class Agent:
                 probe_loop(self.state, self.pg, self.watch, self.fork, self.sync.tick)
             ),
         ]
+        if self.archiving is not None and self.services.archiver_stats is not None:
+            self.tasks.spawn(
+                self.archiving.watch_archiver(
+                    self.services.archiver_stats, lambda: self.pg.running
+                ),
+                "watch_archiver",
+            )
         try:
             while not self._done.is_set():
                 get = asyncio.ensure_future(self.inbox.queue.get())

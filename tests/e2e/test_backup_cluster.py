@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,16 @@ def archived_segments(repo: Path, cluster: str) -> tuple[set[tuple[int, int]], s
     return segments, histories
 
 
+def scrape(lc: LocalCluster, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"{lc.member(name).api_url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        ln.split()[0]: float(ln.split()[1])
+        for ln in text.splitlines()
+        if ln.startswith("pgsidecar_archive") or ln.startswith("pgsidecar_backup")
+    }
+
+
 def journal(lc: LocalCluster, name: str) -> list[dict[str, Any]]:
     path = lc.dir / name / "journal.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -176,6 +187,18 @@ def test_archiving_goes_on_across_a_switchover_then_a_backup_from_the_replica(
     assert by_timeline[timeline][0] <= by_timeline[previous][-1] + 1
     # pgBackRest agrees: check switches WAL on the new master and finds it archived
     asyncio.run(pgbackrest_of(lc, second).check())
+    # the new master's /metrics: its stanza confirmed, a WAL file archived a moment ago
+    metrics = wait_for(
+        lambda: (
+            (m := scrape(lc, second)).get("pgsidecar_archive_last_archived_age_seconds") is not None
+            and m
+        ),
+        30,
+        what="the archiver's figures on /metrics",
+    )
+    assert metrics["pgsidecar_backup_stanza_ok"] == 1
+    assert metrics["pgsidecar_archive_last_archived_age_seconds"] < 60
+    assert metrics["pgsidecar_archive_archived_count"] >= 1
 
     # a backup: from the streaming replica (the former master), started on the new master
     replica = first

@@ -205,3 +205,58 @@ async def test_pg_basebackup_when_the_restore_fails(rig: Rig, br: FakePgBackRest
     assert rig.pg.called("wipe_data") == [(), ()] and len(rig.pg.called("basebackup")) == 1
     (action,) = [r.body for r in rig.sink.of("action") if r.body["name"] == "restore_replica"]
     assert action["outcome"] == "failed" and "[104]" in action["error"]
+
+
+# -- /metrics ----------------------------------------------------------------------------------
+
+
+async def test_metrics_show_the_archivers_health_and_the_stanza(rig: Rig) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgsidecar.agent.archiving import ArchivingMetrics
+
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    registry = CollectorRegistry()
+    registry.register(ArchivingMetrics(archiving, rig.clock))
+
+    def scrape() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        return {
+            ln.split()[0]: float(ln.split()[1])
+            for ln in text.splitlines()
+            if ln and not ln.startswith("#")
+        }
+
+    assert scrape() == {"pgsidecar_backup_stanza_failures": 0.0}  # nothing known yet
+    now = rig.clock.wall()
+    archiving.archiver = (12, now - 30, 3, now - 100)
+    archiving.stanza_ok, archiving.failures = True, 1
+    m = scrape()
+    assert 29 <= m["pgsidecar_archive_last_archived_age_seconds"] <= 31
+    assert m["pgsidecar_archive_archived_count"] == 12
+    assert m["pgsidecar_archive_failed_count"] == 3
+    assert m["pgsidecar_archive_failing"] == 0  # archived since the last failure
+    assert m["pgsidecar_backup_stanza_ok"] == 1 and m["pgsidecar_backup_stanza_failures"] == 1
+    archiving.archiver = (12, now - 30, 4, now - 1)
+    assert scrape()["pgsidecar_archive_failing"] == 1
+
+
+async def test_the_archiver_is_read_while_postgresql_runs(rig: Rig) -> None:
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    reads = 0
+    running = False
+
+    async def read() -> tuple[int, float | None, int, float | None]:
+        nonlocal reads
+        reads += 1
+        return reads, None, 0, None
+
+    task = asyncio.ensure_future(archiving.watch_archiver(read, lambda: running, every=0.01))
+    await asyncio.sleep(0.05)
+    assert reads == 0 and archiving.archiver is None
+    running = True
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert reads > 0 and archiving.archiver == (reads, None, 0, None)
