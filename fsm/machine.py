@@ -277,6 +277,26 @@ def eligible(s: Snapshot) -> tuple[bool, str]:
     return True, ""
 
 
+def _upstream_stepped_down(s: Snapshot) -> bool:
+    """Our WAL receiver streams from a member that has itself published that it is no longer
+    master: a switchover's old master, restarted as a standby, serves WAL to cascading standbys
+    (a standby with a restore_command reconnects to it within a second). That stream is not a
+    master still writing. A master cut off from the DCS cannot publish such a change, so its
+    stream still holds us back."""
+    upstream = s.pg.receiver_upstream
+    if upstream is None:
+        return False
+    for m in s.dcs.members.values():
+        if (
+            m.name != s.name
+            and m.conn_host is not None
+            and m.conn_port is not None
+            and f"{m.conn_host}:{m.conn_port}" == upstream
+        ):
+            return m.role in ("demoted", "replica", "candidate")
+    return False
+
+
 def sync_allows(s: Snapshot, name: str) -> bool:
     """Synchronous mode: after the master that recorded a synchronous set is gone, only a member
     of that set may become master (only they are known to have every acknowledged commit), or
@@ -617,7 +637,11 @@ def _decide_candidate(s: Snapshot) -> Decision:
             return _wait_until(
                 since + s.settings.ttl, "we lost the race: waiting for the winner's key"
             )
-    if s.pg.receiver_streaming and s.now < lost_at + s.settings.ttl:
+    if (
+        s.pg.receiver_streaming
+        and s.now < lost_at + s.settings.ttl
+        and not _upstream_stepped_down(s)
+    ):
         # The key is gone but the old master's WAL still streams to us: it is alive (the key
         # went with a DCS-side event, e.g. a Consul agent restart) and fences itself on its own
         # clock. Racing now could make two writable masters; wait for the stream to stop.

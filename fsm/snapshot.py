@@ -41,7 +41,7 @@ class PgFacts:
     received_lsn: int | None = None
     replayed_lsn: int | None = None
     receiver_streaming: bool = False
-    receiver_upstream: str | None = None  # member name the walreceiver is connected to
+    receiver_upstream: str | None = None  # host:port the walreceiver is connected to
     # the agent could not start it (consecutive failures since it last ran)
     start_failures: int = 0
     # PostgreSQL exited while the agent did not ask it to

@@ -33,6 +33,10 @@ from events.settings import EtcdSettings as EtcdSettings
 from events.settings import KafkaSettings as KafkaSettings
 from events.settings import KubernetesSettings as KubernetesSettings
 from events.settings import Strict as Strict
+from pgsidecar.backup.settings import BackupSettings
+
+# written by the agent from the backup section when it is set; never a member parameter then
+BACKUP_PARAMETERS = ("archive_mode", "archive_command", "restore_command")
 
 NAME_RE = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 
@@ -309,6 +313,9 @@ class AgentConfig(Strict):
     kubernetes: KubernetesSettings = KubernetesSettings()
     tags: Tags = Tags()
     fencing: FencingSettings = FencingSettings()
+    # continuous archiving and backups with pgBackRest (docs/backup.md): the member's own
+    # config only, since archive_command runs a command; the DCS never sets it
+    backup: BackupSettings | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = None
 
@@ -320,6 +327,13 @@ class AgentConfig(Strict):
             raise ValueError(
                 "postgresql.replication.username must differ from postgresql.superuser.username"
             )
+        if self.backup is not None:
+            clash = sorted(k for k in self.postgresql.parameters if k.lower() in BACKUP_PARAMETERS)
+            if clash:
+                raise ValueError(
+                    f"postgresql.parameters sets {', '.join(clash)}, which the agent writes "
+                    f"itself when the backup section is set: remove them"
+                )
         return self
 
 

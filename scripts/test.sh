@@ -17,9 +17,9 @@ if (($#)); then
 fi
 start=$SECONDS
 failed=()
-# the tiers are folders (docs/testing.md): unit (no external process), contract and e2e (real
-# PostgreSQL, etcd, Kafka), faults
-for tier in "tests/unit" "tests/contract tests/e2e" "tests/faults"; do
+# the tiers are folders (docs/testing.md): unit (no external process), sim (seeds of simulated
+# clusters with the real agent), contract and e2e (real PostgreSQL, etcd, Kafka), faults
+for tier in "tests/unit" "tests/sim" "tests/contract tests/e2e" "tests/faults"; do
     echo "== tier: $tier ($((SECONDS - start)) s so far)"
     # every tier runs even after a failure, so one run shows everything that is wrong
     # shellcheck disable=SC2086 # the tier is a list of folders

@@ -31,6 +31,7 @@ def dcs_backend(request: pytest.FixtureRequest):
 # process (etcd, Kafka) cannot sit in tests/unit: collection fails and says where it belongs.
 TIER_MARKERS = {
     "unit": (),
+    "sim": ("sim",),
     "contract": ("integration",),
     "e2e": ("integration",),
     "faults": ("integration", "faults"),
@@ -51,9 +52,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 "under tests/; move it there"
             )
         starts = starts_etcd(item) or bool(KAFKA_FIXTURES & set(getattr(item, "fixturenames", ())))
-        if tier == "unit" and starts:
+        if tier in ("unit", "sim") and starts:
             raise pytest.UsageError(
-                f"{item.nodeid} starts a real etcd or Kafka but lives in tests/unit (which starts "
+                f"{item.nodeid} starts a real etcd or Kafka but lives in tests/{tier} (which starts "
                 "no external process): move it to tests/contract or tests/e2e"
             )
         for name in TIER_MARKERS[tier]:

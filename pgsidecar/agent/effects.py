@@ -23,6 +23,7 @@ from pgsidecar.agent.pgconfig import PgConfig, Upstream, clone_source, leader_co
 from pgsidecar.agent.ports import Clock, FencePort, PostgresPort
 from pgsidecar.agent.sources import PgWatch
 from pgsidecar.agent.state import ActionLog, NodeState, Post
+from pgsidecar.backup import BackupError
 from pgsidecar.postgres.control import PostgresError
 from pgsidecar.syncrep import SyncManager
 
@@ -138,7 +139,17 @@ async def bootstrap(name: str, dcs: DCS, pg: PostgresPort, watch: PgWatch, repor
     report.outcome(Effect.BOOTSTRAP, ok=True, won=True)
 
 
-async def clone(state: NodeState, pg: PostgresPort, watch: PgWatch, report: Report) -> None:
+async def clone(
+    state: NodeState,
+    pg: PostgresPort,
+    watch: PgWatch,
+    report: Report,
+    restore_replica: Callable[[], Awaitable[str | None]] | None = None,
+) -> None:
+    """A new replica's data: restored from the backup repository when there is one (the
+    archive replays it up to the master's WAL, then it streams: the master copies nothing),
+    else, or when the restore fails, pg_basebackup from a streaming replica tagged clonefrom
+    or the master."""
     failures = state.snapshot.clone_failures
     if failures:
         # back off: the master may not have created the replication role yet
@@ -149,6 +160,20 @@ async def clone(state: NodeState, pg: PostgresPort, watch: PgWatch, report: Repo
         return
     started = report.now()
     await pg.wipe_data()
+    if restore_replica is not None:
+        try:
+            label = await restore_replica()
+        except (BackupError, OSError) as exc:
+            log.warning("restore_from_repository_failed", error=str(exc))
+            report.action("restore_replica", "failed", started, error=str(exc)[:500])
+            await pg.wipe_data()
+            started = report.now()
+        else:
+            if label is not None:
+                report.action("restore_replica", "ok", started, backup=label)
+                await watch.probe_now()
+                report.outcome(Effect.CLONE, ok=True, source="repository")
+                return
     await pg.basebackup(src[1])
     report.action("basebackup", "ok", started, source=src[0])
     await watch.probe_now()
@@ -245,6 +270,7 @@ async def promote(
     watch: PgWatch,
     report: Report,
     ttl: float,
+    on_promoted: Callable[[], None],
 ) -> None:
     started = report.now()
     try:
@@ -274,6 +300,8 @@ async def promote(
         with contextlib.suppress(Exception):
             await pg.reload()
     report.action("promote", "ok", started)
+    # archiving: the stanza is created (or confirmed) in the background, never in the way
+    on_promoted()
     try:
         await pg.ensure_roles()
     except Exception as exc:
@@ -418,13 +446,17 @@ class EffectContext:
     sync: SyncManager
     fence_deadline: Callable[[float], float]
     ttl: float  # the local config's
+    # called once PostgreSQL is writable after a promotion (the archiving's stanza)
+    on_promoted: Callable[[], None] = lambda: None
+    # a new replica's data from the backup repository (None: no repository configured)
+    restore_replica: Callable[[], Awaitable[str | None]] | None = None
 
 
 EffectFn = Callable[[EffectContext], Awaitable[None]]
 
 EFFECTS: dict[Effect, EffectFn] = {
     Effect.BOOTSTRAP: lambda c: bootstrap(c.state.name, c.dcs, c.pg, c.watch, c.report),
-    Effect.CLONE: lambda c: clone(c.state, c.pg, c.watch, c.report),
+    Effect.CLONE: lambda c: clone(c.state, c.pg, c.watch, c.report, c.restore_replica),
     Effect.START_STANDBY: lambda c: start_standby(c.state, c.pg, c.runner, c.report),
     Effect.FOLLOW: lambda c: follow(c.state, c.pg, c.config, c.report),
     Effect.ANNOUNCE: lambda c: announce(c.state, c.dcs, c.members, c.watch, c.report),
@@ -442,6 +474,7 @@ EFFECTS: dict[Effect, EffectFn] = {
         c.watch,
         c.report,
         c.ttl,
+        c.on_promoted,
     ),
     Effect.START_PRIMARY: lambda c: start_primary(c.fence, c.runner, c.report),
     Effect.FENCE: lambda c: fence_pg(c.state, c.pg, c.fence, c.runner, c.watch, c.report),

@@ -18,6 +18,7 @@ from pgsidecar.agent.membership import KubernetesGlue
 from pgsidecar.agent.ports import Ports, SystemClock
 from pgsidecar.agent.recorder import Recorder, SeqStore
 from pgsidecar.agent.sources import PeerFeed, watchdog_fired
+from pgsidecar.backup.member import member_pgbackrest
 from pgsidecar.config import AgentConfig
 from pgsidecar.postgres.control import PostgresControl
 from pgsidecar.procutil import os_user_ids
@@ -90,6 +91,8 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
         )
     services = Services(
         serve_api=bool(cfg.api.port),
+        pgbackrest=member_pgbackrest(cfg, log),
+        archiver_stats=pg.archiver_stats,
         metrics_registry=registry,
         peer_feed=peer_feed,
         kubernetes=kubernetes,

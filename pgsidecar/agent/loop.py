@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import functools
 import signal
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from events.privatefiles import make_private_dir
 from fsm.inputs import Input, pg_facts_to_dict, step
 from fsm.machine import EFFECT, Decision, Effect, Role, RoleMachine
 from fsm.snapshot import Settings, Snapshot
+from pgsidecar.agent.archiving import ArchivePort, ArchiverStats, Archiving, ArchivingMetrics
 from pgsidecar.agent.effects import EFFECTS, EffectContext, PgRunner, Report
 from pgsidecar.agent.membership import KubernetesGlue, Membership
 from pgsidecar.agent.pgconfig import PgConfig
@@ -38,9 +39,14 @@ from pgsidecar.agent.sources import (
     probe_loop,
 )
 from pgsidecar.agent.state import NodeState, TaskSet
+from pgsidecar.backup import BackupError, BackupSettingsError
 from pgsidecar.config import AgentConfig
 
 log = structlog.get_logger("pgsidecar.agent")
+
+
+def _nothing() -> None:
+    return None
 
 
 class AgentExit(Exception):
@@ -87,12 +93,16 @@ def local_settings(cfg: AgentConfig) -> Settings:
 @dataclass
 class Services:
     """The real agent's services around the machine, none of which it needs to decide: the
-    REST API (and the registry its /metrics serves), Kafka peers' transitions, Kubernetes pods."""
+    REST API (and the registry its /metrics serves), Kafka peers' transitions, Kubernetes pods,
+    pgBackRest (continuous archiving, when the config has a backup section)."""
 
     serve_api: bool = False
     metrics_registry: Any = None
     peer_feed: PeerFeed | None = None
     kubernetes: KubernetesGlue | None = None
+    pgbackrest: ArchivePort | None = None
+    # pg_stat_archiver for the archiving's /metrics (None: not watched)
+    archiver_stats: Callable[[], Awaitable[ArchiverStats]] | None = None
 
 
 class Agent:
@@ -164,6 +174,20 @@ class Agent:
             record=self.recorder.action,
             monotonic=self.clock.monotonic,
         )
+        self.archiving: Archiving | None = None
+        if self.services.pgbackrest is not None:
+            self.archiving = Archiving(
+                self.services.pgbackrest,
+                self.state,
+                self.tasks,
+                self.recorder.action,
+                self.clock,
+                cfg.postgresql.data_dir,
+            )
+            if self.services.metrics_registry is not None:
+                self.services.metrics_registry.register(
+                    ArchivingMetrics(self.archiving, self.clock)
+                )
         self.config = PgConfig(
             self.state,
             self.pg,
@@ -173,6 +197,8 @@ class Agent:
             self.members.publish,
             allowed_from_dcs=cfg.postgresql.parameters_allowed_from_dcs,
             local_parameters=cfg.postgresql.parameters,
+            primary_archiving=self.archiving.primary_parameters() if self.archiving else None,
+            standby_archiving=self.archiving.standby_parameters() if self.archiving else None,
         )
         self.watch = PgWatch(self.pg, post, self.tasks, self.members.publish)
         self.views = DcsViews(self.dcs, self.state, post, self.recorder, self.clock)
@@ -213,6 +239,8 @@ class Agent:
             sync=self.sync,
             fence_deadline=self.renewal.fence_deadline,
             ttl=self.settings.ttl,
+            on_promoted=self.archiving.on_promoted if self.archiving else _nothing,
+            restore_replica=self.archiving.restore_replica if self.archiving else None,
         )
         self._effect_task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -343,6 +371,13 @@ class Agent:
                 probe_loop(self.state, self.pg, self.watch, self.fork, self.sync.tick)
             ),
         ]
+        if self.archiving is not None and self.services.archiver_stats is not None:
+            self.tasks.spawn(
+                self.archiving.watch_archiver(
+                    self.services.archiver_stats, lambda: self.pg.running
+                ),
+                "watch_archiver",
+            )
         try:
             while not self._done.is_set():
                 get = asyncio.ensure_future(self.inbox.queue.get())
@@ -368,6 +403,12 @@ class Agent:
     async def _startup(self) -> None:
         log.info("agent_start", name=self.name, cluster=self.cfg.cluster, dcs=self.cfg.dcs.type)
         self.pg.write_passfile()
+        if self.archiving is not None:
+            try:
+                # before PostgreSQL starts: its archive_command reads this file
+                self.archiving.write_config()
+            except (BackupError, BackupSettingsError, OSError) as exc:
+                raise AgentExit(2, f"backup: cannot write pgbackrest.conf: {exc}") from exc
         await self._connect_dcs()
         await self._join_cluster()
         facts = await self.pg.probe()

@@ -4,7 +4,7 @@ connects to, the cluster's parameters from the DCS and the synchronous set's."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
@@ -71,6 +71,8 @@ class PgConfig:
         publish: Callable[[], None],
         allowed_from_dcs: Collection[str] = (),
         local_parameters: Collection[str] = (),
+        primary_archiving: Mapping[str, Any] | None = None,
+        standby_archiving: Mapping[str, Any] | None = None,
     ) -> None:
         self.state = state
         self.pg = pg
@@ -87,6 +89,10 @@ class PgConfig:
         self.local_parameters = frozenset(k.lower() for k in local_parameters)
         # what the DCS asked for and this member refused ({name: reason}), as last reported
         self.refused: dict[str, str] = {}
+        # archive_mode, archive_command (and a standby's restore_command) from the local config's
+        # backup section: over the cluster's, since only the member's own config runs commands
+        self.primary_archiving = dict(primary_archiving or {})
+        self.standby_archiving = dict(standby_archiving or {})
 
     def cluster_parameters(self) -> dict[str, Any]:
         """PostgreSQL parameters from the DCS config key (`config set postgresql.parameters.X=Y`),
@@ -131,7 +137,12 @@ class PgConfig:
             "primary",
             None,
             None,
-            parameters={**self.derived_parameters(cluster), **cluster, **self.sync_parameters()},
+            parameters={
+                **self.derived_parameters(cluster),
+                **cluster,
+                **self.primary_archiving,
+                **self.sync_parameters(),
+            },
         )
 
     def write_standby(self, upstream: Upstream | None) -> None:
@@ -140,7 +151,7 @@ class PgConfig:
             "standby",
             upstream[1] if upstream else None,
             slot_name(self.state.name) if upstream else None,
-            parameters={**self.derived_parameters(cluster), **cluster},
+            parameters={**self.derived_parameters(cluster), **cluster, **self.standby_archiving},
         )
 
     def write_promoting(self) -> None:
@@ -152,7 +163,12 @@ class PgConfig:
             "standby",
             None,
             None,
-            parameters={**self.derived_parameters(cluster), **cluster, **self.sync_parameters()},
+            parameters={
+                **self.derived_parameters(cluster),
+                **cluster,
+                **self.standby_archiving,
+                **self.sync_parameters(),
+            },
         )
 
     def parameters_changed(self) -> bool:

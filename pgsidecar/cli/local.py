@@ -67,6 +67,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     extra=extra,
                     kafka=want_kafka(args),
                     tls=args.tls,
+                    backup=args.backup,
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             cfg_mode = yaml_mode(lc)
@@ -133,6 +134,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=["off", "on", "strict"],
         default="off",
         help="synchronous replication; returns once a synchronous standby is recorded",
+    )
+    up.add_argument(
+        "--backup",
+        action="store_true",
+        help="archive WAL into a pgBackRest repository in DIR/backup (`pgsidecar backup`)",
     )
     k = up.add_mutually_exclusive_group()
     k.add_argument(

@@ -229,7 +229,10 @@ def cmd_reinit(args: argparse.Namespace) -> int:
         if not isinstance(url, str):
             raise OpsError(f"{args.name} publishes no API address")
         _command(cfg, url, "reinit")
-        print(f"reinitializing {args.name}: its data is thrown away and cloned from the master")
+        print(
+            f"reinitializing {args.name}: its data is thrown away and cloned again "
+            "(from the backup repository when it holds a backup, else from the master)"
+        )
         ok = await asyncio.to_thread(
             _wait_member,
             url,

@@ -158,11 +158,14 @@ class LocalCluster:
         dcs_url: str | None = None,
         kafka: bool = False,
         tls: bool = False,
+        backup: bool = False,
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
         a cluster at the Consul emulator this way). ``tls``: a generated CA (``dir/tls``) and TLS
         on every link: etcd's clients (certificates required), the REST API (client
-        certificates required), PostgreSQL (verify-full), the Kafka broker's listener (SSL)."""
+        certificates required), PostgreSQL (verify-full), the Kafka broker's listener (SSL).
+        ``backup``: the members archive into a pgBackRest repository in DIR/backup
+        (docs/backup.md)."""
         if tls and dcs_url is not None:
             raise LocalClusterError(
                 "--tls sets up its own etcd with TLS: it cannot use a given store"
@@ -234,6 +237,7 @@ class LocalCluster:
             if kafka
             else None,
             "tls": tls,
+            "backup": {"repository": str(self.dir / "backup")} if backup else None,
             "pg_bin": str(pg_bin),
             "pg_user": pg_user,
             "members": [
@@ -288,6 +292,12 @@ class LocalCluster:
             cfg["postgresql"]["os_user"] = meta["pg_user"]
         if self.tls:
             self._tls_config(cfg, m)
+        if meta.get("backup"):
+            # one repository for the cluster, which every member's agent creates if missing
+            cfg["backup"] = {
+                "repository": {"type": "posix", "path": meta["backup"]["repository"]},
+                "archive_timeout": 30,
+            }
         for key, value in extra.items():
             if isinstance(value, str):
                 # per-member values: "{name}" is the member's name (e.g. its pod name)

@@ -232,6 +232,10 @@ class PostgresControl:
         (pg_settings.pending_restart), sorted. Raises PostgresError."""
         return await self.sql.pending_restart_settings()
 
+    async def archiver_stats(self) -> tuple[int, float | None, int, float | None]:
+        """pg_stat_archiver's counts and times (Sql.archiver_stats). Raises PostgresError."""
+        return await self.sql.archiver_stats()
+
     async def replication_state(self) -> ReplicationState:
         """The master's standbys (pg_stat_replication by application_name) and its own flush
         position, for synchronous replication. Raises PostgresError."""

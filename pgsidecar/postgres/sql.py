@@ -287,6 +287,19 @@ class Sql:
         standbys = {str(r[0]): Standby(str(r[1]), str(r[2]), int(r[3] or 0)) for r in rows}
         return ReplicationState(standbys, int(one[0]) if one and one[0] is not None else 0)
 
+    async def archiver_stats(self) -> tuple[int, float | None, int, float | None]:
+        """pg_stat_archiver: WAL files archived, when the last one was (epoch seconds), failed
+        attempts, when the last one failed (None: never since the statistics were reset)."""
+        row = await self.one(
+            "reading pg_stat_archiver",
+            "SELECT archived_count, extract(epoch FROM last_archived_time)::float8,"
+            " failed_count, extract(epoch FROM last_failed_time)::float8 FROM pg_stat_archiver",
+            timeout=5,
+        )
+        if row is None:
+            return 0, None, 0, None
+        return int(row[0]), row[1], int(row[2]), row[3]
+
     async def ensure_role(self, username: str, password: str) -> bool:
         """Create or update a LOGIN REPLICATION role; True if it was created. The password is
         hashed client-side into a SCRAM verifier (libpq PQencryptPasswordConn), and statement

@@ -16,7 +16,7 @@ from fsm.inputs import Input, apply
 from fsm.machine import Role, RoleMachine
 from fsm.records import Record
 from fsm.snapshot import DataState, PgFacts
-from pgsidecar.agent.loop import Agent, Inbox
+from pgsidecar.agent.loop import Agent, Inbox, Services
 from pgsidecar.agent.ports import Ports
 from pgsidecar.agent.sources import view_to_input
 from pgsidecar.config import AgentConfig
@@ -402,6 +402,7 @@ class Rig:
         name: str = "pg1",
         data: DataState = DataState.MISSING,
         dcs: FakeDCS | None = None,
+        pgbackrest: Any = None,
         **cluster: Any,
     ) -> None:
         self.cfg = agent_config(tmp, name, **cluster)
@@ -424,7 +425,13 @@ class Rig:
             sinks=[self.sink],
             replication_stats=replication_stats,
         )
-        self.agent = Agent(self.cfg, self.ports, inbox=self.inbox, handle_signals=False)
+        self.agent = Agent(
+            self.cfg,
+            self.ports,
+            inbox=self.inbox,
+            services=Services(pgbackrest=pgbackrest),
+            handle_signals=False,
+        )
 
     def posted(self) -> list[tuple[str, dict[str, Any]]]:
         """Drain what was posted to the queue (not handled)."""

@@ -514,3 +514,22 @@ def test_master_stopped_by_an_operator_while_paused_is_restarted_in_place_on_res
     d["config"] = {"pause": False}
     assert n.feed("dcs", **d) == ["restart_in_place"]
     assert n.role is Role.MASTER
+
+
+def test_a_stream_from_the_old_master_restarted_as_a_standby_does_not_hold_a_candidate() -> None:
+    """A stream from the old master holds a candidate back while that master may still write;
+    once it has published that it stepped down (a switchover's old master, restarted as a
+    standby, serves WAL to a standby that reconnects at once), the stream is no master's."""
+    n = replica_following("pg2")
+    n.feed("pg", **pg(lsn=LSN + 100, streaming=True, receiver_upstream="10.0.0.1:5432"))
+    old = member("pg1", role="master", host="10.0.0.1", election=10)
+    us = member("pg2", lsn=LSN + 100, host="10.0.0.2", election=10)
+    assert n.feed("dcs", **dcs(None, pg1=old, pg2=us)) == ["leader_lost"]
+    assert n.done("announce", term=10) == []
+    assert "still streams to us" in str(n.last), n.last
+    for role in ("demoted", "replica", "candidate"):
+        m = replica_following("pg2")
+        m.feed("pg", **pg(lsn=LSN + 100, streaming=True, receiver_upstream="10.0.0.1:5432"))
+        stepped_down = member("pg1", role=role, host="10.0.0.1", election=10)
+        assert m.feed("dcs", **dcs(None, pg1=stepped_down, pg2=us)) == ["leader_lost"]
+        assert m.done("announce", term=10) == ["race"], (role, m.last)

@@ -1,0 +1,262 @@
+"""Continuous archiving in the agent, against in-memory ports and a fake pgBackRest: every role's
+config gets archive_mode and archive_command (a standby's also restore_command) from the local
+config, over the cluster's; pgbackrest.conf is written before PostgreSQL starts; the master
+creates the stanza after its promotion, and a failure is recorded and retried while it stays
+master, without holding the promotion up."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from fsm.machine import EFFECT, Effect, Role
+from pgsidecar.backup import BackupError, StanzaInfo
+from pgsidecar.config import AgentConfig
+from tests.support.agent_fakes import Rig, put
+from tests.unit.test_agent_effects import promoting, run, with_master
+from tests.unit.test_cli_backup import backup_set
+
+ARCHIVE = "/usr/bin/pgbackrest --stanza=c1 archive-push %p"
+RESTORE = '/usr/bin/pgbackrest --stanza=c1 archive-get %f "%p"'
+
+
+class FakePgBackRest:
+    def __init__(self) -> None:
+        self.configs_written = 0
+        self.stanza_calls = 0
+        self.fail_stanza: list[BackupError] = []
+        self.backups: list[str] = []  # labels in the repository
+        self.restored: list[tuple[Path, bool]] = []
+        self.fail_restore: BackupError | None = None
+
+    def archive_parameters(self) -> dict[str, str]:
+        return {"archive_mode": "on", "archive_command": ARCHIVE}
+
+    def restore_command(self) -> str:
+        return RESTORE
+
+    def write_config(self) -> None:
+        self.configs_written += 1
+
+    async def stanza_create(self, timeout: float = 300.0) -> None:  # noqa: ASYNC109
+        self.stanza_calls += 1
+        if self.fail_stanza:
+            raise self.fail_stanza.pop(0)
+
+    async def info(self, timeout: float = 60.0) -> StanzaInfo:  # noqa: ASYNC109
+        return StanzaInfo(
+            "c1", 0, "ok", backups=[backup_set(label, "full", 1) for label in self.backups]
+        )
+
+    async def restore(self, data_dir: Path, *, standby: bool = False) -> None:
+        self.restored.append((data_dir, standby))
+        if self.fail_restore is not None:
+            raise self.fail_restore
+
+
+@pytest.fixture
+def br() -> FakePgBackRest:
+    return FakePgBackRest()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, br: FakePgBackRest) -> Rig:
+    return Rig(tmp_path, pgbackrest=br)
+
+
+async def promote(rig: Rig) -> None:
+    await promoting(rig)
+    # the DCS asks for another archive_command: the local config's wins
+    rig.agent.state.dcs_view.config["postgresql"]["parameters"]["archive_command"] = "/bin/true"
+    await rig.agent.run_effect(
+        next(t for t, e in EFFECT.items() if e is Effect.PROMOTE), Effect.PROMOTE
+    )
+
+
+async def test_every_role_archives_and_a_standby_restores_from_the_repository(rig: Rig) -> None:
+    await promote(rig)
+    promoting_config, primary_config = rig.pg.configs[-2], rig.pg.configs[-1]
+    assert promoting_config[0] == "standby" and primary_config[0] == "primary"
+    for _, _, _, params in (promoting_config, primary_config):
+        assert params["archive_mode"] == "on" and params["archive_command"] == ARCHIVE
+    assert promoting_config[3]["restore_command"] == RESTORE
+    assert "restore_command" not in primary_config[3]
+    rig.agent.config.write_standby(None)
+    assert rig.pg.configs[-1][3]["restore_command"] == RESTORE
+
+
+async def test_no_backup_section_no_archiving(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    await promoting(rig)
+    rig.agent.config.write_primary()
+    rig.agent.config.write_standby(None)
+    for config in rig.pg.configs[-2:]:
+        assert not {"archive_mode", "archive_command", "restore_command"} & set(config[3])
+    assert rig.agent.archiving is None
+
+
+async def test_the_stanza_is_created_after_the_promotion(rig: Rig, br: FakePgBackRest) -> None:
+    await promote(rig)
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    await asyncio.sleep(0.05)
+    assert br.stanza_calls == 1 and archiving.stanza_ok is True
+    actions = [r.body for r in rig.sink.of("action") if r.body["name"] == "stanza_create"]
+    assert [a["outcome"] for a in actions] == ["ok"]
+
+
+async def test_a_failed_stanza_is_recorded_and_retried_while_master(
+    rig: Rig, br: FakePgBackRest
+) -> None:
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    archiving.first_retry = 0.02
+    br.fail_stanza = [BackupError("pgbackrest stanza-create: [055] unable to load info file")] * 2
+    await promote(rig)
+    posted = [d for t, d in rig.posted() if t == "effect"]
+    # the promotion did not wait for the repository
+    assert posted == [{"name": Effect.PROMOTE, "ok": True}]
+    for _ in range(100):
+        if archiving.stanza_ok:
+            break
+        await asyncio.sleep(0.01)
+    assert br.stanza_calls == 3 and archiving.stanza_ok is True and archiving.failures == 2
+    outcomes = [r.body for r in rig.sink.of("action") if r.body["name"] == "stanza_create"]
+    assert [a["outcome"] for a in outcomes] == ["failed", "failed", "ok"]
+    assert "[055]" in outcomes[0]["error"]
+
+
+async def test_no_retry_once_no_longer_master(rig: Rig, br: FakePgBackRest) -> None:
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    archiving.first_retry = 0.05
+    br.fail_stanza = [BackupError("repository unreachable")] * 5
+    await promote(rig)
+    await asyncio.sleep(0.01)
+    put(rig, Role.DEMOTED)
+    await asyncio.sleep(0.15)
+    assert br.stanza_calls == 1 and archiving.stanza_ok is False
+    assert archiving.last_error == "repository unreachable"
+
+
+class UnwritableRepository(FakePgBackRest):
+    def write_config(self) -> None:
+        raise BackupError("the backup repository /x is not reachable")
+
+
+async def test_pgbackrest_conf_that_cannot_be_written_stops_the_agent(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, pgbackrest=UnwritableRepository())
+    code = await asyncio.wait_for(rig.agent.run(), 10)
+    assert code == 2  # a config error: nothing started, archiving would fail
+    assert rig.pg.called("start") == [] and rig.dcs.leader is None
+
+
+def test_the_config_refuses_archive_parameters_beside_a_backup_section(tmp_path: Path) -> None:
+    base: dict[str, Any] = {
+        "name": "pg1",
+        "cluster": "c1",
+        "state_dir": str(tmp_path),
+        "postgresql": {"data_dir": str(tmp_path / "d"), "parameters": {"archive_command": "cp"}},
+    }
+    AgentConfig.model_validate(base)  # without backup: the member's own archive_command
+    with pytest.raises(ValidationError, match="archive_command, which the agent writes"):
+        AgentConfig.model_validate(
+            {**base, "backup": {"repository": {"type": "posix", "path": "/var/backup"}}}
+        )
+
+
+# -- a new replica from the repository ---------------------------------------------------------
+
+
+async def test_a_new_replica_is_restored_from_the_latest_backup(
+    rig: Rig, br: FakePgBackRest
+) -> None:
+    br.backups = ["20261203-050000F", "20261203-050000F_20261203-060000I"]
+    with_master(rig)
+    out, _ = await run(rig, Effect.CLONE)
+    assert out == {"name": Effect.CLONE, "ok": True, "source": "repository"}
+    assert br.restored == [(rig.cfg.postgresql.data_dir, True)]
+    assert rig.pg.called("basebackup") == []
+    assert rig.pg.called("wipe_data") == [()]  # restore needs an empty directory
+    (action,) = [r.body for r in rig.sink.of("action") if r.body["name"] == "restore_replica"]
+    assert action["outcome"] == "ok" and action["backup"] == "20261203-050000F_20261203-060000I"
+
+
+async def test_pg_basebackup_when_the_repository_has_no_backup(
+    rig: Rig, br: FakePgBackRest
+) -> None:
+    with_master(rig)
+    out, _ = await run(rig, Effect.CLONE)
+    assert out == {"name": Effect.CLONE, "ok": True, "source": "pg2"}
+    assert br.restored == [] and len(rig.pg.called("basebackup")) == 1
+
+
+async def test_pg_basebackup_when_the_restore_fails(rig: Rig, br: FakePgBackRest) -> None:
+    br.backups = ["20261203-050000F"]
+    br.fail_restore = BackupError("pgbackrest restore: [104] unable to find backup set")
+    with_master(rig)
+    out, _ = await run(rig, Effect.CLONE)
+    assert out == {"name": Effect.CLONE, "ok": True, "source": "pg2"}
+    # the partial restore is wiped before the copy
+    assert rig.pg.called("wipe_data") == [(), ()] and len(rig.pg.called("basebackup")) == 1
+    (action,) = [r.body for r in rig.sink.of("action") if r.body["name"] == "restore_replica"]
+    assert action["outcome"] == "failed" and "[104]" in action["error"]
+
+
+# -- /metrics ----------------------------------------------------------------------------------
+
+
+async def test_metrics_show_the_archivers_health_and_the_stanza(rig: Rig) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgsidecar.agent.archiving import ArchivingMetrics
+
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    registry = CollectorRegistry()
+    registry.register(ArchivingMetrics(archiving, rig.clock))
+
+    def scrape() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        return {
+            ln.split()[0]: float(ln.split()[1])
+            for ln in text.splitlines()
+            if ln and not ln.startswith("#")
+        }
+
+    assert scrape() == {"pgsidecar_backup_stanza_failures": 0.0}  # nothing known yet
+    now = rig.clock.wall()
+    archiving.archiver = (12, now - 30, 3, now - 100)
+    archiving.stanza_ok, archiving.failures = True, 1
+    m = scrape()
+    assert 29 <= m["pgsidecar_archive_last_archived_age_seconds"] <= 31
+    assert m["pgsidecar_archive_archived_count"] == 12
+    assert m["pgsidecar_archive_failed_count"] == 3
+    assert m["pgsidecar_archive_failing"] == 0  # archived since the last failure
+    assert m["pgsidecar_backup_stanza_ok"] == 1 and m["pgsidecar_backup_stanza_failures"] == 1
+    archiving.archiver = (12, now - 30, 4, now - 1)
+    assert scrape()["pgsidecar_archive_failing"] == 1
+
+
+async def test_the_archiver_is_read_while_postgresql_runs(rig: Rig) -> None:
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    reads = 0
+    running = False
+
+    async def read() -> tuple[int, float | None, int, float | None]:
+        nonlocal reads
+        reads += 1
+        return reads, None, 0, None
+
+    task = asyncio.ensure_future(archiving.watch_archiver(read, lambda: running, every=0.01))
+    await asyncio.sleep(0.05)
+    assert reads == 0 and archiving.archiver is None
+    running = True
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert reads > 0 and archiving.archiver == (reads, None, 0, None)

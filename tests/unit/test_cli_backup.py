@@ -1,0 +1,97 @@
+"""`pgsidecar backup`: which member the files come from, how a backup is listed, and the parser
+(no server here; tests/e2e/test_backup_cluster.py runs the commands against a real cluster)."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+
+import pytest
+
+from events.dcs import ClusterView, Leader
+from pgsidecar.backup import BackupError, BackupSet
+from pgsidecar.cli import build_parser
+from pgsidecar.cli.backup import backup_document, choose_source, render_backups
+
+
+def view(**members: dict[str, object]) -> ClusterView:
+    return ClusterView(leader=Leader("pg1", 3), members={"pg1": {"role": "master"}, **members})
+
+
+def replica(streaming: bool = True, running: bool = True) -> dict[str, object]:
+    return {"role": "replica", "running": running, "streaming": streaming}
+
+
+def test_a_streaming_replica_at_hand_is_the_source() -> None:
+    v = view(pg2=replica(streaming=False), pg3=replica(), pg4=replica())
+    assert choose_source(v, {"pg1", "pg2", "pg3", "pg4"}) == ("pg1", "pg3")
+
+
+def test_the_master_when_no_replica_streams_or_none_is_at_hand() -> None:
+    v = view(pg2=replica(streaming=False), pg3=replica(running=False))
+    assert choose_source(v, {"pg1", "pg2", "pg3"}) == ("pg1", None)
+    assert choose_source(view(pg2=replica()), {"pg1"}) == ("pg1", None)
+
+
+def test_refused_without_a_master_or_with_the_master_elsewhere() -> None:
+    with pytest.raises(BackupError, match="no master"):
+        choose_source(ClusterView(members={"pg2": replica()}), {"pg2"})
+    with pytest.raises(BackupError, match="master pg1 is not on this host"):
+        choose_source(view(pg2=replica()), {"pg2"})
+
+
+def backup_set(label: str, kind: str, size: int) -> BackupSet:
+    return BackupSet(
+        label=label,
+        type=kind,  # type: ignore[arg-type]
+        start=datetime(2026, 12, 3, 5, 0, 0, tzinfo=UTC),
+        stop=datetime(2026, 12, 3, 5, 0, 9, tzinfo=UTC),
+        size=size,
+        delta=size,
+        repo_size=size // 8,
+        repo_delta=size // 8,
+        wal_start="000000020000000000000005",
+        wal_stop="000000020000000000000006",
+        lsn_start="0/5000028",
+        lsn_stop="0/6000100",
+        prior=None,
+        error=False,
+    )
+
+
+def test_the_listing_shows_label_type_times_sizes_and_wal() -> None:
+    text = render_backups("local", [backup_set("20261203-050000F", "full", 164 * 1024 * 1024)])
+    row = next(ln for ln in text.splitlines() if ln.startswith("| 2026"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == [
+        "20261203-050000F",
+        "full",
+        "2026-12-03 05:00:00",
+        "2026-12-03 05:00:09",
+        "164.0 MiB",
+        "20.5 MiB",
+        "000000020000000000000005",
+        "000000020000000000000006",
+    ]
+    assert "(no backups)" in render_backups("local", [])
+    doc = backup_document(backup_set("L", "incr", 10))
+    assert doc["start"] == "2026-12-03T05:00:00+00:00" and doc["type"] == "incr"
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser(list(argv)).parse_args(list(argv))
+
+
+def test_the_parser() -> None:
+    a = parse("backup", "--dir", "/x")
+    assert (a.type, a.dir, a.backup_cmd) == ("full", "/x", None)
+    assert parse("backup", "--type", "incr", "--config", "c.yaml").type == "incr"
+    # the target before or after `list`
+    for argv in (
+        ("backup", "--dir", "/x", "list", "--json"),
+        ("backup", "list", "--json", "--dir", "/x"),
+    ):
+        a = parse(*argv)
+        assert (a.backup_cmd, a.json, a.dir) == ("list", True, "/x")
+    with pytest.raises(SystemExit):
+        parse("backup", "--type", "weekly", "--dir", "/x")
