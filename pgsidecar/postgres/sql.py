@@ -432,22 +432,38 @@ class Sql:
 
     # ------------------------------------------------------------------ a peer
 
-    async def checkpoint_if_promoted(self, src: Conninfo) -> None:
+    async def checkpoint_if_promoted(self, src: Conninfo, promote_wait: float = 30.0) -> None:
         """PostgreSQL 15's pg_rewind reads the source's timeline from its control file, which a
         promotion updates only at the next checkpoint: without one, pg_rewind says "no rewind
-        required" for a target that has forked. So checkpoint a freshly promoted source."""
+        required" for a target that has forked, or (a source still finishing its promotion,
+        whose control file names the timeline of its last restartpoint) writes a minimum
+        recovery point on that old timeline, and the rewound standby can never start again
+        ("requested timeline N does not contain minimum recovery point ... on timeline M", seen
+        in the bench right after a switchover). So wait until the source has left recovery,
+        then checkpoint it if its control file is behind its timeline."""
         async with self.session(
             "rewind: checkpoint on the source",
             src,
-            timeout=330,
+            timeout=promote_wait + 330,
             connect_timeout=10,
             statement_timeout=300,
         ) as conn:
-            cur = await conn.execute(CURRENT_TLI_SQL)
-            row = await cur.fetchone()
-            assert row is not None
-            in_recovery, ckpt_tli, cur_tli = row
-            if not in_recovery and cur_tli is not None and cur_tli != ckpt_tli:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + promote_wait
+            while True:
+                cur = await conn.execute(CURRENT_TLI_SQL)
+                row = await cur.fetchone()
+                assert row is not None
+                in_recovery, ckpt_tli, cur_tli = row
+                if not in_recovery:
+                    break
+                if loop.time() >= until:
+                    raise PostgresError(
+                        f"the source {src.host}:{src.port} is still in recovery after "
+                        f"{promote_wait:.0f} s: not a master to rewind from yet"
+                    )
+                await asyncio.sleep(0.1)
+            if cur_tli is not None and cur_tli != ckpt_tli:
                 self.log.info(
                     "pg_rewind_source_checkpoint", source=f"{src.host}:{src.port}", timeline=cur_tli
                 )
