@@ -49,9 +49,16 @@ class GarbageWriter(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.keys = url, keys
         self.stopped = threading.Event()
-        self.writes = 0
+        self.writes = 0  # whole rounds: every key rewritten and every intruder key written
+        self.error: BaseException | None = None
 
     def run(self) -> None:
+        try:
+            self._write_until_stopped()
+        except BaseException as exc:  # kept for the test to report: the writer must not die quietly
+            self.error = exc
+
+    def _write_until_stopped(self) -> None:
         # every key is rewritten with every kind of garbage in turn, and one intruder key per kind
         # holds its kind all along, so every read of the prefix meets every kind
         i = 0
@@ -92,8 +99,11 @@ def test_garbage_in_every_key_during_a_failover_changes_nothing_but_counters() -
         garbage = GarbageWriter(url, keys)
         garbage.start()
         try:
-            time.sleep(2.0)
+            # every key has held garbage before the master dies (two whole rounds), whatever the
+            # speed of etcd's fsync on this machine
+            wait_for(lambda: garbage.writes >= 2, 30, what="two rounds of garbage")
             t0 = time.monotonic()
+            rounds_at_kill = garbage.writes
             lc.kill_member(old, postgres=True)
             # and once over the dead master's lock: a key bound to no lease is no lock, never
             # expires, and must not block the election (the agents take it over)
@@ -106,12 +116,22 @@ def test_garbage_in_every_key_during_a_failover_changes_nothing_but_counters() -
             )
             # the same bound as a hard kill without garbage (tests/e2e/test_cluster_e2e.py)
             assert t_write - t0 <= TTL + 3, f"failover took {t_write - t0:.2f} s under garbage"
-            time.sleep(1.0)
+            # the garbage went on through the whole failover: rounds completed between the kill and
+            # the first write (a window of seconds, the lease's remaining life, against a round of
+            # well under a second), and one more after it
+            rounds_at_write = garbage.writes
+            assert garbage.error is None, f"the garbage writer failed: {garbage.error!r}"
+            assert rounds_at_write > rounds_at_kill, "no garbage written during the failover"
+            wait_for(
+                lambda: garbage.writes > rounds_at_write or garbage.error is not None,
+                30,
+                what="a round of garbage after the failover",
+            )
         finally:
             garbage.stopped.set()
             garbage.join(timeout=5)
             w.stop()
-        assert garbage.writes > 20
+        assert garbage.error is None, f"the garbage writer failed: {garbage.error!r}"
         for r in replicas:
             # alive, its liveness green, and it counted what it skipped
             with urllib.request.urlopen(f"{lc.member(r).api_url}/liveness", timeout=2) as resp:
