@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.support.fixtures_consul",
     "tests.support.fixtures_kafka",
     "tests.support.fixtures_sim",
+    "tests.support.fixtures_pg",  # pg_template and lab: real PostgreSQL members
     "tests.support.fenceutil",  # the procs fixture
 ]
 

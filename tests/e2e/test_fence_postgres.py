@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -24,33 +22,6 @@ from tests.support.fenceutil import FenceProc, Procs, proc_state, start_child_ag
 from tests.support.pgtestutil import Lab
 
 # ------------------------------------------------------------------------------ real PostgreSQL
-
-
-@pytest.fixture(scope="module")
-def template() -> Iterator[Path]:
-    lab = Lab()
-
-    async def build() -> Path:
-        ctl = lab.control("template", from_template=False)
-        await ctl.initdb()
-        ctl.write_config("primary", None, None)
-        await ctl.start(30)
-        await ctl.stop("fast")
-        return ctl.data_dir
-
-    try:
-        yield asyncio.run(build())
-    finally:
-        asyncio.run(lab.close())
-
-
-@pytest.fixture
-async def lab(template: Path) -> AsyncIterator[Lab]:
-    lab = Lab(template)
-    try:
-        yield lab
-    finally:
-        await lab.close()
 
 
 async def primary(lab: Lab) -> tuple[PostgresControl, psycopg.AsyncConnection]:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,35 +33,6 @@ from tests.support.pgtestutil import FAST_PARAMS, OS_USER, PG_BIN, Lab, query, w
 pytestmark = pytest.mark.integration
 
 STANZA = "main"
-
-
-@pytest.fixture(scope="module")
-def template() -> Iterator[Path]:
-    """One initdb'd cluster with the replication role, shut down cleanly; tests copy it."""
-    lab = Lab()
-
-    async def build() -> Path:
-        ctl = lab.control("template", from_template=False)
-        await ctl.initdb()
-        ctl.write_config("primary", None, None)
-        await ctl.start(30)
-        await ctl.ensure_roles()
-        await ctl.stop("fast")
-        return ctl.data_dir
-
-    try:
-        yield asyncio.run(build())
-    finally:
-        asyncio.run(lab.close())
-
-
-@pytest.fixture
-async def lab(template: Path) -> AsyncIterator[Lab]:
-    lab = Lab(template)
-    try:
-        yield lab
-    finally:
-        await lab.close()
 
 
 class Member:

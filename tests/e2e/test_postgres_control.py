@@ -15,7 +15,6 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
@@ -51,35 +50,6 @@ integration = pytest.mark.integration
 
 
 # ---------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def template() -> Iterator[Path]:
-    """One initdb'd cluster with the replication role, shut down cleanly; tests copy it."""
-    lab = Lab()
-
-    async def build() -> Path:
-        ctl = lab.control("template", from_template=False)
-        await ctl.initdb()
-        ctl.write_config("primary", None, None)
-        await ctl.start(30)
-        await ctl.ensure_roles()
-        await ctl.stop("fast")
-        return ctl.data_dir
-
-    try:
-        yield asyncio.run(build())
-    finally:
-        asyncio.run(lab.close())
-
-
-@pytest.fixture
-async def lab(template: Path) -> AsyncIterator[Lab]:
-    lab = Lab(template)
-    try:
-        yield lab
-    finally:
-        await lab.close()
 
 
 async def start_primary(lab: Lab, name: str) -> PostgresControl:
@@ -243,7 +213,7 @@ def test_write_config_files_without_a_server() -> None:
 
 
 @integration
-async def test_initdb_standby_without_upstream_promote_and_roles(template: Path) -> None:
+async def test_initdb_standby_without_upstream_promote_and_roles() -> None:
     """initdb -> standby with no upstream -> promote -> writable; ensure_roles is idempotent and
     never puts the password in the server log, even with log_statement=all."""
     lab = Lab()

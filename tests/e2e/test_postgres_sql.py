@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -19,35 +18,6 @@ from pgsidecar.postgres.control import PostgresControl, PostgresError
 from tests.support.pgtestutil import Lab, query, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def template() -> Iterator[Path]:
-    """One initdb'd cluster with the replication role, shut down cleanly; tests copy it."""
-    lab = Lab()
-
-    async def build() -> Path:
-        ctl = lab.control("template", from_template=False)
-        await ctl.initdb()
-        ctl.write_config("primary", None, None)
-        await ctl.start(30)
-        await ctl.ensure_roles()
-        await ctl.stop("fast")
-        return ctl.data_dir
-
-    try:
-        yield asyncio.run(build())
-    finally:
-        asyncio.run(lab.close())
-
-
-@pytest.fixture
-async def lab(template: Path) -> AsyncIterator[Lab]:
-    lab = Lab(template)
-    try:
-        yield lab
-    finally:
-        await lab.close()
 
 
 async def primary_and_standby(lab: Lab) -> tuple[PostgresControl, PostgresControl]:
@@ -185,3 +155,23 @@ async def test_statement_timeout_and_errors_come_back_as_postgres_error(lab: Lab
     await a.stop("fast")
     with pytest.raises(PostgresError, match=f"cannot connect to 127.0.0.1:{a.settings.port}"):
         await a.pending_restart_settings()
+
+
+async def test_the_rewind_source_checkpoint_waits_for_a_promotion_to_finish(lab: Lab) -> None:
+    """pg_rewind takes the source's timeline from its control file; a source still in recovery
+    (a promotion not finished) would give the rewound member a minimum recovery point on the old
+    timeline. So the checkpoint before a rewind waits until the source has left recovery, then
+    brings the control file to the new timeline; and a source that never leaves recovery is a
+    clear error after the wait, not a rewind from a standby."""
+    a, b = await primary_and_standby(lab)
+
+    with pytest.raises(PostgresError, match="still in recovery after 1 s"):
+        await a.sql.checkpoint_if_promoted(b.superuser_conninfo(), promote_wait=1.0)
+
+    waiting = asyncio.create_task(a.sql.checkpoint_if_promoted(b.superuser_conninfo()))
+    await asyncio.sleep(1.0)
+    assert not waiting.done(), "returned while the source was still a standby"
+    await b.promote()
+    await asyncio.wait_for(waiting, 30)
+    # the control file names the new timeline at once: what pg_rewind will read
+    assert (await b.controldata()).timeline == 2

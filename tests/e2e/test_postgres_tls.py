@@ -4,12 +4,10 @@ and generated certificates."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import ssl
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
@@ -37,34 +35,6 @@ def outside_address() -> str | None:
 
 ADDR = outside_address()
 needs_address = pytest.mark.skipif(ADDR is None, reason="no non-loopback IPv4 address here")
-
-
-@pytest.fixture(scope="module")
-def template() -> Iterator[Path]:
-    lab = Lab()
-
-    async def build() -> Path:
-        ctl = lab.control("template", from_template=False)
-        await ctl.initdb()
-        ctl.write_config("primary", None, None)
-        await ctl.start(30)
-        await ctl.ensure_roles()
-        await ctl.stop("fast")
-        return ctl.data_dir
-
-    try:
-        yield asyncio.run(build())
-    finally:
-        asyncio.run(lab.close())
-
-
-@pytest.fixture
-async def lab(template: Path) -> AsyncIterator[Lab]:
-    lab = Lab(template)
-    try:
-        yield lab
-    finally:
-        await lab.close()
 
 
 def tls_member(lab: Lab, material: tlsgen.TlsMaterial, name: str) -> PostgresControl:
