@@ -248,8 +248,8 @@ def agent_config(docs: list[Doc]) -> tuple[AgentConfig, dict[str, Any]]:
 
 
 # not Kubernetes manifests: the Helm chart (templates are not YAML until rendered; `helm lint`
-# and `helm template` check it, tests/unit/test_helm_chart.py) and promtool's unit tests
-# (tests/unit/test_monitoring.py)
+# and `helm template` check it, tests/e2e/test_helm_chart.py) and promtool's unit tests
+# (tests/e2e/test_monitoring.py)
 NOT_MANIFESTS = (DEPLOY / "helm", DEPLOY / "monitoring" / "tests")
 
 
