@@ -14,6 +14,22 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names the field and what to do."""
 
 
+def resolve_secret(
+    value: SecretStr | None, path: Path | None, what: str, hint: str = ""
+) -> str | None:
+    """The secret given inline, or read from the file that holds it (a mounted Secret), stripped
+    of surrounding whitespace; None when neither is set. An unreadable file is a ConfigError
+    naming the setting (``what``) and the path, never the secret."""
+    if value is not None:
+        return value.get_secret_value()
+    if path is None:
+        return None
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}{hint}") from None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -50,16 +66,7 @@ class EtcdSettings(Strict):
         return self
 
     def resolve_password(self) -> str | None:
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read dcs.etcd.password_file {self.password_file}: {exc.strerror}"
-                ) from None
-        return None
+        return resolve_secret(self.password, self.password_file, "dcs.etcd.password_file")
 
 
 class ConsulSettings(Strict):
@@ -138,17 +145,9 @@ class KafkaSettings(Strict):
         return self
 
     def resolve_sasl_password(self) -> str | None:
-        if self.sasl_password is not None:
-            return self.sasl_password.get_secret_value()
-        if self.sasl_password_file is not None:
-            try:
-                return self.sasl_password_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read kafka.sasl_password_file {self.sasl_password_file}: "
-                    f"{exc.strerror}"
-                ) from None
-        return None
+        return resolve_secret(
+            self.sasl_password, self.sasl_password_file, "kafka.sasl_password_file"
+        )
 
 
 class KubernetesSettings(Strict):

@@ -33,6 +33,7 @@ from events.settings import EtcdSettings as EtcdSettings
 from events.settings import KafkaSettings as KafkaSettings
 from events.settings import KubernetesSettings as KubernetesSettings
 from events.settings import Strict as Strict
+from events.settings import resolve_secret
 from pgsidecar.backup.settings import BackupSettings
 
 # written by the agent from the backup section when it is set; never a member parameter then
@@ -47,17 +48,12 @@ class Credentials(Strict):
     password_file: Path | None = None
 
     def resolve_password(self) -> str | None:
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read password_file {self.password_file} for user {self.username}: "
-                    f"{exc.strerror}; fix the path or set the password in a Secret it names"
-                ) from exc
-        return None
+        return resolve_secret(
+            self.password,
+            self.password_file,
+            f"the password_file of user {self.username}:",
+            "; fix the path or mount the Secret that holds the password there",
+        )
 
 
 class Tags(Strict):
@@ -249,16 +245,7 @@ class ApiSettings(Strict):
         return any(ip in ipaddress.ip_network(net, strict=False) for net in self.command_networks)
 
     def resolve_token(self) -> str | None:
-        if self.token is not None:
-            return self.token.get_secret_value()
-        if self.token_file is not None:
-            try:
-                return self.token_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot read api.token_file {self.token_file}: {exc.strerror}"
-                ) from exc
-        return None
+        return resolve_secret(self.token, self.token_file, "api.token_file")
 
     @property
     def url(self) -> str:

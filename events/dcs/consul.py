@@ -135,7 +135,7 @@ from events.dcs.base import (
     build_view,
     decode_json_object,
 )
-from events.settings import ConfigError, ConsulSettings
+from events.settings import ConfigError, ConsulSettings, resolve_secret
 
 log = logging.getLogger(__name__)
 
@@ -298,16 +298,8 @@ def _describe(exc: BaseException) -> str:
 
 
 def _resolve_token(settings: ConsulSettings) -> str | None:
-    if settings.token is not None:
-        return settings.token.get_secret_value().strip() or None
-    if settings.token_file is not None:
-        try:
-            return settings.token_file.read_text().strip() or None
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read dcs.consul.token_file {settings.token_file}: {exc.strerror}"
-            ) from None
-    return None
+    token = resolve_secret(settings.token, settings.token_file, "dcs.consul.token_file")
+    return (token.strip() or None) if token is not None else None
 
 
 def _build_ssl(settings: ConsulSettings, scheme: str) -> ssl.SSLContext | None:
