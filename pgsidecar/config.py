@@ -56,6 +56,23 @@ class Credentials(Strict):
         )
 
 
+class MonitoringRole(Credentials):
+    """The role postgres_exporter logs in as: the master creates it (LOGIN, no superuser, no
+    replication, a member of pg_monitor) and keeps its password in step with this one. It has
+    a password of its own, from this config or a file, since the exporter uses scram-sha-256."""
+
+    username: str = "pgsidecar_monitor"
+
+    @model_validator(mode="after")
+    def _check(self) -> MonitoringRole:
+        if (self.password is None) == (self.password_file is None):
+            raise ValueError("set password or password_file (one of them)")
+        # PostgreSQL reserves the pg_ prefix for its own roles (pg_monitor among them)
+        if self.username.lower().startswith("pg_"):
+            raise ValueError(f"username {self.username!r}: names starting with pg_ are reserved")
+        return self
+
+
 class Tags(Strict):
     nofailover: bool = False
     noloadbalance: bool = False
@@ -110,6 +127,8 @@ class PostgresSettings(Strict):
     os_user: str | None = None
     superuser: Credentials = Credentials(username="postgres")
     replication: Credentials = Credentials(username="replicator")
+    # the role postgres_exporter connects as (none unless set)
+    monitoring: MonitoringRole | None = None
     parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
     # parameters that run commands, load code or name files (pgsidecar/dcs_params.py) are taken
     # from the DCS only when listed here: the member's own operator vouches for them
@@ -310,9 +329,18 @@ class AgentConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
-        if self.postgresql.superuser.username == self.postgresql.replication.username:
+        pg = self.postgresql
+        if pg.superuser.username == pg.replication.username:
             raise ValueError(
                 "postgresql.replication.username must differ from postgresql.superuser.username"
+            )
+        if pg.monitoring is not None and pg.monitoring.username in (
+            pg.superuser.username,
+            pg.replication.username,
+        ):
+            raise ValueError(
+                "postgresql.monitoring.username must differ from the superuser's and the "
+                "replication user's: the agent makes it a pg_monitor role without other rights"
             )
         if self.backup is not None:
             clash = sorted(k for k in self.postgresql.parameters if k.lower() in BACKUP_PARAMETERS)
@@ -485,6 +513,8 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Agen
     # secrets referenced by file must be readable now, not at the first failover
     cfg.postgresql.superuser.resolve_password()
     cfg.postgresql.replication.resolve_password()
+    if cfg.postgresql.monitoring is not None:
+        cfg.postgresql.monitoring.resolve_password()
     cfg.api.resolve_token()
     return cfg
 

@@ -4,9 +4,10 @@
 #   bash scripts/setup.sh               install everything, then `pgsidecar local up --nodes 3 --dir ./.local-cluster`
 #   bash scripts/setup.sh --deps-only   install everything, start nothing (what the tests and CI use)
 #
-# Installs: PostgreSQL 15, pgBackRest, etcd, HAProxy, iproute2 and Prometheus (for promtool) from
-# Debian's packages; this package and its test dependencies with pip; the Apache Kafka jars from
-# Maven Central (scripts/kafka.sh fetch); helm, built with Go from the Go module proxy when Go is there.
+# Installs: PostgreSQL 15, pgBackRest, etcd, HAProxy, iproute2, Prometheus (for promtool) and
+# postgres_exporter from Debian's packages; this package and its test dependencies with pip; the
+# Apache Kafka jars from Maven Central (scripts/kafka.sh fetch); helm, built with Go from the Go
+# module proxy when Go is there.
 # Idempotent: a second run only checks.
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,6 +32,10 @@ command -v mvn >/dev/null || need_pkgs+=(maven)
 # prometheus package (the server is not started: no service manager in containers, and the
 # tests never run it)
 command -v promtool >/dev/null || need_pkgs+=(prometheus)
+# postgres_exporter (0.11 in Debian 12): the e2e test runs it against a live member as the
+# monitoring role, to check every metric the rules and the dashboard use is exported; its
+# service is not started either
+command -v prometheus-postgres-exporter >/dev/null || need_pkgs+=(prometheus-postgres-exporter)
 if ((${#need_pkgs[@]})); then
     echo "setup: installing Debian packages: ${need_pkgs[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -242,8 +242,10 @@ class PostgresControl:
         return await self.sql.replication_state()
 
     async def ensure_roles(self) -> None:
-        """Create or update the replication role on the running primary (its password never
-        reaches the server log or the wire in clear: see Sql.ensure_role)."""
+        """Create or update the replication role, and the monitoring role when the config has
+        one (LOGIN, no superuser, a member of pg_monitor: what postgres_exporter needs), on the
+        running primary; replicas get them by replication. No password reaches the server log
+        or the wire in clear (see Sql.ensure_role)."""
         repl = self.settings.replication
         password = repl.resolve_password()
         if not password:
@@ -253,6 +255,19 @@ class PostgresControl:
             )
         created = await self.sql.ensure_role(repl.username, password)
         self.log.info("pg_roles_ensured", role=repl.username, created=created)
+        monitoring = self.settings.monitoring
+        if monitoring is None:
+            return
+        password = monitoring.resolve_password()
+        if not password:
+            raise PostgresError(
+                f"monitoring user {monitoring.username!r} has an empty password: set "
+                f"postgresql.monitoring.password or put one in its password_file"
+            )
+        created = await self.sql.ensure_role(
+            monitoring.username, password, replication=False, member_of=("pg_monitor",)
+        )
+        self.log.info("pg_roles_ensured", role=monitoring.username, created=created)
 
     async def ensure_slots(self, members: set[str]) -> None:
         """A physical slot per other member; drop slots this agent created for members that left.

@@ -169,6 +169,35 @@ def probe_facts(row: Sequence[Any], tli_seen: int) -> tuple[PgFacts, int]:
     return facts, tli_seen
 
 
+def role_statements(
+    username: str,
+    verifier: str,
+    *,
+    exists: bool,
+    replication: bool,
+    member_of: Sequence[str] = (),
+) -> list[sql.Composed]:
+    """The statements that make ``username`` a LOGIN role, never a superuser, with or without
+    REPLICATION, whose password is ``verifier`` (a SCRAM verifier, never the password itself),
+    and a member of each role in ``member_of``. An existing role is altered to that: a role
+    made by hand as a superuser loses it."""
+    statements = [
+        sql.SQL(
+            "{verb} ROLE {name} WITH LOGIN {replication} NOSUPERUSER PASSWORD {verifier}"
+        ).format(
+            verb=sql.SQL("ALTER" if exists else "CREATE"),
+            name=sql.Identifier(username),
+            replication=sql.SQL("REPLICATION" if replication else "NOREPLICATION"),
+            verifier=sql.Literal(verifier),
+        )
+    ]
+    statements += [
+        sql.SQL("GRANT {} TO {}").format(sql.Identifier(group), sql.Identifier(username))
+        for group in member_of
+    ]
+    return statements
+
+
 class Sql:
     """The statements the agent runs, on the local server (as the superuser, unless a method
     takes a peer's Conninfo)."""
@@ -300,11 +329,18 @@ class Sql:
             return 0, None, 0, None
         return int(row[0]), row[1], int(row[2]), row[3]
 
-    async def ensure_role(self, username: str, password: str) -> bool:
-        """Create or update a LOGIN REPLICATION role; True if it was created. The password is
-        hashed client-side into a SCRAM verifier (libpq PQencryptPasswordConn), and statement
-        logging is off in that transaction, so the password reaches neither the server log nor
-        the wire."""
+    async def ensure_role(
+        self,
+        username: str,
+        password: str,
+        *,
+        replication: bool = True,
+        member_of: Sequence[str] = (),
+    ) -> bool:
+        """Create or update a LOGIN role (see ``role_statements``); True if it was created. The
+        password is hashed client-side into a SCRAM verifier (libpq PQencryptPasswordConn), and
+        statement logging is off in that transaction, so the password reaches neither the server
+        log nor the wire."""
         async with self.session("ensure_roles", timeout=30) as conn, conn.transaction():
             for setting in (
                 "SET LOCAL log_statement = 'none'",
@@ -318,13 +354,10 @@ class Sql:
             ).decode()
             cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (username,))
             exists = await cur.fetchone() is not None
-            await conn.execute(
-                sql.SQL("{} ROLE {} WITH LOGIN REPLICATION NOSUPERUSER PASSWORD {}").format(
-                    sql.SQL("ALTER" if exists else "CREATE"),
-                    sql.Identifier(username),
-                    sql.Literal(verifier),
-                )
-            )
+            for statement in role_statements(
+                username, verifier, exists=exists, replication=replication, member_of=member_of
+            ):
+                await conn.execute(statement)
         return not exists
 
     async def ensure_slots(self, wanted: set[str], droppable: set[str]) -> set[str]:

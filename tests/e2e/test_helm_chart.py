@@ -260,6 +260,7 @@ def test_values_change_what_they_say(tmp_path: Path) -> None:
         "probes": {"readiness": {"maxLag": "16MB"}},
         "secretName": "other-secrets",
         "topologySpread": {"whenUnsatisfiable": "DoNotSchedule"},
+        "exporter": {"username": "metrics_reader"},
     }
     docs = template(values, tmp_path)
     sts = one(docs, "StatefulSet")
@@ -281,6 +282,12 @@ def test_values_change_what_they_say(tmp_path: Path) -> None:
         "other-secrets"
     }
     assert spec["topologySpreadConstraints"][0]["whenUnsatisfiable"] == "DoNotSchedule"
+    # the agent creates the role the exporter logs in as
+    exporter = next(c for c in spec["containers"] if c["name"] == "postgres-exporter")
+    exporter_env = {e["name"]: e.get("value") for e in exporter["env"]}
+    assert exporter_env["DATA_SOURCE_USER"] == "metrics_reader"
+    assert cfg.postgresql.monitoring is not None
+    assert cfg.postgresql.monitoring.username == "metrics_reader"
     # without a storage class, the cluster's default is used (the field is absent)
     default = one(template({}, tmp_path), "StatefulSet")
     assert "storageClassName" not in default["spec"]["volumeClaimTemplates"][0]["spec"]
@@ -292,6 +299,9 @@ def test_exporter_can_be_left_out(tmp_path: Path) -> None:
     assert spec is not None
     assert [c["name"] for c in spec["containers"]] == ["pgsidecar"]
     assert "monitor-secret" not in {v["name"] for v in spec["volumes"]}
+    # no exporter, no monitoring role for it
+    cfg, _ = agent_config(docs)
+    assert cfg.postgresql.monitoring is None
     pm = one(docs, "PodMonitor")
     assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["api"]
     policy = one(docs, "NetworkPolicy", RELEASE)

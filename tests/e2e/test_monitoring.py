@@ -2,8 +2,9 @@
 pass `promtool check rules`, the unit tests of deploy/monitoring/tests/ pass `promtool test
 rules` and make every alert both fire and stay quiet, and every metric the rules and the Grafana
 dashboard query is one the agent defines (read from its source, so a renamed metric fails here),
-one of postgres_exporter's listed below, or Prometheus' own `up`. Whether a running cluster
-exports them all is for a live test."""
+one of postgres_exporter's listed below, or Prometheus' own `up` (names read by the tokenizer of
+tests/support/promql.py). That a running cluster exports them all is checked live by
+tests/e2e/test_monitoring_e2e.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from events.kafka import kafka_metrics
+from tests.support.promql import PromQLError, metric_names, tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "deploy" / "monitoring"
@@ -45,11 +47,6 @@ EXPORTER_METRICS = frozenset(
 )
 # Prometheus' own series for each target
 PROMETHEUS_METRICS = frozenset({"up"})
-
-PROMQL_KEYWORDS = frozenset(
-    {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring"}
-    | {"group_left", "group_right"}
-)
 
 promtool = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(
@@ -181,22 +178,6 @@ def defined_agent_metrics() -> set[str]:
     return names
 
 
-def metric_names(expr: str) -> set[str]:
-    """The metric names a PromQL expression selects (label matchers, grouping labels, range
-    and subquery durations and function names are not)."""
-    e = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)
-    e = re.sub(r"\{[^}]*\}", "", e)
-    e = re.sub(r"\[[^\]]*\]", "", e)
-    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
-    names = set()
-    for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", e):
-        if e[m.end() :].lstrip().startswith("("):
-            continue  # a function
-        if m.group(0) not in PROMQL_KEYWORDS:
-            names.add(m.group(0))
-    return names
-
-
 def dashboard_exprs() -> list[str]:
     dash = json.loads(DASHBOARD.read_text())
     exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets") or []]
@@ -245,6 +226,45 @@ def test_the_extractor_sees_each_metric() -> None:
     assert undefined(["pgsidecar_leases_total > 0"], defined_agent_metrics()) == {
         "pgsidecar_leases_total > 0": {"pgsidecar_leases_total"}
     }
+
+
+@pytest.mark.parametrize(
+    ("expr", "names"),
+    [
+        # label names in matchers, grouping and vector matching are not metrics
+        (
+            'sum without (pod) (a{role="master", b="x"}) / ignoring (pod) group_left (c) d',
+            {"a", "d"},
+        ),
+        ("sum(rate(a_total[5m])) by (pod) > bool 0", {"a_total"}),
+        # an aggregation's grouping before its parentheses; keywords in any case
+        ("max BY (pod) (a) UNLESS ON (pod) b", {"a", "b"}),
+        # durations in ranges, subqueries and offsets, Grafana's interval variable
+        (
+            "rate(a[$__rate_interval]) + deriv(b[1h30m:1m] offset 5m) + c offset -1d",
+            {"a", "b", "c"},
+        ),
+        # numbers, Inf/NaN, scientific and hex numbers, strings with PromQL words in them
+        ('a > 1e3 and b < 0x1F or c != Inf and d{l="x unless y by (z)"} != NaN', set("abcd")),
+        # the selector by __name__, and names with colons (recording rules)
+        ('{__name__="pg_up", pod=~"p.*"} + job:rate:sum5m', {"pg_up", "job:rate:sum5m"}),
+        # functions with several arguments, @ modifiers, histogram_quantile on a bucket
+        (
+            'histogram_quantile(0.9, sum by (le) (rate(x_bucket[5m]))) @ start() + label_replace(y, "a", "$1", "b", "(.*)")',
+            {"x_bucket", "y"},
+        ),
+    ],
+)
+def test_the_tokenizer_tells_metric_names_from_every_other_word(expr: str, names: set[str]) -> None:
+    assert metric_names(expr) == names
+
+
+def test_the_tokenizer_refuses_what_it_cannot_read() -> None:
+    with pytest.raises(PromQLError):
+        metric_names("a ? b")
+    with pytest.raises(PromQLError):
+        metric_names("sum by (pod (a)")
+    assert ("duration", "30m") in tokens("a[30m]") and ("number", "30") in tokens("a > 30")
 
 
 def test_rules_and_dashboard_use_only_defined_metrics() -> None:

@@ -449,6 +449,7 @@ def test_agent_config_is_valid_and_matches_the_pod(directory: Path) -> None:
         used = {
             cfg.postgresql.superuser.password_file,
             cfg.postgresql.replication.password_file,
+            cfg.postgresql.monitoring.password_file if cfg.postgresql.monitoring else None,
             cfg.api.token_file,
             cfg.dcs.consul.token_file,
             cfg.dcs.consul.ca_cert,
@@ -459,6 +460,7 @@ def test_agent_config_is_valid_and_matches_the_pod(directory: Path) -> None:
             cfg.postgresql.superuser.password is None
             and cfg.postgresql.replication.password is None
         )
+        assert cfg.postgresql.monitoring is not None and cfg.postgresql.monitoring.password is None
         assert cfg.api.token is None
 
         # the entrypoint's config path is the ConfigMap's file
@@ -1200,3 +1202,15 @@ def test_postgres_exporter_container() -> None:
             for i in v["secret"]["items"]
         }
         assert "monitor-password" in agent_items
+        # ... and creates the role the exporter logs in as, with the password of the same
+        # Secret key the exporter reads
+        mon = cfg.postgresql.monitoring
+        assert mon is not None and mon.username == env["DATA_SOURCE_USER"], how
+        agent_files = {
+            Path(m["mountPath"]) / i["path"]: (volumes[m["name"]]["secret"]["secretName"], i["key"])
+            for m in spec["containers"][0]["volumeMounts"]
+            if "secret" in volumes.get(m["name"], {})
+            for i in volumes[m["name"]]["secret"]["items"]
+        }
+        exporter_secret = volumes[secret_mounts[0]]["secret"]["secretName"]
+        assert agent_files[mon.password_file] == (exporter_secret, "monitor-password"), how

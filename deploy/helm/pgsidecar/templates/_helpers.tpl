@@ -41,6 +41,11 @@ postgresql:
   replication:
     username: replicator
     password_file: /etc/pgsidecar-secrets/replication-password
+{{- if .Values.exporter.enabled }}
+  monitoring:
+    username: {{ .Values.exporter.username }}
+    password_file: /etc/pgsidecar-secrets/monitor-password
+{{- end }}
   hba_networks: ["0.0.0.0/0", "::/0"]
   parameters:
     {{- toYaml .Values.postgresql.parameters | nindent 4 }}
