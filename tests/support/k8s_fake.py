@@ -558,7 +558,7 @@ class FakeKubeApi:
     ) -> dict[str, Any]:
         """A StatefulSet and its pods, all on ``revision`` (current = update revision).
         ``pod_labels``: extra labels of each pod (pod name -> labels)."""
-        sts = {
+        sts: dict[str, Any] = {
             "apiVersion": "apps/v1",
             "kind": "StatefulSet",
             "metadata": {
