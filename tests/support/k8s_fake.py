@@ -1,5 +1,5 @@
 """A fake Kubernetes API server (aiohttp) implementing, strictly, the pod calls events/k8s.py
-makes, and nothing else: anything it does not implement is an error, so the code cannot come to
+makes and the StatefulSet call of pgsidecar/rollout.py, and nothing else: anything it does not implement is an error, so the code cannot come to
 depend on a behaviour the fake merely tolerates.
 
 Implemented, in namespace ``namespace`` only (another namespace is 403, as for a namespaced Role):
