@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import aiohttp
 
+from events import netloc
 from events.settings import KubernetesSettings
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ def resolve_access(
                 "kubernetes.api_url is not set"
             )
         port = environ.get("KUBERNETES_SERVICE_PORT", "443")
-        url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        url = netloc.url("https", host, port)
     token_file = settings.token_file
     if token_file is None and settings.api_url is None:
         token_file = sa_dir / "token"

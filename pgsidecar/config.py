@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 # the adapters' settings live below both (events/ never imports pgsidecar); re-exported here
+from events import netloc
 from events.settings import ConfigError as ConfigError
 from events.settings import ConsulSettings as ConsulSettings
 from events.settings import DcsSettings as DcsSettings
@@ -269,7 +270,7 @@ class ApiSettings(Strict):
     @property
     def url(self) -> str:
         scheme = "https" if self.tls.enabled else "http"
-        return self.connect_url or f"{scheme}://{self.listen}:{self.port}"
+        return self.connect_url or netloc.url(scheme, self.listen, self.port)
 
     def client_context(self) -> ssl.SSLContext | None:
         """The TLS context for requests to members' APIs (None: plain HTTP)."""

@@ -14,6 +14,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from events import netloc
 from events.dcs import DCS, ClusterView
 from fsm.inputs import member_view
 from pgsidecar import dcs_params
@@ -711,7 +712,7 @@ async def validate_pg_parameters(params: Mapping[str, Any], target: PgTarget) ->
         )
     except (psycopg.Error, OSError, TimeoutError) as exc:
         raise ConfigChangeError(
-            f"cannot ask PostgreSQL on {target.member} ({target.host}:{target.port}) to validate "
+            f"cannot ask PostgreSQL on {target.member} ({netloc.host_port(target.host, target.port)}) to validate "
             f"postgresql.parameters: {str(exc).strip() or type(exc).__name__}; nothing changed"
         ) from None
     try:

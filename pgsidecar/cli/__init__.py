@@ -8,6 +8,7 @@ adding its own subparsers; none imports this package or another command module, 
     records.py  history, replay                      the recorded transitions and inputs
     local.py    local up | down | status | stop | start
     backup.py   backup, backup list                  pgBackRest backups of the cluster
+    rollout.py  rollout                              update an OnDelete StatefulSet, member by member
     common.py   exit codes, --config / --dir, a DCS connection for one command
 
 The lab's commands (bench, chaos, lab sim) have their parsers in pgsidecar/lab/, imported only
@@ -22,7 +23,7 @@ import argparse
 import importlib
 import sys
 
-from pgsidecar.cli import backup, cluster, local, members, records, run
+from pgsidecar.cli import backup, cluster, local, members, records, rollout, run
 from pgsidecar.cli.common import EXIT_CONFIG
 from pgsidecar.cli.run import cmd_run
 from pgsidecar.config import ConfigError
@@ -56,6 +57,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     local.add_parser(sub)
     cluster.add_parsers(sub)
     backup.add_parser(sub)
+    rollout.add_parser(sub)
     command = _command(argv)
     if command is None or command in LAB_PARSERS:
         for module in LAB_PARSERS.values():

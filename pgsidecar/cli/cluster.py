@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from events import netloc
 from events.dcs import DCS, ClusterView, DCSError
 from pgsidecar import dcs_params
 from pgsidecar.cli.common import EXIT_REFUSED, add_target, config_from_args, err, run_with_dcs
@@ -240,7 +241,7 @@ def render_table(cluster: str, view: ClusterView, rows: list[dict[str, Any]]) ->
         header.append("Maintenance")
     body = []
     for r in rows:
-        host = f"{r['host'] or '-'}:{r['port']}" if r["port"] else r["host"] or "-"
+        host = netloc.host_port(r["host"] or "-", r["port"]) if r["port"] else r["host"] or "-"
         line = [
             r["name"],
             host,

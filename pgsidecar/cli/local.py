@@ -68,6 +68,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     kafka=want_kafka(args),
                     tls=args.tls,
                     backup=args.backup,
+                    host=args.host,
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             cfg_mode = yaml_mode(lc)
@@ -128,6 +129,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="a generated CA (DIR/tls) and TLS on every link: etcd, the REST API, PostgreSQL, Kafka",
     )
     up.add_argument("--cluster", default="local")
+    up.add_argument(
+        "--host",
+        choices=["127.0.0.1", "::1"],
+        default="127.0.0.1",
+        help="the loopback address PostgreSQL and the agents' APIs listen on (::1: IPv6)",
+    )
     up.add_argument("--timeout", type=float, default=180)
     up.add_argument(
         "--synchronous-mode",

@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from events import netloc
 from pgsidecar.procutil import (
     free_port_range,
     os_user_ids,
@@ -54,10 +55,11 @@ class MemberInfo:
     api_port: int
     dir: Path
     tls: bool = False
+    host: str = "127.0.0.1"  # what PostgreSQL and the API listen on (::1: an IPv6 cluster)
 
     @property
     def api_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.api_port}"
+        return netloc.url("https" if self.tls else "http", self.host, self.api_port)
 
 
 def _which(binary: str, hint: str) -> str:
@@ -79,13 +81,19 @@ class LocalCluster:
     # -- layout ----------------------------------------------------------------------------------
 
     @property
+    def host(self) -> str:
+        return str(self.meta.get("host") or "127.0.0.1")
+
+    @property
     def cluster(self) -> str:
         return str(self.meta["cluster"])
 
     @property
     def members(self) -> list[MemberInfo]:
         return [
-            MemberInfo(m["name"], m["pg_port"], m["api_port"], self.dir / m["name"], self.tls)
+            MemberInfo(
+                m["name"], m["pg_port"], m["api_port"], self.dir / m["name"], self.tls, self.host
+            )
             for m in self.meta.get("members", [])
         ]
 
@@ -136,7 +144,7 @@ class LocalCluster:
     def dsn(self, name: str, dbname: str = "postgres") -> str:
         m = self.member(name)
         return (
-            f"host=127.0.0.1 port={m.pg_port} user=postgres dbname={dbname} "
+            f"host={m.host} port={m.pg_port} user=postgres dbname={dbname} "
             f"passfile={self.dir / 'pgpass'} connect_timeout=3"
         ) + (f" sslmode=verify-full sslrootcert={self.tls_material.ca_cert}" if self.tls else "")
 
@@ -159,13 +167,16 @@ class LocalCluster:
         kafka: bool = False,
         tls: bool = False,
         backup: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
         a cluster at the Consul emulator this way). ``tls``: a generated CA (``dir/tls``) and TLS
         on every link: etcd's clients (certificates required), the REST API (client
         certificates required), PostgreSQL (verify-full), the Kafka broker's listener (SSL).
         ``backup``: the members archive into a pgBackRest repository in DIR/backup
-        (docs/backup.md)."""
+        (docs/backup.md). ``host``: the loopback address PostgreSQL and the agents' APIs listen
+        on, 127.0.0.1 or ::1 (the members then reach each other over IPv6; etcd, Kafka and the
+        lab's HAProxy stay on 127.0.0.1)."""
         if tls and dcs_url is not None:
             raise LocalClusterError(
                 "--tls sets up its own etcd with TLS: it cannot use a given store"
@@ -226,6 +237,7 @@ class LocalCluster:
             "cluster": cluster,
             "dcs": dcs,
             "ttl": ttl,
+            "host": host,
             "base_port": base,
             "etcd": {"client_port": base, "peer_port": base + 1},
             "dcs_url": dcs_url,
@@ -264,7 +276,7 @@ class LocalCluster:
             "postgresql": {
                 "bin_dir": meta["pg_bin"],
                 "data_dir": str(m.dir / "pgdata"),
-                "listen": "127.0.0.1",
+                "listen": m.host,
                 "port": m.pg_port,
                 "superuser": {
                     "username": "postgres",
@@ -283,7 +295,7 @@ class LocalCluster:
             if meta.get("kafka")
             else {},
             "api": {
-                "listen": "127.0.0.1",
+                "listen": m.host,
                 "port": m.api_port,
                 "token_file": str(self.dir / "secrets/api.secret"),
             },
@@ -556,7 +568,7 @@ class LocalCluster:
                     "lag_bytes": st.get("lag_bytes"),
                     "term": st.get("term"),
                     "leader": st.get("leader"),
-                    "host": "127.0.0.1",
+                    "host": m.host,
                     "port": m.pg_port,
                     "api_url": m.api_url,
                     "dsn": self.dsn(m.name),

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from events import netloc
 from pgsidecar.lab.local import LocalCluster, LocalClusterError, MemberInfo, _which
 from pgsidecar.procutil import pid_alive, read_pid, terminate
 
@@ -266,10 +267,12 @@ class NetnsLocalCluster(LocalCluster):
         pg["connect_address"] = ip
         pg["hba_networks"] = ["127.0.0.1/32", plan.cluster_net, plan.observer_net]
         cfg["api"]["listen"] = "0.0.0.0"
-        cfg["api"]["connect_url"] = f"http://{ip}:{m.api_port}"
+        cfg["api"]["connect_url"] = netloc.url("http", ip, m.api_port)
         cfg["dcs"] = {
             "type": "etcd",
-            "etcd": {"endpoints": [f"http://{plan.bridge_ip}:{self.meta['etcd']['client_port']}"]},
+            "etcd": {
+                "endpoints": [netloc.url("http", plan.bridge_ip, self.meta["etcd"]["client_port"])]
+            },
         }
         for key, value in extra.items():
             node = cfg
@@ -398,7 +401,7 @@ class NetnsLocalCluster(LocalCluster):
             return
         plan = self._require_plan()
         local = f"http://127.0.0.1:{e['client_port']}"
-        bridged = f"http://{plan.bridge_ip}:{e['client_port']}"
+        bridged = netloc.url("http", plan.bridge_ip, e["client_port"])
         peer = f"http://127.0.0.1:{e['peer_port']}"
         argv = [
             _which("etcd", "install etcd-server"),

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from events import netloc
 from fsm.snapshot import DataState
 from pgsidecar.config import PostgresSettings
 from pgsidecar.postgres.conf import Conninfo, parse_controldata, parse_lsn
@@ -220,9 +221,9 @@ class DataOps:
         if rc != 0:
             await self.wipe()
             raise self.osuser.failed(
-                f"pg_basebackup from {src.host}:{src.port}", argv, rc, out, err
+                f"pg_basebackup from {netloc.host_port(src.host, src.port)}", argv, rc, out, err
             )
-        self.log.info("pg_basebackup_done", source=f"{src.host}:{src.port}")
+        self.log.info("pg_basebackup_done", source=netloc.host_port(src.host, src.port))
 
     async def wipe(self) -> None:
         """Remove the data directory's contents (not the directory: it may be a mount point)."""
@@ -275,13 +276,13 @@ class DataOps:
         rc, out, err = await self.osuser.run(argv, what="pg_rewind", timeout=timeout)
         if rc != 0:
             raise self.osuser.failed(
-                f"pg_rewind from {source.host}:{source.port}", argv, rc, out, err
+                f"pg_rewind from {netloc.host_port(source.host, source.port)}", argv, rc, out, err
             )
         result = "not_needed" if "no rewind required" in out + err else "rewound"
         self.log.info(
             "pg_rewind_done",
             result=result,
-            source=f"{source.host}:{source.port}",
+            source=netloc.host_port(source.host, source.port),
             output=tail(err or out, 3),
         )
         return result

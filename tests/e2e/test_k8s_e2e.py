@@ -1,6 +1,7 @@
 """Kubernetes end to end: real agents, PostgreSQL and etcd, and the fake API server
 (tests/support/k8s_fake.py) standing in for the kube-apiserver. The role labels follow every transition
-of a failover; deleting the master's pod starts the hand-off before any SIGTERM."""
+of a failover; deleting the master's pod starts the hand-off before any SIGTERM; `pgsidecar
+rollout` replaces the pods of an OnDelete StatefulSet, replicas first, and stops at a broken one."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.clusterutil import local_cluster, new_master, wait_for
-from tests.support.k8s_fake import FakeKubeApi
+from tests.support.k8s_fake import DEPLOY, FakeKubeApi, Rule, deploy_role
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +26,9 @@ SELECTOR = "app=pgsidecar"
 
 
 @contextlib.contextmanager
-def fake_api_thread() -> Iterator[FakeKubeApi]:
+def fake_api_thread(role: list[Rule] | None = None) -> Iterator[FakeKubeApi]:
     loop = asyncio.new_event_loop()
-    api = FakeKubeApi(namespace="pgs")
+    api = FakeKubeApi(namespace="pgs", role=role)
     thread = threading.Thread(target=loop.run_forever, name="k8s-fake", daemon=True)
     thread.start()
     try:
@@ -137,3 +140,124 @@ def test_deleting_the_master_pod_hands_off_before_sigterm(tmp_path) -> None:  # 
         assert proc is not None and proc.pid == pid
         assert proc.wait(timeout=10) == 0, f"the agent exited with {proc.returncode}"
         assert lc.postmaster_pid(master) is None, "the deleted pod's PostgreSQL still runs"  # type: ignore[attr-defined]
+
+
+OLD_REVISION, NEW_REVISION = "pg-5d4c3b2a1", "pg-6e5d4c3b2"
+
+
+class StatefulSetController:
+    """The kubelet and the StatefulSet controller for real local members: a pod being deleted
+    has its member stopped (SIGTERM, as the kubelet does; the agent may already have handed off
+    and exited), then the pod is recreated on the update revision and its member started again,
+    unless the member is in ``broken`` (a new image that crash-loops)."""
+
+    def __init__(self, lc: object, api: FakeKubeApi) -> None:
+        self.lc, self.api = lc, api
+        self.broken: set[str] = set()
+        self.deleted: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sts-controller", daemon=True)
+
+    def __enter__(self) -> StatefulSetController:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            doomed = [
+                n for n, p in list(self.api.pods.items()) if p["metadata"].get("deletionTimestamp")
+            ]
+            for name in doomed:
+                self.deleted.append(name)
+                self.lc.stop_member(name)  # type: ignore[attr-defined]
+                call(self.api, self.api.finish_deletion, name)
+                call(self.api, self.api.recreate_pod, name, ready=True)
+                if name not in self.broken:
+                    self.lc.start_member(name)  # type: ignore[attr-defined]
+
+
+def run_rollout(
+    lc: object, api: FakeKubeApi, token: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    argv = [
+        sys.executable, "-m", "pgsidecar", "rollout",
+        "--dir", str(lc.dir),  # type: ignore[attr-defined]
+        "--namespace", "pgs", "--statefulset", "pg",
+        "--api-url", api.url, "--token-file", token,
+        "--member-timeout", "60", "--switchover-timeout", "30", "--poll", "0.3", *extra,
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600)
+
+
+def test_rollout_of_an_ondelete_statefulset_stops_at_a_broken_member_then_completes(
+    tmp_path,
+) -> None:  # type: ignore[no-untyped-def]
+    """`pgsidecar rollout` against the fake API and real members: a member whose new pod never
+    comes back healthy stops it there (exit 1, naming it, nothing after it touched); once that
+    member is fixed, a second run finishes: the other replica, a switchover, the old master."""
+    rules = deploy_role() + deploy_role(DEPLOY / "rollout")  # the agents' Role and the rollout's
+    with fake_api_thread(role=rules) as api:
+        token = str(tmp_path / "token")
+        with open(token, "w") as fh:
+            fh.write(api.token or "")
+        names = ("pg1", "pg2", "pg3")
+        call(
+            api,
+            api.add_statefulset,
+            "pg",
+            names,
+            {"app": "pgsidecar"},
+            revision=OLD_REVISION,
+            pod_labels={n: {"pgsidecar.io/member": n} for n in names},
+        )
+        extra = {
+            "kubernetes.enabled": True,
+            "kubernetes.namespace": "pgs",
+            "kubernetes.pod_name": "{name}",
+            "kubernetes.label_selector": SELECTOR,
+            "kubernetes.api_url": api.url,
+            "kubernetes.token_file": token,
+        }
+        with local_cluster(ttl=TTL, extra=extra) as lc, StatefulSetController(lc, api) as ctl:
+            master = lc.master()
+            assert master is not None
+            replicas = [n for n in names if n != master]
+            call(api, api.set_update_revision, "pg", NEW_REVISION)
+
+            dry = run_rollout(lc, api, token, "--dry-run")
+            assert dry.returncode == 0, dry.stderr
+            assert f"switch over from {master}" in dry.stdout and ctl.deleted == []
+
+            # the first replica to be replaced crash-loops on the new revision
+            first, second = replicas  # no ordinals in these names: by name
+            ctl.broken.add(first)
+            stopped = run_rollout(lc, api, token, "--member-timeout", "25")
+            assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+            assert f"rollout: stopped at {first}:" in stopped.stderr
+            assert "not back as a healthy replica" in stopped.stderr
+            assert ctl.deleted == [first]
+            assert lc.master() == master  # no switchover, nothing else deleted
+
+            # fixed: started again on the new revision; a second run does the rest
+            ctl.broken.clear()
+            lc.start_member(first)
+            done = run_rollout(lc, api, token)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert ctl.deleted == [first, second, master]
+            new = lc.master()
+            assert new in replicas and new != master
+            revisions = {
+                n: p["metadata"]["labels"]["controller-revision-hash"]
+                for n, p in list(api.pods.items())
+            }
+            assert revisions == dict.fromkeys(names, NEW_REVISION)
+            # the old master came back as a streaming replica of the new one
+            st = lc.api_status(master)
+            assert st is not None and st["role"] == "replica" and st["streaming"], st
+            assert st["leader"] == new
+        refused = [(r.method, r.path) for r in api.denied()]
+        assert refused == [], f"the Roles refused calls: {refused}"

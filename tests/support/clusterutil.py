@@ -47,10 +47,12 @@ def local_cluster(
     extra: dict | None = None,
     dcs: str = "etcd",
     kafka: bool = False,
+    host: str = "127.0.0.1",
 ) -> Iterator[LocalCluster]:
     """A fresh cluster in a temp dir that the postgres user can enter; everything it started is
     stopped (by pid) and the dir removed at exit, so a test can run twice in a row. With
-    ``dcs="consul"`` the agents use the Consul emulator."""
+    ``dcs="consul"`` the agents use the Consul emulator; ``host="::1"``: PostgreSQL and the agents'
+    APIs on IPv6 loopback."""
     with contextlib.ExitStack() as stack:
         dcs_url = None
         if dcs == "consul":
@@ -60,7 +62,9 @@ def local_cluster(
         os.chmod(d, 0o755)
         lc = LocalCluster(d / "c")
         try:
-            lc.create(nodes=nodes, ttl=ttl, extra=extra, dcs=dcs, dcs_url=dcs_url, kafka=kafka)
+            lc.create(
+                nodes=nodes, ttl=ttl, extra=extra, dcs=dcs, dcs_url=dcs_url, kafka=kafka, host=host
+            )
             lc.up(detach=False, timeout=120)
             yield lc
         finally:

@@ -1,5 +1,5 @@
 """A fake Kubernetes API server (aiohttp) implementing, strictly, the pod calls events/k8s.py
-makes, and nothing else: anything it does not implement is an error, so the code cannot come to
+makes and the StatefulSet call of pgsidecar/rollout.py, and nothing else: anything it does not implement is an error, so the code cannot come to
 depend on a behaviour the fake merely tolerates.
 
 Implemented, in namespace ``namespace`` only (another namespace is 403, as for a namespaced Role):
@@ -13,6 +13,10 @@ Implemented, in namespace ``namespace`` only (another namespace is 403, as for a
 * GET    /api/v1/namespaces/{ns}/pods/{name}                                    get
 * PATCH  /api/v1/namespaces/{ns}/pods/{name}   application/merge-patch+json of metadata.labels
 * DELETE /api/v1/namespaces/{ns}/pods/{name}   optional DeleteOptions with preconditions.uid
+* GET    /apis/apps/v1/namespaces/{ns}/statefulsets/{name}                     get (`pgsidecar
+         rollout`); the StatefulSet controller's OnDelete behaviour is a test helper: a pod of a
+         StatefulSet whose deletion finishes is recreated on status.updateRevision, by the fake
+         itself (``recreate_pods``) or by the test (``recreate_pod``)
 
 Authorization is RBAC, as the real API server does it: every request (any path, implemented
 or not) is first turned into its request attributes (verb, API group, resource, subresource,
@@ -387,6 +391,12 @@ class FakeKubeApi:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.watch_connects = 0
+        self.statefulsets: dict[str, dict[str, Any]] = {}
+        self._owner: dict[str, str] = {}  # pod name -> its StatefulSet
+        # the StatefulSet controller: recreate a StatefulSet's pod once its deletion finishes
+        # (Ready when recreate_ready); off, the test recreates it with recreate_pod()
+        self.recreate_pods = False
+        self.recreate_ready = True
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -401,6 +411,9 @@ class FakeKubeApi:
         app.router.add_get(base + "/{name}", self._get)
         app.router.add_patch(base + "/{name}", self._patch)
         app.router.add_delete(base + "/{name}", self._delete)
+        app.router.add_get(
+            "/apis/apps/v1/namespaces/{ns}/statefulsets/{name}", self._get_statefulset
+        )
         self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
@@ -527,6 +540,73 @@ class FakeKubeApi:
         obj = self.pods.pop(name)
         obj["metadata"]["resourceVersion"] = str(self._next_rv())
         self._record("DELETED", obj, dict(obj["metadata"].get("labels") or {}))
+        if self.recreate_pods and name in self._owner:
+            self.recreate_pod(name, ready=self.recreate_ready)
+
+    # ----------------------------------------------------------------- StatefulSets
+
+    def add_statefulset(
+        self,
+        name: str,
+        pods: Sequence[str],
+        match_labels: Mapping[str, str],
+        *,
+        revision: str,
+        strategy: str = "OnDelete",
+        pod_labels: Mapping[str, Mapping[str, str]] | None = None,
+        ready: bool = True,
+    ) -> dict[str, Any]:
+        """A StatefulSet and its pods, all on ``revision`` (current = update revision).
+        ``pod_labels``: extra labels of each pod (pod name -> labels)."""
+        sts: dict[str, Any] = {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": str(self._next_rv()),
+            },
+            "spec": {
+                "replicas": len(pods),
+                "selector": {"matchLabels": dict(match_labels)},
+                "updateStrategy": {"type": strategy},
+            },
+            "status": {"currentRevision": revision, "updateRevision": revision},
+            "_pod_labels": {p: dict((pod_labels or {}).get(p) or {}) for p in pods},
+        }
+        self.statefulsets[name] = sts
+        for p in pods:
+            self._owner[p] = name
+            labels = {**match_labels, **sts["_pod_labels"][p], "controller-revision-hash": revision}
+            self.add_pod(p, labels, ready=ready)
+        return sts
+
+    def set_update_revision(self, name: str, revision: str) -> None:
+        """A new pod template applied: status.updateRevision moves, no pod changes (OnDelete)."""
+        sts = self.statefulsets[name]
+        sts["status"]["updateRevision"] = revision
+        sts["metadata"]["resourceVersion"] = str(self._next_rv())
+
+    def recreate_pod(self, name: str, *, ready: bool = True) -> dict[str, Any]:
+        """What the StatefulSet controller does once a pod of it is gone: a new pod (new uid)
+        under the same name, on the update revision."""
+        sts = self.statefulsets[self._owner[name]]
+        revision = sts["status"]["updateRevision"]
+        labels = {
+            **sts["spec"]["selector"]["matchLabels"],
+            **sts["_pod_labels"][name],
+            "controller-revision-hash": revision,
+        }
+        pod = self.add_pod(name, labels, ready=ready)
+        revs = {
+            (p["metadata"].get("labels") or {}).get("controller-revision-hash")
+            for n, p in self.pods.items()
+            if self._owner.get(n) == sts["metadata"]["name"]
+        }
+        if revs == {revision}:
+            sts["status"]["currentRevision"] = revision
+        return pod
 
     def drop_watches(self) -> int:
         """Break every open watch connection (abort the TCP connection mid-stream)."""
@@ -768,6 +848,16 @@ class FakeKubeApi:
             if w in self._watches:
                 self._watches.remove(w)
         return resp
+
+    async def _get_statefulset(self, request: web.Request) -> web.StreamResponse:
+        refused = self._check(request, "get", set())
+        if refused is not None:
+            return refused
+        name = request.match_info["name"]
+        sts = self.statefulsets.get(name)
+        if sts is None:
+            return _status_response(404, "NotFound", f'statefulsets.apps "{name}" not found')
+        return web.json_response({k: v for k, v in sts.items() if not k.startswith("_")})
 
     def _pod_or_404(self, name: str) -> dict[str, Any] | web.Response:
         pod = self.pods.get(name)

@@ -555,3 +555,49 @@ async def test_restart_command_reaches_the_agent(client_factory: Any) -> None:
     assert resp.status == 202 and client.agent.commands == ["restart"]
     resp = await client.post("/reinit", headers={"Authorization": "Bearer wrong"})
     assert resp.status == 401 and client.agent.commands == ["restart"]
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 on the loopback interface")
+@pytest.mark.parametrize(
+    "listen,reach",
+    # "::" is every IPv6 address (asyncio binds it IPv6-only, as PostgreSQL binds "::")
+    [("::", ["[::1]"]), ("::1", ["[::1]"])],
+    ids=["ipv6-wildcard", "loopback"],
+)
+async def test_the_api_listens_on_an_ipv6_address(
+    tmp_path: Path, listen: str, reach: list[str]
+) -> None:
+    import socket
+
+    import aiohttp
+
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    role, snap, running, valid, tags = SCENARIOS["replica"]
+    cfg = make_cfg(tmp_path)
+    cfg.api.listen, cfg.api.port = listen, port
+    agent = FakeAgent(
+        cfg=cfg, role_=role, snapshot_=snap(), pg_running_=running, watchdog_valid=valid
+    )
+    server = ApiServer(agent, cfg.api, registry=agent.metrics_registry)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for host in reach:
+                async with http.get(f"http://{host}:{port}/status") as resp:
+                    assert resp.status == 200
+                    assert (await resp.json())["name"] == "pg2"
+    finally:
+        await server.stop()
