@@ -48,6 +48,28 @@ def yaml_mode(lc: LocalCluster) -> str:
     return str((cfg.get("settings") or {}).get("synchronous_mode", "off"))
 
 
+def backup_schedule(items: list[str]) -> dict[str, str] | None:
+    """``--backup-schedule TYPE=WHEN`` options as the backup section's schedule (validated with
+    the config's own model, so a bad one is refused before anything is created)."""
+    if not items:
+        return None
+    from pgsidecar.backup import Schedule
+
+    schedule: dict[str, str] = {}
+    for item in items:
+        kind, sep, when = item.partition("=")
+        if not sep or kind.strip() not in ("full", "diff", "incr"):
+            raise ConfigError(
+                f"--backup-schedule {item!r}: give TYPE=WHEN, TYPE one of full, diff, incr"
+            )
+        schedule[kind.strip()] = when.strip()
+    try:
+        Schedule.model_validate(schedule)
+    except ValueError as exc:
+        raise ConfigError(f"--backup-schedule: {exc}") from None
+    return schedule
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     from pgsidecar.lab.local import LocalCluster, LocalClusterError
 
@@ -68,6 +90,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     kafka=want_kafka(args),
                     tls=args.tls,
                     backup=args.backup,
+                    backup_schedule=backup_schedule(args.backup_schedule),
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             cfg_mode = yaml_mode(lc)
@@ -139,6 +162,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--backup",
         action="store_true",
         help="archive WAL into a pgBackRest repository in DIR/backup (`pgsidecar backup`)",
+    )
+    up.add_argument(
+        "--backup-schedule",
+        action="append",
+        default=[],
+        metavar="TYPE=WHEN",
+        help="scheduled backups (implies --backup), once per slot in the cluster: TYPE is "
+        "full, diff or incr, WHEN a cron expression in UTC or an interval, e.g. "
+        "--backup-schedule 'full=0 3 * * 0' --backup-schedule 'diff=0 3 * * 1-6'",
     )
     k = up.add_mutually_exclusive_group()
     k.add_argument(

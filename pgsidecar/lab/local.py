@@ -159,13 +159,15 @@ class LocalCluster:
         kafka: bool = False,
         tls: bool = False,
         backup: bool = False,
+        backup_schedule: dict[str, str] | None = None,
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
         a cluster at the Consul emulator this way). ``tls``: a generated CA (``dir/tls``) and TLS
         on every link: etcd's clients (certificates required), the REST API (client
         certificates required), PostgreSQL (verify-full), the Kafka broker's listener (SSL).
         ``backup``: the members archive into a pgBackRest repository in DIR/backup
-        (docs/backup.md)."""
+        (docs/backup.md); ``backup_schedule`` (implies ``backup``): the backup section's
+        schedule, e.g. {"full": "0 3 * * 0", "diff": "0 3 * * 1-6"}."""
         if tls and dcs_url is not None:
             raise LocalClusterError(
                 "--tls sets up its own etcd with TLS: it cannot use a given store"
@@ -237,7 +239,9 @@ class LocalCluster:
             if kafka
             else None,
             "tls": tls,
-            "backup": {"repository": str(self.dir / "backup")} if backup else None,
+            "backup": {"repository": str(self.dir / "backup"), "schedule": backup_schedule}
+            if backup or backup_schedule
+            else None,
             "pg_bin": str(pg_bin),
             "pg_user": pg_user,
             "members": [
@@ -298,6 +302,8 @@ class LocalCluster:
                 "repository": {"type": "posix", "path": meta["backup"]["repository"]},
                 "archive_timeout": 30,
             }
+            if meta["backup"].get("schedule"):
+                cfg["backup"]["schedule"] = dict(meta["backup"]["schedule"])
         for key, value in extra.items():
             if isinstance(value, str):
                 # per-member values: "{name}" is the member's name (e.g. its pod name)

@@ -10,8 +10,9 @@ import pytest
 
 from events.dcs import ClusterView, Leader
 from pgsidecar.backup import BackupError, BackupSet
+from pgsidecar.backup.source import choose_source
 from pgsidecar.cli import build_parser
-from pgsidecar.cli.backup import backup_document, choose_source, render_backups
+from pgsidecar.cli.backup import backup_document, render_backups
 
 
 def view(**members: dict[str, object]) -> ClusterView:
