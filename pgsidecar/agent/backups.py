@@ -37,6 +37,7 @@ from pgsidecar.backup.schedule import (
     due_slot,
     finished_value,
     running_elsewhere,
+    slot_text,
 )
 from pgsidecar.backup.settings import BackupType
 from pgsidecar.backup.source import choose_source
@@ -138,10 +139,14 @@ class BackupScheduler:
         if view is None or not self.eligible():
             return False
         members: Mapping[str, Any] = view.members
+        now = self.now()
+        for kind in self.schedule.kinds():
+            record, value, index = read[kind]
+            if value is not None and self._orphan(record):
+                return await self._resume(kind, value, index, now, view)
         records = {k: r for k, (r, _v, _i) in read.items()}
         if running_elsewhere(records, members):
             return False
-        now = self.now()
         for kind in self.schedule.kinds():
             slot = due_slot(self.schedule, kind, now)
             if slot is None or covered(kind, slot, records):
@@ -171,6 +176,41 @@ class BackupScheduler:
             )
             self.running = self.tasks.spawn(self._backup(kind, claim, view), "scheduled_backup")
             return True
+        return False
+
+    def _orphan(self, record: SlotRecord | None) -> bool:
+        """A running claim of this very agent that runs nothing: its write went through but the
+        answer was lost (a timeout), so this agent never started the backup."""
+        return (
+            record is not None
+            and record.state == "running"
+            and record.member == self.state.name
+            and record.pid == self.pid
+        )
+
+    async def _resume(
+        self,
+        kind: BackupType,
+        claim: dict[str, Any],
+        index: int,
+        now: datetime,
+        view: ClusterView,
+    ) -> bool:
+        """Run the orphaned claim's backup if its slot is still due; else close it as failed,
+        or it would stand as a running backup of a live member and hold every later slot up."""
+        started = self.clock.monotonic()
+        if claim.get("slot") == slot_text(due_slot(self.schedule, kind, now) or now):
+            self.record("scheduled_backup", "resumed", started, type=kind, slot=claim["slot"])
+            self.running = self.tasks.spawn(self._backup(kind, claim, view), "scheduled_backup")
+            return True
+        error = "the claim's answer was lost and its slot is past the grace window"
+        closed = finished_value(claim, False, now, error=error)
+        if await asyncio.wait_for(
+            self.dcs.swap_backup_slot(kind, closed, index), timeout=self.dcs_timeout
+        ):
+            self.record(
+                "scheduled_backup", "failed", started, type=kind, slot=claim["slot"], error=error
+            )
         return False
 
     async def _backup(self, kind: BackupType, claim: dict[str, Any], view: ClusterView) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from events.dcs import ClusterView, Leader
+from events.dcs import ClusterView, DCSError, Leader
 from pgsidecar.agent.backups import BackupScheduleMetrics, BackupScheduler, Taken
 from pgsidecar.agent.state import TaskSet
 from pgsidecar.backup import BackupError, Schedule
@@ -309,3 +309,47 @@ async def test_the_wait_between_rounds_is_bounded_and_wakes_at_the_next_slot() -
     assert s.sleep_time() == pytest.approx(5.2)
     c.clock.now = at(seconds=1)
     assert s.sleep_time() == s.max_sleep
+
+
+def lose_the_answer_of_the_next_swap(dcs: FakeDCS) -> None:
+    """The next compare-and-set reaches the store, but its answer is lost (a timeout)."""
+    original = dcs.swap_backup_slot
+
+    async def swap(kind: str, value: dict[str, Any], index: int) -> bool:
+        dcs.swap_backup_slot = original  # type: ignore[method-assign]
+        await original(kind, value, index)
+        raise DCSError("no answer within 5s")
+
+    dcs.swap_backup_slot = swap  # type: ignore[method-assign]
+
+
+async def test_a_claim_whose_answer_was_lost_is_run_by_its_claimer_not_left_standing() -> None:
+    c = Cluster(Schedule(full="* * * * *"), n=2)
+    pg1 = c.schedulers["pg1"]
+    c.clock.now = at(seconds=1)
+    lose_the_answer_of_the_next_swap(c.dcs)
+    with pytest.raises(DCSError):
+        await pg1.tick()
+    assert c.record("full")["member"] == "pg1" and c.backup.runs == []
+    # pg2 sees a live member's backup running and waits; pg1 finds its own claim and runs it
+    assert await c.schedulers["pg2"].tick() is False
+    c.clock.now = at(seconds=20)
+    assert await pg1.tick() is True
+    await c.settle()
+    assert c.backup.runs == [("pg1", "full")] and c.record("full")["state"] == "ok"
+    assert [r[1] for r in c.records] == ["resumed", "ok"]
+
+
+async def test_a_lost_claim_past_its_grace_window_is_closed_so_later_slots_run() -> None:
+    c = Cluster(Schedule(full="0 2 * * *", grace="30m"), n=2)
+    c.clock.now = at(seconds=1)
+    lose_the_answer_of_the_next_swap(c.dcs)
+    with pytest.raises(DCSError):
+        await c.schedulers["pg1"].tick()
+    c.clock.now = at(hours=1)  # pg1's next round comes after the window (it was partitioned)
+    assert await c.schedulers["pg1"].tick() is False
+    assert c.record("full")["state"] == "failed" and c.backup.runs == []
+    c.clock.now = at(days=1, seconds=1)
+    assert await c.schedulers["pg2"].tick() is True
+    await c.settle()
+    assert c.backup.runs == [("pg2", "full")]
