@@ -16,6 +16,9 @@ Keys, under ``<prefix>/<cluster>/`` (prefix without a leading slash, default ``p
     sync                JSON: the synchronous set {"leader": name, "term": n, "members": [...]},
                         written by the master only; after a failure only a member of the set
                         recorded by the last leader may race (synchronous mode)
+    backup/<type>       JSON: the newest scheduled backup slot of that type a member claimed
+                        (slot time, member, state); written only by compare-and-set on its
+                        modify index, never bound to a session; not part of the ClusterView
 
 Semantics every backend must provide (tests/contract/test_dcs_contract.py states them as tests):
 
@@ -26,6 +29,8 @@ Semantics every backend must provide (tests/contract/test_dcs_contract.py states
 * ``release_leader`` deletes the key only if it is still held by us with the given term, and the
   key is free at once (no lock-delay).
 * The term strictly increases on every change of leader.
+* ``swap_backup_slot`` writes only when the key's modify index is still the one read (0: only
+  when the key is absent): of concurrent writers from the same read exactly one wins.
 * ``watch`` yields a full ``ClusterView`` now and after every change under the cluster prefix;
   after a lost connection it resumes from the last index it saw, without losing a change.
 """
@@ -233,6 +238,18 @@ class DCS(abc.ABC):
     @abc.abstractmethod
     async def put_sync(self, state: dict[str, Any]) -> None:
         """Write the synchronous set (master only, while it holds the lease)."""
+
+    # -- scheduled backups ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:
+        """``backup/<kind>``: (its JSON object, its modify index), or (None, 0) when absent. A
+        value that is not a JSON object reads as (None, index): it can be replaced by a swap."""
+
+    @abc.abstractmethod
+    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
+        """Write ``backup/<kind>`` = value if its modify index is still ``index`` (0: only if the
+        key does not exist). Not bound to a session: the record outlives its writer. True if
+        written."""
 
     # -- reading --------------------------------------------------------------------------------
     @abc.abstractmethod

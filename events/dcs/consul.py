@@ -718,6 +718,21 @@ class ConsulDCS(DCS):
     async def delete_switchover(self) -> None:
         await self._delete("delete of switchover", self.key("switchover"))
 
+    # -- scheduled backups ----------------------------------------------------------------------
+    async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:
+        key = self.key("backup", kind)
+        entry = await self._get(key)
+        if entry is None:
+            return None, 0
+        value, _reason = decode_json_object(key, entry.get("Value") or b"")
+        return value, int(entry.get("ModifyIndex", 0))
+
+    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
+        # Consul's ?cas=0 is "only if absent", ?cas=N "only if ModifyIndex is still N"
+        return await self._put(
+            f"swap of backup/{kind}", self.key("backup", kind), _dumps(value), cas=index
+        )
+
     # -- reading --------------------------------------------------------------------------------
     async def read_cluster(self) -> ClusterView:
         index, entries = await self._read_prefix()

@@ -562,6 +562,31 @@ class EtcdDCS(DCS):
             "/v3/kv/deleterange", {"key": _b64(self.key("switchover"))}, idempotent=True
         )
 
+    # -- scheduled backups ----------------------------------------------------------------------
+    async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:
+        key = self.key("backup", kind)
+        reply = await self._post("/v3/kv/range", {"key": _b64(key)}, idempotent=True)
+        kvs = reply.get("kvs") or ()
+        if not kvs:
+            return None, 0
+        value, _reason = decode_json_object(key, _unb64(kvs[0].get("value")))
+        return value, _int(kvs[0].get("mod_revision"))
+
+    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
+        key = _b64(self.key("backup", kind))
+        compare = (
+            {"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+            if index == 0
+            else {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(index)}
+        )
+        reply = await self._txn(
+            {
+                "compare": [compare],
+                "success": [{"request_put": {"key": key, "value": _b64(_dumps(value))}}],
+            }
+        )
+        return bool(reply.get("succeeded"))
+
     # -- reading --------------------------------------------------------------------------------
     async def read_cluster(self) -> ClusterView:
         kvs, revision = await self._range_prefix()

@@ -13,12 +13,13 @@ from prometheus_client import CollectorRegistry
 from events.dcs.factory import create_dcs
 from events.privatefiles import make_private_dir
 from events.sinks import JournalSink, LogSink, Sink
+from pgsidecar.agent.backups import ScheduledBackup, server_data_directory
 from pgsidecar.agent.loop import Agent, Inbox, Services
 from pgsidecar.agent.membership import KubernetesGlue
 from pgsidecar.agent.ports import Ports, SystemClock
 from pgsidecar.agent.recorder import Recorder, SeqStore
 from pgsidecar.agent.sources import PeerFeed, watchdog_fired
-from pgsidecar.backup.member import member_pgbackrest
+from pgsidecar.backup.member import member_instance, member_pgbackrest
 from pgsidecar.config import AgentConfig
 from pgsidecar.postgres.control import PostgresControl
 from pgsidecar.procutil import os_user_ids
@@ -89,9 +90,19 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
         kubernetes = KubernetesGlue(
             cfg.kubernetes, cfg.cluster, cfg.name, inbox.post, recorder.action_body
         )
+    pgbackrest = member_pgbackrest(cfg, log)
+    scheduled_backup = None
+    if pgbackrest is not None and cfg.backup is not None and cfg.backup.schedule is not None:
+        scheduled_backup = ScheduledBackup(
+            pgbackrest,
+            member_instance(cfg),
+            cfg.name,
+            functools.partial(server_data_directory, pg, pg.passfile),
+        )
     services = Services(
         serve_api=bool(cfg.api.port),
-        pgbackrest=member_pgbackrest(cfg, log),
+        pgbackrest=pgbackrest,
+        scheduled_backup=scheduled_backup,
         archiver_stats=pg.archiver_stats,
         metrics_registry=registry,
         peer_feed=peer_feed,

@@ -25,6 +25,7 @@ from fsm.inputs import Input, pg_facts_to_dict, step
 from fsm.machine import EFFECT, Decision, Effect, Role, RoleMachine
 from fsm.snapshot import Settings, Snapshot
 from pgsidecar.agent.archiving import ArchivePort, ArchiverStats, Archiving, ArchivingMetrics
+from pgsidecar.agent.backups import BackupRun, BackupScheduleMetrics, BackupScheduler, eligible
 from pgsidecar.agent.effects import EFFECTS, EffectContext, PgRunner, Report
 from pgsidecar.agent.membership import KubernetesGlue, Membership
 from pgsidecar.agent.pgconfig import PgConfig
@@ -103,6 +104,8 @@ class Services:
     pgbackrest: ArchivePort | None = None
     # pg_stat_archiver for the archiving's /metrics (None: not watched)
     archiver_stats: Callable[[], Awaitable[ArchiverStats]] | None = None
+    # the backup a slot of the schedule runs (None: no schedule is run here)
+    scheduled_backup: BackupRun | None = None
 
 
 class Agent:
@@ -188,6 +191,22 @@ class Agent:
                 self.services.metrics_registry.register(
                     ArchivingMetrics(self.archiving, self.clock)
                 )
+        self.scheduler: BackupScheduler | None = None
+        schedule = cfg.backup.schedule if cfg.backup is not None else None
+        run_backup = self.services.scheduled_backup
+        if schedule is not None and run_backup is not None:
+            self.scheduler = BackupScheduler(
+                schedule,
+                dcs=self.dcs,
+                state=self.state,
+                clock=self.clock,
+                tasks=self.tasks,
+                record=self.recorder.action,
+                run_backup=run_backup,
+                eligible=lambda: eligible(self.state, self.pg, run_backup),
+            )
+            if self.services.metrics_registry is not None:
+                self.services.metrics_registry.register(BackupScheduleMetrics(self.scheduler))
         self.config = PgConfig(
             self.state,
             self.pg,
@@ -378,6 +397,8 @@ class Agent:
                 ),
                 "watch_archiver",
             )
+        if self.scheduler is not None:
+            self.tasks.spawn(self.scheduler.run(), "backup_schedule")
         try:
             while not self._done.is_set():
                 get = asyncio.ensure_future(self.inbox.queue.get())

@@ -477,11 +477,15 @@ class PgBackRest:
         return env
 
     def _as_user(self, argv: list[str]) -> list[str]:
-        if not self._run_as:
-            return argv
         setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
-        uid, gid = self._run_as[0], self._run_as[1]
-        return [setpriv, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--", *argv]
+        # pgBackRest dies with whoever started it (SIGKILL; its workers follow when their pipes
+        # close): a scheduled backup whose agent died must not go on copying beside the backup
+        # of the member that takes its slot over
+        prefix = [setpriv, "--pdeathsig=KILL"]
+        if self._run_as:
+            uid, gid = self._run_as[0], self._run_as[1]
+            prefix += [f"--reuid={uid}", f"--regid={gid}", "--init-groups"]
+        return [*prefix, "--", *argv]
 
     async def run(
         self,

@@ -139,11 +139,32 @@ class Schedule(_Strict):
     full: str | None = None
     diff: str | None = None
     incr: str | None = None
+    # how long after its time a slot still runs when no member could take it then (all down):
+    # the first member back takes it, once; an older missed slot is skipped
+    grace: str = "1h"
 
     @field_validator("full", "diff", "incr")
     @classmethod
     def _when(cls, value: str | None) -> str | None:
         return _check_when(value)
+
+    @field_validator("grace")
+    @classmethod
+    def _grace(cls, value: str) -> str:
+        interval = parse_interval(value)
+        if interval is None or interval < timedelta(minutes=1):
+            raise ValueError(f"{value!r} is not an interval of at least 1m ('30m', '6h', '1d')")
+        return value.strip()
+
+    @property
+    def grace_period(self) -> timedelta:
+        interval = parse_interval(self.grace)
+        assert interval is not None  # checked by the validator
+        return interval
+
+    def kinds(self) -> list[BackupType]:
+        """The scheduled types, the one that covers the others first (full, diff, incr)."""
+        return [k for k in ("full", "diff", "incr") if getattr(self, k) is not None]
 
     @model_validator(mode="after")
     def _something(self) -> Schedule:
@@ -171,6 +192,23 @@ class Schedule(_Strict):
         naive = after.replace(tzinfo=None, microsecond=0)
         nxt: datetime = next(CronSim(when, naive))
         return nxt.replace(tzinfo=UTC)
+
+    def last_slot(self, kind: BackupType, now: datetime) -> datetime | None:
+        """The latest slot of ``kind`` at or before ``now`` (aware, UTC), or None if that type
+        is not scheduled."""
+        when: str | None = getattr(self, kind)
+        if when is None:
+            return None
+        now = now.astimezone(UTC)
+        interval = parse_interval(when)
+        if interval is not None:
+            step = interval.total_seconds()
+            n = (now - _EPOCH).total_seconds() // step
+            return _EPOCH + timedelta(seconds=n * step)
+        # cronsim's reverse walk yields times strictly before its start: start a second after
+        naive = now.replace(tzinfo=None, microsecond=0) + timedelta(seconds=1)
+        prev: datetime = next(CronSim(when, naive, reverse=True))
+        return prev.replace(tzinfo=UTC)
 
 
 class BackupSettings(_Strict):

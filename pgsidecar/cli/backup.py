@@ -15,8 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from events.dcs import DCS, ClusterView
+from events.dcs import DCS
 from pgsidecar.backup import BackupError, BackupSet, PgBackRest
+from pgsidecar.backup.source import choose_source
 from pgsidecar.cli.common import EXIT_REFUSED, err, run_with_dcs
 from pgsidecar.config import AgentConfig, ConfigError, load_config
 
@@ -57,31 +58,6 @@ def pgbackrest_for(cfg: AgentConfig) -> PgBackRest:
             f"member {cfg.name}'s config has no backup section: nothing archives to a repository"
         )
     return br
-
-
-def choose_source(view: ClusterView, local: set[str]) -> tuple[str, str | None]:
-    """(master, replica to copy from or None). The replica is a streaming one whose config is
-    at hand (the smallest name, so repeated runs pick the same one); raises BackupError when the
-    master's server is not on this host (pgBackRest must reach it to start and stop the backup)."""
-    if view.leader is None:
-        raise BackupError("the cluster has no master now: a backup needs one")
-    master = view.leader.name
-    if master not in local:
-        raise BackupError(
-            f"the master {master} is not on this host (no config for it here): run "
-            f"`pgsidecar backup --config` with the master's config, on its host"
-        )
-    replicas = sorted(
-        name
-        for name, m in view.members.items()
-        if name != master
-        and name in local
-        and isinstance(m, dict)
-        and m.get("role") == "replica"
-        and m.get("running")
-        and m.get("streaming")
-    )
-    return master, replicas[0] if replicas else None
 
 
 def _when(value: Any) -> str:

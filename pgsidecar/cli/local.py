@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,47 @@ def yaml_mode(lc: LocalCluster) -> str:
     return str((cfg.get("settings") or {}).get("synchronous_mode", "off"))
 
 
+def backup_schedule(items: list[str]) -> dict[str, str] | None:
+    """``--backup-schedule TYPE=WHEN`` options as the backup section's schedule (validated with
+    the config's own model, so a bad one is refused before anything is created)."""
+    if not items:
+        return None
+    from pydantic import ValidationError
+
+    from pgsidecar.backup import Schedule
+
+    schedule: dict[str, str] = {}
+    for item in items:
+        kind, sep, when = item.partition("=")
+        if not sep or kind.strip() not in ("full", "diff", "incr"):
+            raise ConfigError(
+                f"--backup-schedule {item!r}: give TYPE=WHEN, TYPE one of full, diff, incr"
+            )
+        schedule[kind.strip()] = when.strip()
+    try:
+        Schedule.model_validate(schedule)
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'schedule'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"--backup-schedule: {reasons}") from None
+    return schedule
+
+
+def target_time(text: str | None) -> datetime | None:
+    """``--target-time``: ISO 8601 with a time zone (``2026-12-03T05:00:00Z``)."""
+    if text is None:
+        return None
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"--target-time {text!r} is not an ISO 8601 time") from None
+    if when.tzinfo is None:
+        raise ConfigError(f"--target-time {text!r} needs a time zone (Z or +HH:MM)")
+    return when
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     from pgsidecar.lab.local import LocalCluster, LocalClusterError
 
@@ -69,6 +111,9 @@ def cmd_local(args: argparse.Namespace) -> int:
                     tls=args.tls,
                     backup=args.backup,
                     host=args.host,
+                    backup_schedule=backup_schedule(args.backup_schedule),
+                    restore_from=Path(args.restore_from) if args.restore_from else None,
+                    target_time=target_time(args.target_time),
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             cfg_mode = yaml_mode(lc)
@@ -146,6 +191,26 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--backup",
         action="store_true",
         help="archive WAL into a pgBackRest repository in DIR/backup (`pgsidecar backup`)",
+    )
+    up.add_argument(
+        "--restore-from",
+        metavar="DIR",
+        help="point-in-time recovery: a new cluster restored from another local cluster's "
+        "repository (DIR/backup, or DIR) to --target-time; it archives into its own",
+    )
+    up.add_argument(
+        "--target-time",
+        metavar="TS",
+        help="with --restore-from: ISO 8601 with a time zone, e.g. 2026-12-03T05:00:00Z",
+    )
+    up.add_argument(
+        "--backup-schedule",
+        action="append",
+        default=[],
+        metavar="TYPE=WHEN",
+        help="scheduled backups (implies --backup), once per slot in the cluster: TYPE is "
+        "full, diff or incr, WHEN a cron expression in UTC or an interval, e.g. "
+        "--backup-schedule 'full=0 3 * * 0' --backup-schedule 'diff=0 3 * * 1-6'",
     )
     k = up.add_mutually_exclusive_group()
     k.add_argument(

@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -168,15 +169,29 @@ class LocalCluster:
         tls: bool = False,
         backup: bool = False,
         host: str = "127.0.0.1",
+        backup_schedule: dict[str, str] | None = None,
+        restore_from: Path | None = None,
+        target_time: datetime | None = None,
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
         a cluster at the Consul emulator this way). ``tls``: a generated CA (``dir/tls``) and TLS
         on every link: etcd's clients (certificates required), the REST API (client
         certificates required), PostgreSQL (verify-full), the Kafka broker's listener (SSL).
         ``backup``: the members archive into a pgBackRest repository in DIR/backup
-        (docs/backup.md). ``host``: the loopback address PostgreSQL and the agents' APIs listen
-        on, 127.0.0.1 or ::1 (the members then reach each other over IPv6; etcd, Kafka and the
-        lab's HAProxy stay on 127.0.0.1)."""
+        (docs/backup.md); ``backup_schedule`` (implies ``backup``): the backup section's
+        schedule, e.g. {"full": "0 3 * * 0", "diff": "0 3 * * 1-6"}. ``restore_from`` (another
+        local cluster's directory or its DIR/backup) and ``target_time`` (aware): the first member
+        is restored to that time from that repository before the agents start (lab/pitr.py);
+        the new cluster has the source's database passwords and archives into its own
+        repository (implies ``backup``). ``host``: the loopback address PostgreSQL and the agents'
+        APIs listen on, 127.0.0.1 or ::1 (the members then reach each other over IPv6; etcd, Kafka
+        and the lab's HAProxy stay on 127.0.0.1)."""
+        source: dict[str, Any] | None = None
+        if (restore_from is None) != (target_time is None):
+            raise LocalClusterError("--restore-from and --target-time go together")
+        if restore_from is not None and target_time is not None:
+            source = self._restore_source(Path(restore_from), target_time)
+            backup = True
         if tls and dcs_url is not None:
             raise LocalClusterError(
                 "--tls sets up its own etcd with TLS: it cannot use a given store"
@@ -223,6 +238,10 @@ class LocalCluster:
         secrets_dir = self.dir / "secrets"
         secrets_dir.mkdir(mode=0o700, exist_ok=True)
         pw = {k: secrets.token_urlsafe(18) for k in ("superuser", "replication", "api")}
+        if source is not None:
+            # the restored database holds the source's roles and their passwords
+            for k in ("superuser", "replication"):
+                pw[k] = (Path(source["dir"]) / "secrets" / f"{k}.secret").read_text().strip()
         for k, v in pw.items():
             p = secrets_dir / f"{k}.secret"
             p.write_text(v + "\n")
@@ -249,9 +268,12 @@ class LocalCluster:
             if kafka
             else None,
             "tls": tls,
-            "backup": {"repository": str(self.dir / "backup")} if backup else None,
+            "backup": {"repository": str(self.dir / "backup"), "schedule": backup_schedule}
+            if backup or backup_schedule
+            else None,
             "pg_bin": str(pg_bin),
             "pg_user": pg_user,
+            "restore": source,
             "members": [
                 {"name": n, "pg_port": base + 4 + 2 * i, "api_port": base + 5 + 2 * i}
                 for i, n in enumerate(names)
@@ -310,6 +332,8 @@ class LocalCluster:
                 "repository": {"type": "posix", "path": meta["backup"]["repository"]},
                 "archive_timeout": 30,
             }
+            if meta["backup"].get("schedule"):
+                cfg["backup"]["schedule"] = dict(meta["backup"]["schedule"])
         for key, value in extra.items():
             if isinstance(value, str):
                 # per-member values: "{name}" is the member's name (e.g. its pod name)
@@ -518,6 +542,8 @@ class LocalCluster:
     def up(self, detach: bool = False, timeout: float = 180) -> list[dict[str, Any]]:
         if self.runs_own_dcs:
             self.start_etcd(detach=detach)
+        if self.meta.get("restore") and not (self.members[0].dir / "pgdata").exists():
+            self._restore_first_member()
         self.start_kafka()
         for m in self.members:
             self.start_member(m.name, detach=detach)
@@ -601,6 +627,80 @@ class LocalCluster:
                     )
             time.sleep(0.2)
         raise LocalClusterError(f"cluster not healthy after {timeout:.0f} s: {rows}")
+
+    def _restore_source(self, path: Path, target_time: datetime) -> dict[str, Any]:
+        """The source of a point-in-time recovery: a local cluster's directory or its backup
+        repository (DIR/backup)."""
+        src = path if (path / "cluster.json").exists() else path.parent
+        meta_path = src / "cluster.json"
+        if not meta_path.exists():
+            raise LocalClusterError(
+                f"{path} is neither a local cluster's directory nor its DIR/backup repository"
+            )
+        meta = json.loads(meta_path.read_text())
+        repo = (meta.get("backup") or {}).get("repository")
+        if not repo:
+            raise LocalClusterError(
+                f"the local cluster in {src} has no backup repository (--backup)"
+            )
+        if target_time.tzinfo is None:
+            raise LocalClusterError("--target-time needs a time zone (e.g. 2026-12-03T05:00:00Z)")
+        if src.resolve() == self.dir.resolve():
+            raise LocalClusterError("a cluster cannot be restored into its own directory")
+        return {
+            "dir": str(src),
+            "repository": str(repo),
+            "stanza": meta["cluster"],
+            "target_time": target_time.isoformat(),
+        }
+
+    def _restore_first_member(self) -> None:
+        """Point-in-time recovery of the first member from the source's repository, then the
+        initialize key naming it, so that no other member runs initdb: they clone from it."""
+        import asyncio
+
+        from events.dcs.factory import create_dcs
+        from pgsidecar.config import load_config
+        from pgsidecar.lab.pitr import restore_to_time
+
+        src = self.meta["restore"]
+        first = self.members[0]
+        work = self.dir / "restore"
+        work.mkdir(exist_ok=True)
+        os.chmod(work, 0o755)
+        try:
+            restore_to_time(
+                repository=Path(src["repository"]),
+                stanza=src["stanza"],
+                data_dir=first.dir / "pgdata",
+                port=first.pg_port,
+                target=datetime.fromisoformat(src["target_time"]),
+                pg_bin=Path(self.meta["pg_bin"]),
+                pg_user=self.meta.get("pg_user"),
+                work_dir=work,
+            )
+        except Exception as exc:
+            raise LocalClusterError(f"point-in-time recovery failed: {exc}") from exc
+        cfg = load_config(self.config_path(first.name))
+
+        async def claim() -> None:
+            dcs = create_dcs(cfg.dcs, cfg.cluster)
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await dcs.connect()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+            try:
+                if not await dcs.try_initialize(first.name):
+                    raise LocalClusterError("the new cluster's DCS already names a bootstrap")
+            finally:
+                await dcs.close()
+
+        asyncio.run(claim())
 
     def read_view(self) -> Any:
         """The DCS view of the cluster (through the first member's config)."""

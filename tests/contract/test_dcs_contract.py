@@ -407,6 +407,41 @@ async def test_initialize_is_compare_and_set(dcs_backend: Any) -> None:
     assert (await nodes[0].read_cluster()).initialize == f"m{loser}"
 
 
+async def test_backup_slot_is_compare_and_set_on_its_modify_index(dcs_backend: Any) -> None:
+    nodes = [await new_dcs(dcs_backend) for _ in range(4)]
+    assert await nodes[0].read_backup_slot("full") == (None, 0)
+    # create-if-absent: of concurrent writers exactly one wins
+    won = await asyncio.gather(
+        *(
+            d.swap_backup_slot("full", {"slot": "s1", "member": f"m{i}"}, 0)
+            for i, d in enumerate(nodes)
+        )
+    )
+    assert won.count(True) == 1, won
+    winner = won.index(True)
+    value, index = await nodes[1].read_backup_slot("full")
+    assert value == {"slot": "s1", "member": f"m{winner}"} and index > 0
+    # replacing it: only the writers that read the current index, exactly one of them
+    won = await asyncio.gather(
+        *(
+            d.swap_backup_slot("full", {"slot": "s2", "member": f"m{i}"}, index)
+            for i, d in enumerate(nodes)
+        )
+    )
+    assert won.count(True) == 1, won
+    assert await nodes[0].swap_backup_slot("full", {"slot": "stale"}, index) is False
+    assert await nodes[0].swap_backup_slot("full", {"slot": "stale"}, 0) is False
+    value, newer = await nodes[2].read_backup_slot("full")
+    assert value is not None and value["slot"] == "s2" and newer > index
+    # the record outlives its writer's session, stays out of the cluster view, and each type
+    # has its own key
+    await nodes[won.index(True)].close_session()
+    assert (await nodes[3].read_backup_slot("full"))[0] == value
+    assert await nodes[3].read_backup_slot("diff") == (None, 0)
+    view = await nodes[3].read_cluster()
+    assert view.malformed == () and view.config is None
+
+
 async def test_config_and_switchover_round_trip(dcs_backend: Any) -> None:
     d = await new_dcs(dcs_backend, session=False)
     config = {"ttl": 20, "loop_wait": 5, "synchronous_mode": True, "nested": {"a": [1, 2]}}

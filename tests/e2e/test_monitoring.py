@@ -142,6 +142,7 @@ def test_the_alerts_the_issue_asks_for_exist() -> None:
         "PgsidecarSpoolGrowing",
         "PgsidecarKafkaDown",
         "PostgresArchiveFailing",
+        "PgsidecarBackupTooOld",
     ):
         assert alert in names
     for a in alerts():
@@ -156,7 +157,8 @@ def defined_agent_metrics() -> set[str]:
     """The series names the agent's code exports: every prometheus_client metric constructed
     in pgsidecar/ and events/ (outside the lab), with the suffixes the exposition adds."""
     pattern = re.compile(
-        r"\b(Gauge|Counter|Histogram|Summary|Info|Enum)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"", re.S
+        r"\b(Gauge|Counter|Histogram|Summary|Info|Enum|GaugeMetricFamily)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"",
+        re.S,
     )
     names: set[str] = set()
     for top in AGENT_SOURCES:

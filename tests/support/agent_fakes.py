@@ -79,6 +79,8 @@ class FakeDCS(DCS, Failing):
         self.config: dict[str, Any] | None = None
         self.switchover: dict[str, Any] | None = None
         self.sync: dict[str, Any] | None = None
+        # backup/<type>: (value, modify index)
+        self.backup_slots: dict[str, tuple[dict[str, Any], int]] = {}
         self.ttl = 0.0
         self.sessions = 0
         self._changed = asyncio.Event()
@@ -132,6 +134,21 @@ class FakeDCS(DCS, Failing):
         self._call("put_member", name, data)
         self.members[name] = data
         self._bump()
+
+    async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:
+        self._call("read_backup_slot", kind)
+        await asyncio.sleep(0)  # a round trip: racing members interleave here
+        value, index = self.backup_slots.get(kind, (None, 0))
+        return (dict(value) if value is not None else None), index
+
+    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
+        self._call("swap_backup_slot", kind, value, index)
+        await asyncio.sleep(0)
+        if self.backup_slots.get(kind, (None, 0))[1] != index:
+            return False
+        self.index += 1
+        self.backup_slots[kind] = (dict(value), self.index)
+        return True
 
     async def try_initialize(self, name: str) -> bool:
         self._call("try_initialize", name)

@@ -10,8 +10,9 @@ import pytest
 
 from events.dcs import ClusterView, Leader
 from pgsidecar.backup import BackupError, BackupSet
+from pgsidecar.backup.source import choose_source
 from pgsidecar.cli import build_parser
-from pgsidecar.cli.backup import backup_document, choose_source, render_backups
+from pgsidecar.cli.backup import backup_document, render_backups
 
 
 def view(**members: dict[str, object]) -> ClusterView:
@@ -95,3 +96,23 @@ def test_the_parser() -> None:
         assert (a.backup_cmd, a.json, a.dir) == ("list", True, "/x")
     with pytest.raises(SystemExit):
         parse("backup", "--type", "weekly", "--dir", "/x")
+
+
+def test_local_up_backup_schedule_options_are_checked_before_anything_is_created() -> None:
+    from pgsidecar.cli.local import backup_schedule, target_time
+    from pgsidecar.config import ConfigError
+
+    args = build_parser().parse_args(
+        ["local", "up", "--backup-schedule", "full=0 3 * * 0", "--backup-schedule", "diff=1d"]
+    )
+    assert backup_schedule(args.backup_schedule) == {"full": "0 3 * * 0", "diff": "1d"}
+    assert backup_schedule([]) is None
+    with pytest.raises(ConfigError, match="TYPE=WHEN"):
+        backup_schedule(["weekly=1d"])
+    with pytest.raises(ConfigError, match="set schedule.full"):
+        backup_schedule(["diff=1d"])
+    with pytest.raises(ConfigError, match=r"full: '61 \* \* \* \*' is neither an interval"):
+        backup_schedule(["full=61 * * * *"])
+    assert target_time("2026-12-03T05:00:00Z") == datetime(2026, 12, 3, 5, tzinfo=UTC)
+    with pytest.raises(ConfigError, match="time zone"):
+        target_time("2026-12-03T05:00:00")

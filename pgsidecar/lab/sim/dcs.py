@@ -761,6 +761,31 @@ class SimDCS(DCS):
     async def put_sync(self, state: dict[str, Any]) -> None:
         await self._put_unbound("put_sync", self.key("sync"), _dumps(state))
 
+    # -- scheduled backups ---------------------------------------------------------------------
+    async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:
+        key = self.key("backup", kind)
+
+        def read() -> tuple[dict[str, Any] | None, int]:
+            entry = self.store.get(key)
+            if entry is None:
+                return None, 0
+            value, _reason = decode_json_object(key, entry.value)
+            return value, entry.mod_index
+
+        return await self._call("read_backup_slot", read, write=False)
+
+    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
+        key = self.key("backup", kind)
+
+        def swap() -> bool:
+            entry = self.store.get(key)
+            if (entry.mod_index if entry is not None else 0) != index:
+                return False
+            self.store.put(key, _dumps(value))
+            return True
+
+        return await self._call("swap_backup_slot", swap, write=True)
+
     # -- reading -------------------------------------------------------------------------------
     def _snapshot(self) -> tuple[dict[str, tuple[bytes, int]], int]:
         cache = {key: (value, mod) for key, value, mod, _held in self.store.entries(self.base)}

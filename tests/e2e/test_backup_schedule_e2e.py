@@ -1,0 +1,116 @@
+"""Scheduled backups on a real local cluster (real agents, PostgreSQL, etcd, pgBackRest): three
+members share a schedule of every minute, and each slot gets one backup, taken from a streaming
+replica, whichever member claimed it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from pgsidecar.backup import StanzaInfo
+from pgsidecar.backup.member import member_pgbackrest
+from pgsidecar.cli import main
+from pgsidecar.config import load_config
+from pgsidecar.lab.local import LocalCluster
+from tests.support.clusterutil import wait_for
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
+)
+
+
+@pytest.fixture
+def cluster_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d / "c"
+    finally:
+        lc = LocalCluster(d / "c")  # whatever `local up` got to start
+        try:
+            lc.down()
+        finally:
+            for m in lc.members:
+                for pid in (lc.agent_pid(m.name), lc.postmaster_pid(m.name)):
+                    if pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, 9)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def info(lc: LocalCluster) -> StanzaInfo | None:
+    br = member_pgbackrest(load_config(lc.config_path(lc.members[0].name)), structlog.get_logger())
+    assert br is not None
+    try:
+        return asyncio.run(br.info())
+    except Exception:
+        return None
+
+
+def scheduled_actions(lc: LocalCluster) -> list[dict[str, Any]]:
+    out = []
+    for m in lc.members:
+        path = lc.dir / m.name / "journal.jsonl"
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["kind"] == "action" and rec["body"].get("name") == "scheduled_backup":
+                out.append({**rec["body"], "node": rec["node"]})
+    return out
+
+
+@pytest.mark.integration
+def test_three_members_take_one_backup_per_slot_from_a_replica(cluster_dir: Path) -> None:
+    argv = ["local", "up", "--nodes", "3", "--dir", str(cluster_dir), "--ttl", "5", "--no-kafka"]
+    # incremental every minute; the first, with no full before it, is taken as a full
+    schedule = ["--backup-schedule", "full=0 0 1 1 *", "--backup-schedule", "incr=* * * * *"]
+    assert main([*argv, *schedule]) == 0
+    lc = LocalCluster(cluster_dir)
+
+    def backups() -> int:
+        st = info(lc)
+        return len(st.backups) if st is not None else 0
+
+    wait_for(lambda: backups() >= 3, 300, interval=2, what="three scheduled backups")
+
+    def settled() -> tuple[list[dict[str, Any]], StanzaInfo] | None:
+        """The journals and the repository at a moment when no scheduled backup runs (the
+        journals read again after the repository say the same)."""
+        before = scheduled_actions(lc)
+        st = info(lc)
+        claimed = [a for a in before if a["outcome"] in ("claimed", "taken_over")]
+        ended = [a for a in before if a["outcome"] in ("ok", "failed")]
+        if st is None or len(claimed) != len(ended) or scheduled_actions(lc) != before:
+            return None
+        return before, st
+
+    actions, st = wait_for(settled, 120, interval=1, what="a moment with no backup running")
+    claims = [a for a in actions if a["outcome"] in ("claimed", "taken_over")]
+    ok = [a for a in actions if a["outcome"] == "ok"]
+    # one claim per slot across the three members, and no slot claimed twice
+    per_slot = Counter(a["slot"] for a in claims)
+    assert per_slot and set(per_slot.values()) == {1}, per_slot
+    # every backup in the repository is one successful slot's, started in that slot's minute
+    assert len(st.backups) == len(ok), (st.backups, ok)
+    minutes = sorted(b.start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:00Z") for b in st.backups)
+    assert minutes == sorted(a["slot"] for a in ok)
+    assert sorted(b.label for b in st.backups) == sorted(a["label"] for a in ok)
+    # from a streaming replica, never the master
+    master = lc.master()
+    for a in ok:
+        assert a["source"] != master, a
+    for b in st.backups:
+        manifest = lc.dir / "backup" / "backup" / lc.cluster / b.label / "backup.manifest"
+        assert "option-backup-standby=true" in manifest.read_text(), b.label
+    assert [b.type for b in st.backups][:2] == ["full", "incr"]
