@@ -337,8 +337,9 @@ class Pgbench:
 
     def stop(self) -> None:
         if self.proc is not None:
-            # SIGINT: pgbench stops its clients (no summary; the progress lines have the run)
-            self.children.stop(self.proc, signal.SIGINT)
+            # no summary then: the progress lines have the run. (Not SIGINT: a soak started in
+            # the background by a shell inherits SIGINT ignored, and so would pgbench.)
+            self.children.stop(self.proc, signal.SIGTERM)
             for th in self._threads:
                 th.join(timeout=5)
 
@@ -531,6 +532,7 @@ class Soak:
         self.interrupted = False
         # the samples
         self.t0 = 0.0
+        self.elapsed = 0.0  # seconds of load, up to the end of the run or its interruption
         self.leaders: list[tuple[float, str | None, int | None]] = []
         self.margins: list[float] = []
         self.usage: dict[str, list[tuple[float, float, float]]] = {}  # name -> (t, rss, cpu s)
@@ -741,8 +743,9 @@ class Soak:
         except KeyboardInterrupt:
             self.interrupted = True
             self.log("interrupted: stopping the load and reporting the run so far")
+        self.elapsed = time.monotonic() - self.t0
         self._end_stress()
-        self._sample_usage(time.monotonic() - self.t0)
+        self._sample_usage(self.elapsed)
         for run in self.runs:
             if run.proc is None or run.proc.poll() is not None:
                 continue
@@ -757,7 +760,7 @@ class Soak:
     def report(
         self, baseline: dict[str, Any], load_start: tuple[float, float, float]
     ) -> dict[str, Any]:
-        elapsed = max(t for t, _, _ in self.leaders) if self.leaders else 0.0
+        elapsed = self.elapsed
         changes = leader_changes(self.leaders)
         texts = {m.name: fetch_metrics(m.api_url) or "" for m in self.lc.members}
         per_agent_buckets = {n: renewal_buckets(t) for n, t in texts.items()}
