@@ -626,7 +626,12 @@ class Soak:
             )
             self._stress_procs.append(self.children.spawn([sys.executable, "-c", code, str(path)]))
         elif s.kind == "sigstop":
-            replicas = sorted(m.name for m in self.lc.members if m.name != master)
+            # never the master: with none seen yet, no target (the stress is recorded without one)
+            replicas = (
+                sorted(m.name for m in self.lc.members if m.name != master)
+                if master is not None
+                else []
+            )
             name = replicas[s.victim % len(replicas)] if replicas else None
             pid = self.lc.agent_pid(name) if name is not None else None
             if name is not None and pid is not None:
@@ -712,7 +717,7 @@ class Soak:
         self.t0 = time.monotonic()
         pending = list(self.schedule)
         active: tuple[Stress, float] | None = None
-        next_leader = next_usage = 0.0
+        next_leader = next_usage = next_pgbench = 0.0
         master: str | None = None
         try:
             while (now := time.monotonic() - self.t0) < seconds:
@@ -720,11 +725,14 @@ class Soak:
                 # aborted by a failover ends the run)
                 current = self.runs[-1] if self.runs else None
                 if (
-                    current is None or current.proc is None or current.proc.poll() is not None
-                ) and seconds - now > 2:
+                    (current is None or current.proc is None or current.proc.poll() is not None)
+                    and seconds - now > 2
+                    and now >= next_pgbench
+                ):
                     if current is not None:
                         current.wait(timeout=10)
                     self.runs.append(self._pgbench(dsn, seconds - now, env))
+                    next_pgbench = now + 1.0  # a pgbench that cannot connect is not a busy loop
                 if active is not None and now >= active[1]:
                     self._end_stress()
                     active = None
