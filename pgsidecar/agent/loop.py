@@ -38,6 +38,7 @@ from pgsidecar.agent.sources import (
     PeerFeed,
     PgWatch,
     probe_loop,
+    renewal_latency_histogram,
 )
 from pgsidecar.agent.state import NodeState, TaskSet
 from pgsidecar.backup import BackupError, BackupSettingsError
@@ -233,6 +234,7 @@ class Agent:
             ttl=self.settings.ttl,
             clock_drift=cfg.cluster_settings.clock_drift,
             count=self.recorder.count,
+            observe_latency=renewal_latency_histogram(self.services.metrics_registry),
         )
         self.fork = ForkCheck(self.state, self.pg, post, self.recorder.action, self.clock)
         report = Report(post, self.recorder.action, self.clock)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
+from prometheus_client import CollectorRegistry, Histogram
 
 from events.dcs import DCS, ClusterView, DCSError, SessionLost
 from events.settings import KafkaSettings
@@ -109,6 +110,25 @@ def fence_deadline(sent: float, session_ttl: float, clock_drift: float) -> float
     return sent + session_ttl * (1 - clock_drift) - margin
 
 
+# seconds; at the smallest sane TTL (2 s) the slack before fencing is about 0.5 s, at 5 s about 3 s
+RENEWAL_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+def renewal_latency_histogram(registry: CollectorRegistry | None) -> Callable[[float], None]:
+    """``pgsidecar_lease_renewal_latency_seconds`` on the agent's registry, as the observer a
+    LeaseRenewal takes (a no-op without a registry)."""
+    if registry is None:
+        return lambda seconds: None
+    histogram = Histogram(
+        "pgsidecar_lease_renewal_latency_seconds",
+        "seconds from when a renewal of the DCS session was due to its successful answer: the "
+        "round trip plus any lateness of the agent's event loop (a busy machine)",
+        buckets=RENEWAL_LATENCY_BUCKETS,
+        registry=registry,
+    )
+    return histogram.observe
+
+
 class LeaseRenewal:
     """Renews our DCS session every ttl/4 and moves the fence's deadline with each success."""
 
@@ -126,12 +146,15 @@ class LeaseRenewal:
         ttl: float,
         clock_drift: float,
         count: Callable[[str], None] = lambda name: None,
+        observe_latency: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.dcs = dcs
         self.pg = pg
         self.fence = fence
         # counters for /metrics: lease_renewals, lease_renewal_failures, sessions_lost
         self.count = count
+        # each successful renewal's latency, from when it was due to its answer (/metrics)
+        self.observe_latency = observe_latency
         self.state = state
         self.post = post
         self.clock = clock
@@ -157,15 +180,20 @@ class LeaseRenewal:
         interval = max(0.25, self.session_ttl() / 4)
         down = False
         while True:
+            due = self.clock.monotonic() + interval
             await asyncio.sleep(interval)
-            down = await self.renew_once(interval, down)
+            down = await self.renew_once(interval, down, due=due)
 
-    async def renew_once(self, interval: float, down: bool) -> bool:
-        """One renewal; returns whether the DCS is now known to be unreachable."""
+    async def renew_once(self, interval: float, down: bool, due: float | None = None) -> bool:
+        """One renewal; returns whether the DCS is now known to be unreachable. ``due``: when
+        the renewal was scheduled (default: now); its latency is measured from then, so a late
+        wake-up of a busy event loop counts as much as a slow answer: the fencing deadline
+        does not care which it was."""
         sent = self.clock.monotonic()
         try:
             await asyncio.wait_for(self.dcs.renew_session(), timeout=interval)
             self.count("lease_renewals")
+            self.observe_latency(max(0.0, self.clock.monotonic() - (sent if due is None else due)))
             self.state.lease_sent = sent
             if self.state.snapshot.lease.held:
                 self.fence.arm(self.fence_deadline(sent))

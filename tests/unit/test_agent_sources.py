@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from events.dcs import ClusterView, DCSError, Leader, SessionLost
 from events.settings import KafkaSettings
@@ -21,6 +22,7 @@ from pgsidecar.agent.sources import (
     ForkCheck,
     PeerFeed,
     fence_deadline,
+    renewal_latency_histogram,
     watchdog_fired,
 )
 from pgsidecar.postgres.control import PostgresError
@@ -57,6 +59,33 @@ async def test_renewal_moves_the_fence_deadline_while_we_hold_the_lease(rig: Rig
     assert rig.fence.deadline == pytest.approx(renewal.fence_deadline(rig.agent.state.lease_sent))
     assert rig.posted() == []
     assert rig.agent.recorder.counters["lease_renewals"] == 1
+
+
+async def test_a_renewal_latency_counts_from_when_it_was_due(rig: Rig) -> None:
+    """A renewal that the event loop woke late is as late for the fencing deadline as one the
+    DCS answered late: its latency is measured from when it was due, not from when it was sent;
+    a failed renewal is no latency at all (it is counted as a failure)."""
+    seen: list[float] = []
+    renewal = rig.agent.renewal
+    renewal.observe_latency = seen.append
+    assert await renewal.renew_once(1.0, down=False, due=rig.clock.monotonic() - 0.4) is False
+    assert len(seen) == 1 and 0.4 <= seen[0] < 0.6
+    rig.dcs.fail["renew_session"] = DCSError("down")
+    assert await renewal.renew_once(1.0, down=False) is True
+    assert len(seen) == 1
+
+
+def test_the_renewal_latency_histogram_is_on_the_agents_registry() -> None:
+    registry = CollectorRegistry()
+    observe = renewal_latency_histogram(registry)
+    for seconds in (0.004, 0.02, 0.7):
+        observe(seconds)
+    name = "pgsidecar_lease_renewal_latency_seconds"
+    assert registry.get_sample_value(f"{name}_bucket", {"le": "0.025"}) == 2
+    assert registry.get_sample_value(f"{name}_bucket", {"le": "0.5"}) == 2
+    assert registry.get_sample_value(f"{name}_bucket", {"le": "1.0"}) == 3
+    assert registry.get_sample_value(f"{name}_count") == 3
+    renewal_latency_histogram(None)(1.0)  # no registry: a no-op
 
 
 async def test_the_fencing_margin_is_the_time_left_before_the_deadline(rig: Rig) -> None:

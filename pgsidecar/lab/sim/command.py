@@ -75,8 +75,13 @@ def cmd_sim(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    lab = sub.add_parser("lab", help="the lab: deterministic simulation of whole clusters")
+    from pgsidecar.lab import soak
+
+    lab = sub.add_parser(
+        "lab", help="the lab: deterministic simulation of whole clusters, the endurance soak"
+    )
     lab_sub = lab.add_subparsers(dest="lab_cmd", required=True)
+    soak.add_parser(lab_sub)
     s = lab_sub.add_parser(
         "sim", help="run seeds of a simulated cluster with the real agent (docs/simulation.md)"
     )
