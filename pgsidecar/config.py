@@ -300,6 +300,15 @@ class FencingSettings(Strict):
     safety_margin: float = Field(default=0.5, ge=0.0, le=0.5)
 
 
+class LogRotation(Strict):
+    """The size bound of every file the agent appends to: the journal, PostgreSQL's log in
+    ``file`` mode, the fence process's log. A file that reaches ``max_bytes`` becomes
+    ``<file>.1`` (and ``.1`` becomes ``.2`` ...); ``backups`` older files are kept."""
+
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    backups: int = Field(default=4, ge=1, le=100)
+
+
 class AgentConfig(Strict):
     name: str = Field(pattern=NAME_RE)
     cluster: str = Field(pattern=NAME_RE)
@@ -318,6 +327,7 @@ class AgentConfig(Strict):
     backup: BackupSettings | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = None
+    log_rotation: LogRotation = LogRotation()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -36,7 +36,9 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
     # the agent runs as root, because PostgreSQL's tools read the passfile in it.
     make_private_dir(state_dir, owner=_postgres_owner(cfg))
     sinks: list[Sink] = [
-        JournalSink(state_dir / "journal.jsonl"),
+        JournalSink(
+            state_dir / "journal.jsonl", cfg.log_rotation.max_bytes, cfg.log_rotation.backups
+        ),
         LogSink(log),
         *(extra_sinks or []),
     ]
@@ -68,6 +70,8 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
         device=cfg.fencing.device if cfg.fencing.mode != "off" else None,
         device_required=cfg.fencing.mode == "required",
         safety_margin=cfg.fencing.safety_margin,
+        log_max_bytes=cfg.log_rotation.max_bytes,
+        log_backups=cfg.log_rotation.backups,
     )
 
     async def replication_stats() -> ReplicationStats:
