@@ -127,6 +127,10 @@ class PostgresSettings(Strict):
     stop_timeout: float = Field(default=30.0, gt=0)
     # pg_rewind attempts before the member throws its data away and reclones
     rewind_attempts: int = Field(default=2, ge=1)
+    # where the server log goes (pgsidecar/postgres/serverlog.py). stderr: JSON lines on the
+    # agent's stderr, tagged with the member and cluster (kubectl logs; nothing on the data
+    # volume). file: <state_dir>/postgresql.log as the server wrote it, rotated (log_rotation).
+    log_destination: Literal["stderr", "file"] = "stderr"
 
     @property
     def host(self) -> str:

@@ -61,7 +61,15 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
             )
         )
         peer_feed = PeerFeed(cfg.kafka, cfg.cluster, cfg.name, inbox.post)
-    pg = PostgresControl(cfg.postgresql, state_dir, cfg.name, log)
+    pg = PostgresControl(
+        cfg.postgresql,
+        state_dir,
+        cfg.name,
+        log,
+        cluster=cfg.cluster,
+        log_max_bytes=cfg.log_rotation.max_bytes,
+        log_backups=cfg.log_rotation.backups,
+    )
     watchdog = Watchdog(
         fence=pg.fence,
         on_fired=functools.partial(watchdog_fired, inbox.post_threadsafe),
