@@ -21,6 +21,7 @@ from pgsidecar.agent.sources import PeerFeed, watchdog_fired
 from pgsidecar.backup.member import member_pgbackrest
 from pgsidecar.config import AgentConfig
 from pgsidecar.postgres.control import PostgresControl
+from pgsidecar.postgres.serverlog import ServerLogMetrics
 from pgsidecar.procutil import os_user_ids
 from pgsidecar.syncrep import ReplicationStats
 from pgsidecar.watchdog import Watchdog
@@ -70,6 +71,7 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
         log_max_bytes=cfg.log_rotation.max_bytes,
         log_backups=cfg.log_rotation.backups,
     )
+    registry.register(ServerLogMetrics(pg.server_log))
     watchdog = Watchdog(
         fence=pg.fence,
         on_fired=functools.partial(watchdog_fired, inbox.post_threadsafe),

@@ -45,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from prometheus_client.core import CounterMetricFamily
+
 from events.rotation import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, RotatingLines
 
 Destination = Literal["stderr", "file"]
@@ -387,6 +389,20 @@ class ServerLog:
                     self._queue.task_done()
         if rotating is not None:
             rotating.close()
+
+
+class ServerLogMetrics:
+    """A collector for the agent's /metrics registry: the server log lines it dropped."""
+
+    def __init__(self, server_log: ServerLog) -> None:
+        self.server_log = server_log
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "pgsidecar_postgresql_log_dropped",
+            "PostgreSQL log lines the agent dropped: its output could not keep up, or failed",
+            value=self.server_log.dropped,
+        )
 
 
 def _write_all(fd: int, data: bytes) -> None:
