@@ -184,8 +184,9 @@ class ServerLog:
         self._writer: threading.Thread | None = None
         self._reading = False  # the reader holds bytes it has read but not yet queued
         # stderr is shared with the agent's own log lines: a write of at most PIPE_BUF bytes to a
-        # pipe is never interleaved with another's, so batches stay within it there. A file
-        # takes larger ones, within a fraction of the rotation size.
+        # pipe is never interleaved with another's, so batches stay within it there (a record
+        # longer than that goes alone, and only it could be). A file takes larger batches,
+        # within a fraction of the rotation size.
         self._batch_bytes = 4096 if destination == "stderr" else min(65536, max_bytes // 8)
 
     # ------------------------------------------------------------------ the agent's side
