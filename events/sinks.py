@@ -1,9 +1,10 @@
 """Where records go. A sink never blocks a transition: ``emit`` only enqueues (or appends to a
 local file opened in append mode), and the slow part, if any, runs in the sink's own task.
 
-Implementations: JournalSink (append-only JSON lines in the member's state dir), LogSink (the
-structured log), and events.kafka.KafkaSink (the audit stream). The readers of what they wrote
-are here too: ``read_journal`` and ``merge_by_time`` (the order of a cluster's records).
+Implementations: JournalSink (append-only JSON lines in the member's state dir, size-bounded and
+rotated), LogSink (the structured log), and events.kafka.KafkaSink (the audit stream). The readers
+of what they wrote are here too: ``read_journal`` (a journal with its rotated files, as one
+stream) and ``merge_by_time`` (the order of a cluster's records).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from events.privatefiles import open_private
+from events.rotation import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, RotatingLines, rotated_files
 from fsm import bounded_json
 from fsm.records import Record
 
@@ -49,27 +51,31 @@ class JournalSink(Sink):
     can leave a last line without its newline; the next record appended would be glued to it and
     both would be unreadable. So the tail is repaired on open: a torn last line is cut off
     (``torn_bytes`` says how much, and a warning is logged), or, if it is a whole record that only
-    lacks its newline, the newline is added."""
+    lacks its newline, the newline is added.
 
-    def __init__(self, path: Path) -> None:
+    The file is rotated (``events.rotation``) when a record would take it past ``max_bytes``:
+    ``journal.jsonl.1`` ... ``journal.jsonl.<backups>`` hold the older records, and
+    ``read_journal`` reads them all, oldest first."""
+
+    def __init__(
+        self, path: Path, max_bytes: int = DEFAULT_MAX_BYTES, backups: int = DEFAULT_BACKUPS
+    ) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = open_private(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         try:
             self.torn_bytes = _repair_tail(fd, path)
-        except BaseException:
+        finally:
             os.close(fd)
-            raise
-        self._fh = open(fd, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the agent's life
+        self._file = RotatingLines(path, max_bytes, backups)
 
     def emit(self, record: Record) -> None:
-        self._fh.write(json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True) + "\n")
-        self._fh.flush()
+        self._file.write(json.dumps(record.to_dict(), separators=(",", ":"), sort_keys=True))
         if record.kind == "transition":
-            os.fsync(self._fh.fileno())
+            self._file.fsync()
 
     async def close(self) -> None:
-        self._fh.close()
+        self._file.close()
 
 
 def _repair_tail(fd: int, path: Path) -> int:
@@ -130,24 +136,32 @@ class LogSink(Sink):
 
 
 def read_journal(path: Path) -> tuple[list[Record], list[tuple[int, str]]]:
-    """Read a journal; returns (records, skipped) where skipped = [(line number, reason)]."""
+    """Read a journal and its rotated files (``path.<n>`` ... ``path.1``, then ``path``) as one
+    stream; returns (records, skipped) where skipped = [(line number, reason)]: the line number
+    within its file, and the reason names a rotated file. Raises FileNotFoundError if there is
+    no file at all."""
+    files = rotated_files(path)
+    if not files:
+        raise FileNotFoundError(2, "no journal (nor a rotated one)", str(path))
     records: list[Record] = []
     skipped: list[tuple[int, str]] = []
     seen: set[tuple[str, int]] = set()
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rec = Record.from_dict(bounded_json.loads(line))
-            except ValueError as exc:
-                skipped.append((lineno, str(exc)))
-                continue
-            if (rec.node, rec.seq) in seen:
-                continue
-            seen.add((rec.node, rec.seq))
-            records.append(rec)
+    for file in files:
+        where = "" if file == path else f"{file.name}: "
+        with open(file, encoding="utf-8", errors="replace") as fh:
+            for lineno, line in enumerate(fh, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = Record.from_dict(bounded_json.loads(line))
+                except ValueError as exc:
+                    skipped.append((lineno, f"{where}{exc}"))
+                    continue
+                if (rec.node, rec.seq) in seen:
+                    continue
+                seen.add((rec.node, rec.seq))
+                records.append(rec)
     return records, skipped
 
 

@@ -143,6 +143,10 @@ class PostgresSettings(Strict):
     stop_timeout: float = Field(default=30.0, gt=0)
     # pg_rewind attempts before the member throws its data away and reclones
     rewind_attempts: int = Field(default=2, ge=1)
+    # where the server log goes (pgsidecar/postgres/serverlog.py). stderr: JSON lines on the
+    # agent's stderr, tagged with the member and cluster (kubectl logs; nothing on the data
+    # volume). file: <state_dir>/postgresql.log as the server wrote it, rotated (log_rotation).
+    log_destination: Literal["stderr", "file"] = "stderr"
 
     @property
     def host(self) -> str:
@@ -307,6 +311,15 @@ class FencingSettings(Strict):
     safety_margin: float = Field(default=0.5, ge=0.0, le=0.5)
 
 
+class LogRotation(Strict):
+    """The size bound of every file the agent appends to: the journal, PostgreSQL's log in
+    ``file`` mode, the fence process's log. A file that reaches ``max_bytes`` becomes
+    ``<file>.1`` (and ``.1`` becomes ``.2`` ...); ``backups`` older files are kept."""
+
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    backups: int = Field(default=4, ge=1, le=100)
+
+
 class AgentConfig(Strict):
     name: str = Field(pattern=NAME_RE)
     cluster: str = Field(pattern=NAME_RE)
@@ -325,6 +338,7 @@ class AgentConfig(Strict):
     backup: BackupSettings | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = None
+    log_rotation: LogRotation = LogRotation()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -45,6 +45,8 @@ from typing import Any
 
 import structlog
 
+from events.rotation import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES, rotate_if_larger
+
 log = structlog.get_logger("pgsidecar.watchdog")
 
 FENCE_SCRIPT = Path(__file__).with_name("fence.py")
@@ -64,6 +66,8 @@ class Watchdog:
         safety_margin: float = 0.5,
         ping_interval: float = 0.5,
         answer_timeout: float = 1.0,
+        log_max_bytes: int = DEFAULT_MAX_BYTES,
+        log_backups: int = DEFAULT_BACKUPS,
     ) -> None:
         if device is not None and not fence_process:
             raise ValueError("the watchdog device is held by the fence process: enable it")
@@ -79,6 +83,8 @@ class Watchdog:
         self._safety_margin = safety_margin
         self._ping_interval = ping_interval
         self._answer_timeout = answer_timeout
+        self._log_max_bytes = log_max_bytes
+        self._log_backups = log_backups
 
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -223,8 +229,12 @@ class Watchdog:
             argv += ["--device", str(self._device), "--safety-margin", repr(self._safety_margin)]
         err: Any = subprocess.DEVNULL
         if self._state_dir is not None:
+            fence_log = self._state_dir / "fence.log"
             try:
-                err = open(self._state_dir / "fence.log", "ab")  # noqa: SIM115
+                # the fence process writes a line per event to its stderr, a file that no
+                # frozen reader can block; bounded by rotating it at each start of the process
+                rotate_if_larger(fence_log, self._log_max_bytes, self._log_backups)
+                err = open(fence_log, "ab")  # noqa: SIM115
             except OSError:
                 pass
         now = time.monotonic()

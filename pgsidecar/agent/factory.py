@@ -22,6 +22,7 @@ from pgsidecar.agent.sources import PeerFeed, watchdog_fired
 from pgsidecar.backup.member import member_instance, member_pgbackrest
 from pgsidecar.config import AgentConfig
 from pgsidecar.postgres.control import PostgresControl
+from pgsidecar.postgres.serverlog import ServerLogMetrics
 from pgsidecar.procutil import os_user_ids
 from pgsidecar.syncrep import ReplicationStats
 from pgsidecar.watchdog import Watchdog
@@ -37,7 +38,9 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
     # the agent runs as root, because PostgreSQL's tools read the passfile in it.
     make_private_dir(state_dir, owner=_postgres_owner(cfg))
     sinks: list[Sink] = [
-        JournalSink(state_dir / "journal.jsonl"),
+        JournalSink(
+            state_dir / "journal.jsonl", cfg.log_rotation.max_bytes, cfg.log_rotation.backups
+        ),
         LogSink(log),
         *(extra_sinks or []),
     ]
@@ -60,7 +63,16 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
             )
         )
         peer_feed = PeerFeed(cfg.kafka, cfg.cluster, cfg.name, inbox.post)
-    pg = PostgresControl(cfg.postgresql, state_dir, cfg.name, log)
+    pg = PostgresControl(
+        cfg.postgresql,
+        state_dir,
+        cfg.name,
+        log,
+        cluster=cfg.cluster,
+        log_max_bytes=cfg.log_rotation.max_bytes,
+        log_backups=cfg.log_rotation.backups,
+    )
+    registry.register(ServerLogMetrics(pg.server_log))
     watchdog = Watchdog(
         fence=pg.fence,
         on_fired=functools.partial(watchdog_fired, inbox.post_threadsafe),
@@ -69,6 +81,8 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
         device=cfg.fencing.device if cfg.fencing.mode != "off" else None,
         device_required=cfg.fencing.mode == "required",
         safety_margin=cfg.fencing.safety_margin,
+        log_max_bytes=cfg.log_rotation.max_bytes,
+        log_backups=cfg.log_rotation.backups,
     )
 
     async def replication_stats() -> ReplicationStats:

@@ -12,6 +12,7 @@ from typing import Any
 
 import structlog
 
+from events.rotation import rotated_files
 from events.sinks import Sink
 from fsm.inputs import Input
 from fsm.records import Record, Transition
@@ -64,7 +65,16 @@ class SeqStore:
 
 def _last_journal_seq(path: Path) -> int:
     """The seq of the journal's last complete line (0 if none): seq must stay above it even if
-    a block reservation could not be written."""
+    a block reservation could not be written. Just after a rotation the journal may be empty:
+    its rotated predecessors are looked at too, newest first."""
+    for file in reversed(rotated_files(path)):
+        seq = _last_seq_in(file)
+        if seq:
+            return seq
+    return 0
+
+
+def _last_seq_in(path: Path) -> int:
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)

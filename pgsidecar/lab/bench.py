@@ -15,6 +15,7 @@ CPU. The benchmark is the parent of every process it starts and reaps them promp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from events.rotation import rotated_files
 from pgsidecar.lab.local import LocalCluster
 from pgsidecar.lab.workload import MemberWriters, Writer
 
@@ -69,11 +71,10 @@ def _handoff_steps(
     for name in names:
         if name is None:
             continue
-        path = lc.member(name).dir / "journal.jsonl"
-        try:
-            lines = path.read_text().splitlines()
-        except OSError:
-            continue
+        lines: list[str] = []
+        for file in rotated_files(lc.member(name).dir / "journal.jsonl"):
+            with contextlib.suppress(OSError):
+                lines += file.read_text().splitlines()
         for line in lines:
             try:
                 rec = json.loads(line)

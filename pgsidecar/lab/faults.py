@@ -58,6 +58,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from events.rotation import rotated_files
 from pgsidecar.lab.local import LocalCluster, LocalClusterError
 from pgsidecar.lab.workload import Prober, Writer
 from pgsidecar.procutil import free_port_range, pid_alive, read_pid, terminate
@@ -1427,12 +1428,13 @@ class FaultRun:
         assert self.lc is not None
         path = self.lc.member(name).dir / "journal.jsonl"
         out = []
-        with contextlib.suppress(OSError):
-            for line in path.read_text(errors="replace").splitlines():
-                with contextlib.suppress(ValueError):
-                    rec = json.loads(line)
-                    if isinstance(rec, dict) and "time" in rec and "body" in rec:
-                        out.append(rec)
+        for file in rotated_files(path):  # a rotated journal: its older files first
+            with contextlib.suppress(OSError):
+                for line in file.read_text(errors="replace").splitlines():
+                    with contextlib.suppress(ValueError):
+                        rec = json.loads(line)
+                        if isinstance(rec, dict) and "time" in rec and "body" in rec:
+                            out.append(rec)
         return out
 
     def _log_lines(self, name: str) -> list[str]:

@@ -310,6 +310,9 @@ class LocalCluster:
                 },
                 "master_start_timeout": 20,
                 "stop_timeout": 20,
+                # the server log beside agent.log, as the fault suite's evidence expects; a
+                # container's agent forwards it to its stderr instead (the default)
+                "log_destination": "file",
             },
             "dcs": self._dcs_config(),
             "settings": {"ttl": meta["ttl"]},

@@ -46,7 +46,8 @@ DEFAULT_PARAMETERS: dict[str, Any] = {
     # a standby whose upstream went away retries after this: short for fast re-follow
     "wal_retrieve_retry_interval": "1s",
     "password_encryption": "scram-sha-256",
-    "logging_collector": False,  # stderr goes to <state_dir>/postgresql.log via the agent
+    # stderr is a pipe the agent reads (serverlog.py): to its own stderr, or a rotated file
+    "logging_collector": False,
     "log_destination": "stderr",
     "log_line_prefix": "%m [%p] %q%u@%d ",
     "log_timezone": "UTC",

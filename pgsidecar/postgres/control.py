@@ -9,6 +9,7 @@ unclean target; the record of the slots it made):
 * ``dataops.DataOps``: pg_controldata, initdb, pg_basebackup, pg_rewind, wiping the data.
 * ``sql.Sql``: every SQL connection (timeouts, errors as PostgresError) and every statement.
 * ``osuser.OsUser``: the OS user all of it runs as.
+* ``serverlog.ServerLog``: where the server's log goes (the agent's stderr, or a rotated file).
 """
 
 # The timeouts are part of this API's contract (the agent passes its own budgets per step), and
@@ -22,14 +23,16 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+from events.rotation import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 from fsm.snapshot import DataState, PgFacts
-from pgsidecar.config import PostgresSettings, slot_name
+from pgsidecar.config import ConfigError, PostgresSettings, slot_name
 from pgsidecar.postgres.conf import Conninfo, local_host
 from pgsidecar.postgres.config import ConfigFiles
 from pgsidecar.postgres.dataops import ControlData, DataOps
 from pgsidecar.postgres.errors import PostgresError
 from pgsidecar.postgres.osuser import OsUser
 from pgsidecar.postgres.process import Postmaster
+from pgsidecar.postgres.serverlog import ServerLog
 from pgsidecar.postgres.sql import ReplicationState, Sql, probe_facts
 from pgsidecar.postgres.tls import PostgresTlsFiles
 
@@ -37,7 +40,17 @@ __all__ = ["Conninfo", "ControlData", "PostgresControl", "PostgresError", "Repli
 
 
 class PostgresControl:
-    def __init__(self, settings: PostgresSettings, state_dir: Path, name: str, log: Any) -> None:
+    def __init__(
+        self,
+        settings: PostgresSettings,
+        state_dir: Path,
+        name: str,
+        log: Any,
+        *,
+        cluster: str | None = None,
+        log_max_bytes: int = DEFAULT_MAX_BYTES,
+        log_backups: int = DEFAULT_BACKUPS,
+    ) -> None:
         self.settings = settings
         self.state_dir = Path(state_dir)
         self.name = name
@@ -45,14 +58,24 @@ class PostgresControl:
         self.data_dir = Path(settings.data_dir)
         self.bin_dir = Path(settings.bin_dir)
         self.passfile = self.state_dir / "pgpass"
+        # the server log in log_destination "file" (rotated: postgresql.log.1 ...)
         self.log_path = self.state_dir / "postgresql.log"
         # slots this agent created for members: ensure_slots() drops only these
         self.slots_path = self.state_dir / "replication_slots.json"
 
         self.osuser = OsUser(settings.os_user, self.passfile, log)
         self.tls = PostgresTlsFiles(settings, self.state_dir, self.osuser)
+        self.server_log = ServerLog(
+            settings.log_destination,
+            member=name,
+            cluster=cluster,
+            path=self.log_path,
+            max_bytes=log_max_bytes,
+            backups=log_backups,
+            secrets=_passwords(settings),
+        )
         self.postmaster = Postmaster(
-            self.data_dir, self.bin_dir, self.log_path, settings.stop_timeout, self.osuser, log
+            self.data_dir, self.bin_dir, self.server_log, settings.stop_timeout, self.osuser, log
         )
         self.config_files = ConfigFiles(
             settings, name, self.data_dir, self.state_dir, self.passfile, self.osuser, log
@@ -63,7 +86,7 @@ class PostgresControl:
             self.data_dir,
             self.state_dir,
             self.passfile,
-            self.log_path,
+            self.server_log,
             self.osuser,
             log,
         )
@@ -212,6 +235,11 @@ class PostgresControl:
         await self.sql.close_probe()
         await self.postmaster.stop(mode, timeout)
 
+    def close_server_log(self) -> None:
+        """Release the server log's pipe (its threads end once no server process holds it);
+        for a PostgresControl that is done with, not needed at the agent's exit."""
+        self.server_log.close()
+
     # ------------------------------------------------------------------ SQL
 
     async def promote(self, timeout: float = 30) -> None:
@@ -339,3 +367,17 @@ class PostgresControl:
             # a stopped standby's data can be on a later timeline than its last restartpoint
             tli = max(tli or 0, cd.min_recovery_end_timeline)
         return PgFacts(data=cd.data_state, system_id=cd.system_id, running=running, timeline=tli)
+
+
+def _passwords(settings: PostgresSettings) -> list[str]:
+    """The configured passwords, kept out of the forwarded server log (an unreadable
+    password_file is the config loader's error to report, not this)."""
+    found: list[str] = []
+    for creds in (settings.superuser, settings.replication):
+        try:
+            password = creds.resolve_password()
+        except ConfigError:
+            continue
+        if password:
+            found.append(password)
+    return found

@@ -27,6 +27,7 @@ from pgsidecar.config import PostgresSettings
 from pgsidecar.postgres.conf import Conninfo, parse_controldata, parse_lsn
 from pgsidecar.postgres.errors import PostgresError, tail
 from pgsidecar.postgres.osuser import OsUser
+from pgsidecar.postgres.serverlog import ServerLog
 from pgsidecar.postgres.tls import PostgresTlsFiles
 
 
@@ -108,7 +109,7 @@ class DataOps:
         data_dir: Path,
         state_dir: Path,
         passfile: Path,
-        log_path: Path,
+        server_log: ServerLog,
         osuser: OsUser,
         log: Any,
     ) -> None:
@@ -117,7 +118,7 @@ class DataOps:
         self.data_dir = data_dir
         self.state_dir = state_dir
         self.passfile = passfile
-        self.log_path = log_path
+        self.server_log = server_log
         self.osuser = osuser
         self.log = log
         self.tls = PostgresTlsFiles(settings, state_dir, osuser)
@@ -249,14 +250,10 @@ class DataOps:
         rc, out, err = await self.osuser.run(
             argv, what="postgres --single (crash recovery)", timeout=timeout
         )
-        await asyncio.to_thread(self._append_log, err)
+        # what the server said in single-user mode belongs in its log with the rest
+        self.server_log.write_text(err)
         if rc != 0:
             raise self.osuser.failed("crash recovery in single-user mode", argv, rc, out, err)
-
-    def _append_log(self, text: str) -> None:
-        # what the server said in single-user mode belongs in its log with the rest
-        with contextlib.suppress(OSError), open(self.log_path, "a", encoding="utf-8") as fh:
-            fh.write(text)
 
     async def pg_rewind(self, source: Conninfo, timeout: float) -> str:
         """Run pg_rewind from ``source`` (connects as given: the superuser) on the cleanly stopped

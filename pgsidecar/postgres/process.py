@@ -11,6 +11,8 @@
   we reap it ourselves, and ``fence()`` can signal it race-free from another thread (a pidfd can
   never point at a recycled pid).
 * A postmaster left by a previous agent run (not our child) is stopped before ours starts.
+* Its stdout and stderr are a pipe the agent reads (``serverlog.ServerLog``): the server log goes
+  to the agent's stderr as JSON lines or to a rotated file, and never blocks the server.
 """
 
 # The timeouts are part of this API's contract and are enforced inside.
@@ -28,8 +30,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pgsidecar.postgres.errors import PostgresError, tail
+from pgsidecar.postgres.errors import PostgresError
 from pgsidecar.postgres.osuser import OsUser
+from pgsidecar.postgres.serverlog import ServerLog
 from pgsidecar.procutil import pid_alive
 
 # One attempt to see the server accept a connection, bounded by the given seconds: returns when it
@@ -59,14 +62,14 @@ class Postmaster:
         self,
         data_dir: Path,
         bin_dir: Path,
-        log_path: Path,
+        server_log: ServerLog,
         stop_timeout: float,
         osuser: OsUser,
         log: Any,
     ) -> None:
         self.data_dir = data_dir
         self.bin_dir = bin_dir
-        self.log_path = log_path
+        self.server_log = server_log
         self.stop_timeout = stop_timeout
         self.osuser = osuser
         self.log = log
@@ -190,33 +193,30 @@ class Postmaster:
 
         loop = asyncio.get_running_loop()
         self.osuser.ensure_dir(
-            self.log_path.parent, "state_dir (it holds the passfile PostgreSQL reads)"
+            self.server_log.path.parent, "state_dir (it holds the passfile PostgreSQL reads)"
         )
         setpriv = self.osuser.setpriv()
         # pdeathsig after the uid switch (setpriv applies it last): the postmaster gets SIGQUIT
         # (immediate shutdown) the moment the agent dies
         argv = [setpriv, *self.osuser.switch_args(), "--pdeathsig=QUIT", "--"]
         argv += [str(self.bin_dir / "postgres"), "-D", str(self.data_dir)]
-        logfd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        log_offset = os.fstat(logfd).st_size
-        try:
-            # synchronous on purpose, on the loop thread: the parent-death signal is bound to
-            # the thread that forks, and the loop thread lives as long as the agent
-            pid = os.posix_spawn(  # noqa: ASYNC221
-                setpriv,
-                argv,
-                self.osuser.env(),
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, logfd, 1),
-                    (os.POSIX_SPAWN_DUP2, logfd, 2),
-                ],
-                # own session: a Ctrl-C or SIGTERM to the agent's process group is not a shutdown
-                # request for PostgreSQL; the agent decides how to stop it
-                setsid=True,
-            )
-        finally:
-            os.close(logfd)
+        logfd = self.server_log.spawn_fd()  # the agent's for its life: not closed here
+        log_mark = self.server_log.mark()
+        # synchronous on purpose, on the loop thread: the parent-death signal is bound to
+        # the thread that forks, and the loop thread lives as long as the agent
+        pid = os.posix_spawn(  # noqa: ASYNC221
+            setpriv,
+            argv,
+            self.osuser.env(),
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, logfd, 1),
+                (os.POSIX_SPAWN_DUP2, logfd, 2),
+            ],
+            # own session: a Ctrl-C or SIGTERM to the agent's process group is not a shutdown
+            # request for PostgreSQL; the agent decides how to stop it
+            setsid=True,
+        )
         # only we reap this pid, so it cannot be recycled before pidfd_open
         pidfd = os.pidfd_open(pid)
         self._pid, self._pidfd, self._loop = pid, pidfd, loop
@@ -240,7 +240,7 @@ class Postmaster:
             if exited.done():
                 raise PostgresError(
                     f"postgres exited with {exited.result()} during startup: "
-                    f"{self.log_tail(log_offset)}"
+                    f"{await self.log_tail(log_mark)}"
                 )
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -259,16 +259,13 @@ class Postmaster:
         await self.stop("immediate", timeout=5)
         raise PostgresError(
             f"postgres did not accept connections within {timeout:.0f}s (last: {last_error}); "
-            f"log: {self.log_tail(log_offset)}"
+            f"log: {await self.log_tail(log_mark)}"
         )
 
-    def log_tail(self, offset: int, lines: int = 10) -> str:
-        try:
-            with open(self.log_path, "rb") as fh:
-                fh.seek(offset)
-                return tail(fh.read().decode(errors="replace"), lines)
-        except OSError:
-            return "(no log)"
+    async def log_tail(self, mark: int, lines: int = 10) -> str:
+        """The server's last lines since ``mark`` (``ServerLog.mark()``), for an error message."""
+        await asyncio.to_thread(self.server_log.flush, 1.0)
+        return self.server_log.tail(lines, since=mark)
 
     # ------------------------------------------------------------------ exit, signals, stop
 
@@ -336,6 +333,8 @@ class Postmaster:
         for next_sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGKILL, 10.0), (None, 10.0)):
             try:
                 await asyncio.wait_for(asyncio.shield(self._exit), wait)
+                # its last lines ("database system is shut down") out before the caller goes on
+                await asyncio.to_thread(self.server_log.flush, 0.5)
                 return
             except TimeoutError:
                 pass

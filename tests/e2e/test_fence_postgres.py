@@ -45,6 +45,7 @@ async def cannot_write(conn: psycopg.AsyncConnection) -> bool:
 
 
 def pg_log(ctl: PostgresControl) -> str:
+    ctl.server_log.flush(2)  # the agent writes the file: what the server said so far is in it
     return ctl.log_path.read_text(errors="replace")
 
 

@@ -271,6 +271,7 @@ async def test_restore_as_standby_then_stream_from_the_primary(lab: Lab) -> None
 
     await wait_for(streaming, 30, what="m2 streaming from m1")
     # it replayed the archived segment through restore_command before it streamed
+    replica.ctl.server_log.flush(2)  # the agent writes the log file: what was said is in it
     assert f'restored log file "{archived}" from archive' in replica.ctl.log_path.read_text()
     await primary.sql("INSERT INTO t VALUES (2)")
 

@@ -81,6 +81,8 @@ def make_settings(data_dir: Path, port: int, **overrides: Any) -> PostgresSettin
         "replication": Credentials(username="replicator", password=REPL_PASSWORD),
         "parameters": dict(FAST_PARAMS),
         "stop_timeout": 10.0,
+        # tests read the server's log from ctl.log_path
+        "log_destination": "file",
     }
     values.update(overrides)
     return PostgresSettings(**values)
@@ -166,6 +168,7 @@ class Lab:
         for ctl in self.controls:
             with contextlib.suppress(Exception):
                 await ctl.stop("immediate", timeout=5)
+            ctl.close_server_log()
         for pid in self.pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

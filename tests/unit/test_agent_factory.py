@@ -33,6 +33,10 @@ async def test_the_factory_wires_the_real_ports_and_one_metrics_registry(tmp_pat
         registry = agent.services.metrics_registry
         kafka.metrics.dropped.labels(kind="input").inc(2)
         assert registry.get_sample_value("pgsidecar_records_dropped_total", {"kind": "input"}) == 2
+        # the server log's drops are counted there too
+        assert registry.get_sample_value("pgsidecar_postgresql_log_dropped_total") == 0
+        agent.pg.server_log.dropped = 3
+        assert registry.get_sample_value("pgsidecar_postgresql_log_dropped_total") == 3
         assert agent.services.peer_feed is not None and agent.services.serve_api
         assert agent.services.kubernetes is None
     finally:

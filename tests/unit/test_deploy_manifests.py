@@ -440,6 +440,11 @@ def test_agent_config_is_valid_and_matches_the_pod(directory: Path) -> None:
             data_mount
         ) and cfg.postgresql.data_dir != Path(data_mount)
         assert cfg.state_dir.is_relative_to(data_mount)
+        # the server log reaches kubectl logs and never the volume; what the agent keeps on the
+        # volume is bounded
+        assert raw["postgresql"]["log_destination"] == "stderr", ctx
+        assert cfg.postgresql.log_destination == "stderr", ctx
+        assert "log_rotation" in raw, ctx
         secret_files = {
             Path(mounts[v["name"]]) / i["path"]
             for v in spec["volumes"]

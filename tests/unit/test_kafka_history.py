@@ -3,6 +3,7 @@ tests/e2e/test_kafka_history_topic.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_history_from_a_journal_with_a_malformed_line(tmp_path: Path) -> None:
     sink = JournalSink(path)
     for r in failover():
         sink.emit(r)
-    sink._fh.close()
+    asyncio.run(sink.close())
     with open(path, "a") as fh:
         fh.write("{not json\n")
     records, skipped = read_journal(path)

@@ -50,6 +50,10 @@ postgresql:
   parameters:
     {{- toYaml .Values.postgresql.parameters | nindent 4 }}
   stop_timeout: 30
+  log_destination: stderr
+log_rotation:
+  max_bytes: 67108864
+  backups: 4
 dcs:
   type: {{ .Values.dcs.type }}
   prefix: {{ .Values.dcs.prefix }}
