@@ -45,8 +45,10 @@ from events.dcs.base import (
     DuplicateMember,
     Leader,
     SessionLost,
+    TimelineCounter,
     build_view,
     decode_json_object,
+    decode_timeline,
 )
 from events.settings import ConfigError, EtcdSettings
 
@@ -561,6 +563,27 @@ class EtcdDCS(DCS):
         await self._post(
             "/v3/kv/deleterange", {"key": _b64(self.key("switchover"))}, idempotent=True
         )
+
+    # -- the cluster's timeline counter ---------------------------------------------------------
+    async def read_timeline(self) -> TimelineCounter:
+        reply = await self._post(
+            "/v3/kv/range", {"key": _b64(self.key("timeline"))}, idempotent=True
+        )
+        kvs = reply.get("kvs") or ()
+        if not kvs:
+            return TimelineCounter()
+        value, mod_revision, _held = _entry(kvs[0])
+        return TimelineCounter(decode_timeline(value) or 0, mod_revision)
+
+    async def put_timeline(self, value: int, index: int) -> bool:
+        key = _b64(self.key("timeline"))
+        if index == 0:
+            compare = {"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+        else:
+            compare = {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(index)}
+        put = {"request_put": {"key": key, "value": _b64(str(value))}}
+        reply = await self._txn({"compare": [compare], "success": [put]})
+        return bool(reply.get("succeeded"))
 
     # -- reading --------------------------------------------------------------------------------
     async def read_cluster(self) -> ClusterView:
