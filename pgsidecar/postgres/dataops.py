@@ -255,13 +255,19 @@ class DataOps:
         comments: PostgreSQL's parser skips them, so it reads as a timeline with no parent,
         which no recovery can target (it never contains the server's checkpoint); a standby
         following the new timeline fetches it from us as it fetches every history file up
-        to the new one. Each file is written atomically (pg_wal and the OS user's ownership)."""
+        to the new one. Each file is written atomically (pg_wal and the OS user's ownership)
+        and marked ready for the archiver, as PostgreSQL marks its own history files: an archive
+        recovery with recovery_target_timeline 'latest' probes the archive for the history files
+        one after the other, and would stop at a missing number."""
         written: list[int] = []
+        status_dir = self.data_dir / "pg_wal" / "archive_status"
         for tli in range(current + 1, new):
             path = self.history_file(tli)
             if path.exists():
                 continue
             self.osuser.write_file(path, placeholder_history(tli, new))
+            if status_dir.is_dir():
+                self.osuser.write_file(status_dir / f"{path.name}.ready", "")
             written.append(tli)
         if written:
             self.log.info("timeline_placeholders_written", timelines=written, new_timeline=new)
