@@ -232,6 +232,9 @@ class WorldObserver(Protocol):
     def write_accepted(self, now: float, member: str, lsn: int, tli: int) -> None:
         """``member`` put a commit into its WAL (before any synchronous wait)."""
 
+    def timeline_named(self, now: float, member: str, system_id: str, tli: int, uid: int) -> None:
+        """A promotion of ``member`` made timeline ``uid`` and named it ``tli``."""
+
 
 class PgWorld:
     """Every simulated PostgreSQL of one cluster, the network between them (and the client),
@@ -668,6 +671,10 @@ class SimPostgres:
                 pm.delivery = None
             data.state = "in production"
             self._record(f"promoted tli={tli} at {data.wal.lsn}")
+            for observer in self.world.observers:
+                observer.timeline_named(
+                    self.world.now(), self.name, data.system_id, tli, data.wal.uid
+                )
             self.world.changed()
             if not done.done():
                 done.set_result(None)
