@@ -134,21 +134,23 @@ async def reserve_timeline(dcs: DCS, pg: PostgresPort, current: int, within: flo
     return claimed
 
 
-async def record_named_timeline(dcs: DCS, pg: PostgresPort, claimed: int, within: float) -> None:
-    """After the promotion: the timeline PostgreSQL named can exceed the claim when its
-    restore_command found newer history files in the archive; then the counter is raised to
-    it, so that no later promotion names it again. Best effort: the failover is done."""
+async def record_named_timeline(dcs: DCS, pg: PostgresPort, claimed: int, within: float) -> int:
+    """After the promotion, the timeline PostgreSQL named (returned). It can exceed the claim
+    when its restore_command found newer history files in the archive; then the counter is
+    raised to it, so that no later promotion names it again. Best effort: the failover is
+    done."""
     named = (await pg.probe()).timeline
     if named is None or named == claimed:
-        return
+        return claimed
     if named < claimed:
         log.error("promotion_named_another_timeline", claimed=claimed, named=named)
-        return
+        return named
     log.warning("promotion_named_a_newer_timeline", claimed=claimed, named=named)
     try:
         await asyncio.wait_for(dcs.claim_timeline(named), timeout=within)
     except (DCSError, TimeoutError) as exc:
         log.error("timeline_counter_not_raised", named=named, error=str(exc))
+    return named
 
 
 # -- the effects ------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ async def promote(
             with contextlib.suppress(Exception):
                 await pg.reload()
             await pg.promote()
-            await record_named_timeline(dcs, pg, timeline, within)
+            timeline = await record_named_timeline(dcs, pg, timeline, within)
         config.write_primary()
         with contextlib.suppress(Exception):
             await pg.reload()

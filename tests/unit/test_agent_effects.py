@@ -374,6 +374,8 @@ async def test_promote_raises_the_counter_to_a_newer_timeline_postgres_named(rig
     out, _ = await run(rig, Effect.PROMOTE)
     assert out["ok"] is True
     assert rig.dcs.timeline.value == 7
+    (action,) = [r for r in rig.sink.of("action") if r.body["name"] == "promote"]
+    assert action.body["timeline"] == 7, "the record names the timeline PostgreSQL named"
 
 
 async def test_starting_a_primary_in_place_claims_no_timeline(rig: Rig) -> None:
