@@ -8,6 +8,7 @@ from events.dcs.base import (
     DuplicateMember,
     Leader,
     SessionLost,
+    TimelineCounter,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "DuplicateMember",
     "Leader",
     "SessionLost",
+    "TimelineCounter",
 ]

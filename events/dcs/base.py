@@ -19,6 +19,9 @@ Keys, under ``<prefix>/<cluster>/`` (prefix without a leading slash, default ``p
     backup/<type>       JSON: the newest scheduled backup slot of that type a member claimed
                         (slot time, member, state); written only by compare-and-set on its
                         modify index, never bound to a session; not part of the ClusterView
+    timeline            decimal text: the highest PostgreSQL timeline any member ever claimed
+                        for a promotion; never bound to a session, only ever raised (create if
+                        absent, else compare-and-set on its modify index)
 
 Semantics every backend must provide (tests/contract/test_dcs_contract.py states them as tests):
 
@@ -33,6 +36,9 @@ Semantics every backend must provide (tests/contract/test_dcs_contract.py states
   when the key is absent): of concurrent writers from the same read exactly one wins.
 * ``watch`` yields a full ``ClusterView`` now and after every change under the cluster prefix;
   after a lost connection it resumes from the last index it saw, without losing a change.
+* ``put_timeline`` is an atomic create-if-absent (index 0) or compare-and-set on the key's
+  modify index: of concurrent writers from the same read exactly one wins, so ``claim_timeline``
+  hands every caller a different number, each above every number claimed before.
 """
 
 from __future__ import annotations
@@ -85,6 +91,31 @@ class ClusterView:
     index: int = 0
     # keys whose value could not be decoded: (key, reason); skipped and counted, never acted on
     malformed: tuple[tuple[str, str], ...] = ()
+
+
+# PostgreSQL's TimeLineID is an unsigned 32-bit integer (history files are named with 8 hex digits)
+MAX_TIMELINE = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class TimelineCounter:
+    """The ``timeline`` key as read: the highest timeline claimed so far (0 when the key is
+    absent or unreadable) and the key's modify index (0 when absent) to compare-and-set on."""
+
+    value: int = 0
+    index: int = 0
+
+
+def decode_timeline(raw: bytes | str | None) -> int | None:
+    """The ``timeline`` key's value: a decimal timeline id, or None when it is not one."""
+    if raw is None:
+        return None
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
+    text = text.strip()
+    if not text.isdigit() or len(text) > 10:
+        return None
+    value = int(text)
+    return value if 1 <= value <= MAX_TIMELINE else None
 
 
 def decode_json_object(
@@ -250,6 +281,32 @@ class DCS(abc.ABC):
         """Write ``backup/<kind>`` = value if its modify index is still ``index`` (0: only if the
         key does not exist). Not bound to a session: the record outlives its writer. True if
         written."""
+
+    # -- the cluster's timeline counter ---------------------------------------------------------
+    @abc.abstractmethod
+    async def read_timeline(self) -> TimelineCounter:
+        """The ``timeline`` key (``TimelineCounter()`` when absent). A value that is not a
+        timeline id reads as 0 with the key's index, so a claim can overwrite it."""
+
+    @abc.abstractmethod
+    async def put_timeline(self, value: int, index: int) -> bool:
+        """Write ``timeline`` = value if the key is still as read: absent when ``index`` is 0,
+        else unchanged since modify index ``index``. True if written."""
+
+    async def claim_timeline(self, at_least: int, attempts: int = 5) -> int:
+        """Claim a timeline id for a promotion: the larger of ``at_least`` and one above the
+        highest claimed so far, recorded before it is returned, so that no two promotions in the
+        cluster ever name the same timeline (PostgreSQL alone picks one above the newest history
+        file it can see, and two members promoted from the same point see the same ones).
+        Raises DCSError if the key kept changing under us ``attempts`` times."""
+        for _ in range(attempts):
+            current = await self.read_timeline()
+            value = max(at_least, current.value + 1)
+            if value > MAX_TIMELINE:
+                raise DCSError(f"timeline counter exhausted: {current.value}")
+            if await self.put_timeline(value, current.index):
+                return value
+        raise DCSError("could not claim a timeline: the timeline key kept changing under us")
 
     # -- reading --------------------------------------------------------------------------------
     @abc.abstractmethod

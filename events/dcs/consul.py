@@ -132,8 +132,10 @@ from events.dcs.base import (
     DuplicateMember,
     Leader,
     SessionLost,
+    TimelineCounter,
     build_view,
     decode_json_object,
+    decode_timeline,
 )
 from events.settings import ConfigError, ConsulSettings, resolve_secret
 
@@ -731,6 +733,20 @@ class ConsulDCS(DCS):
         # Consul's ?cas=0 is "only if absent", ?cas=N "only if ModifyIndex is still N"
         return await self._put(
             f"swap of backup/{kind}", self.key("backup", kind), _dumps(value), cas=index
+        )
+
+    # -- the cluster's timeline counter ---------------------------------------------------------
+    async def read_timeline(self) -> TimelineCounter:
+        entry = await self._get(self.key("timeline"))
+        if entry is None:
+            return TimelineCounter()
+        value = decode_timeline(entry.get("Value"))
+        return TimelineCounter(value or 0, int(entry.get("ModifyIndex", 0)))
+
+    async def put_timeline(self, value: int, index: int) -> bool:
+        # ?cas=0 creates only if absent; ?cas=N writes only if ModifyIndex is still N
+        return await self._put(
+            "write of timeline", self.key("timeline"), str(value).encode(), cas=index
         )
 
     # -- reading --------------------------------------------------------------------------------

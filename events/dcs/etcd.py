@@ -45,8 +45,10 @@ from events.dcs.base import (
     DuplicateMember,
     Leader,
     SessionLost,
+    TimelineCounter,
     build_view,
     decode_json_object,
+    decode_timeline,
 )
 from events.settings import ConfigError, EtcdSettings
 
@@ -573,19 +575,34 @@ class EtcdDCS(DCS):
         return value, _int(kvs[0].get("mod_revision"))
 
     async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
-        key = _b64(self.key("backup", kind))
+        return await self._compare_and_put(self.key("backup", kind), _dumps(value), index)
+
+    async def _compare_and_put(self, key: str, value: bytes, index: int) -> bool:
+        """Put ``value`` at ``key`` in one transaction, only if the key is absent (``index`` 0) or
+        unchanged since modify revision ``index``; True if written."""
+        k = _b64(key)
         compare = (
-            {"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+            {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
             if index == 0
-            else {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(index)}
+            else {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": str(index)}
         )
-        reply = await self._txn(
-            {
-                "compare": [compare],
-                "success": [{"request_put": {"key": key, "value": _b64(_dumps(value))}}],
-            }
-        )
+        put = {"request_put": {"key": k, "value": _b64(value)}}
+        reply = await self._txn({"compare": [compare], "success": [put]})
         return bool(reply.get("succeeded"))
+
+    # -- the cluster's timeline counter ---------------------------------------------------------
+    async def read_timeline(self) -> TimelineCounter:
+        reply = await self._post(
+            "/v3/kv/range", {"key": _b64(self.key("timeline"))}, idempotent=True
+        )
+        kvs = reply.get("kvs") or ()
+        if not kvs:
+            return TimelineCounter()
+        value, mod_revision, _held = _entry(kvs[0])
+        return TimelineCounter(decode_timeline(value) or 0, mod_revision)
+
+    async def put_timeline(self, value: int, index: int) -> bool:
+        return await self._compare_and_put(self.key("timeline"), str(value).encode(), index)
 
     # -- reading --------------------------------------------------------------------------------
     async def read_cluster(self) -> ClusterView:

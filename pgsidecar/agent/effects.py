@@ -120,6 +120,39 @@ async def release_own_key(name: str, dcs: DCS, term: int | None, within: float) 
     return term if released else None
 
 
+async def reserve_timeline(dcs: DCS, pg: PostgresPort, current: int, within: float) -> int:
+    """Before a promotion from timeline ``current``: claim in the DCS a timeline above every
+    one claimed in the cluster before (and above what PostgreSQL would pick from its own
+    pg_wal), then write placeholder history files for the numbers in between, so that the
+    promotion names the claimed one. PostgreSQL alone names one above the newest history file
+    it can see: two members promoted from the same point on different machines, with no shared
+    archive, would both name the same timeline, and nothing could tell their WAL apart."""
+    own_choice = pg.next_timeline(current)
+    claimed = await asyncio.wait_for(dcs.claim_timeline(own_choice), timeout=within)
+    written = pg.reserve_timelines(current, claimed)
+    log.info("timeline_claimed", timeline=claimed, current=current, placeholders=written)
+    return claimed
+
+
+async def record_named_timeline(dcs: DCS, pg: PostgresPort, claimed: int, within: float) -> int:
+    """After the promotion, the timeline PostgreSQL named (returned). It can exceed the claim
+    when its restore_command found newer history files in the archive; then the counter is
+    raised to it, so that no later promotion names it again. Best effort: the failover is
+    done."""
+    named = (await pg.probe()).timeline
+    if named is None or named == claimed:
+        return claimed
+    if named < claimed:
+        log.error("promotion_named_another_timeline", claimed=claimed, named=named)
+        return named
+    log.warning("promotion_named_a_newer_timeline", claimed=claimed, named=named)
+    try:
+        await asyncio.wait_for(dcs.claim_timeline(named), timeout=within)
+    except (DCSError, TimeoutError) as exc:
+        log.error("timeline_counter_not_raised", named=named, error=str(exc))
+    return named
+
+
 # -- the effects ------------------------------------------------------------------------------------
 
 
@@ -273,33 +306,44 @@ async def promote(
     on_promoted: Callable[[], None],
 ) -> None:
     started = report.now()
+    within = max(2.0, ttl / 2)
+
+    async def give_lease_up(event: str, exc: BaseException) -> None:
+        log.error(event, error=str(exc) or type(exc).__name__)
+        fence.disarm()
+        released = await release_own_key(state.name, dcs, state.snapshot.lease.term, within=within)
+        report.post("lease", held=False, term=None)
+        report.outcome(Effect.PROMOTE, ok=False, released_term=released)
+
     try:
         # synchronous mode: our own empty record before the first write is acknowledged
         await sync.prepare_promotion(state.snapshot.lease.term)
     except DCSError as exc:
-        log.error("sync_record_failed_giving_up_lease", error=str(exc))
-        fence.disarm()
-        released = await release_own_key(
-            state.name, dcs, state.snapshot.lease.term, within=max(2.0, ttl / 2)
-        )
-        report.post("lease", held=False, term=None)
-        report.outcome(Effect.PROMOTE, ok=False, released_term=released)
+        await give_lease_up("sync_record_failed_giving_up_lease", exc)
         return
+    timeline: int | None = None
     if not pg.running:
         await runner.start("primary", None)
     else:
         facts = await pg.probe()
         if facts.in_recovery:
+            current = facts.timeline or 1
+            try:
+                timeline = await reserve_timeline(dcs, pg, current, within)
+            except (DCSError, TimeoutError) as exc:
+                await give_lease_up("timeline_claim_failed_giving_up_lease", exc)
+                return
             # the primary's settings are loaded while still a standby; then promote:
             # PostgreSQL removes standby.signal itself (and fails if it is gone)
             config.write_promoting()
             with contextlib.suppress(Exception):
                 await pg.reload()
             await pg.promote()
+            timeline = await record_named_timeline(dcs, pg, timeline, within)
         config.write_primary()
         with contextlib.suppress(Exception):
             await pg.reload()
-    report.action("promote", "ok", started)
+    report.action("promote", "ok", started, timeline=timeline)
     # archiving: the stanza is created (or confirmed) in the background, never in the way
     on_promoted()
     try:

@@ -108,6 +108,18 @@ class PostgresPort(Protocol):
 
     async def timeline_history(self, source: Conninfo) -> list[tuple[int, int]]: ...
 
+    def next_timeline(self, current: int) -> int:
+        """The timeline a promotion from ``current`` would name now (PostgreSQL's own choice:
+        one above the newest timeline with a history file in pg_wal, counted from ``current``
+        without a gap)."""
+        ...
+
+    def reserve_timelines(self, current: int, new: int) -> list[int]:
+        """Write a placeholder history file into pg_wal for each timeline between ``current``
+        and ``new`` (exclusive) that has none, so that the next promotion names ``new``.
+        Returns the timelines written."""
+        ...
+
     async def pending_restart_settings(self) -> list[str]: ...
 
 

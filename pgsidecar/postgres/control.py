@@ -146,6 +146,12 @@ class PostgresControl:
             raise PostgresError("basebackup: PostgreSQL is running")
         await self.dataops.basebackup(source, timeout)
 
+    def next_timeline(self, current: int) -> int:
+        return self.dataops.next_timeline(current)
+
+    def reserve_timelines(self, current: int, new: int) -> list[int]:
+        return self.dataops.reserve_timelines(current, new)
+
     async def wipe_data(self) -> None:
         if self.running:
             raise PostgresError("wipe_data: PostgreSQL is running")

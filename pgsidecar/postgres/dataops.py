@@ -96,6 +96,16 @@ def control_data(output: str, has_backup_label: bool) -> ControlData:
     )
 
 
+def placeholder_history(tli: int, claimed: int) -> str:
+    """The text of a placeholder history file: comments only (timeline.c skips lines that
+    start with '#'), so every parser of history files reads it without error."""
+    return (
+        f"# pgsidecar: timeline {tli} was never used. The cluster's timeline counter had\n"
+        f"# moved past it, so this member's promotion named timeline {claimed} instead;\n"
+        f"# this file only makes PostgreSQL skip the number.\n"
+    )
+
+
 def _is_empty_dir(path: Path) -> bool:
     # a volume's lost+found does not make a data directory
     return all(name == "lost+found" for name in os.listdir(path))
@@ -225,6 +235,45 @@ class DataOps:
                 f"pg_basebackup from {netloc.host_port(src.host, src.port)}", argv, rc, out, err
             )
         self.log.info("pg_basebackup_done", source=netloc.host_port(src.host, src.port))
+
+    # -- timeline history files -------------------------------------------------------------------
+    def history_file(self, tli: int) -> Path:
+        return self.data_dir / "pg_wal" / f"{tli:08X}.history"
+
+    def next_timeline(self, current: int) -> int:
+        """The timeline a promotion would name now: PostgreSQL takes one above the newest of
+        ``current`` and the timelines after it that have a history file, without a gap
+        (``findNewestTimeLine`` in timeline.c, called at the end of recovery in xlog.c).
+        With a restore_command it also looks in the archive first: what it finds there can
+        only raise the result, which the caller checks after the promotion."""
+        newest = current
+        while self.history_file(newest + 1).exists():
+            newest += 1
+        return newest + 1
+
+    def reserve_timelines(self, current: int, new: int) -> list[int]:
+        """Make the next promotion from ``current`` name ``new``: a placeholder history file
+        for each timeline in between that has none (returned). The placeholder holds only
+        comments: PostgreSQL's parser skips them, so it reads as a timeline with no parent,
+        which no recovery can target (it never contains the server's checkpoint); a standby
+        following the new timeline fetches it from us as it fetches every history file up
+        to the new one. Each file is written atomically (pg_wal and the OS user's ownership)
+        and marked ready for the archiver, as PostgreSQL marks its own history files: an archive
+        recovery with recovery_target_timeline 'latest' probes the archive for the history files
+        one after the other, and would stop at a missing number."""
+        written: list[int] = []
+        status_dir = self.data_dir / "pg_wal" / "archive_status"
+        for tli in range(current + 1, new):
+            path = self.history_file(tli)
+            if path.exists():
+                continue
+            self.osuser.write_file(path, placeholder_history(tli, new))
+            if status_dir.is_dir():
+                self.osuser.write_file(status_dir / f"{path.name}.ready", "")
+            written.append(tli)
+        if written:
+            self.log.info("timeline_placeholders_written", timelines=written, new_timeline=new)
+        return written
 
     async def wipe(self) -> None:
         """Remove the data directory's contents (not the directory: it may be a mount point)."""

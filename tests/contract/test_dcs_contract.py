@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from events.dcs.base import DCS, ClusterView, DuplicateMember, SessionLost
+from events.dcs.base import DCS, ClusterView, DuplicateMember, SessionLost, TimelineCounter
 
 WATCH_LATENCY_BOUND = 1.0
 
@@ -465,6 +465,50 @@ async def test_sync_state_round_trip_and_watch(dcs_backend: Any) -> None:
     assert (await d.read_cluster()).sync == state
     await d.put_sync({"leader": "pg-1", "term": 7, "members": []})
     assert (await d.read_cluster()).sync == {"leader": "pg-1", "term": 7, "members": []}
+
+
+# -- the cluster's timeline counter ------------------------------------------------------------
+
+
+async def test_timeline_counter_is_create_if_absent_then_compare_and_set(dcs_backend: Any) -> None:
+    a = await new_dcs(dcs_backend)
+    b = await new_dcs(dcs_backend)
+    assert await a.read_timeline() == TimelineCounter(0, 0)  # absent
+    assert await a.put_timeline(3, 0) is True
+    first = await b.read_timeline()
+    assert first.value == 3 and first.index > 0
+    assert await b.put_timeline(4, 0) is False, "create-if-absent refuses an existing key"
+    assert await a.put_timeline(4, first.index) is True
+    assert await b.put_timeline(9, first.index) is False, "a stale index is refused"
+    second = await b.read_timeline()
+    assert second.value == 4 and second.index > first.index
+
+    # never bound to a session: it outlives every member
+    await a.close_session()
+    await b.close_session()
+    assert (await (await new_dcs(dcs_backend, session=False)).read_timeline()).value == 4
+
+
+async def test_concurrent_timeline_claims_all_differ_and_only_rise(dcs_backend: Any) -> None:
+    nodes = [await new_dcs(dcs_backend, session=False) for _ in range(5)]
+    claimed = await asyncio.gather(*(d.claim_timeline(2, attempts=20) for d in nodes))
+    assert sorted(claimed) == [2, 3, 4, 5, 6], claimed
+    assert (await nodes[0].read_timeline()).value == 6
+    # above every earlier claim, and at least what the caller asked for
+    assert await nodes[1].claim_timeline(3) == 7
+    assert await nodes[2].claim_timeline(12) == 12
+    assert (await nodes[3].read_timeline()).value == 12
+
+
+async def test_timeline_counter_is_outside_the_view_and_survives_garbage(dcs_backend: Any) -> None:
+    d = await new_dcs(dcs_backend, session=False)
+    await d._put_raw(d.key("timeline"), b"not a timeline")  # type: ignore[attr-defined]
+    garbage = await d.read_timeline()
+    assert garbage.value == 0 and garbage.index > 0
+    view = await d.read_cluster()
+    assert view.malformed == () and view.leader is None  # not a key the view decodes
+    assert await d.claim_timeline(5) == 5, "an unreadable counter is overwritten, not fatal"
+    assert (await d.read_timeline()).value == 5
 
 
 async def test_clusters_do_not_see_each_other(dcs_backend: Any) -> None:

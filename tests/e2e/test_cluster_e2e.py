@@ -147,6 +147,10 @@ def test_hard_kill_of_master_new_master_within_ttl_and_old_rejoins_by_rewind(dcs
         with psycopg.connect(lc.dsn(new), autocommit=True) as c:
             c.execute("CREATE TABLE after_rejoin (x int)")
             c.execute("INSERT INTO after_rejoin VALUES (1)")
+            (walfile,) = c.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
+        # the promotion named the timeline it claimed in the DCS, above the bootstrap's
+        claimed = [a["timeline"] for a in actions(lc, new) if a["name"] == "promote"]
+        assert claimed[-1] == int(walfile[:8], 16) >= 3
         with psycopg.connect(lc.dsn(old), autocommit=True) as c:
             wait_for(
                 lambda: c.execute("SELECT to_regclass('after_rejoin') IS NOT NULL").fetchone()[0],

@@ -34,6 +34,7 @@ from pgsidecar.postgres.conf import (
 from pgsidecar.postgres.control import Conninfo, PostgresControl, PostgresError
 from pgsidecar.procutil import os_user_ids, pid_alive
 from tests.support.pgtestutil import (
+    FAST_PARAMS,
     PG_BIN,
     REPL_PASSWORD,
     SU_PASSWORD,
@@ -667,3 +668,100 @@ async def test_failures_raise_readable_errors(lab: Lab) -> None:
     assert not c.running
     facts = await c.probe()  # never raises
     assert not facts.running and not facts.accepting
+
+
+@integration
+async def test_placeholder_history_files_make_a_promotion_name_the_claimed_timeline(
+    lab: Lab,
+) -> None:
+    """Two standbys at the same point, promoted one after the other, as in a failover whose
+    first winner lost its lease: PostgreSQL alone names timeline 2 both times. With a
+    placeholder history file for 2 the second names 3; a standby on timeline 1 follows it
+    (fetching the placeholder from it), the first one rewinds onto it, and its archiver ships
+    the placeholder beside the real history file."""
+    a = await start_primary(lab, "a")
+    archive = lab.root / "archive"
+    archive.mkdir()
+    uid, gid = os_user_ids("postgres")
+    os.chown(archive, uid, gid)
+    archiving = {
+        **FAST_PARAMS,
+        "archive_mode": "on",
+        "archive_command": f"test ! -f {archive}/%f && cp %p {archive}/%f",
+    }
+    await a.ensure_slots({"b", "c", "d"})
+    standbys = []
+    for name in ("b", "c", "d"):
+        ctl = lab.control(
+            name, from_template=False, parameters=archiving if name == "c" else dict(FAST_PARAMS)
+        )
+        await ctl.basebackup(repl_of(a))
+        ctl.write_config("standby", repl_of(a), slot_name(name))
+        await ctl.start(30)
+        standbys.append(ctl)
+    b, c, d = standbys
+    await sql(a, "CREATE TABLE common AS SELECT 1 AS x")
+    for standby in (b, c, d):
+        await wait_streaming(standby, a)
+    # the same point everywhere: a's shutdown checkpoint reaches every standby before it exits
+    await a.stop("fast")
+    end = (await a.controldata()).checkpoint_lsn
+    assert end is not None
+
+    async def at_end(ctl: PostgresControl) -> bool:
+        return ((await ctl.probe()).replayed_lsn or 0) >= end
+
+    for standby in (b, c, d):
+        await wait_for(lambda s=standby: at_end(s), 15, what=f"{standby.name} at a's end")
+
+    assert b.next_timeline(1) == 2
+    await b.promote()
+    assert (await b.probe()).timeline == 2
+    await sql(b, "CREATE TABLE lost_with_b (x int)")
+
+    # c, from the same point, would name 2 as well; the cluster's counter said 3
+    assert c.next_timeline(1) == 2
+    assert c.reserve_timelines(1, 3) == [2]
+    placeholder = c.data_dir / "pg_wal" / "00000002.history"
+    assert placeholder.read_text().startswith("# pgsidecar:")
+    assert c.next_timeline(1) == 3
+    assert c.reserve_timelines(1, 3) == [], "an existing file is left alone"
+    await c.promote()
+    assert (await c.probe()).timeline == 3
+    assert "selected new timeline ID: 3" in c.log_path.read_text()
+    history = await c.timeline_history(su_of(c))
+    assert [tli for tli, _ in history] == [1], "timeline 3's parent is 1: 2 is no ancestor"
+    await c.ensure_slots({"b", "c", "d"})
+    await sql(c, "CREATE TABLE on_timeline_3 AS SELECT 3 AS x")
+
+    # a standby still on timeline 1 follows timeline 3, fetching 2's placeholder from c
+    d.write_config("standby", repl_of(c), slot_name("d"))
+    await d.reload()
+    facts = await wait_streaming(d, c)
+    assert facts.timeline == 3
+    target = (await c.probe()).lsn
+
+    async def d_replayed() -> bool:
+        return ((await d.probe()).replayed_lsn or 0) >= target
+
+    await wait_for(d_replayed, 15, what="d replaying timeline 3")
+    assert await sql(d, "SELECT x FROM on_timeline_3") == [(3,)]
+    fetched = d.data_dir / "pg_wal" / "00000002.history"
+    assert fetched.read_text() == placeholder.read_text()
+
+    # b forked on its own timeline 2: pg_rewind reads c's history (a real file) and rewinds
+    await b.stop("fast")
+    assert await b.rewind(su_of(c)) == "rewound"
+    b.write_config("standby", repl_of(c), slot_name("b"))
+    await b.start(30)
+    facts = await wait_streaming(b, c)
+    assert facts.timeline == 3
+    assert await sql(
+        b, "SELECT to_regclass('lost_with_b') IS NULL, to_regclass('on_timeline_3') IS NOT NULL"
+    ) == [(True, True)]
+
+    # the archiver ships the placeholder as it ships the real history file
+    async def archived() -> bool:
+        return {"00000002.history", "00000003.history"} <= set(os.listdir(archive))
+
+    await wait_for(archived, 15, what="both history files archived")

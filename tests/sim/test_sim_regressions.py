@@ -29,3 +29,13 @@ def test_seed_218_the_last_master_of_an_empty_synchronous_set_may_lead_again() -
     sync (its recorded set was empty). No member was allowed to race, the old master included:
     no master ever again (liveness). The master that recorded the set may now race."""
     run(218, synchronous_mode="on")
+
+
+def test_seed_1004_two_promotions_from_the_same_point_name_different_timelines() -> None:
+    """A member promoted from timeline 2 and wrote on its timeline 3, then lost the lease; a
+    member that had received none of it promoted from the same point and, as PostgreSQL picks
+    one above the newest history file it has, also named its timeline 3. No history check could
+    tell the two apart: the first one's WAL could never stream from the new master (liveness).
+    Now the cluster's timeline counter in the DCS makes the second promotion name 4 (a
+    placeholder history file for 3), and the fork is seen and rewound."""
+    run(1004)

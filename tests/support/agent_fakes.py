@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from events.dcs import DCS, ClusterView, Leader
+from events.dcs import DCS, ClusterView, Leader, TimelineCounter
 from events.sinks import Sink
 from fsm.inputs import Input, apply
 from fsm.machine import Role, RoleMachine
@@ -81,6 +81,7 @@ class FakeDCS(DCS, Failing):
         self.sync: dict[str, Any] | None = None
         # backup/<type>: (value, modify index)
         self.backup_slots: dict[str, tuple[dict[str, Any], int]] = {}
+        self.timeline = TimelineCounter()
         self.ttl = 0.0
         self.sessions = 0
         self._changed = asyncio.Event()
@@ -186,6 +187,18 @@ class FakeDCS(DCS, Failing):
         self.sync = state
         self._bump()
 
+    async def read_timeline(self) -> TimelineCounter:
+        self._call("read_timeline")
+        return self.timeline
+
+    async def put_timeline(self, value: int, index: int) -> bool:
+        self._call("put_timeline", value, index)
+        if index != self.timeline.index:
+            return False
+        self._bump()
+        self.timeline = TimelineCounter(value, self.index)
+        return True
+
     def view(self) -> ClusterView:
         return ClusterView(
             leader=self.leader,
@@ -222,6 +235,9 @@ class FakePostgres(Failing):
         self.pending: list[str] = []
         self.rewind_result = "rewound"
         self.history: list[tuple[int, int]] = []
+        # timelines with a history file in pg_wal (a promotion names one above them, as
+        # PostgreSQL does)
+        self.history_files: set[int] = set()
         # per server (host, port), where it differs from ``history``
         self.histories: dict[tuple[str, int], list[tuple[int, int]]] = {}
         self._exit: asyncio.Future[int] | None = None
@@ -293,7 +309,8 @@ class FakePostgres(Failing):
     async def promote(self) -> None:
         self._call("promote")
         self.in_recovery = False
-        self.timeline = (self.timeline or 1) + 1
+        self.timeline = self.next_timeline(self.timeline or 1)
+        self.history_files.add(self.timeline)
 
     async def reload(self) -> None:
         self._call("reload")
@@ -354,6 +371,18 @@ class FakePostgres(Failing):
     async def pending_restart_settings(self) -> list[str]:
         self._call("pending_restart_settings")
         return list(self.pending)
+
+    def next_timeline(self, current: int) -> int:
+        newest = current
+        while newest + 1 in self.history_files:
+            newest += 1
+        return newest + 1
+
+    def reserve_timelines(self, current: int, new: int) -> list[int]:
+        self._call("reserve_timelines", current, new)
+        written = [t for t in range(current + 1, new) if t not in self.history_files]
+        self.history_files.update(written)
+        return written
 
 
 class FakeFence:

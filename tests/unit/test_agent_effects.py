@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from events.dcs import DCSError, Leader
+from events.dcs import DCSError, Leader, TimelineCounter
 from fsm.machine import EFFECT, TABLE, Effect, Role
 from fsm.snapshot import DataState, DcsFacts, LeaseFacts
 from pgsidecar.agent.effects import EFFECTS
@@ -295,6 +295,97 @@ async def test_promote_failed_promotion_fails(rig: Rig) -> None:
     rig.pg.fail["promote"] = PostgresError("promotion did not complete")
     out, _ = await run(rig, Effect.PROMOTE)
     assert out["ok"] is False
+
+
+async def test_promote_names_a_timeline_above_every_one_the_cluster_claimed(rig: Rig) -> None:
+    """Another member promoted from our point and named timeline 2 before it lost the lease
+    (the counter says 2); PostgreSQL alone would name 2 again. The claim raises the counter to
+    3 before the promotion, and a placeholder history file for 2 makes PostgreSQL name 3."""
+    await promoting(rig)
+    rig.dcs.timeline = TimelineCounter(2, 1)
+    out, _ = await run(rig, Effect.PROMOTE)
+    assert out == {"name": Effect.PROMOTE, "ok": True}
+    assert rig.dcs.timeline.value == 3
+    assert rig.pg.called("reserve_timelines") == [(1, 3)]
+    assert rig.pg.timeline == 3, "the promotion named the claimed timeline"
+    pg_calls = [n for n, _ in rig.pg.calls]
+    assert pg_calls.index("reserve_timelines") < pg_calls.index("promote")
+    (action,) = [r for r in rig.sink.of("action") if r.body["name"] == "promote"]
+    assert action.body["timeline"] == 3
+
+
+async def test_promote_creates_the_counter_from_what_postgres_would_pick(rig: Rig) -> None:
+    """No counter yet (a cluster from before it existed): it is created at PostgreSQL's own
+    choice, which counts history files already in pg_wal (here timeline 2's)."""
+    await promoting(rig)
+    rig.pg.history_files.add(2)
+    out, _ = await run(rig, Effect.PROMOTE)
+    assert out["ok"] is True
+    assert rig.dcs.timeline.value == 3 and rig.pg.timeline == 3
+    assert rig.pg.called("reserve_timelines") == [(1, 3)], "nothing to fill: 2 exists"
+    assert rig.pg.history_files == {2, 3}
+
+
+async def test_two_promotions_from_the_same_point_name_different_timelines(
+    tmp_path: Path,
+) -> None:
+    """The seed-1004 case with the agent's own effect twice against one DCS: two members on
+    timeline 2 at the same point, promoted one after the other, name 3 and 4."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Rig(tmp_path / "a")
+    second = Rig(tmp_path / "b", dcs=first.dcs)  # one store
+    named = []
+    for rig in (first, second):
+        await promoting(rig)
+        rig.pg.timeline = 2
+        rig.pg.history_files.add(2)
+        rig.dcs.leader = Leader("pg1", 8)
+        see(rig)
+        out, _ = await run(rig, Effect.PROMOTE)
+        assert out["ok"] is True
+        named.append(rig.pg.timeline)
+    assert named == [3, 4]
+    assert 3 in second.pg.history_files, "a placeholder made the second skip 3"
+
+
+async def test_promote_gives_the_lease_up_when_no_timeline_can_be_claimed(rig: Rig) -> None:
+    await promoting(rig)
+    rig.dcs.fail["put_timeline"] = DCSError("unreachable")
+    out, others = await run(rig, Effect.PROMOTE)
+    assert out == {"name": Effect.PROMOTE, "ok": False, "released_term": 8}
+    assert lease_inputs(others) == [{"held": False, "term": None}]
+    assert rig.fence.deadline is None and rig.dcs.leader is None
+    assert rig.pg.called("promote") == [], "never promoted without a claimed timeline"
+    assert rig.pg.in_recovery
+
+
+async def test_promote_raises_the_counter_to_a_newer_timeline_postgres_named(rig: Rig) -> None:
+    """With a restore_command PostgreSQL also counts history files in the archive, so it can
+    name a timeline above the claim: the counter follows it."""
+    await promoting(rig)
+    real_promote = rig.pg.promote
+
+    async def promote_past_the_claim() -> None:
+        await real_promote()
+        rig.pg.timeline = 7  # the archive held history files up to 6
+
+    rig.pg.promote = promote_past_the_claim  # type: ignore[method-assign]
+    out, _ = await run(rig, Effect.PROMOTE)
+    assert out["ok"] is True
+    assert rig.dcs.timeline.value == 7
+    (action,) = [r for r in rig.sink.of("action") if r.body["name"] == "promote"]
+    assert action.body["timeline"] == 7, "the record names the timeline PostgreSQL named"
+
+
+async def test_starting_a_primary_in_place_claims_no_timeline(rig: Rig) -> None:
+    """A master that starts its stopped PostgreSQL stays on its timeline: nothing claimed."""
+    rig.pg.data, rig.pg.timeline = DataState.PRIMARY_CLEAN, 1
+    put(rig, Role.MASTER, lease=LeaseFacts(held=True, term=3))
+    rig.fence.arm(1e12)
+    out, _ = await run(rig, Effect.PROMOTE)
+    assert out["ok"] is True
+    assert rig.dcs.called("put_timeline") == [] and rig.pg.timeline == 1
 
 
 # -- start a primary in place --------------------------------------------------------------------

@@ -22,14 +22,16 @@ from pgsidecar.postgres.config import (
     render_hba,
     server_parameters,
 )
-from pgsidecar.postgres.dataops import control_data
+from pgsidecar.postgres.dataops import DataOps, control_data
 from pgsidecar.postgres.errors import PostgresError
+from pgsidecar.postgres.osuser import OsUser
 from pgsidecar.postgres.sql import (
     connect_error,
     probe_facts,
     statement_error,
     statement_timeout_option,
 )
+from tests.support.pgtestutil import RecordingLog
 
 
 def settings(**overrides: object) -> PostgresSettings:
@@ -245,3 +247,54 @@ def test_every_connection_carries_a_statement_timeout() -> None:
     for unbounded in (0, -1):
         with pytest.raises(ValueError):
             statement_timeout_option(unbounded)
+
+
+# ------------------------------------------------------------------------------- timeline history files
+
+
+def timeline_ops(tmp_path: Path) -> DataOps:
+    data = tmp_path / "data"
+    (data / "pg_wal" / "archive_status").mkdir(parents=True)
+    return DataOps(
+        settings(data_dir=data),
+        "pg1",
+        data,
+        tmp_path / "state",
+        tmp_path / "pgpass",
+        tmp_path / "log",
+        OsUser(None, tmp_path / "pgpass", RecordingLog()),
+        RecordingLog(),
+    )
+
+
+def test_next_timeline_follows_history_files_without_a_gap(tmp_path: Path) -> None:
+    """findNewestTimeLine: from the current timeline up, as long as history files exist."""
+    ops = timeline_ops(tmp_path)
+    assert ops.next_timeline(1) == 2
+    for tli in (2, 3, 5):
+        ops.history_file(tli).write_text("1\t0/3000000\tno recovery target specified\n")
+    assert ops.history_file(3).name == "00000003.history"
+    assert ops.next_timeline(1) == 4, "5 lies beyond the gap at 4"
+    assert ops.next_timeline(3) == 4
+    assert ops.history_file(0x1A).name == "0000001A.history", "hex, as PostgreSQL names them"
+
+
+def test_reserve_timelines_writes_parsable_placeholders_marked_for_the_archiver(
+    tmp_path: Path,
+) -> None:
+    ops = timeline_ops(tmp_path)
+    ops.history_file(3).write_text("real\n")
+    assert ops.reserve_timelines(1, 6) == [2, 4, 5]
+    assert ops.history_file(3).read_text() == "real\n", "an existing file is never replaced"
+    assert ops.next_timeline(1) == 6, "the promotion names the claimed timeline"
+    status = ops.data_dir / "pg_wal" / "archive_status"
+    assert sorted(p.name for p in status.iterdir()) == [
+        "00000002.history.ready",
+        "00000004.history.ready",
+        "00000005.history.ready",
+    ]
+    # PostgreSQL's parser (timeline.c) skips blank lines and lines starting with '#': a file of
+    # comments reads as a timeline with no parent
+    for line in ops.history_file(2).read_text().splitlines():
+        assert line.lstrip().startswith("#")
+    assert ops.reserve_timelines(1, 6) == []

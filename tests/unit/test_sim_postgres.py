@@ -12,6 +12,7 @@ import pytest
 from fsm.snapshot import DataState
 from pgsidecar.config import slot_name
 from pgsidecar.lab.sim.clock import current_rng, derive_rng, run_simulation
+from pgsidecar.lab.sim.invariants import Checker
 from pgsidecar.lab.sim.postgres import (
     PORT,
     PgFaultPlan,
@@ -106,6 +107,54 @@ def test_promotion_raises_the_timeline_and_records_the_switch_point() -> None:
     # c had not received past the switch point: it follows b onto the new timeline
     assert r["c"].timeline == 2 and r["c"].receiver_upstream == "b:5432"
     assert r["writable"] == ["b"]
+
+
+def promote_two_from_the_same_point(*, placeholders: bool) -> dict[str, Any]:
+    """a dies; b and c hold the same WAL; b promotes (its lease then lost), then c promotes;
+    d, still on timeline 1, follows c."""
+
+    async def main() -> dict[str, Any]:
+        world, (a, b, c, d) = await cluster(("a", "b", "c", "d"))
+        checker = Checker(world, SimClient(world), on_violation=lambda v: None)
+        a.crash()
+        await b.promote()
+        b.crash()  # fenced: its lease was lost
+        if placeholders:
+            assert c.next_timeline(1) == 2
+            assert c.reserve_timelines(1, 3) == [2]
+            assert c.next_timeline(1) == 3
+        await c.promote()
+        await c.ensure_slots({"b", "d"})
+        d.write_config("standby", d.replication_conninfo("c", PORT), slot_name("d"))
+        await d.reload()
+        await asyncio.sleep(2)
+        assert b.data is not None and c.data is not None and d.data is not None
+        return {
+            "b": b.data.wal.tli,
+            "c": c.data.wal.tli,
+            "d": await d.probe(),
+            "d_files": sorted(d.data.history_files()),
+            "violations": [v.message for v in checker.violations],
+        }
+
+    return sim(main)
+
+
+def test_two_promotions_from_the_same_point_name_one_timeline_as_postgres_does() -> None:
+    """The model picks a promotion's timeline as PostgreSQL does (one above the newest
+    history file): both name 2, and the checker calls that a safety violation."""
+    r = promote_two_from_the_same_point(placeholders=False)
+    assert (r["b"], r["c"]) == (2, 2)
+    assert r["violations"] == ["c named its new timeline 2, as b's promotion had named another one"]
+
+
+def test_a_placeholder_history_file_makes_the_promotion_skip_its_number() -> None:
+    r = promote_two_from_the_same_point(placeholders=True)
+    assert (r["b"], r["c"]) == (2, 3)
+    assert r["violations"] == []
+    # d followed from timeline 1 and fetched every history file up to 3, the placeholder too
+    assert r["d"].receiver_upstream == "c:5432" and r["d"].timeline == 3
+    assert r["d_files"] == [2, 3]
 
 
 def test_a_forked_former_primary_cannot_stream_until_rewound() -> None:

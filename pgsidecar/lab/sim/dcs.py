@@ -38,8 +38,10 @@ from events.dcs.base import (
     DuplicateMember,
     Leader,
     SessionLost,
+    TimelineCounter,
     build_view,
     decode_json_object,
+    decode_timeline,
 )
 from pgsidecar.lab.sim.clock import derive_rng
 
@@ -785,6 +787,31 @@ class SimDCS(DCS):
             return True
 
         return await self._call("swap_backup_slot", swap, write=True)
+
+    # -- the cluster's timeline counter ---------------------------------------------------------
+    async def read_timeline(self) -> TimelineCounter:
+        key = self.key("timeline")
+
+        def read() -> TimelineCounter:
+            entry = self.store.get(key)
+            if entry is None:
+                return TimelineCounter()
+            return TimelineCounter(decode_timeline(entry.value) or 0, entry.mod_index)
+
+        return await self._call("read_timeline", read, write=False)
+
+    async def put_timeline(self, value: int, index: int) -> bool:
+        key = self.key("timeline")
+
+        def put() -> bool:
+            entry = self.store.get(key)
+            if (entry.mod_index if entry is not None else 0) != index:
+                return False
+            self.store.put(key, str(value).encode())
+            self.store.record("timeline", "claimed", f"{self.member} tli={value}")
+            return True
+
+        return await self._call("put_timeline", put, write=True)
 
     # -- reading -------------------------------------------------------------------------------
     def _snapshot(self) -> tuple[dict[str, tuple[bytes, int]], int]:

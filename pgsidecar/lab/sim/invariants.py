@@ -7,7 +7,8 @@ fencing deadline by the harness (``fencing_deadline``); it checks, at the instan
   checker every change of the writable set, synchronously, so two overlapping for zero virtual
   time still count); no member accepts a write after its fencing deadline; and (by default) none
   accepts a write with no deadline armed at all, since a master unguarded by a fence is exactly
-  what fencing exists to rule out.
+  what fencing exists to rule out. And no two promotions name the same timeline: a standby
+  on the other one could never stream, and no timeline history can tell the two apart.
 * **Durability** (:meth:`Checker.check_durability`, at the end): with synchronous mode on or
   strict, the member that is master at the end holds every acknowledged commit; with it off, the
   loss (the bytes of acknowledged WAL past the point where a lost commit's timeline leaves the
@@ -133,6 +134,8 @@ class Checker:
         self._on_violation = on_violation
         self._epoch = epoch
         self.deadlines: dict[str, float | None] = {}
+        # (system id, timeline number) -> (timeline id, the member whose promotion named it)
+        self.timelines: dict[tuple[str, int], tuple[int, str]] = {}
         self.violations: list[Violation] = []
         self.writes = 0
         self.healed_at: float | None = None
@@ -182,6 +185,16 @@ class Checker:
                 "safety",
                 f"{member} accepted a write (lsn {lsn}) {now - deadline:.3f}s after its fencing "
                 f"deadline",
+                now,
+            )
+
+    def timeline_named(self, now: float, member: str, system_id: str, tli: int, uid: int) -> None:
+        first = self.timelines.setdefault((system_id, tli), (uid, member))
+        if first[0] != uid:
+            self.violation(
+                "safety",
+                f"{member} named its new timeline {tli}, as {first[1]}'s promotion had named "
+                f"another one",
                 now,
             )
 

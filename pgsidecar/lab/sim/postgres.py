@@ -12,6 +12,11 @@ What is modelled, and how:
 * **The data directory** (:class:`DataDir`): absent, or a system id, the WAL, the control file's
   cluster state ("shut down", "in production", ...), the last checkpoint, a backup label (a fresh
   clone), the replication slots and roles; it can be left unreadable by a failed pg_rewind.
+* **Timeline history files** in pg_wal: those of the WAL's own timelines, plus any other timeline
+  numbers written there (the agent's placeholders, files copied by pg_basebackup and pg_rewind,
+  files a walreceiver fetched from its upstream when it followed a timeline switch). A promotion
+  names its timeline as PostgreSQL does (``findNewestTimeLine(recoveryTargetTLI) + 1``): one
+  above the newest timeline reached from the current one through history files without a gap.
 * **The postmaster**: started, accepting, in recovery or not, stopping, fenced, crashed; an exit
   future for ``wait_exit``. Start, stop, promote, initdb, basebackup and rewind take virtual time
   drawn from the seed (sometimes from a slow range), and can fail where the real ones can.
@@ -111,8 +116,9 @@ class Wal:
             (seg.tli, nxt.start) for seg, nxt in zip(self.segments, self.segments[1:], strict=False)
         ]
 
-    def max_tli(self) -> int:
-        return max(seg.tli for seg in self.segments)
+    def timelines(self) -> frozenset[int]:
+        """The timelines of this WAL's lineage (each but timeline 1 has a history file)."""
+        return frozenset(seg.tli for seg in self.segments)
 
 
 def common_prefix(a: Wal, b: Wal) -> int:
@@ -225,6 +231,9 @@ class WorldObserver(Protocol):
 
     def write_accepted(self, now: float, member: str, lsn: int, tli: int) -> None:
         """``member`` put a commit into its WAL (before any synchronous wait)."""
+
+    def timeline_named(self, now: float, member: str, system_id: str, tli: int, uid: int) -> None:
+        """A promotion of ``member`` made timeline ``uid`` and named it ``tli``."""
 
 
 class PgWorld:
@@ -381,6 +390,22 @@ class DataDir:
     slots: set[str] = field(default_factory=set)
     backup_label: bool = False
     invalid: bool = False
+    # pg_wal's timeline history files beyond those of the WAL's own lineage (timeline numbers)
+    extra_history: frozenset[int] = frozenset()
+
+    def has_history_file(self, tli: int) -> bool:
+        """existsTimeLineHistory: timeline 1 never has one."""
+        return tli != 1 and (tli in self.extra_history or tli in self.wal.timelines())
+
+    def history_files(self) -> frozenset[int]:
+        return frozenset(t for t in self.wal.timelines() | self.extra_history if t != 1)
+
+    def newest_timeline(self, start: int) -> int:
+        """findNewestTimeLine: the last of start, start + 1, ... with a history file, no gap."""
+        newest = start
+        while self.has_history_file(newest + 1):
+            newest += 1
+        return newest
 
 
 @dataclass
@@ -635,7 +660,7 @@ class SimPostgres:
             if pm.exit.done() or pm.stopping or self.data is None:
                 return
             data = self.data
-            tli = data.wal.max_tli() + 1
+            tli = data.newest_timeline(data.wal.tli) + 1
             data.wal = data.wal.switch(tli, self.world.new_uid())
             self.world.lineages[data.wal.uid] = data.wal.segments
             pm.in_recovery = False
@@ -646,6 +671,10 @@ class SimPostgres:
                 pm.delivery = None
             data.state = "in production"
             self._record(f"promoted tli={tli} at {data.wal.lsn}")
+            for observer in self.world.observers:
+                observer.timeline_named(
+                    self.world.now(), self.name, data.system_id, tli, data.wal.uid
+                )
             self.world.changed()
             if not done.done():
                 done.set_result(None)
@@ -759,6 +788,7 @@ class SimPostgres:
             checkpoint_tli=src.data.checkpoint_tli,
             roles=set(src.data.roles),
             backup_label=True,
+            extra_history=src.data.extra_history,
         )
         self._record(f"basebackup from {src.name} at {src.data.wal.lsn}")
 
@@ -825,6 +855,8 @@ class SimPostgres:
         src = self.world.reach(self.name, dataclasses.replace(source, user=SUPERUSER))
         assert src.data is not None
         data.wal = src.data.wal
+        # pg_rewind copies the source's files, its pg_wal history files among them
+        data.extra_history = src.data.extra_history
         data.state = "in archive recovery"
         data.roles = set(src.data.roles)
         self._record(f"rewound from {src.name} to tli={data.wal.tli} lsn={data.wal.lsn}")
@@ -834,6 +866,18 @@ class SimPostgres:
         src = self.world.reach(self.name, source)
         assert src.data is not None
         return src.data.wal.history()
+
+    def next_timeline(self, current: int) -> int:
+        data = self._require_data("next_timeline")
+        return data.newest_timeline(current) + 1
+
+    def reserve_timelines(self, current: int, new: int) -> list[int]:
+        data = self._require_data("reserve_timelines")
+        written = [t for t in range(current + 1, new) if not data.has_history_file(t)]
+        if written:
+            data.extra_history |= frozenset(written)
+            self._record(f"placeholder history files {written}")
+        return written
 
     # -- probe ----------------------------------------------------------------------------------
     async def probe(self) -> PgFacts:
@@ -927,6 +971,13 @@ class SimPostgres:
             return
         data = self.data
         if contains(target, data.wal) and target.lsn >= data.wal.lsn and target != data.wal:
+            if target.tli != data.wal.tli:
+                # following a timeline switch, the walreceiver fetches from the upstream the
+                # history file of every timeline up to the new one that it lacks
+                assert src.data is not None
+                data.extra_history |= frozenset(
+                    t for t in src.data.history_files() if data.wal.tli < t <= target.tli
+                )
             data.wal = target
             assert src.data is not None
             data.roles |= src.data.roles
