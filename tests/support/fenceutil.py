@@ -44,6 +44,41 @@ def zombie_children() -> list[int]:
     return out
 
 
+class SchedulingLag:
+    """How late this machine runs a thread that asks to wake: a thread sleeps 10 ms at a time and
+    keeps the worst overshoot. The fence tests' bounds are the documented detection time (ping
+    interval + answer timeout) plus a fixed margin plus this, so they hold what the code promises
+    (so long after the event, once the OS lets the thread run) on a loaded machine too, where a
+    fixed bound would fail for a reason that is not the code's."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scheduling-lag", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            time.sleep(0.01)
+            self.worst = max(self.worst, time.monotonic() - t - 0.01)
+
+    def __enter__(self) -> SchedulingLag:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+def interpreter_start_time() -> float:
+    """Seconds to start and end the interpreter the fence process runs in, on this machine now
+    (under load it is most of the time a new fence process takes to start)."""
+    t = time.monotonic()
+    subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], check=True, timeout=30)
+    return time.monotonic() - t
+
+
 def wait_until(pred, within: float, step: float = 0.01) -> bool:
     end = time.monotonic() + within
     while time.monotonic() < end:
