@@ -51,7 +51,7 @@ SENT = "etcd_network_client_grpc_sent_bytes_total"
 RECEIVED = "etcd_network_client_grpc_received_bytes_total"
 
 # healthy, then this long before the idle window: start-up's own writes are not idle traffic
-SETTLE_SECONDS = 20.0
+SETTLE_SECONDS = 45.0
 PATRONI_DEFAULT_TTL = 30.0
 PATRONI_MIN_TTL = 20.0
 PATRONI_LOOP_WAIT = 10.0
@@ -214,8 +214,9 @@ def _pgsidecar_switchover(lc: Any, old: str | None) -> None:
 
 
 def _settle(wait_healthy: Any, seconds: float = SETTLE_SECONDS) -> None:
-    """Healthy, then some seconds more: start-up's own writes (the first autovacuum of a new
-    cluster writes a few hundred kB of WAL) are not idle traffic."""
+    """Healthy, then some seconds more: start-up's own writes are not idle traffic (the first
+    autovacuum of a new cluster, about a minute after it started, writes a few hundred kB of
+    WAL, which both pgsidecar and Patroni publish)."""
     wait_healthy()
     time.sleep(seconds)
     wait_healthy()
