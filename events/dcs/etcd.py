@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import ssl
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
@@ -66,6 +67,12 @@ WATCH_BACKOFF_CAP = 2.0
 # forwards the request body once it is complete), so this is how a half-open connection after a
 # network partition is detected.
 DEFAULT_WATCH_IDLE_TIMEOUT = 15.0
+# Re-opening costs the store a call per member and idle period, so a silent watch stays open while
+# the endpoint it is on has answered another request of ours within the idle timeout (the session
+# renewals: a request carries "hasleader", so an answer proves the member is alive and in its
+# cluster); a hung or cut-off member answers nothing and its watch is re-opened as before. A watch
+# silent for this many idle timeouts is re-opened whatever, for a connection a middlebox dropped.
+WATCH_SILENCE_CAP = 4
 # a single gateway message larger than this is treated as a protocol error (protects memory)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -153,6 +160,7 @@ class EtcdDCS(DCS):
         self._ttl = 0
         self._closed = False
         self._watch_responses: set[aiohttp.ClientResponse] = set()
+        self._answered_at: dict[int, float] = {}  # endpoint index -> when it last answered us
         self._range_end = _prefix_end(self.base)
         # how often watch() had to re-read everything vs. how many streams it opened (a resumed
         # stream costs nothing; a full read means a compaction or a server-side cancel)
@@ -292,8 +300,10 @@ class EtcdDCS(DCS):
                     i += 1
                     continue
                 self._current = idx
+                self._answered_at[idx] = time.monotonic()
                 raise
             self._current = idx
+            self._answered_at[idx] = time.monotonic()
             return reply
         raise DCSError(f"etcd {path} failed: no endpoint answered ({last_error})")
 
@@ -692,11 +702,8 @@ class EtcdDCS(DCS):
                 "progress_notify": True,
             }
         }
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self.timeout,
-            sock_read=self._watch_idle_timeout,
-        )
+        # no read timeout here: the silence is judged below (see WATCH_SILENCE_CAP)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=None)
         last_error = ""
         resp: aiohttp.ClientResponse | None = None
         idx = self._current
@@ -724,7 +731,26 @@ class EtcdDCS(DCS):
                 _decode_reply("/v3/watch", resp.status, await resp.read())
                 raise DCSError(f"etcd watch answered HTTP {resp.status}")
             buffer = b""
-            async for chunk in resp.content.iter_any():
+            heard = time.monotonic()
+            idle = self._watch_idle_timeout
+            while True:
+                try:
+                    # in slices, so that a member that stops answering is noticed one idle
+                    # timeout after its last answer, as it was before the watch stayed open
+                    chunk = await asyncio.wait_for(resp.content.readany(), timeout=idle / 4)
+                except TimeoutError:
+                    now = time.monotonic()
+                    answered = self._answered_at.get(idx)
+                    if now - heard < idle or (
+                        answered is not None
+                        and now - answered < idle
+                        and now - heard < WATCH_SILENCE_CAP * idle
+                    ):
+                        continue
+                    raise aiohttp.SocketTimeoutError("etcd watch silent") from None
+                if not chunk:
+                    break
+                heard = time.monotonic()
                 buffer += chunk
                 if len(buffer) > MAX_MESSAGE_BYTES:
                     raise DCSError("etcd watch message too large")

@@ -322,6 +322,7 @@ class Agent:
                 kube.label_role(role)
             self.members.publish()
             self.members.register_service()
+            self.renewal.cadence_changed()
         if inp.type == "dcs":
             if kube is not None:
                 kube.on_view(snapshot, role)

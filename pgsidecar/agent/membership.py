@@ -24,10 +24,22 @@ log = structlog.get_logger("pgsidecar.agent")
 # how long the master keeps the replication slot of a member whose key has vanished
 SLOT_GRACE = 1800.0
 
+# The member key is written only when something a peer acts on changes (every write fans out to
+# every watcher of the cluster). The position is the one field that moves on its own: on an idle
+# cluster PostgreSQL still writes a few records (checkpoints, running-transaction snapshots), and
+# a replica replays them. Peers use a published position in two ways: candidates compare the
+# fresh positions announced for an election (written by the announce effect whatever this says),
+# and the master's is the reference for maximum_lag_on_failover. So a position is news when it
+# moved by a step that the lag check can notice, a fraction of maximum_lag_on_failover (every
+# byte when that is 0), at most LSN_STEP_MAX; and a replica's position is news when it reaches
+# the master's published one (`pgsidecar list` shows a replica that caught up with lag 0).
+LSN_STEP_FRACTION = 8
+LSN_STEP_MAX = 1024 * 1024
+
 
 class Membership:
-    """Our member key (published whenever what it says changes), the master's replication
-    slots, and the Consul service registration."""
+    """Our member key (published when what it says changes in a way a peer acts on), the
+    master's replication slots, and the Consul service registration."""
 
     def __init__(
         self,
@@ -90,9 +102,39 @@ class Membership:
         """Our member key is gone (with our session): the next publish writes it whatever."""
         self._last = None
 
+    def lsn_step(self) -> int:
+        """How far our position must move before it is worth a write on its own."""
+        max_lag = self.state.snapshot.settings.maximum_lag_on_failover
+        return min(LSN_STEP_MAX, max(0, max_lag) // LSN_STEP_FRACTION)
+
+    def is_news(self, data: dict[str, Any]) -> bool:
+        """Does ``data`` tell a peer something the last member key we wrote did not?"""
+        last = self._last
+        if last is None:
+            return True
+        if {k: v for k, v in data.items() if k != "lsn"} != {
+            k: v for k, v in last.items() if k != "lsn"
+        }:
+            return True
+        new, old = data.get("lsn"), last.get("lsn")
+        if new == old:
+            return False
+        if not isinstance(new, int) or not isinstance(old, int):
+            return True
+        if abs(new - old) >= max(1, self.lsn_step()):
+            return True
+        dcs = self.state.snapshot.dcs
+        master_lsn = dcs.last_leader_lsn
+        return (
+            data.get("role") != Role.MASTER.value
+            and master_lsn is not None
+            and data.get("timeline") == dcs.last_leader_timeline
+            and old < master_lsn <= new
+        )
+
     def publish(self, **override: Any) -> None:
         data = self.member_data(**override)
-        if data == self._last:
+        if not self.is_news(data):
             return
         self._last = data
         self.tasks.spawn(self._put(data), "put_member")

@@ -2,7 +2,8 @@
 
 DCS watch         every change of the cluster's keys (event-driven: etcd watch / Consul
                   blocking query), as a ``dcs`` input; a fresh read when the DCS answers again
-lease renewal     a timer at ttl/4; success re-arms the fence, a failure posts ``dcs_down``,
+lease renewal     a timer at ttl/4 while we may lead, ttl/3 otherwise; success re-arms the fence,
+                  a failure posts ``dcs_down``,
                   SessionLost fences and posts ``lease`` {held: false}
 the fence         the watchdog fired (from its own thread): ``lease`` {held: false}
 PostgreSQL        a health probe every second (only changes are posted) and the postmaster's
@@ -162,6 +163,7 @@ class LeaseRenewal:
         self.members = members
         self.ttl = ttl
         self.clock_drift = clock_drift
+        self._wake = asyncio.Event()
 
     def session_ttl(self) -> float:
         # the granted session TTL, not the configured ttl: Consul is given ttl/2 (it may take up
@@ -176,12 +178,46 @@ class LeaseRenewal:
         await self.dcs.open_session(self.ttl)
         self.state.lease_sent = sent
 
+    def interval(self, down: bool) -> float:
+        """How often to renew now. Whoever holds the lease or may take it (master, candidate, a
+        member with the lease in hand) renews every ttl/4: the fence deadline is
+        ttl(1 - drift) - margin after a renewal, so a renewal that times out still leaves one
+        more attempt before it. Every other member renews every ttl/3: its session only keeps
+        its member key alive, and one failed renewal still leaves another before the key
+        lapses. While the DCS is unreachable everyone tries every ttl/4, so that its return
+        is seen as soon as before."""
+        ttl = self.session_ttl()
+        s = self.state.snapshot
+        leading = s.lease.held or self.state.role in (Role.MASTER, Role.CANDIDATE)
+        return max(0.25, ttl / 4 if leading or down else ttl / 3)
+
+    def cadence_changed(self) -> None:
+        """Our role changed: the next renewal is due sooner if we may now lead (a candidate
+        that wins counts its first fence deadline from its last renewal)."""
+        self._wake.set()
+
     async def run(self) -> None:
-        interval = max(0.25, self.session_ttl() / 4)
         down = False
+        last = self.clock.monotonic()
+        woken_at: float | None = None
         while True:
-            due = self.clock.monotonic() + interval
-            await asyncio.sleep(interval)
+            interval = self.interval(down)
+            due = last + interval
+            if woken_at is not None:
+                # a change of role made the renewal due at once: it is late from then, not from
+                # the time the old cadence would have given
+                due = max(due, woken_at)
+            wait = due - self.clock.monotonic()
+            if wait > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                    woken_at = self.clock.monotonic()
+                except TimeoutError:
+                    pass
+                continue  # woken by a change of role, or the time is up: recompute
+            woken_at = None
+            last = self.clock.monotonic()
             down = await self.renew_once(interval, down, due=due)
 
     async def renew_once(self, interval: float, down: bool, due: float | None = None) -> bool:

@@ -302,14 +302,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "failover":
         run_failover_bench(args.repeat, args.ttl, args.nodes, args.idle_seconds, sys.stdout)
         return 0
+    if args.what == "dcs-cost":
+        from pgsidecar.lab.dcscost import cmd_dcs_cost
+
+        return cmd_dcs_cost(args)
     return 2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b = sub.add_parser("bench", help="benchmarks that print JSON lines")
-    b.add_argument("what", choices=["failover"])
+    b.add_argument("what", choices=["failover", "dcs-cost"])
     b.add_argument("--repeat", type=int, default=3)
     b.add_argument("--ttl", type=float, default=10.0)
     b.add_argument("--nodes", type=int, default=3)
     b.add_argument("--idle-seconds", type=float, default=20.0)
+    dc = b.add_argument_group("dcs-cost (what an idle member costs etcd, and a switchover)")
+    dc.add_argument("--seconds", type=float, default=60.0, help="the idle window (default 60)")
+    dc.add_argument(
+        "--switchover-window",
+        type=float,
+        default=30.0,
+        help="seconds counted from the switchover command (default 30)",
+    )
+    dc.add_argument(
+        "--patroni",
+        action="store_true",
+        help="also Patroni 4.1 (the bench extra) at its defaults and at --ttl (at least 20)",
+    )
+    dc.add_argument("--patroni-bin", default=None, help="the patroni executable (default: on PATH)")
     b.set_defaults(func=cmd_bench)

@@ -191,6 +191,31 @@ async def test_idle_watch_is_reopened_without_spurious_views(
         assert now is not None and now <= baseline + 1
 
 
+async def test_a_silent_watch_stays_open_while_its_endpoint_answers(
+    etcd_dcs_factory: Any, watchers: Any
+) -> None:
+    # re-opening costs etcd a call per member and idle period: while the member the watch is on
+    # answers our other requests (the session renewals), the watch is alive; after
+    # WATCH_SILENCE_CAP idle timeouts it is re-opened whatever (a connection a middlebox dropped)
+    d = etcd_dcs_factory("c1", watch_idle_timeout=0.4)
+    await d.open_session(5)
+    w = watchers(d)
+    await w.wait_for(lambda v: True, 1.0)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 1.2:  # three idle timeouts, below the cap of four
+        await d.renew_session()
+        await asyncio.sleep(0.1)
+    assert d.watch_stats["streams"] == 1, "not re-opened while its endpoint answers"
+    while time.monotonic() - t0 < 2.0:  # past the cap
+        await d.renew_session()
+        await asyncio.sleep(0.1)
+    assert d.watch_stats["streams"] >= 2, "re-opened after WATCH_SILENCE_CAP idle timeouts"
+    streams = d.watch_stats["streams"]
+    await asyncio.sleep(0.4 + 0.3)  # no request answered: one idle timeout, one slice
+    assert d.watch_stats["streams"] > streams, "silent and nothing answered: re-opened"
+    assert len(w.views) == 1, "re-opening is not a change"
+
+
 async def test_requests_fail_over_to_the_next_endpoint(
     etcd_server: EtcdServer, watchers: Any
 ) -> None:
