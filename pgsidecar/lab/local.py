@@ -256,10 +256,8 @@ class LocalCluster:
                 f"{blocked} cannot be entered by OS user {pg_user or uid}, who runs PostgreSQL: choose a --dir "
                 f"outside it (for example under /tmp or /var/tmp), or chmod o+x {blocked}"
             )
-        # with TLS the broker's loopback PLAINTEXT listener for its own traffic takes one more
-        single = 4 + 2 * nodes + (1 if tls and kafka else 0)
-        # further etcd members (client, peer) and brokers (client, controller, internal) follow
-        count = single + 2 * (dcs_members - 1) + 3 * (kafka_brokers - 1)
+        count = self.port_count(nodes, kafka, tls, dcs_members, kafka_brokers)
+        further = 4 + 2 * nodes + (1 if kafka else 0)  # offset of further etcd members, brokers
         # below the kernel's ephemeral range (32768+), where an outgoing connection may hold a port
         base = base_port or free_port_range(count, start=21000, end=32000)
         secrets_dir = self.dir / "secrets"
@@ -280,9 +278,9 @@ class LocalCluster:
             "dcs": dcs,
             "ttl": ttl,
             "base_port": base,
-            "etcd": _etcd_meta(base, single, dcs_members),
+            "etcd": _etcd_meta(base, further, dcs_members),
             "dcs_url": dcs_url,
-            "kafka": _kafka_meta(base, nodes, single + 2 * (dcs_members - 1), kafka_brokers)
+            "kafka": _kafka_meta(base, nodes, further + 2 * (dcs_members - 1), kafka_brokers)
             if kafka
             else None,
             "tls": tls,
@@ -303,6 +301,20 @@ class LocalCluster:
             self.config_path(m.name).write_text(
                 yaml.safe_dump(self._agent_config(m, extra or {}), sort_keys=False)
             )
+
+    @staticmethod
+    def port_count(
+        nodes: int, kafka: bool, tls: bool = False, dcs_members: int = 1, kafka_brokers: int = 1
+    ) -> int:
+        """How many consecutive ports from the base port a cluster of this shape takes: etcd's
+        client and peer, the broker's client and controller, two per member; with TLS the
+        broker's loopback PLAINTEXT listener for its own traffic. Further etcd members (client,
+        peer) and brokers (client, controller, internal) come after the first broker's
+        internal port."""
+        if dcs_members == 1 and kafka_brokers == 1:
+            return 4 + 2 * nodes + (1 if tls and kafka else 0)
+        extra = 4 + 2 * nodes + (1 if kafka else 0)
+        return extra + 2 * (dcs_members - 1) + 3 * (kafka_brokers - 1)
 
     def _agent_config(self, m: MemberInfo, extra: dict[str, Any]) -> dict[str, Any]:
         meta = self.meta
