@@ -1334,27 +1334,7 @@ class FaultRun:
         target = self.spec.victim_name
         t_switch = time.monotonic()
         self.note(f"switchover {old} -> {target} requested")
-        p = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pgsidecar",
-                "switchover",
-                "--dir",
-                str(lc.dir),
-                "--to",
-                target,
-                "--wait",
-                "0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if p.returncode != 0:
-            raise LocalClusterError(f"switchover refused: {(p.stdout + p.stderr).strip()[-500:]}")
-        written = time.time()  # the command is in etcd
+        written = asyncio.run(_request_switchover(lc, target))  # the command is in etcd
         new = self._wait_new_master(old, 2 * self.spec.ttl)
         if new != target:
             self.result.violations.append("switchover_during_dcs_partition")
@@ -1900,6 +1880,24 @@ async def _topic_node_seqs(bootstrap: str, topic: str, within: float) -> dict[st
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(consumer.stop(), 5)
+
+
+async def _request_switchover(lc: LocalCluster, target: str) -> float:
+    """Write a switchover command to ``target`` as `pgsidecar switchover` does, through a client
+    with every endpoint of the cluster's first member's config; the wall time right after the
+    write was acknowledged."""
+    from events.dcs.factory import create_dcs
+    from pgsidecar.config import load_config
+    from pgsidecar.ops import request_switchover
+
+    cfg = load_config(lc.config_path(lc.members[0].name))
+    dcs = create_dcs(cfg.dcs, cfg.cluster)
+    await dcs.connect()
+    try:
+        await request_switchover(dcs, target)
+        return time.time()
+    finally:
+        await dcs.close()
 
 
 async def _partition_state(
