@@ -110,6 +110,8 @@ class LocalCluster:
         if self.meta_path.exists():
             self.meta = json.loads(self.meta_path.read_text())
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # the KafkaBroker of each node id, made once: each holds the child process it started
+        self._brokers: dict[int, Any] = {}
 
     # -- layout ----------------------------------------------------------------------------------
 
@@ -467,7 +469,7 @@ class LocalCluster:
     def kafka_brokers(self) -> list[Any]:
         """One ``KafkaBroker`` per broker, the same object on every call (it holds the child
         process it started, which ``stop_kafka`` reaps)."""
-        cache: dict[int, Any] = self.__dict__.setdefault("_brokers", {})
+        cache = self._brokers
         infos = self.kafka_broker_infos
         if not infos:
             return []
