@@ -135,7 +135,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--base-port",
         type=int,
         default=None,
-        help="first of 2+2N consecutive ports (default: free range)",
+        help="first of the consecutive ports the cluster takes: 4+2N, more with --dcs-members "
+        "and --kafka-brokers (default: a free range)",
     )
     up.add_argument("--dcs", choices=["etcd", "consul"], default="etcd")
     up.add_argument(
