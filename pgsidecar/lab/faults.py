@@ -1401,8 +1401,10 @@ class FaultRun:
         self._wait_new_master(old, self.spec.ttl + 15)
         self._hold(self.t0 + self.spec.duration)
         self.mark_heal()
+        # the broker's JVM starts while the member does: a restart takes tens of seconds here
+        broker.launch()
         lc.start_member(old)
-        lc.start_kafka()
+        broker.wait_serving(timeout=120)
         self.note(f"{old} and broker{leader} restarted")
 
     # -- measurements and invariants ---------------------------------------------------------------
