@@ -21,6 +21,11 @@ Every request has a bounded timeout. Endpoints are tried in order; a request mov
 endpoint only when it provably never reached the previous one (connect refused / connect
 timeout), or when it is idempotent (reads, keepalive, revoke) - a write that may have been applied
 is never silently replayed somewhere else: the caller gets a DCSError and decides.
+
+A request that gives up on an endpoint also takes the watches streaming from it along: they are
+re-opened on the next endpoint from their last revision. An idle watch is silent, so a watch on a
+hung member (stopped, or cut off without the connection breaking) would otherwise sit there until
+the idle timeout noticed, while the requests beside it had long moved on.
 """
 
 from __future__ import annotations
@@ -159,7 +164,8 @@ class EtcdDCS(DCS):
         self._lease: int | None = None
         self._ttl = 0
         self._closed = False
-        self._watch_responses: set[aiohttp.ClientResponse] = set()
+        # each running watch's response, with the index of the endpoint it streams from
+        self._watch_responses: dict[aiohttp.ClientResponse, int] = {}
         self._answered_at: dict[int, float] = {}  # endpoint index -> when it last answered us
         self._range_end = _prefix_end(self.base)
         # how often watch() had to re-read everything vs. how many streams it opened (a resumed
@@ -272,7 +278,7 @@ class EtcdDCS(DCS):
             except _NOT_SENT_ERRORS as exc:
                 # never reached this endpoint: any request may go to the next one
                 last_error = f"{self._endpoints[idx]}: {_describe(exc)}"
-                self._current = (idx + 1) % len(self._endpoints)
+                self._leave_endpoint(idx)
                 i += 1
                 continue
             except _TRANSPORT_ERRORS as exc:
@@ -280,7 +286,7 @@ class EtcdDCS(DCS):
                     raise _tls_error(self._endpoints[idx], exc) from None
                 # may have been applied: only an idempotent request is sent again
                 last_error = f"{self._endpoints[idx]}: {_describe(exc)}"
-                self._current = (idx + 1) % len(self._endpoints)
+                self._leave_endpoint(idx)
                 if not idempotent:
                     raise DCSError(f"etcd {path} failed ({last_error})") from None
                 if len(order) == 1 and not retried:
@@ -296,7 +302,7 @@ class EtcdDCS(DCS):
                     # this member is cut off from its cluster and refused the request without
                     # proposing it: any other member may take it
                     last_error = f"{self._endpoints[idx]}: {exc.etcd_message}"
-                    self._current = (idx + 1) % len(self._endpoints)
+                    self._leave_endpoint(idx)
                     i += 1
                     continue
                 self._current = idx
@@ -306,6 +312,21 @@ class EtcdDCS(DCS):
             self._answered_at[idx] = time.monotonic()
             return reply
         raise DCSError(f"etcd {path} failed: no endpoint answered ({last_error})")
+
+    def _leave_endpoint(self, idx: int) -> None:
+        """Endpoint ``idx`` failed a request: the next requests start at the one after it, and
+        the watches streaming from it are closed, so that they re-open there too (from their
+        last revision) instead of waiting for the idle timeout on a member that may be hung.
+        With a single endpoint there is nowhere else to go: the watches stay."""
+        self._current = (idx + 1) % len(self._endpoints)
+        if len(self._endpoints) == 1:
+            return
+        for resp, on in list(self._watch_responses.items()):
+            if on == idx:
+                log.info(
+                    "etcd %s failed a request: re-opening the watch elsewhere", self._endpoints[idx]
+                )
+                resp.close()
 
     def _raise_session_error(self, exc: _EtcdReplyError) -> None:
         if exc.code == _GRPC_NOT_FOUND and "lease not found" in exc.etcd_message:
@@ -724,7 +745,7 @@ class EtcdDCS(DCS):
             break
         if resp is None:
             raise DCSError(f"etcd watch failed: no endpoint answered ({last_error})")
-        self._watch_responses.add(resp)
+        self._watch_responses[resp] = idx
         self.watch_stats["streams"] += 1
         try:
             if resp.status != 200:
@@ -769,7 +790,7 @@ class EtcdDCS(DCS):
                             raise DCSError(f"etcd watch error: {error.get('message', error)}")
                         yield message.get("result", message)
         finally:
-            self._watch_responses.discard(resp)
+            self._watch_responses.pop(resp, None)
             resp.close()
 
     # -- test hooks (used by tests/contract/test_dcs_contract.py; every backend implements them) ---------

@@ -41,6 +41,17 @@ def print_local_status(rows: list[dict[str, Any]], as_json: bool) -> None:
         )
 
 
+def print_services(rows: list[dict[str, Any]]) -> None:
+    """The cluster's own etcd members and Kafka brokers (``LocalCluster.services``)."""
+    if not rows:
+        return
+    print(f"\n{'Service':<8} {'Name':<10} {'PID':>7} {'Leader':<8} Address")
+    for r in rows:
+        leader = {True: "yes", False: "-", None: ""}[r["leader"]]
+        pid = r["pid"] if r["pid"] is not None else "down"
+        print(f"{r['service']:<8} {r['name']:<10} {pid:>7} {leader:<8} {r['address']}")
+
+
 def yaml_mode(lc: LocalCluster) -> str:
     """The synchronous_mode the local cluster's members were configured with."""
     import yaml
@@ -114,6 +125,8 @@ def cmd_local(args: argparse.Namespace) -> int:
                     backup_schedule=backup_schedule(args.backup_schedule),
                     restore_from=Path(args.restore_from) if args.restore_from else None,
                     target_time=target_time(args.target_time),
+                    dcs_members=args.dcs_members,
+                    kafka_brokers=args.kafka_brokers,
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             cfg_mode = yaml_mode(lc)
@@ -123,6 +136,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     f"synchronous mode {cfg_mode}: synchronous standby {', '.join(sync)} recorded in the DCS"
                 )
             print_local_status(rows, False)
+            print_services(lc.services())
             master = next(r for r in rows if r["role"] == "master")
             print(f'\nmaster: {master["name"]}\n  psql "{master["dsn"]}"')
             return 0
@@ -135,6 +149,8 @@ def cmd_local(args: argparse.Namespace) -> int:
             return 0
         if args.local_cmd == "status":
             print_local_status(lc.status(), args.json)
+            if not args.json:
+                print_services(lc.services())
             return 0
         if args.local_cmd == "stop":
             lc.member(args.name)
@@ -165,9 +181,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--base-port",
         type=int,
         default=None,
-        help="first of 2+2N consecutive ports (default: free range)",
+        help="first of the consecutive ports the cluster takes: 4+2N, more with --dcs-members "
+        "and --kafka-brokers (default: a free range)",
     )
     up.add_argument("--dcs", choices=["etcd", "consul"], default="etcd")
+    up.add_argument(
+        "--dcs-members",
+        type=int,
+        choices=[1, 3, 5],
+        default=1,
+        help="etcd as a cluster of this many members; every agent gets every endpoint",
+    )
+    up.add_argument(
+        "--kafka-brokers",
+        type=int,
+        default=1,
+        help="Kafka as this many brokers (KRaft quorum); with 3+ the topic has replication "
+        "factor 3 and min.insync.replicas 2",
+    )
     up.add_argument(
         "--tls",
         action="store_true",

@@ -52,6 +52,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -91,6 +92,10 @@ class FaultClass:
     # the old master's agent itself is frozen: its own records of fencing can only be written
     # after the resume, so the margin from the records is reported, not checked
     agent_frozen: bool = False
+    # etcd as a cluster of this many members, Kafka as this many brokers (``local up
+    # --dcs-members``, ``--kafka-brokers``)
+    dcs_members: int = 1
+    kafka_brokers: int = 1
 
 
 FAULTS: dict[str, FaultClass] = {
@@ -194,6 +199,37 @@ FAULTS: dict[str, FaultClass] = {
             "2 x TTL or more, then SIGCONT",
             lambda ttl: (2 * ttl, 2 * ttl + 2),
             fencing_margin=True,
+        ),
+        FaultClass(
+            "kill-dcs-leader",
+            "m",
+            "3-member etcd: SIGKILL of the master's agent and postmaster, then ~1 s later of "
+            "the etcd leader (made the member every agent talks to first); both back after",
+            lambda ttl: (ttl + 1, ttl + 5),
+            dcs_members=3,
+            # etcd's new leader renews every lease for a full TTL when it takes over (the old
+            # master's key with them), so the key lapses up to one election (1 s here) plus
+            # the time to the kill later than after a hard kill alone
+            failover_within=lambda ttl: ttl + 5,
+        ),
+        FaultClass(
+            "partition-dcs-member",
+            "n",
+            "3-member etcd: one follower (the member every agent talks to first) frozen "
+            "(SIGSTOP) while the cluster runs and a switchover happens, then SIGCONT",
+            lambda ttl: (2 * ttl + 5, 2 * ttl + 8),
+            dcs_members=3,
+            targets_master=False,
+        ),
+        FaultClass(
+            "kill-kafka-broker",
+            "o",
+            "3 Kafka brokers: SIGKILL of the master's agent and postmaster, then ~1 s later of "
+            "the broker leading the topic's partition; both back after",
+            lambda ttl: (ttl + 1, ttl + 5),
+            kafka=True,
+            kafka_brokers=3,
+            failover_within=lambda ttl: ttl + 3,
         ),
     )
 }
@@ -320,6 +356,11 @@ def read_fence_pid(member_dir: Path, wait: float = 0.0) -> int:
             f"there is no separate fence process to freeze"
         )
     raise LookupError(f"{path} names no running process ({path.read_text().strip()!r})")
+
+
+# partition-dcs-member: the old master acts on a switchover command within this many seconds of
+# its write (the watch resumed on a live member carries it in milliseconds)
+SWITCHOVER_SEEN_WITHIN = 2.0
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -708,7 +749,13 @@ class FaultRun:
             ttl=self.spec.ttl,
             extra=extra,
             kafka=self.fc.kafka,
-            base_port=_port_base(4 + 2 * 3),
+            base_port=_port_base(
+                LocalCluster.port_count(
+                    3, self.fc.kafka, False, self.fc.dcs_members, self.fc.kafka_brokers
+                )
+            ),
+            dcs_members=self.fc.dcs_members,
+            kafka_brokers=self.fc.kafka_brokers,
         )
         self.port_member = {m.pg_port: m.name for m in self.lc.members}
         if self.fc.disk:
@@ -1199,6 +1246,168 @@ class FaultRun:
         self.mark_heal()
         self._resume(pid, f"fence process of {old}")
 
+    # -- faults of a DCS or Kafka that runs as a cluster --------------------------------------------
+
+    def _etcd_lead(self, name: str) -> None:
+        """Make etcd member ``name`` the raft leader (transfer-leadership, sent to the leader),
+        so that a run does not depend on which member the election picked."""
+        assert self.lc is not None
+        lc = self.lc
+        for _ in range(3):
+            leader = wait_until(lc.etcd_leader, 10, 0.1)
+            if leader is None:
+                raise LocalClusterError("the etcd cluster has no leader")
+            if leader == name:
+                return
+            target = (lc.etcd_status(name) or {}).get("header", {}).get("member_id")
+            body = json.dumps({"targetID": target}).encode()
+            url = f"{lc.etcd_endpoints[[m.name for m in lc.etcd_members].index(leader)]}"
+            with contextlib.suppress(OSError):
+                req = urllib.request.Request(f"{url}/v3/maintenance/transfer-leadership", data=body)
+                with urllib.request.urlopen(req, timeout=5):
+                    pass
+            wait_until(lambda: lc.etcd_leader() == name, 5, 0.1)
+        if lc.etcd_leader() != name:
+            raise LocalClusterError(f"etcd member {name} did not become the raft leader")
+
+    def _lease_losses(self, name: str, after: float) -> list[float]:
+        """Wall times of ``name``'s lease_lost transitions after ``after`` (wall)."""
+        return [
+            rec["time"]
+            for rec in self._journal(name)
+            if rec.get("kind") == "transition"
+            and rec["body"].get("trigger") == "lease_lost"
+            and rec["time"] > after
+        ]
+
+    def fault_kill_dcs_leader(self) -> None:
+        """The master hard-killed, and ~1 s later, during the election, the etcd leader
+        SIGKILLed. The leader is first made the member every agent's client talks to first (the
+        first endpoint), so the agents must also move to another endpoint and resume their
+        watches there. The survivors must elect a master with the killed member still down."""
+        lc, old = self.lc, self._master()
+        assert lc is not None
+        leader = lc.etcd_members[0].name
+        self._etcd_lead(leader)
+        self.result.victim = leader
+        self.log(
+            f"SIGKILL of {old}, then of the etcd leader {leader}; back after {self.spec.duration} s"
+        )
+        self.mark_fault()
+        lc.kill_member(old, postgres=True)
+        self.note(f"SIGKILL agent + postmaster of {old}")
+        self._hold(self.t0 + 1.0)
+        lc.kill_etcd_member(leader)
+        self.note(f"SIGKILL etcd leader {leader}")
+        new = self._wait_new_master(old, self.spec.ttl + 15)
+        self.note(f"new master {new} with {leader} down" if new else "no new master")
+        if new is None:
+            self.result.violations.append("no_master_without_dcs_leader")
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        lc.start_etcd_member(leader)
+        self.note(f"etcd {leader} restarted")
+        lc.start_member(old)
+
+    def fault_partition_dcs_member(self) -> None:
+        """One etcd follower frozen (SIGSTOP: its sockets stay open, requests to it hang): the
+        member every agent's client talks to first. While it is frozen the master must keep its
+        lease (renewals go to another member), and a switchover must complete and the cluster
+        converge (the watches resumed on another member deliver the command and the new
+        leader) before it is resumed."""
+        lc, old = self.lc, self._master()
+        assert lc is not None
+        frozen = lc.etcd_members[0].name
+        self._etcd_lead(lc.etcd_members[1].name)
+        pid = lc.etcd_member_pid(frozen)
+        if pid is None:
+            raise LocalClusterError(f"etcd member {frozen} is not running")
+        self.result.victim = frozen
+        self.log(
+            f"SIGSTOP etcd follower {frozen} for {self.spec.duration} s, a switchover meanwhile"
+        )
+        self.mark_fault()
+        self._stop(pid, f"etcd follower {frozen}")
+        # the cluster runs on: the master renews through another member for a while
+        self._hold(self.t0 + self.spec.ttl + 1)
+        if self._lease_losses(old, self.t0_wall):
+            self.result.violations.append("lease_lost_during_dcs_partition")
+        target = self.spec.victim_name
+        t_switch = time.monotonic()
+        self.note(f"switchover {old} -> {target} requested")
+        written = asyncio.run(_request_switchover(lc, target))  # the command is in etcd
+        new = self._wait_new_master(old, 2 * self.spec.ttl)
+        if new != target:
+            self.result.violations.append("switchover_during_dcs_partition")
+            self.note(f"no switchover to {target} within {2 * self.spec.ttl:.0f} s (master {new})")
+        else:
+            self.note(f"{target} master {time.monotonic() - t_switch:.2f} s after the request")
+            # the old master's watch delivered the command at once: a watch left on the frozen
+            # member would deliver it only after its idle timeout (15 s)
+            seen = [
+                rec["time"]
+                for rec in self._journal(old)
+                if rec.get("kind") == "transition"
+                and rec["body"].get("trigger") == "switchover"
+                and rec["time"] > self.t0_wall
+            ]
+            lag = seen[0] - written if seen else None
+            self.note(
+                f"the master acted on the command {lag:.3f} s after it was written"
+                if lag is not None
+                else "the master recorded no switchover transition"
+            )
+            if lag is None or lag > SWITCHOVER_SEEN_WITHIN:
+                self.result.violations.append("switchover_seen_late")
+            try:
+                lc.wait_healthy(timeout=max(5.0, self.t0 + self.spec.duration - time.monotonic()))
+                self.note(f"healthy with {frozen} frozen")
+            except LocalClusterError as exc:
+                self.result.violations.append("no_convergence_during_dcs_partition")
+                self.note(f"not healthy with {frozen} frozen: {str(exc)[:300]}")
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        self._resume(pid, f"etcd follower {frozen}")
+
+    def fault_kill_kafka_broker(self) -> None:
+        """The master hard-killed, and ~1 s later, while the survivors elect and record it, the
+        broker leading the topic's partition SIGKILLed: the agents' producers move to the new
+        leader (the other replicas stay in sync: acks=all, min.insync.replicas 2) or spool;
+        ``check_kafka`` then finds every journal record on the topic, in order."""
+        lc, old = self.lc, self._master()
+        assert lc is not None
+        from events.kafka import default_topic
+
+        topic = default_topic(lc.cluster)
+        brokers = {b.node_id: b for b in lc.kafka_broker_infos}
+        leader, replicas, isr = asyncio.run(_partition_state(lc.kafka_bootstrap, topic, 30))
+        self.note(f"{topic}: leader broker{leader}, replicas {replicas}, in sync {isr}")
+        if leader not in brokers or len(replicas) != len(brokers) or len(isr) != len(brokers):
+            # the topic is not what --kafka-brokers promises: every broker a replica, in sync
+            raise LocalClusterError(
+                f"{topic}: leader {leader}, replicas {replicas}, in sync {isr}; expected all "
+                f"of {sorted(brokers)}"
+            )
+        broker = lc.kafka_brokers[list(brokers).index(leader)]
+        self.result.victim = f"broker{leader}"
+        self.log(
+            f"SIGKILL of {old}, then of broker{leader}; both back after {self.spec.duration} s"
+        )
+        self.mark_fault()
+        lc.kill_member(old, postgres=True)
+        self.note(f"SIGKILL agent + postmaster of {old}")
+        self._hold(self.t0 + 1.0)
+        broker.kill()
+        self.note(f"SIGKILL broker{leader} (the partition's leader)")
+        self._wait_new_master(old, self.spec.ttl + 15)
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        # the broker's JVM starts while the member does: a restart takes tens of seconds here
+        broker.launch()
+        lc.start_member(old)
+        broker.wait_serving(timeout=120)
+        self.note(f"{old} and broker{leader} restarted")
+
     # -- measurements and invariants ---------------------------------------------------------------
 
     def _writes(self) -> list[tuple[float, str]]:
@@ -1675,6 +1884,54 @@ async def _topic_node_seqs(bootstrap: str, topic: str, within: float) -> dict[st
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(consumer.stop(), 5)
+
+
+async def _request_switchover(lc: LocalCluster, target: str) -> float:
+    """Write a switchover command to ``target`` as `pgsidecar switchover` does, through a client
+    with every endpoint of the cluster's first member's config; the wall time right after the
+    write was acknowledged."""
+    from events.dcs.factory import create_dcs
+    from pgsidecar.config import load_config
+    from pgsidecar.ops import request_switchover
+
+    cfg = load_config(lc.config_path(lc.members[0].name))
+    dcs = create_dcs(cfg.dcs, cfg.cluster)
+    await dcs.connect()
+    try:
+        await request_switchover(dcs, target)
+        return time.time()
+    finally:
+        await dcs.close()
+
+
+async def _partition_state(
+    bootstrap: list[str], topic: str, within: float
+) -> tuple[int, list[int], list[int]]:
+    """(leader, replicas, in-sync replicas) of partition 0 of ``topic``, by node id, once it
+    has a leader (waiting for the topic to exist: the first agent creates it)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    deadline = time.monotonic() + within
+    await asyncio.wait_for(admin.start(), within)
+    try:
+        while True:
+            with contextlib.suppress(Exception):
+                for t in await asyncio.wait_for(admin.describe_topics([topic]), 10):
+                    for part in t.get("partitions") or []:
+                        if part.get("partition", part.get("partition_index")) != 0:
+                            continue
+                        leader = part.get("leader", part.get("leader_id"))
+                        if leader is not None and leader >= 0:
+                            replicas = part.get("replicas", part.get("replica_nodes")) or []
+                            isr = part.get("isr", part.get("isr_nodes")) or []
+                            return int(leader), sorted(replicas), sorted(isr)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no leader for {topic}'s partition within {within} s")
+            await asyncio.sleep(0.5)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(admin.close(), 5)
 
 
 def run_one(

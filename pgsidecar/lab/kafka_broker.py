@@ -1,6 +1,8 @@
-"""A single Apache Kafka broker (KRaft mode, combined broker and controller, loopback only) for
-tests, benchmarks and ``pgsidecar local``: the Python twin of ``scripts/kafka.sh``, with the same
-cache layout and the same files in the broker's directory.
+"""An Apache Kafka broker (KRaft mode, combined broker and controller, loopback only) for tests,
+benchmarks and ``pgsidecar local``: the Python twin of ``scripts/kafka.sh``, with the same cache
+layout and the same files in the broker's directory. Alone it is a one-node cluster; several
+brokers given the same ``voters`` and ``cluster_id`` form one cluster (``local up
+--kafka-brokers 3``).
 
 The jars are Apache Kafka's own Maven Central artifacts (``kafka_2.13`` and its runtime
 dependencies), fetched once with Maven into ``$PGSIDECAR_KAFKA_HOME/libs`` (default
@@ -154,16 +156,36 @@ class BrokerTls:
     scram_users: tuple[tuple[str, str], ...] = ()
 
 
+def new_cluster_id() -> str:
+    """16 random bytes, base64url without padding: the form of Kafka's random-uuid. As Kafka's own
+    Uuid.randomUuid(), never one starting with "-" (it would read as an option)."""
+    cluster_id = "-"
+    while cluster_id.startswith("-"):
+        cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    return cluster_id
+
+
 def server_properties(
     directory: Path,
     port: int,
     controller_port: int,
     tls: BrokerTls | None = None,
     internal_port: int | None = None,
+    *,
+    node_id: int = 1,
+    voters: str | None = None,
+    replication: int = 1,
 ) -> str:
     """The broker's configuration. With ``tls`` the clients' listener on ``port`` speaks TLS
     (and SCRAM); the broker's own traffic to itself stays on a loopback PLAINTEXT listener on
-    ``internal_port``, which only processes of this host reach."""
+    ``internal_port``, which only processes of this host reach.
+
+    ``voters`` (``id@host:port,...``, default this node alone) is the controller quorum;
+    ``replication`` the replication factor of new topics and of Kafka's internal ones. With 3 or
+    more replicas a write needs 2 in sync (``min.insync.replicas``): with acks=all an
+    acknowledged record survives the loss of any one broker."""
+    voters = voters or f"{node_id}@127.0.0.1:{controller_port}"
+    min_isr = 2 if replication >= 3 else 1
     if tls is None:
         listeners = f"""listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port}
@@ -185,20 +207,20 @@ ssl.client.auth=none
             listeners += """sasl.enabled.mechanisms=SCRAM-SHA-512
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 """
-    return f"""# written by pgsidecar (pgsidecar/lab/kafka_broker.py): single-node KRaft on loopback
+    return f"""# written by pgsidecar (pgsidecar/lab/kafka_broker.py): KRaft on loopback
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
+node.id={node_id}
+controller.quorum.voters={voters}
 {listeners}controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 log.dirs={directory}/data
 num.partitions=1
-default.replication.factor=1
-min.insync.replicas=1
-offsets.topic.replication.factor=1
+default.replication.factor={replication}
+min.insync.replicas={min_isr}
+offsets.topic.replication.factor={replication}
 offsets.topic.num.partitions=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor={replication}
+transaction.state.log.min.isr={min_isr}
 transaction.state.log.num.partitions=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=false
@@ -239,7 +261,14 @@ class KafkaBroker:
         heap: str = "384m",
         tls: BrokerTls | None = None,
         internal_port: int | None = None,
+        node_id: int = 1,
+        voters: str | None = None,
+        replication: int = 1,
+        cluster_id: str | None = None,
     ) -> None:
+        """``node_id``, ``voters``, ``replication``: see ``server_properties``. ``cluster_id``:
+        the id the storage is formatted with, the same for every broker of one cluster (default:
+        a new one, for a broker alone)."""
         self.directory = Path(directory).resolve()
         self.port = port
         self.controller_port = controller_port if controller_port is not None else port + 1
@@ -250,6 +279,10 @@ class KafkaBroker:
         )
         self.home = home or kafka_home()
         self.heap = heap
+        self.node_id = node_id
+        self.voters = voters
+        self.replication = replication
+        self.cluster_id = cluster_id
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False
 
@@ -294,6 +327,14 @@ class KafkaBroker:
         ]
 
     def start(self, timeout: float = 90.0) -> None:
+        """Start the broker and return once it serves (``launch`` then ``wait_serving``)."""
+        self.launch()
+        self.wait_serving(timeout)
+
+    def launch(self) -> None:
+        """Format the storage on first use and start the broker's process, without waiting for it
+        to serve: a broker of a larger cluster serves only once a quorum of the controllers runs,
+        so a cluster's brokers are all launched before any is waited for."""
         if not java_available():
             raise KafkaBrokerError("java not found: apt-get install openjdk-17-jre-headless")
         if self.running:
@@ -303,7 +344,14 @@ class KafkaBroker:
         props = self.directory / "server.properties"
         props.write_text(
             server_properties(
-                self.directory, self.port, self.controller_port, self.tls, self.internal_port
+                self.directory,
+                self.port,
+                self.controller_port,
+                self.tls,
+                self.internal_port,
+                node_id=self.node_id,
+                voters=self.voters,
+                replication=self.replication,
             )
         )
         if self.tls is not None:
@@ -314,11 +362,7 @@ class KafkaBroker:
                 out.write(self.tls.key.read_bytes() + self.tls.cert.read_bytes())
         (self.directory / "log4j.properties").write_text(log4j_properties(self.directory))
         if not (self.directory / "data" / "meta.properties").exists():
-            # 16 random bytes, base64url without padding: the form of Kafka's random-uuid
-            cluster_id = "-"
-            while cluster_id.startswith("-"):
-                # as Kafka's own Uuid.randomUuid(): an id starting with "-" reads as an option
-                cluster_id = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+            cluster_id = self.cluster_id or new_cluster_id()
             cmd = [*self._java(), "kafka.tools.StorageTool", "format", "-t", cluster_id]
             cmd += ["-c", str(props), "--ignore-formatted"]
             for user, password in self.tls.scram_users if self.tls is not None else ():
@@ -341,11 +385,19 @@ class KafkaBroker:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # in its own directory: a harness that finds a cluster's processes by their
+                # working directory (the fault suite) finds the broker too
+                cwd=self.directory,
             )
         finally:
             out.close()
         self._paused = False
         (self.directory / "kafka.pid").write_text(f"{self._proc.pid}\n")
+
+    def wait_serving(self, timeout: float = 90.0) -> None:
+        """Until the broker's client port answers; kills it and raises if it exits or does not
+        answer within ``timeout``."""
+        assert self._proc is not None, "wait_serving() after launch()"
         deadline = time.monotonic() + timeout
         # The broker opens its listener last, after the controller has unfenced it: a port that
         # answers is a broker that serves.

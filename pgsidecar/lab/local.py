@@ -1,11 +1,15 @@
-"""A local cluster on loopback: one etcd and N members (PostgreSQL + its agent) under one dir.
+"""A local cluster on loopback: etcd (one member, or a cluster of 3 or 5), optionally Kafka (one
+broker, or several), and N members (PostgreSQL + its agent) under one dir.
 
 Layout of DIR:
 
     cluster.json          what `local up` made: cluster name, members, ports, DCS
     secrets/              generated passwords and the API token (0600)
     pgpass                a libpq password file for the operator (status DSNs name it)
-    etcd/                 etcd's data, etcd.log, etcd.pid
+    etcd/                 etcd's data, etcd.log, etcd.pid (one member); with --dcs-members 3:
+                          etcd/etcd1/, etcd/etcd2/, ... each with its data, log and pid
+    kafka/                the broker's files (kafka_broker.py); with --kafka-brokers 3:
+                          kafka/broker1/, kafka/broker2/, ...
     <name>/               one member: agent.yaml, agent.log, agent.pid, pgdata/, journal.jsonl ...
 
 Used by the CLI (`pgsidecar local up|down|status|start|stop`), by the tests and by the
@@ -14,6 +18,7 @@ benchmark. Run as root, PostgreSQL runs as an unprivileged OS user (``postgres``
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import secrets
@@ -25,6 +30,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -47,6 +53,35 @@ DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
 class LocalClusterError(Exception):
     pass
+
+
+# sizes of an etcd cluster `local up` makes: a raft quorum that survives 1 (or 2) failures
+DCS_MEMBER_COUNTS = (1, 3, 5)
+
+
+@dataclass
+class EtcdMemberInfo:
+    """One member of the cluster's own etcd."""
+
+    name: str
+    client_port: int
+    peer_port: int
+    dir: Path
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "etcd.pid"
+
+
+@dataclass
+class KafkaBrokerInfo:
+    """One broker of the cluster's own Kafka."""
+
+    node_id: int
+    port: int
+    controller_port: int
+    internal_port: int
+    dir: Path
 
 
 @dataclass
@@ -78,6 +113,8 @@ class LocalCluster:
         if self.meta_path.exists():
             self.meta = json.loads(self.meta_path.read_text())
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # the KafkaBroker of each node id, made once: each holds the child process it started
+        self._brokers: dict[int, Any] = {}
 
     # -- layout ----------------------------------------------------------------------------------
 
@@ -172,6 +209,8 @@ class LocalCluster:
         backup_schedule: dict[str, str] | None = None,
         restore_from: Path | None = None,
         target_time: datetime | None = None,
+        dcs_members: int = 1,
+        kafka_brokers: int = 1,
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
         a cluster at the Consul emulator this way). ``tls``: a generated CA (``dir/tls``) and TLS
@@ -185,13 +224,27 @@ class LocalCluster:
         the new cluster has the source's database passwords and archives into its own
         repository (implies ``backup``). ``host``: the loopback address PostgreSQL and the agents'
         APIs listen on, 127.0.0.1 or ::1 (the members then reach each other over IPv6; etcd, Kafka
-        and the lab's HAProxy stay on 127.0.0.1)."""
+        and the lab's HAProxy stay on 127.0.0.1). ``dcs_members``: etcd as a cluster of 3 or 5 members
+        (every agent gets every client endpoint). ``kafka_brokers``: Kafka as that many brokers,
+        each also a controller of the KRaft quorum; with 3 or more the topic has 3 replicas and
+        min.insync.replicas 2."""
         source: dict[str, Any] | None = None
         if (restore_from is None) != (target_time is None):
             raise LocalClusterError("--restore-from and --target-time go together")
         if restore_from is not None and target_time is not None:
             source = self._restore_source(Path(restore_from), target_time)
             backup = True
+        if dcs_members not in DCS_MEMBER_COUNTS:
+            raise LocalClusterError(
+                f"--dcs-members must be one of {', '.join(map(str, DCS_MEMBER_COUNTS))} (a raft "
+                f"cluster of an even size tolerates no more failures than the odd size below it)"
+            )
+        if dcs_members > 1 and (dcs != "etcd" or dcs_url is not None):
+            raise LocalClusterError("--dcs-members is for the cluster's own etcd (--dcs etcd)")
+        if kafka_brokers < 1:
+            raise LocalClusterError("--kafka-brokers must be at least 1")
+        if kafka_brokers > 1 and not kafka:
+            raise LocalClusterError("--kafka-brokers needs Kafka (--kafka)")
         if tls and dcs_url is not None:
             raise LocalClusterError(
                 "--tls sets up its own etcd with TLS: it cannot use a given store"
@@ -231,8 +284,8 @@ class LocalCluster:
                 f"{blocked} cannot be entered by OS user {pg_user or uid}, who runs PostgreSQL: choose a --dir "
                 f"outside it (for example under /tmp or /var/tmp), or chmod o+x {blocked}"
             )
-        # with TLS the broker's loopback PLAINTEXT listener for its own traffic takes one more
-        count = 4 + 2 * nodes + (1 if tls and kafka else 0)
+        count = self.port_count(nodes, kafka, tls, dcs_members, kafka_brokers)
+        further = 4 + 2 * nodes + (1 if kafka else 0)  # offset of further etcd members, brokers
         # below the kernel's ephemeral range (32768+), where an outgoing connection may hold a port
         base = base_port or free_port_range(count, start=21000, end=32000)
         secrets_dir = self.dir / "secrets"
@@ -258,13 +311,9 @@ class LocalCluster:
             "ttl": ttl,
             "host": host,
             "base_port": base,
-            "etcd": {"client_port": base, "peer_port": base + 1},
+            "etcd": _etcd_meta(base, further, dcs_members),
             "dcs_url": dcs_url,
-            "kafka": {
-                "port": base + 2,
-                "controller_port": base + 3,
-                "internal_port": base + 4 + 2 * nodes,
-            }
+            "kafka": _kafka_meta(base, nodes, further + 2 * (dcs_members - 1), kafka_brokers)
             if kafka
             else None,
             "tls": tls,
@@ -288,6 +337,20 @@ class LocalCluster:
             self.config_path(m.name).write_text(
                 yaml.safe_dump(self._agent_config(m, extra or {}), sort_keys=False)
             )
+
+    @staticmethod
+    def port_count(
+        nodes: int, kafka: bool, tls: bool = False, dcs_members: int = 1, kafka_brokers: int = 1
+    ) -> int:
+        """How many consecutive ports from the base port a cluster of this shape takes: etcd's
+        client and peer, the broker's client and controller, two per member; with TLS the
+        broker's loopback PLAINTEXT listener for its own traffic. Further etcd members (client,
+        peer) and brokers (client, controller, internal) come after the first broker's
+        internal port."""
+        if dcs_members == 1 and kafka_brokers == 1:
+            return 4 + 2 * nodes + (1 if tls and kafka else 0)
+        extra = 4 + 2 * nodes + (1 if kafka else 0)
+        return extra + 2 * (dcs_members - 1) + 3 * (kafka_brokers - 1)
 
     def _agent_config(self, m: MemberInfo, extra: dict[str, Any]) -> dict[str, Any]:
         meta = self.meta
@@ -316,7 +379,7 @@ class LocalCluster:
             },
             "dcs": self._dcs_config(),
             "settings": {"ttl": meta["ttl"]},
-            "kafka": {"bootstrap_servers": [f"127.0.0.1:{meta['kafka']['port']}"], "partitions": 1}
+            "kafka": {"bootstrap_servers": self.kafka_bootstrap, "partitions": 1}
             if meta.get("kafka")
             else {},
             "api": {
@@ -327,6 +390,10 @@ class LocalCluster:
         }
         if meta.get("pg_user"):
             cfg["postgresql"]["os_user"] = meta["pg_user"]
+        if meta.get("kafka") and meta["kafka"].get("replication", 1) > 1:
+            # the topic the first agent creates: replicated on the brokers (min.insync.replicas
+            # comes from the brokers' default, 2), which the producer's acks=all relies on
+            cfg["kafka"]["replication_factor"] = meta["kafka"]["replication"]
         if self.tls:
             self._tls_config(cfg, m)
         if meta.get("backup"):
@@ -376,42 +443,120 @@ class LocalCluster:
 
     def _dcs_config(self) -> dict[str, Any]:
         meta = self.meta
-        scheme = "https" if self.tls else "http"
-        url = meta.get("dcs_url") or f"{scheme}://127.0.0.1:{meta['etcd']['client_port']}"
+        if meta.get("dcs_url"):
+            urls = [meta["dcs_url"]]
+        else:
+            urls = self.etcd_endpoints
         if meta["dcs"] == "consul":
             # a local agent (or the emulator) accepts short sessions; real servers' minimum is 10 s
-            return {"type": "consul", "consul": {"url": url, "session_ttl_min": 2}}
-        return {"type": "etcd", "etcd": {"endpoints": [url]}}
+            return {"type": "consul", "consul": {"url": urls[0], "session_ttl_min": 2}}
+        return {"type": "etcd", "etcd": {"endpoints": urls}}
+
+    # -- the cluster's own etcd and Kafka --------------------------------------------------------
+
+    @property
+    def etcd_members(self) -> list[EtcdMemberInfo]:
+        """The members of the cluster's own etcd (one, unless made with ``dcs_members``)."""
+        e = self.meta["etcd"]
+        if "members" not in e:
+            return [EtcdMemberInfo("local", e["client_port"], e["peer_port"], self.dir / "etcd")]
+        return [
+            EtcdMemberInfo(
+                m["name"], m["client_port"], m["peer_port"], self.dir / "etcd" / m["name"]
+            )
+            for m in e["members"]
+        ]
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        scheme = "https" if self.tls else "http"
+        return [f"{scheme}://127.0.0.1:{m.client_port}" for m in self.etcd_members]
+
+    def etcd_member(self, name: str) -> EtcdMemberInfo:
+        for m in self.etcd_members:
+            if m.name == name:
+                return m
+        raise LocalClusterError(f"no etcd member {name!r} in {self.dir}")
+
+    @property
+    def kafka_broker_infos(self) -> list[KafkaBrokerInfo]:
+        k = self.meta.get("kafka")
+        if not k:
+            return []
+        if "brokers" not in k:
+            return [
+                KafkaBrokerInfo(
+                    1, k["port"], k["controller_port"], k["internal_port"], self.dir / "kafka"
+                )
+            ]
+        return [
+            KafkaBrokerInfo(
+                b["node_id"],
+                b["port"],
+                b["controller_port"],
+                b["internal_port"],
+                self.dir / "kafka" / f"broker{b['node_id']}",
+            )
+            for b in k["brokers"]
+        ]
+
+    @property
+    def kafka_bootstrap(self) -> list[str]:
+        return [f"127.0.0.1:{b.port}" for b in self.kafka_broker_infos]
+
+    @property
+    def kafka_brokers(self) -> list[Any]:
+        """One ``KafkaBroker`` per broker, the same object on every call (it holds the child
+        process it started, which ``stop_kafka`` reaps)."""
+        cache = self._brokers
+        infos = self.kafka_broker_infos
+        if not infos:
+            return []
+        from pgsidecar.lab.kafka_broker import BrokerTls, KafkaBroker
+
+        voters = ",".join(f"{b.node_id}@127.0.0.1:{b.controller_port}" for b in infos)
+        k = self.meta["kafka"]
+        material = self.tls_material
+        for b in infos:
+            if b.node_id in cache:
+                continue
+            tls = None
+            if material is not None:
+                own = material.member("kafka")
+                tls = BrokerTls(own.cert, own.key, material.ca_cert, protocol="SSL")
+            cache[b.node_id] = KafkaBroker(
+                b.dir,
+                b.port,
+                b.controller_port,
+                tls=tls,
+                internal_port=b.internal_port if material is not None else None,
+                node_id=b.node_id,
+                voters=voters,
+                replication=k.get("replication", 1),
+                cluster_id=k.get("cluster_id"),
+                heap=k.get("heap", "384m"),
+            )
+        return [cache[b.node_id] for b in infos]
 
     @property
     def kafka_broker(self) -> Any:
-        k = self.meta.get("kafka")
-        if not k:
-            return None
-        from pgsidecar.lab.kafka_broker import BrokerTls, KafkaBroker
-
-        material = self.tls_material
-        if material is None:
-            return KafkaBroker(self.dir / "kafka", k["port"], k["controller_port"])
-        broker = material.member("kafka")
-        return KafkaBroker(
-            self.dir / "kafka",
-            k["port"],
-            k["controller_port"],
-            tls=BrokerTls(broker.cert, broker.key, material.ca_cert, protocol="SSL"),
-            internal_port=k["internal_port"],
-        )
+        """The first broker (the only one, unless made with ``kafka_brokers``)."""
+        brokers = self.kafka_brokers
+        return brokers[0] if brokers else None
 
     def start_kafka(self) -> None:
-        broker = self.kafka_broker
-        if broker is not None and not broker.running:
-            broker.start(timeout=120)
-            self._broker = broker
+        """Every broker not running, all launched at once (a broker of a larger cluster serves
+        only once a quorum of controllers runs; each first formats its storage, a JVM run of
+        its own), then each waited for."""
+        launched = [b for b in self.kafka_brokers if not b.running]
+        _each_at_once(lambda b: b.launch(), launched)
+        for broker in launched:
+            broker.wait_serving(timeout=120)
 
     def stop_kafka(self) -> None:
-        broker = getattr(self, "_broker", None) or self.kafka_broker
-        if broker is not None:
-            broker.stop()
+        """Every broker, at once: one by one, the last ones would wait out their controlled
+        shutdown once the quorum is gone."""
+        _each_at_once(lambda b: b.stop(), self.kafka_brokers)
 
     @property
     def runs_own_dcs(self) -> bool:
@@ -436,19 +581,35 @@ class LocalCluster:
         return proc.pid
 
     def start_etcd(self, detach: bool = False) -> None:
-        e = self.meta["etcd"]
-        d = self.dir / "etcd"
-        d.mkdir(exist_ok=True)
-        pid = read_pid(d / "etcd.pid")
+        """Every member of the cluster's own etcd that is not running: all spawned first (a
+        member of a larger cluster is healthy only once a quorum runs), then each waited for."""
+        spawned = [m for m in self.etcd_members if self._spawn_etcd_member(m, detach)]
+        for m in spawned:
+            client = f"{'https' if self.tls else 'http'}://127.0.0.1:{m.client_port}"
+            self._wait_http(f"{client}/health", 30, f"etcd {m.name}")
+
+    def start_etcd_member(self, name: str) -> None:
+        """One member again (the fault suite's restart of a killed member), on its data."""
+        m = self.etcd_member(name)
+        if self._spawn_etcd_member(m, detach=False):
+            client = f"{'https' if self.tls else 'http'}://127.0.0.1:{m.client_port}"
+            self._wait_http(f"{client}/health", 30, f"etcd {m.name}")
+
+    def _spawn_etcd_member(self, m: EtcdMemberInfo, detach: bool) -> bool:
+        """Spawn one etcd member unless it runs; True if spawned."""
+        d = m.dir
+        d.mkdir(parents=True, exist_ok=True)
+        pid = read_pid(m.pidfile)
         if pid and pid_alive(pid):
-            return
-        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{e['client_port']}"
-        # one member, on loopback: its peer URL carries no traffic, it stays plain
-        peer = f"http://127.0.0.1:{e['peer_port']}"
+            return False
+        client = f"{'https' if self.tls else 'http'}://127.0.0.1:{m.client_port}"
+        # on loopback the peer URLs stay plain: raft traffic never leaves the host
+        peer = f"http://127.0.0.1:{m.peer_port}"
+        initial = ",".join(f"{x.name}=http://127.0.0.1:{x.peer_port}" for x in self.etcd_members)
         argv = [
             _which("etcd", "install etcd-server"),
             "--name",
-            "local",
+            m.name,
             "--data-dir",
             str(d / "data"),
             "--listen-client-urls",
@@ -460,7 +621,7 @@ class LocalCluster:
             "--initial-advertise-peer-urls",
             peer,
             "--initial-cluster",
-            f"local={peer}",
+            initial,
             "--initial-cluster-state",
             "new",
             "--heartbeat-interval",
@@ -480,19 +641,62 @@ class LocalCluster:
                 str(material.ca_cert),
                 "--client-cert-auth",
             ]
-        self._spawn(argv, d / "etcd.log", d / "etcd.pid", "etcd", detach)
-        self._wait_http(f"{client}/health", 30, "etcd")
+        self._spawn(argv, d / "etcd.log", m.pidfile, _etcd_key(m.name), detach)
+        return True
 
     def stop_etcd(self) -> None:
-        pid = read_pid(self.dir / "etcd" / "etcd.pid")
-        if pid:
-            terminate(pid, signal.SIGTERM, timeout=10)
-            self._reap("etcd")
+        for m in self.etcd_members:
+            pid = read_pid(m.pidfile)
+            if pid:
+                terminate(pid, signal.SIGTERM, timeout=10)
+                self._reap(_etcd_key(m.name))
+
+    def kill_etcd_member(self, name: str) -> None:
+        """SIGKILL one etcd member and reap it (its data stays: ``start_etcd_member``)."""
+        m = self.etcd_member(name)
+        pid = read_pid(m.pidfile)
+        if pid and pid_alive(pid):
+            terminate(pid, signal.SIGKILL, timeout=10)
+        self._reap(_etcd_key(m.name))
 
     def etcd_pid(self) -> int | None:
-        """The pid of this cluster's own etcd, if it runs (the fault suite stops and resumes it)."""
-        pid = read_pid(self.dir / "etcd" / "etcd.pid")
+        """The pid of this cluster's own etcd (its first member), if it runs (the fault suite
+        stops and resumes it)."""
+        return self.etcd_member_pid(self.etcd_members[0].name)
+
+    def etcd_member_pid(self, name: str) -> int | None:
+        pid = read_pid(self.etcd_member(name).pidfile)
         return pid if pid and pid_alive(pid) else None
+
+    def etcd_status(self, name: str, timeout: float = 1.0) -> dict[str, Any] | None:
+        """One member's /v3/maintenance/status (its member id, the raft leader's id, the raft
+        term), or None if it does not answer."""
+        m = self.etcd_member(name)
+        scheme = "https" if self.tls else "http"
+        req = urllib.request.Request(
+            f"{scheme}://127.0.0.1:{m.client_port}/v3/maintenance/status", data=b"{}"
+        )
+        try:
+            with urllib.request.urlopen(
+                req, timeout=timeout, context=self.client_ssl_context()
+            ) as resp:
+                data: dict[str, Any] = json.loads(resp.read())
+                return data
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+    def etcd_leader(self) -> str | None:
+        """The name of the etcd member that is the raft leader now, as its members report it
+        (None while there is none, or no member answers)."""
+        ids: dict[str, str] = {}
+        leader_id = None
+        for m in self.etcd_members:
+            status = self.etcd_status(m.name)
+            if status is None:
+                continue
+            ids[str(status.get("header", {}).get("member_id"))] = m.name
+            leader_id = leader_id or status.get("leader")
+        return ids.get(str(leader_id)) if leader_id else None
 
     def agent_pid(self, name: str) -> int | None:
         pid = read_pid(self.member(name).dir / "agent.pid")
@@ -541,6 +745,33 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+
+    def services(self) -> list[dict[str, Any]]:
+        """The cluster's own etcd members and Kafka brokers: what runs where (`local status`)."""
+        rows: list[dict[str, Any]] = []
+        if self.runs_own_dcs and self.meta.get("dcs") == "etcd":
+            leader = self.etcd_leader()
+            for m, url in zip(self.etcd_members, self.etcd_endpoints, strict=True):
+                rows.append(
+                    {
+                        "service": "etcd",
+                        "name": m.name,
+                        "pid": self.etcd_member_pid(m.name),
+                        "address": url,
+                        "leader": m.name == leader,
+                    }
+                )
+        for info, broker in zip(self.kafka_broker_infos, self.kafka_brokers, strict=True):
+            rows.append(
+                {
+                    "service": "kafka",
+                    "name": f"broker{info.node_id}",
+                    "pid": broker.pid if broker.running else None,
+                    "address": broker.bootstrap,
+                    "leader": None,
+                }
+            )
+        return rows
 
     def up(self, detach: bool = False, timeout: float = 180) -> list[dict[str, Any]]:
         if self.runs_own_dcs:
@@ -746,6 +977,68 @@ class LocalCluster:
             except (OSError, urllib.error.URLError):
                 time.sleep(0.1)
         raise LocalClusterError(f"{what} did not answer at {url} within {timeout:.0f} s")
+
+
+def _each_at_once(fn: Callable[[Any], None], items: list[Any]) -> None:
+    """``fn(item)`` for every item, in threads; the first error is raised once all are done."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(items)) as pool:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+
+
+def _etcd_key(name: str) -> str:
+    """The key of an etcd member's process among the cluster's children. The single member keeps
+    the key "etcd" it always had."""
+    return "etcd" if name == "local" else f"etcd:{name}"
+
+
+def _etcd_meta(base: int, extra_base: int, size: int) -> dict[str, Any]:
+    """cluster.json's etcd entry: the first member on base, base + 1 (as a single member always
+    was); further members' (client, peer) pairs from ``base + extra_base`` on."""
+    meta: dict[str, Any] = {"client_port": base, "peer_port": base + 1}
+    if size > 1:
+        pairs = [(base, base + 1)] + [
+            (base + extra_base + 2 * i, base + extra_base + 2 * i + 1) for i in range(size - 1)
+        ]
+        meta["members"] = [
+            {"name": f"etcd{i + 1}", "client_port": c, "peer_port": p}
+            for i, (c, p) in enumerate(pairs)
+        ]
+    return meta
+
+
+def _kafka_meta(base: int, nodes: int, extra_base: int, brokers: int) -> dict[str, Any]:
+    """cluster.json's kafka entry: the first broker on the ports a single broker always had;
+    further brokers' (client, controller, internal) ports from ``base + extra_base`` on."""
+    meta: dict[str, Any] = {
+        "port": base + 2,
+        "controller_port": base + 3,
+        "internal_port": base + 4 + 2 * nodes,
+    }
+    if brokers > 1:
+        from pgsidecar.lab.kafka_broker import new_cluster_id
+
+        triples = [(meta["port"], meta["controller_port"], meta["internal_port"])] + [
+            (
+                base + extra_base + 3 * i,
+                base + extra_base + 3 * i + 1,
+                base + extra_base + 3 * i + 2,
+            )
+            for i in range(brokers - 1)
+        ]
+        meta["brokers"] = [
+            {"node_id": i + 1, "port": c, "controller_port": k, "internal_port": n}
+            for i, (c, k, n) in enumerate(triples)
+        ]
+        meta["cluster_id"] = new_cluster_id()
+        meta["replication"] = min(3, brokers)
+        # several JVMs on one small machine: a smaller heap each
+        meta["heap"] = "256m"
+    return meta
 
 
 def read_pid_first_line(path: Path) -> int | None:

@@ -457,3 +457,34 @@ async def test_requests_and_watch_move_away_from_a_hung_member(
         await w.wait_for(lambda v: v.config == {"phase": 2}, 1.0 + 3.0)
     finally:
         a.resume()
+
+
+async def test_a_request_that_leaves_a_hung_member_takes_the_watch_with_it(
+    etcd_cluster: EtcdCluster, cluster_dcs: Any, watchers: Any
+) -> None:
+    """With the default idle timeout (15 s), a watch on a member that hangs is not left there
+    until the timeout notices the silence: once a request gives up on that member and moves to
+    another, the watch is re-opened on the other from its last revision (nothing missed). A
+    switchover command would otherwise reach a master 15 s late."""
+    a = etcd_cluster.followers()[0]
+    b, c = (m for m in etcd_cluster.members if m is not a)
+    d = cluster_dcs([a.endpoint, b.endpoint, c.endpoint])
+    writer = cluster_dcs([b.endpoint])
+    await d.open_session(3)
+    w = watchers(d)
+    await w.wait_for(lambda v: True, 2.0)
+    await writer.put_config({"phase": 1})
+    await w.wait_for(lambda v: v.config == {"phase": 1}, 1.0)
+    streams = d.watch_stats["streams"]
+
+    a.pause()
+    try:
+        await writer.put_config({"phase": 2})  # while the watch still hangs on "a"
+        await d.renew_session()  # times out on "a", answered by "b"
+        t0 = time.monotonic()
+        await w.wait_for(lambda v: v.config == {"phase": 2}, 3.0)
+        assert time.monotonic() - t0 < 3.0
+        assert d.watch_stats["streams"] > streams
+        assert d.watch_stats["full_reads"] == 1  # resumed from its revision, not re-read
+    finally:
+        a.resume()

@@ -163,12 +163,13 @@ def _check_class(fault: str, r: RunResult) -> None:
             if f"{name}@sync-on" in KNOWN_BUGS
             else [],
         )
-        for name in ("kill-master", "partition-master", "freeze-agent")
+        for name in ("kill-master", "partition-master", "freeze-agent", "kill-dcs-leader")
     ],
 )
 def test_synchronous_mode_on_loses_no_acknowledged_write(fault: str) -> None:
     """With synchronous mode on, neither a hard kill nor a partition of the master nor a frozen
-    agent loses an acknowledged write, and every class invariant holds. Fails
+    agent nor a hard kill followed by the etcd leader's loses an acknowledged write, and every
+    class invariant holds. Fails
     (the run's error) if the agent puts no synchronous standby in force: never a skip."""
     r = run_one(spec_for(fault, TTL, seed=SEED, synchronous_mode="on"), keep_dir=KEEP)
     try:
