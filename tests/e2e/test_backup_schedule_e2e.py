@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,13 @@ def info(lc: LocalCluster) -> StanzaInfo | None:
         return None
 
 
+def all_replicas_streaming(lc: LocalCluster) -> bool:
+    master = lc.master()
+    if master is None:
+        return False
+    return all(m.get("streaming") is True for m in lc.status() if m.get("name") != master)
+
+
 def scheduled_actions(lc: LocalCluster) -> list[dict[str, Any]]:
     out = []
     for m in lc.members:
@@ -77,12 +84,28 @@ def test_three_members_take_one_backup_per_slot_from_a_replica(cluster_dir: Path
     schedule = ["--backup-schedule", "full=0 0 1 1 *", "--backup-schedule", "incr=* * * * *"]
     assert main([*argv, *schedule]) == 0
     lc = LocalCluster(cluster_dir)
+    # A slot that comes before the replicas stream is backed up from the master, as it should be
+    # (no replica to copy from yet); the replica rule is checked on the slots that start after
+    # every replica was seen streaming (a slot is a whole minute: the next one from then on).
+    wait_for(lambda: all_replicas_streaming(lc), 120, interval=0.5, what="every replica streaming")
+    streaming_since = datetime.now(UTC)
+    first_slot_with_replicas = (streaming_since + timedelta(minutes=1)).strftime(
+        "%Y-%m-%dT%H:%M:00Z"
+    )
+
+    def after_streaming_ok() -> int:
+        return sum(
+            1
+            for a in scheduled_actions(lc)
+            if a["outcome"] == "ok" and a["slot"] >= first_slot_with_replicas
+        )
 
     def backups() -> int:
         st = info(lc)
         return len(st.backups) if st is not None else 0
 
     wait_for(lambda: backups() >= 3, 300, interval=2, what="three scheduled backups")
+    wait_for(lambda: after_streaming_ok() >= 2, 300, interval=2, what="two backups with replicas")
 
     def settled() -> tuple[list[dict[str, Any]], StanzaInfo] | None:
         """The journals and the repository at a moment when no scheduled backup runs (the
@@ -106,11 +129,13 @@ def test_three_members_take_one_backup_per_slot_from_a_replica(cluster_dir: Path
     minutes = sorted(b.start.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:00Z") for b in st.backups)
     assert minutes == sorted(a["slot"] for a in ok)
     assert sorted(b.label for b in st.backups) == sorted(a["label"] for a in ok)
-    # from a streaming replica, never the master
+    # from a streaming replica, never the master, once the replicas stream (no failover here:
+    # the master is the one that bootstrapped)
     master = lc.master()
-    for a in ok:
+    with_replicas = [a for a in ok if a["slot"] >= first_slot_with_replicas]
+    assert len(with_replicas) >= 2, ok
+    for a in with_replicas:
         assert a["source"] != master, a
-    for b in st.backups:
-        manifest = lc.dir / "backup" / "backup" / lc.cluster / b.label / "backup.manifest"
-        assert "option-backup-standby=true" in manifest.read_text(), b.label
+        manifest = lc.dir / "backup" / "backup" / lc.cluster / a["label"] / "backup.manifest"
+        assert "option-backup-standby=true" in manifest.read_text(), a["label"]
     assert [b.type for b in st.backups][:2] == ["full", "incr"]
