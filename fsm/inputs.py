@@ -300,7 +300,6 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
         last_leader_timeline=last_tl,
         index=_int(d.get("index")) or 0,
         sync=sync,
-        last_leader=leader.name if leader is not None else prev.last_leader,
     )
     return replace(s, dcs=dcs, settings=settings)
 

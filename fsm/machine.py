@@ -303,12 +303,22 @@ def sync_allows(s: Snapshot, name: str) -> bool:
     that master itself: every commit it acknowledged is in its own WAL, and nobody has been
     master since (a new master records its own set before its first write). Without the last
     rule a master that lost its lease while its set was empty (no standby in sync) left a
-    cluster nobody could ever lead again (found by the simulator, seed 218). No record for the
-    last master means it never relied on one, and anyone may."""
+    cluster nobody could ever lead again (found by the simulator, seed 218).
+
+    The record binds whoever wrote it, whether or not we saw its writer lead: every member must
+    reach the same answer from the same DCS contents. It once bound only when its writer was
+    the last leader this member had seen, so a member that had not seen that term (its agent
+    restarted since, or it was cut off from the DCS meanwhile) took the record for a stale one
+    and raced from outside the set, losing acknowledged commits; and a restarted old master,
+    taking its own record for a stale one, waited for a peer that, seeing the record bind,
+    never raced: no master at all (seeds 2013, 3001, 3005 and 3002). The price: a record left
+    by a master of an earlier spell of synchronous mode binds until the current master writes
+    its own (at its next tick after the mode is turned on); with no master meanwhile, only that
+    record's members may race, or a forced failover."""
     if s.settings.synchronous_mode == "off":
         return True
     sync = s.dcs.sync
-    if sync is None or sync.leader != s.dcs.last_leader:
+    if sync is None:
         return True
     return name in sync.members or name == sync.leader
 

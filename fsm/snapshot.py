@@ -118,8 +118,6 @@ class DcsFacts:
     # the store's index (etcd revision / Consul index) this view was read at
     index: int = 0
     sync: SyncSet | None = None
-    # name of the last leader we saw (the one whose synchronous set binds the next election)
-    last_leader: str | None = None
 
 
 @dataclass(frozen=True)

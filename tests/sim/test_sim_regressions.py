@@ -39,3 +39,22 @@ def test_seed_1004_two_promotions_from_the_same_point_name_different_timelines()
     Now the cluster's timeline counter in the DCS makes the second promotion name 4 (a
     placeholder history file for 3), and the fork is seen and rewound."""
     run(1004)
+
+
+def test_seeds_2013_3001_3005_the_synchronous_set_binds_every_member() -> None:
+    """Synchronous mode: a member outside the recorded set raced and lost the set's
+    acknowledged commits, because it had not seen the record's writer lead (seeds 3001, 2013:
+    cut off from the DCS all through that master's term; seed 3005: its agent restarted
+    meanwhile) and the record bound only members that had. Now it binds every member."""
+    run(2013, members=5, synchronous_mode="on")
+    run(3001, members=5, synchronous_mode="strict")
+    run(3005, members=5, synchronous_mode="strict")
+
+
+def test_seed_3002_a_restarted_master_of_an_empty_synchronous_set_leads_again() -> None:
+    """Strict mode: the master's set was empty when its agent was killed. Restarted, it took
+    its own record for a stale one (it had seen no leader since), counted the other members as
+    contenders and waited for one of them, which the record kept from racing: no master ever
+    again (liveness). Now every member reads the record the same way, and the old master
+    races."""
+    run(3002, synchronous_mode="strict")

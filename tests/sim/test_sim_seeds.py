@@ -19,21 +19,7 @@ from pgsidecar.lab.sim.command import replay_command
 SEEDS_PER_MODE = 20
 
 
-# Open findings in synchronous mode, present before the timeline counter and unchanged by it
-# (the same violations at the parent commit); the xfail was one for all three modes until the
-# timeline-ID collision of seed 1004 (off) was fixed.
-SYNC_FINDINGS = pytest.mark.xfail(
-    reason="open findings (docs/simulation.md): synchronous mode loses acknowledged commits "
-    "(durability: seed 2013 on, 5 members; seeds 3001 and 3005 strict, 5 members) and a strict "
-    "3-member cluster ends with no master (liveness: seed 3002)",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "mode",
-    ["off", pytest.param("on", marks=SYNC_FINDINGS), pytest.param("strict", marks=SYNC_FINDINGS)],
-)
+@pytest.mark.parametrize("mode", ["off", "on", "strict"])
 def test_the_real_agent_passes_every_invariant_on_every_seed(mode: str) -> None:
     first = {"off": 1000, "on": 2000, "strict": 3000}[mode]
     report = run_seeds(

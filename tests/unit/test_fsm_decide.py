@@ -446,9 +446,7 @@ def test_sync_mode_the_master_that_recorded_the_set_may_race_again() -> None:
     s = Snapshot(name="pg1", settings=Settings(synchronous_mode="on"))
     s = dataclasses.replace(
         s,
-        dcs=dataclasses.replace(
-            s.dcs, last_leader="pg1", sync=SyncSet(leader="pg1", term=10, members=frozenset())
-        ),
+        dcs=dataclasses.replace(s.dcs, sync=SyncSet(leader="pg1", term=10, members=frozenset())),
     )
     assert sync_allows(s, "pg1")
     assert not sync_allows(s, "pg2")
@@ -458,10 +456,49 @@ def test_sync_mode_the_master_that_recorded_the_set_may_race_again() -> None:
     assert sync_allows(with_member, "pg2") and not sync_allows(with_member, "pg3")
 
 
-def test_sync_mode_without_a_record_for_the_last_master_anyone_may_race() -> None:
-    n = replica_following("pg3")
-    d = sync_view(["pg2"], leader="pg0")  # a stale record of an older master
-    assert n.feed("dcs", **d) == ["leader_lost"]
+def fresh_replica(name: str, view: dict[str, Any], lsn: int = LSN) -> Node:
+    """A member whose agent just started while no member holds the key: it never saw the
+    master that wrote the synchronous record lead (a restarted agent, or one cut off from the
+    DCS all through that master's term)."""
+    n = Node(name)
+    n.feed("pg", **pg(running=False, data="standby", lsn=lsn))
+    assert n.feed("dcs", **view) == ["start_replica"]
+    n.feed("pg", **pg(lsn=lsn))
+    return n
+
+
+def test_sync_mode_the_record_binds_a_member_that_never_saw_its_writer_lead() -> None:
+    """A restarted agent outside the recorded set once took the record for a stale one (its
+    writer was not the last leader it had seen) and raced: the set's acknowledged commits were
+    lost (simulator seeds 2013, 3001, 3005). Now it waits; the member in the set races."""
+    outsider = fresh_replica("pg3", sync_view(["pg2"], pg3_lsn=LSN + 500), lsn=LSN + 500)
+    assert outsider.done("start_standby", upstream=None) == []
+    assert outsider.feed("timer", dt=30) == []
+    assert outsider.role is Role.REPLICA
+    insider = fresh_replica("pg2", sync_view(["pg2"], pg3_lsn=LSN + 500))
+    assert insider.done("start_standby", upstream=None) == ["leader_lost"]
+    assert insider.done("announce", term=0) == ["race"]
+
+
+def test_sync_mode_a_restarted_master_with_an_empty_set_races_past_the_others() -> None:
+    """The master's set was empty when its agent was killed; restarted, it took its own record
+    for a stale one, so it counted its peers as contenders and waited for pg2 (ahead by name),
+    which, bound by the record, never stood: no master at all (simulator seed 3002). Now it
+    counts only members the record allows, and races."""
+    old_master = fresh_replica("pg3", sync_view([], leader="pg3"))
+    assert old_master.done("start_standby", upstream=None) == ["leader_lost"]
+    assert old_master.done("announce", term=0) == ["race"]
+
+
+def test_sync_mode_a_record_of_an_older_master_binds_too() -> None:
+    """Which master wrote the record does not matter, only what it says: a member that saw pg1
+    lead and finds pg0's record (pg1 never wrote one) is bound by it like every other member."""
+    outsider = replica_following("pg3")
+    assert outsider.feed("dcs", **sync_view(["pg2"], leader="pg0")) == []
+    assert outsider.feed("timer", dt=30) == []
+    assert outsider.role is Role.REPLICA
+    recorded = replica_following("pg2")
+    assert recorded.feed("dcs", **sync_view(["pg2"], leader="pg0")) == ["leader_lost"]
 
 
 def test_sync_mode_off_ignores_the_record() -> None:
