@@ -1219,3 +1219,25 @@ def test_postgres_exporter_container() -> None:
         }
         exporter_secret = volumes[secret_mounts[0]]["secret"]["secretName"]
         assert agent_files[mon.password_file] == (exporter_secret, "monitor-password"), how
+
+
+def test_haproxy_defaults_are_fully_qualified_names_of_the_headless_service() -> None:
+    """HAProxy's run-time resolver never applies resolv.conf's search list: a short name
+    resolves at start-up (libc) and never again once a pod has moved. So every default server
+    address is <pod>.<headless service>.<namespace>.svc.cluster.local, for the pods, Service and
+    namespace that deploy/kubernetes creates."""
+    docs = render(DEPLOY / "kubernetes")
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    namespace = sts["metadata"]["namespace"]
+    service = sts["spec"]["serviceName"]
+    pods = [f"{sts['metadata']['name']}-{i}" for i in range(sts["spec"]["replicas"])]
+    assert any(d["kind"] == "Service" and d["metadata"]["name"] == service for d in docs)
+    cfg = (DEPLOY / "haproxy" / "haproxy.cfg").read_text()
+    defaults = re.findall(r'server \S+ "\$\{PGSC_PG\d_ADDR-([^}]+)\}"', cfg)
+    assert defaults, "no server lines found in haproxy.cfg"
+    for address in defaults:
+        host, _, port = address.rpartition(":")
+        pod, _, domain = host.partition(".")
+        assert pod in pods and port == "5432", address
+        assert domain == f"{service}.{namespace}.svc.cluster.local", address
+    assert sorted({a.partition(".")[0] for a in defaults}) == sorted(pods)
