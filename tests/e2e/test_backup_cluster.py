@@ -6,7 +6,6 @@ streaming replica and lists it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ from pgsidecar.backup.member import member_pgbackrest
 from pgsidecar.cli import main
 from pgsidecar.config import load_config
 from pgsidecar.lab.local import LocalCluster
-from tests.support.clusterutil import local_cluster, wait_for
+from tests.support.clusterutil import local_cluster, stop_local_cluster, wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
@@ -273,13 +272,5 @@ def test_local_up_with_backup_then_a_backup_from_the_master(
         assert only["type"] == "full"
         assert (lc.dir / "backup" / "backup" / lc.cluster / only["label"]).is_dir()
     finally:
-        lc = LocalCluster(d / "c")  # whatever `local up` got to start
-        try:
-            lc.down()
-        finally:
-            for m in lc.members:
-                for pid in (lc.agent_pid(m.name), lc.postmaster_pid(m.name)):
-                    if pid:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, 9)
-            shutil.rmtree(d, ignore_errors=True)
+        stop_local_cluster(LocalCluster(d / "c"))  # whatever `local up` got to start
+        shutil.rmtree(d, ignore_errors=True)

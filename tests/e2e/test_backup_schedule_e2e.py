@@ -5,7 +5,6 @@ replica, whichever member claimed it."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ from pgsidecar.backup.member import member_pgbackrest
 from pgsidecar.cli import main
 from pgsidecar.config import load_config
 from pgsidecar.lab.local import LocalCluster
-from tests.support.clusterutil import wait_for
+from tests.support.clusterutil import stop_local_cluster, wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
@@ -38,16 +37,8 @@ def cluster_dir() -> Iterator[Path]:
     try:
         yield d / "c"
     finally:
-        lc = LocalCluster(d / "c")  # whatever `local up` got to start
-        try:
-            lc.down()
-        finally:
-            for m in lc.members:
-                for pid in (lc.agent_pid(m.name), lc.postmaster_pid(m.name)):
-                    if pid:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, 9)
-            shutil.rmtree(d, ignore_errors=True)
+        stop_local_cluster(LocalCluster(d / "c"))  # whatever `local up` got to start
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def info(lc: LocalCluster) -> StanzaInfo | None:

@@ -23,7 +23,7 @@ from pgsidecar.backup.member import member_pgbackrest
 from pgsidecar.cli import main
 from pgsidecar.config import load_config
 from pgsidecar.lab.local import LocalCluster
-from tests.support.clusterutil import wait_for
+from tests.support.clusterutil import stop_local_cluster, wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
@@ -40,14 +40,8 @@ def dirs() -> Iterator[tuple[Path, Path]]:
         yield d / "src", d / "dst"
     finally:
         for sub in ("dst", "src"):
-            lc = LocalCluster(d / sub)
-            with contextlib.suppress(Exception):
-                lc.down()
-            for m in lc.members:
-                for pid in (lc.agent_pid(m.name), lc.postmaster_pid(m.name)):
-                    if pid:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, 9)
+            with contextlib.suppress(Exception):  # the other cluster is stopped all the same
+                stop_local_cluster(LocalCluster(d / sub))
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -68,15 +68,21 @@ def local_cluster(
             lc.up(detach=False, timeout=120)
             yield lc
         finally:
-            try:
-                lc.down()
-            finally:
-                for m in lc.members:
-                    for pid in (lc.agent_pid(m.name), lc.postmaster_pid(m.name)):
-                        if pid:
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(pid, 9)
-                shutil.rmtree(d, ignore_errors=True)
+            stop_local_cluster(lc)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def stop_local_cluster(lc: LocalCluster) -> None:
+    """``local down``, then SIGKILL whatever agent or postmaster of it is still alive (by the
+    pids it recorded), even when ``down`` failed: a test leaves no process behind."""
+    try:
+        lc.down()
+    finally:
+        for m in lc.members:
+            for pid in (lc.agent_pid(m.name), lc.postmaster_pid(m.name)):
+                if pid:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
