@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import tempfile
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -130,3 +132,12 @@ def test_three_members_take_one_backup_per_slot_from_a_replica(cluster_dir: Path
         manifest = lc.dir / "backup" / "backup" / lc.cluster / a["label"] / "backup.manifest"
         assert "option-backup-standby=true" in manifest.read_text(), a["label"]
     assert [b.type for b in st.backups][:2] == ["full", "incr"]
+    # the outcome on /metrics, which the alert rules use (deploy/monitoring): every member
+    # exports the cluster-wide record, the newest success no older than the newest ok backup
+    with urllib.request.urlopen(f"{lc.member(master).api_url}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    success = re.search(
+        r'^pgsidecar_backup_last_success_timestamp_seconds\{type="incr"\} (\S+)$', metrics, re.M
+    )
+    assert success is not None and float(success.group(1)) > streaming_since.timestamp(), metrics
+    assert re.search(r'^pgsidecar_backup_last_scheduled_failed\{type="incr"\} 0', metrics, re.M)

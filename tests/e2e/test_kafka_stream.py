@@ -64,14 +64,16 @@ async def raw_topic(bootstrap: str, topic: str) -> list[Any]:
             auto_offset_reset="earliest",
         )
         try:
+            # start and a full metadata read, retried together: a broker that was just resumed
+            # (SIGCONT) can serve the first and fail the second while its old connections die
             await consumer.start()
+            cluster = await consumer._client.fetch_all_metadata()
             break
         except KafkaError:
             await consumer.stop()
             assert time.monotonic() < deadline, "the broker served no metadata for 30 s"
             await asyncio.sleep(0.5)
     try:
-        cluster = await consumer._client.fetch_all_metadata()
         tps = [TopicPartition(topic, p) for p in sorted(cluster.partitions_for_topic(topic) or [])]
         consumer.assign(tps)
         end = await consumer.end_offsets(tps)
