@@ -634,7 +634,7 @@ def run_scale_bench(
 ) -> dict[str, Any]:
     """Every N of ``clusters`` in turn; the report with each figure's slope against N."""
     workers = workers or os.cpu_count() or 1
-    base = Path(tempfile.mkdtemp(prefix="pgsc-scale-", dir="/tmp"))
+    base = Path(tempfile.mkdtemp(prefix="pgsc-scale-"))  # TMPDIR, else /tmp
     try:
         runs = [measure(n, members, ttl, seconds, workers, base, progress) for n in clusters]
     finally:
@@ -659,13 +659,17 @@ def format_report(report: dict[str, Any]) -> str:
     )
     lines = [head]
     for r in report["runs"]:
-        f = figures(r)
-        fan = f"{f['fanout_p50_ms']}/{f['fanout_p95_ms']}"
+        f = {k: "-" if v is None else v for k, v in figures(r).items()}
+
+        def cell(name: str, width: int, f: dict[str, Any] = f) -> str:
+            return f"{f.get(name, '-')!s:>{width}}"
+
+        fan = f"{f.get('fanout_p50_ms', '-')}/{f.get('fanout_p95_ms', '-')}"
         lines.append(
-            f"{r['clusters']:>8} {r['members']:>7} {f['calls_per_second']:>8} "
-            f"{f['calls_per_second_per_member']:>8} {f['sent_bytes_per_second']:>9} "
-            f"{f['received_bytes_per_second']:>9} {f['agents_cpu_percent']:>8} "
-            f"{f['etcd_cpu_percent']:>7} {fan:>19} {f['failover_seconds']!s:>10} "
+            f"{r['clusters']:>8} {r['members']:>7} {cell('calls_per_second', 8)} "
+            f"{cell('calls_per_second_per_member', 8)} {cell('sent_bytes_per_second', 9)} "
+            f"{cell('received_bytes_per_second', 9)} {cell('agents_cpu_percent', 8)} "
+            f"{cell('etcd_cpu_percent', 7)} {fan:>19} {cell('failover_seconds', 10)} "
             f"{'yes' if r['ok'] else 'NO':>3}"
         )
     lines.append("slope per cluster (least squares):")
