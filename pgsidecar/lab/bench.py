@@ -306,12 +306,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from pgsidecar.lab.dcscost import cmd_dcs_cost
 
         return cmd_dcs_cost(args)
+    if args.what == "scale":
+        from pgsidecar.lab.scale import cmd_scale
+
+        return cmd_scale(args)
     return 2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     b = sub.add_parser("bench", help="benchmarks that print JSON lines")
-    b.add_argument("what", choices=["failover", "dcs-cost"])
+    b.add_argument("what", choices=["failover", "dcs-cost", "scale"])
     b.add_argument("--repeat", type=int, default=3)
     b.add_argument("--ttl", type=float, default=10.0)
     b.add_argument("--nodes", type=int, default=3)
@@ -330,4 +334,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="also Patroni 4.1 (the bench extra) at its defaults and at --ttl (at least 20)",
     )
     dc.add_argument("--patroni-bin", default=None, help="the patroni executable (default: on PATH)")
+    sc = b.add_argument_group(
+        "scale (N clusters of real agents with simulated PostgreSQL on one etcd; --seconds is "
+        "the idle window)"
+    )
+    sc.add_argument("--clusters", default="1,5,10,20", help="numbers of clusters, comma separated")
+    sc.add_argument("--members", type=int, default=3, help="members per cluster (default 3)")
+    sc.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes running the agents (default: one per core)",
+    )
+    sc.add_argument("--json", action="store_true", help="the report as one JSON document")
     b.set_defaults(func=cmd_bench)

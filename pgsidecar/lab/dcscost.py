@@ -251,7 +251,7 @@ def _switchover_window(
 # -- Patroni -------------------------------------------------------------------------------------
 
 
-def _start_etcd(d: Path, client_port: int, peer_port: int) -> subprocess.Popen[bytes]:
+def start_etcd(d: Path, client_port: int, peer_port: int) -> subprocess.Popen[bytes]:
     """One etcd member on loopback, started as `pgsidecar local up` starts its own."""
     etcd = shutil.which("etcd")
     if etcd is None:
@@ -277,11 +277,14 @@ def _start_etcd(d: Path, client_port: int, peer_port: int) -> subprocess.Popen[b
         if proc.poll() is not None:
             raise RuntimeError(f"etcd exited with {proc.returncode}; see {d / 'etcd.log'}")
         time.sleep(0.2)
-    _stop(proc)
+    stop_child(proc)
     raise RuntimeError(f"etcd did not answer within 30 s; see {d / 'etcd.log'}")
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+def stop_child(
+    proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30
+) -> None:
+    """Stop a child of ours (SIGKILL after ``timeout``) and reap it."""
     if proc.poll() is None:
         terminate(proc.pid, sig, timeout=timeout)
     with suppress(subprocess.TimeoutExpired):
@@ -370,7 +373,7 @@ class PatroniCluster:
 
     def start(self) -> None:
         uid, gid = os_user_ids("postgres") if os.geteuid() == 0 else (os.getuid(), os.getgid())
-        self.etcd = _start_etcd(self.base / "etcd", self.port, self.port + 1)
+        self.etcd = start_etcd(self.base / "etcd", self.port, self.port + 1)
         for i, name in enumerate(self.names):
             d = self.base / name
             d.mkdir(mode=0o700)
@@ -459,14 +462,14 @@ class PatroniCluster:
     def stop(self) -> None:
         leader = self.leader()
         for name in sorted(self.procs, key=lambda n: n == leader):
-            _stop(self.procs[name], timeout=60)
+            stop_child(self.procs[name], timeout=60)
             # a PostgreSQL Patroni left behind (it stops its own on SIGTERM)
             pid = read_pid(self.base / name / "data" / "postmaster.pid")
             if pid is not None:
                 with suppress(ProcessLookupError, PermissionError):
                     terminate(pid, signal.SIGQUIT, timeout=10)
         if self.etcd is not None:
-            _stop(self.etcd)
+            stop_child(self.etcd)
 
 
 def measure_patroni(

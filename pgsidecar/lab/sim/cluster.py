@@ -35,6 +35,8 @@ from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from events.dcs import DCS
+from pgsidecar.agent.ports import Clock
 from pgsidecar.lab.sim.clock import EPOCH, VirtualEventLoop, derive_rng, run_simulation
 from pgsidecar.lab.sim.dcs import MAX_REQUEST_TIMEOUT, NO_FAULTS, FaultPlan, SimDCS, SimStore
 from pgsidecar.lab.sim.invariants import Checker, LivenessBound, Violation
@@ -156,12 +158,14 @@ class SimFence:
 @dataclass
 class MemberPorts:
     """What one agent is given: its DCS client, its PostgreSQL, its clock, its fence hook, and
-    ``violation(invariant, message)`` for what only the agent's side can check (its replay)."""
+    ``violation(invariant, message)`` for what only the agent's side can check (its replay).
+    The DCS client and the clock are the agent's ports: the simulator gives a SimDCS and a
+    SimClock, ``bench scale`` the real etcd adapter and the system clock."""
 
     name: str
-    dcs: SimDCS
+    dcs: DCS
     postgres: SimPostgres
-    clock: SimClock
+    clock: Clock
     fence: SimFence
     settings: ClusterSettings
     violation: Callable[[str, str], None] = lambda invariant, message: None
@@ -278,6 +282,22 @@ def _task_factory(
     incarnation.tasks = [t for t in incarnation.tasks if not t.done()]
     incarnation.tasks.append(task)
     return task
+
+
+def use_incarnation_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Make every task started inside an incarnation (``start_incarnation``) belong to it, so
+    that ``Incarnation.kill`` and ``pause`` reach all of them."""
+    loop.set_task_factory(_task_factory)  # type: ignore[arg-type]
+
+
+def start_incarnation(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], incarnation: Incarnation
+) -> asyncio.Task[Any]:
+    """Run ``coro`` as ``incarnation``'s first task: with ``use_incarnation_tasks`` on the loop,
+    it and every task it starts are held by a pause and cancelled by a kill."""
+    context = contextvars.copy_context()
+    context.run(_incarnation.set, incarnation)
+    return loop.create_task(coro, context=context)
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -519,7 +539,7 @@ class SimCluster:
         loop = asyncio.get_running_loop()
         assert isinstance(loop, VirtualEventLoop)
         self._loop = loop
-        loop.set_task_factory(_task_factory)  # type: ignore[arg-type]
+        use_incarnation_tasks(loop)
         rng = loop.rng
         self.store = SimStore(derive_rng(rng), min_ttl=1.0)
         self.world = PgWorld(derive_rng(rng), timings=self.base_timings)
@@ -635,9 +655,7 @@ class SimCluster:
             lambda invariant, message: self.checker.violation(invariant, message),
         )
         agent = self.agent_factory(name, ports)
-        context = contextvars.copy_context()
-        context.run(_incarnation.set, incarnation)
-        self._loop.create_task(self._run_agent(name, agent), context=context)
+        start_incarnation(self._loop, self._run_agent(name, agent), incarnation)
         self.agents[name] = (incarnation, agent, dcs, fence)
         self._record(f"agent {name} #{incarnation.number} started")
 
