@@ -79,6 +79,20 @@ def interpreter_start_time() -> float:
     return time.monotonic() - t
 
 
+def _default_quit_and_int() -> None:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def sleep_standin() -> subprocess.Popen[bytes]:
+    """A postmaster stand-in (`sleep 60`) that dies of SIGQUIT as a postmaster does: a test run
+    started in the background by a non-interactive shell inherits SIGQUIT and SIGINT ignored
+    (bash does that to background jobs without job control), and `sleep` would then survive the
+    fence's SIGQUIT and die of its SIGKILL a second later. PostgreSQL installs its own handler,
+    so only the stand-in needs the default back."""
+    return subprocess.Popen(["sleep", "60"], preexec_fn=_default_quit_and_int)
+
+
 def wait_until(pred, within: float, step: float = 0.01) -> bool:
     end = time.monotonic() + within
     while time.monotonic() < end:
@@ -99,7 +113,7 @@ class Procs:
         self.others.append((pid, fencemod.start_time(pid)))
 
     def sleep(self) -> subprocess.Popen[bytes]:
-        p = subprocess.Popen(["sleep", "60"])
+        p = sleep_standin()
         self.popens.append(p)
         return p
 

@@ -32,6 +32,7 @@ from tests.support.fenceutil import (
     SchedulingLag,
     child_pid_of,
     interpreter_start_time,
+    sleep_standin,
     start_child_agent,
     wait_until,
     zombie_children,
@@ -163,7 +164,7 @@ def spawn_with_pid(pid: int, procs: Procs) -> subprocess.Popen[bytes] | None:
                 fh.write(str(pid - 1))
         except OSError:
             return None
-        p = subprocess.Popen(["sleep", "60"])
+        p = sleep_standin()
         if p.pid == pid:
             return procs.add(p)
         p.kill()
