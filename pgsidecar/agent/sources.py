@@ -212,10 +212,11 @@ class LeaseRenewal:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=wait)
-                    woken_at = self.clock.monotonic()
                 except TimeoutError:
-                    pass
-                continue  # woken by a change of role, or the time is up: recompute
+                    pass  # the time is up: renew now, whatever float rounding left of the wait
+                else:
+                    woken_at = self.clock.monotonic()
+                    continue  # woken by a change of role: recompute the cadence
             woken_at = None
             last = self.clock.monotonic()
             down = await self.renew_once(interval, down, due=due)
