@@ -273,6 +273,12 @@ class EtcdDCS(DCS):
                 ) as resp:
                     raw = await resp.read()
                     status = resp.status
+            except asyncio.CancelledError:
+                # the caller gave up on this request before the endpoint answered (a lease
+                # renewal is bounded by its own cadence, shorter than our per-try timeout): the
+                # next request must not queue on the same, possibly hung, member again
+                self._leave_endpoint(idx)
+                raise
             except _TLS_ERRORS as exc:
                 raise _tls_error(self._endpoints[idx], exc) from None
             except _NOT_SENT_ERRORS as exc:

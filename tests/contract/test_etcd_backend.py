@@ -488,3 +488,27 @@ async def test_a_request_that_leaves_a_hung_member_takes_the_watch_with_it(
         assert d.watch_stats["full_reads"] == 1  # resumed from its revision, not re-read
     finally:
         a.resume()
+
+
+async def test_a_renewal_given_up_by_its_caller_moves_the_next_one_off_a_hung_member(
+    etcd_cluster: EtcdCluster, cluster_dcs: Any
+) -> None:
+    """The master renews every ttl/4 and bounds each renewal by that cadence, shorter than
+    the client's per-try timeout (ttl/3): the caller's own timeout cancels the request before
+    the client moves to the next endpoint by itself. Found by the partition-dcs-member fault
+    (TTL 5, one of three etcd members frozen): every renewal went back to the frozen member
+    until the master fenced. The next request must start on another member."""
+    a = etcd_cluster.followers()[0]
+    b, c = (m for m in etcd_cluster.members if m is not a)
+    d = cluster_dcs([a.endpoint, b.endpoint, c.endpoint])
+    await d.open_session(5)
+    assert d.timeout > 1.0  # ttl/3: longer than the caller's bound below
+    a.pause()
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(d.renew_session(), timeout=0.5)
+        t0 = time.monotonic()
+        await asyncio.wait_for(d.renew_session(), timeout=0.9)
+        assert time.monotonic() - t0 < 0.9, "the second renewal queued on the frozen member"
+    finally:
+        a.resume()
