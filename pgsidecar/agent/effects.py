@@ -24,6 +24,7 @@ from pgsidecar.agent.ports import Clock, FencePort, PostgresPort
 from pgsidecar.agent.sources import PgWatch
 from pgsidecar.agent.state import ActionLog, NodeState, Post
 from pgsidecar.backup import BackupError
+from pgsidecar.backup.pitr import RecoveryResult
 from pgsidecar.postgres.control import PostgresError
 from pgsidecar.syncrep import SyncManager
 
@@ -156,20 +157,65 @@ async def record_named_timeline(dcs: DCS, pg: PostgresPort, claimed: int, within
 # -- the effects ------------------------------------------------------------------------------------
 
 
-async def bootstrap(name: str, dcs: DCS, pg: PostgresPort, watch: PgWatch, report: Report) -> None:
+async def bootstrap(
+    name: str,
+    dcs: DCS,
+    pg: PostgresPort,
+    watch: PgWatch,
+    report: Report,
+    restore: Callable[[], Awaitable[RecoveryResult]] | None = None,
+) -> None:
+    """Race for the initialize key; the winner makes the cluster's first data directory: initdb,
+    or (``restore``, the bootstrap section) a restore from another cluster's repository
+    recovered to its target and promoted. Either way the result is a cleanly stopped primary's
+    data directory, which the machine starts and elects as after initdb. A failure gives the
+    key back for the next attempt (a partial restore is wiped first)."""
     won = await dcs.try_initialize(name)
     if not won:
         report.outcome(Effect.BOOTSTRAP, ok=True, won=False)
         return
     started = report.now()
+    result: RecoveryResult | None = None
     try:
-        await pg.initdb()
-    except Exception:
+        if restore is None:
+            await pg.initdb()
+        else:
+            result = await restore()
+    except Exception as exc:
+        if restore is not None:
+            await _forget_restore(pg, report, started, str(exc) or type(exc).__name__)
         await dcs.cancel_initialize(name)
         raise
-    report.action("initdb", "ok", started)
+    except asyncio.CancelledError:
+        # the agent is stopping: a partial restore must not be taken for data at the next start
+        if restore is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_forget_restore(pg, report, started, "cancelled"), 30)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(dcs.cancel_initialize(name), 5)
+        raise
+    if result is None:
+        report.action("initdb", "ok", started)
+    else:
+        report.action(
+            "restore_from_repository",
+            "ok",
+            started,
+            system_id=result.system_id,
+            timeline=result.timeline,
+        )
     await watch.probe_now()
     report.outcome(Effect.BOOTSTRAP, ok=True, won=True)
+
+
+async def _forget_restore(pg: PostgresPort, report: Report, started: float, error: str) -> None:
+    """After a failed restore: wipe the partial data directory, record the failure."""
+    try:
+        await pg.wipe_data()
+    except Exception as exc:  # noqa: BLE001 - the key goes back all the same
+        log.error("restore_wipe_failed", error=str(exc))
+    with contextlib.suppress(OSError):  # a full disk must not keep the key from going back
+        report.action("restore_from_repository", "failed", started, error=error[:500])
 
 
 async def clone(
@@ -494,12 +540,16 @@ class EffectContext:
     on_promoted: Callable[[], None] = lambda: None
     # a new replica's data from the backup repository (None: no repository configured)
     restore_replica: Callable[[], Awaitable[str | None]] | None = None
+    # the cluster's first data from another cluster's repository (None: initdb)
+    restore_bootstrap: Callable[[], Awaitable[RecoveryResult]] | None = None
 
 
 EffectFn = Callable[[EffectContext], Awaitable[None]]
 
 EFFECTS: dict[Effect, EffectFn] = {
-    Effect.BOOTSTRAP: lambda c: bootstrap(c.state.name, c.dcs, c.pg, c.watch, c.report),
+    Effect.BOOTSTRAP: lambda c: bootstrap(
+        c.state.name, c.dcs, c.pg, c.watch, c.report, c.restore_bootstrap
+    ),
     Effect.CLONE: lambda c: clone(c.state, c.pg, c.watch, c.report, c.restore_replica),
     Effect.START_STANDBY: lambda c: start_standby(c.state, c.pg, c.runner, c.report),
     Effect.FOLLOW: lambda c: follow(c.state, c.pg, c.config, c.report),
