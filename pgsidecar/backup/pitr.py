@@ -159,8 +159,8 @@ async def _recover(
     stop_timeout: float,
     log: Any,
 ) -> None:
-    """Run PostgreSQL on the restored data until it has promoted ("in production"), then stop it
-    with a fast shutdown."""
+    """Run PostgreSQL on the restored data until it has promoted, then stop it with a fast
+    shutdown."""
     argv = [
         str(server.bin_dir / "postgres"),
         "-D",
@@ -213,7 +213,11 @@ async def _recover(
                     f"{_log_tail(log_path, mark)}"
                 )
             state = (await _controldata(osuser, server)).get("Database cluster state", "")
-            if state == "in production":
+            # the restored pg_control says "in production" too (copied from the running
+            # source) until the startup process marks it in recovery; recovery.signal, which
+            # PostgreSQL removes only when recovery ends, tells the two apart
+            promoted = not (server.data_dir / "recovery.signal").exists()
+            if state == "in production" and promoted:
                 log.info("pitr_promoted")
                 return
             if loop.time() > deadline:
@@ -263,10 +267,7 @@ def _log_tail(path: Path, mark: int, lines: int = 8) -> str:
 
 
 def forget_recovery(data_dir: Path) -> None:
-    """postgresql.auto.conf without the recovery's restore_command and recovery_target*, and no
-    recovery.signal (PostgreSQL removed it at the promotion; never leave one behind)."""
-    with contextlib.suppress(FileNotFoundError):
-        (data_dir / "recovery.signal").unlink()
+    """postgresql.auto.conf without the recovery's restore_command and recovery_target*."""
     auto = data_dir / "postgresql.auto.conf"
     if not auto.exists():
         return
