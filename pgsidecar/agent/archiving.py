@@ -47,6 +47,10 @@ class BootstrapPort(Protocol):
 
     async def restore(self) -> RecoveryResult: ...
 
+    def interrupted(self) -> bool: ...
+
+    def settle(self) -> None: ...
+
 
 ArchiverStats = tuple[int, float | None, int, float | None]
 

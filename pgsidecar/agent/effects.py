@@ -18,6 +18,7 @@ import structlog
 
 from events.dcs import DCS, DCSError
 from fsm.machine import Effect, Role
+from pgsidecar.agent.archiving import BootstrapPort
 from pgsidecar.agent.membership import Membership
 from pgsidecar.agent.pgconfig import PgConfig, Upstream, clone_source, leader_conninfo
 from pgsidecar.agent.ports import Clock, FencePort, PostgresPort
@@ -163,7 +164,7 @@ async def bootstrap(
     pg: PostgresPort,
     watch: PgWatch,
     report: Report,
-    restore: Callable[[], Awaitable[RecoveryResult]] | None = None,
+    restore: BootstrapPort | None = None,
 ) -> None:
     """Race for the initialize key; the winner makes the cluster's first data directory: initdb,
     or (``restore``, the bootstrap section) a restore from another cluster's repository
@@ -180,17 +181,19 @@ async def bootstrap(
         if restore is None:
             await pg.initdb()
         else:
-            result = await restore()
+            result = await restore.restore()
     except Exception as exc:
         if restore is not None:
-            await _forget_restore(pg, report, started, str(exc) or type(exc).__name__)
+            await forget_restore(restore, pg, report, started, str(exc) or type(exc).__name__)
         await dcs.cancel_initialize(name)
         raise
     except asyncio.CancelledError:
         # the agent is stopping: a partial restore must not be taken for data at the next start
         if restore is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(_forget_restore(pg, report, started, "cancelled"), 30)
+                await asyncio.wait_for(
+                    forget_restore(restore, pg, report, started, "cancelled"), 30
+                )
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(dcs.cancel_initialize(name), 5)
         raise
@@ -208,10 +211,14 @@ async def bootstrap(
     report.outcome(Effect.BOOTSTRAP, ok=True, won=True)
 
 
-async def _forget_restore(pg: PostgresPort, report: Report, started: float, error: str) -> None:
-    """After a failed restore: wipe the partial data directory, record the failure."""
+async def forget_restore(
+    restore: BootstrapPort, pg: PostgresPort, report: Report, started: float, error: str
+) -> None:
+    """After a failed or interrupted restore: wipe the partial data directory (then the restore
+    is settled: nothing of it is left), record the failure."""
     try:
         await pg.wipe_data()
+        restore.settle()
     except Exception as exc:  # noqa: BLE001 - the key goes back all the same
         log.error("restore_wipe_failed", error=str(exc))
     with contextlib.suppress(OSError):  # a full disk must not keep the key from going back
@@ -541,7 +548,7 @@ class EffectContext:
     # a new replica's data from the backup repository (None: no repository configured)
     restore_replica: Callable[[], Awaitable[str | None]] | None = None
     # the cluster's first data from another cluster's repository (None: initdb)
-    restore_bootstrap: Callable[[], Awaitable[RecoveryResult]] | None = None
+    restore_bootstrap: BootstrapPort | None = None
 
 
 EffectFn = Callable[[EffectContext], Awaitable[None]]

@@ -280,7 +280,7 @@ class Agent:
             ttl=self.settings.ttl,
             on_promoted=self.archiving.on_promoted if self.archiving else _nothing,
             restore_replica=self.archiving.restore_replica if self.archiving else None,
-            restore_bootstrap=self.services.bootstrap.restore if self.services.bootstrap else None,
+            restore_bootstrap=self.services.bootstrap,
         )
         self._effect_task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -461,6 +461,7 @@ class Agent:
                 raise AgentExit(2, f"bootstrap: {exc}") from exc
         await self._connect_dcs()
         await self._join_cluster()
+        await self._abandon_interrupted_restore()
         facts = await self.pg.probe()
         self.post("pg", **pg_facts_to_dict(facts))
         for sink in self.recorder.sinks:
@@ -477,6 +478,30 @@ class Agent:
                 AgentApi(self), self.cfg.api, registry=self.services.metrics_registry
             )
             await self.api.start()
+
+    async def _abandon_interrupted_restore(self) -> None:
+        """A restore from another cluster's repository that this member's previous run began and
+        never completed (it was killed): its data directory is partial, and its
+        postgresql.auto.conf holds the source's recovery target (a standby started on it would
+        replay to the target and promote on its own). Wipe it and give the initialize key back
+        if it names us, so the race runs again."""
+        boot = self.services.bootstrap
+        if boot is None or not boot.interrupted():
+            return
+        started = self.clock.monotonic()
+        log.warning("restore_interrupted", data_dir=str(self.cfg.postgresql.data_dir))
+        await self.pg.wipe_data()
+        boot.settle()
+        delay = 0.2
+        while True:
+            try:
+                await self.dcs.cancel_initialize(self.name)
+                break
+            except DCSError as exc:
+                log.warning("cancel_initialize_failed", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.recorder.action("restore_from_repository", "abandoned", started)
 
     async def _join_cluster(self) -> None:
         """Open our session, register our member key, release a key our previous incarnation

@@ -282,7 +282,13 @@ class RepositoryBootstrap:
     """A new cluster's first data directory restored from another cluster's repository: the
     ``bootstrap`` section with method pgbackrest, for the member that initialises the cluster.
     Its files (the source's pgbackrest.conf, logs, the recovery's server log) live under
-    ``work_dir``."""
+    ``work_dir``.
+
+    A restore in progress is marked by a file (``work_dir``/restoring), removed once the data
+    directory is complete or wiped (``settle``): a member killed mid-restore finds it at its
+    next start and must wipe the data directory, which holds the source's recovery target and
+    ``restore_command`` in postgresql.auto.conf (started as a standby it would replay to the
+    target and promote on its own)."""
 
     def __init__(
         self, settings: BootstrapSettings, server: RecoveryServer, work_dir: Path, log: Any
@@ -312,7 +318,9 @@ class RepositoryBootstrap:
                 f"cluster's repository there or fix the path"
             )
         self.source.write_config()
-        return await restore_to_target(
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(f"{self.server.data_dir}\n")
+        result = await restore_to_target(
             self.source,
             self.target,
             self.server,
@@ -321,3 +329,18 @@ class RepositoryBootstrap:
             restore_timeout=self.settings.restore_timeout,
             recovery_timeout=self.settings.recovery_timeout,
         )
+        self.settle()
+        return result
+
+    @property
+    def marker(self) -> Path:
+        return self.work_dir / "restoring"
+
+    def interrupted(self) -> bool:
+        """Whether a restore began and neither completed nor was wiped (``settle``)."""
+        return self.marker.exists()
+
+    def settle(self) -> None:
+        """The data directory is complete, or the partial restore is wiped."""
+        with contextlib.suppress(FileNotFoundError):
+            self.marker.unlink()

@@ -29,6 +29,9 @@ class FakeBootstrap:
         self.fail: Exception | None = None
         self.check_fail: Exception | None = None
         self.gate: asyncio.Event | None = None  # restore() waits for it when set
+        # a restore began and was neither completed nor wiped (the real one: a marker file)
+        self.in_progress = False
+        self.settled = 0
 
     def check(self) -> None:
         self.checks += 1
@@ -37,6 +40,7 @@ class FakeBootstrap:
 
     async def restore(self) -> RecoveryResult:
         self.restores += 1
+        self.in_progress = True
         if self.gate is not None:
             await self.gate.wait()
         if self.fail is not None:
@@ -46,7 +50,15 @@ class FakeBootstrap:
         pg.data = DataState.PRIMARY_CLEAN  # type: ignore[attr-defined]
         pg.timeline, pg.lsn = 2, 5000  # type: ignore[attr-defined]
         pg.history_files.add(2)  # type: ignore[attr-defined]
+        self.settle()
         return RecoveryResult(system_id="7300000000000000001", timeline=2)
+
+    def interrupted(self) -> bool:
+        return self.in_progress
+
+    def settle(self) -> None:
+        self.settled += 1
+        self.in_progress = False
 
 
 def rig_with(tmp: Path, data: DataState = DataState.MISSING) -> tuple[Rig, FakeBootstrap]:
@@ -99,6 +111,7 @@ async def test_a_failed_restore_is_wiped_and_the_initialize_key_given_back(
     (outcome,) = [d for t, d in rig.posted() if t == "effect"]
     assert outcome["ok"] is False and "archive ends" in outcome["error"]
     assert rig.pg.called("wipe_data") == [()], "a partial restore must not look like data"
+    assert not boot.interrupted(), "wiped: nothing for the next start to clean up"
     assert rig.dcs.initialize is None, "the next attempt races again"
     (failed,) = actions(rig, "restore_from_repository")
     assert failed["outcome"] == "failed" and "archive ends" in str(failed["error"])
@@ -121,6 +134,30 @@ async def test_a_restore_cancelled_by_the_agent_s_stop_is_wiped_and_the_key_give
     assert rig.dcs.initialize is None
     (failed,) = actions(rig, "restore_from_repository")
     assert failed["outcome"] == "failed" and failed["error"] == "cancelled"
+
+
+async def test_a_restore_its_agent_died_in_is_wiped_at_the_next_start_and_raced_again(
+    tmp_path: Path,
+) -> None:
+    """A member killed mid-restore left a partial data directory (with the source's recovery
+    target in postgresql.auto.conf) and the initialize key naming it. Its next run wipes the
+    data and gives the key back before anything starts PostgreSQL; the race runs again."""
+    rig, boot = rig_with(tmp_path, data=DataState.STANDBY)
+    boot.in_progress = True
+    rig.dcs.initialize = "pg1"
+    run = asyncio.ensure_future(rig.agent.run())
+    try:
+        await until(lambda: rig.agent.state.role is Role.MASTER and not rig.agent.snapshot.busy)
+        names = [c[0] for c in rig.pg.calls]
+        assert names.index("wipe_data") < names.index("start"), names
+        (abandoned, done) = actions(rig, "restore_from_repository")
+        assert abandoned["outcome"] == "abandoned" and done["outcome"] == "ok"
+        assert boot.restores == 1 and not boot.interrupted()
+        assert rig.dcs.initialize == "pg1"
+        rig.agent.request_stop()
+        assert await asyncio.wait_for(run, 10) == 0
+    finally:
+        run.cancel()
 
 
 async def test_a_member_that_lost_the_race_restores_nothing(tmp_path: Path) -> None:

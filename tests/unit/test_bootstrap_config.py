@@ -335,3 +335,41 @@ def test_a_target_time_keeps_its_instant_whatever_its_offset(tmp_path: Path) -> 
     }
     cfg = load(tmp_path, base(tmp_path, bootstrap=section))
     assert recovery_target(cfg.bootstrap.target).target == "2026-12-03 05:00:00.250000+00"
+
+
+def test_a_restore_in_progress_is_marked_until_it_completes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark outlives a restore that failed or was killed (the agent's next start, or the
+    effect after wiping, settles it) and goes when the data directory is complete."""
+    import pgsidecar.backup.pitr as pitr
+
+    (tmp_path / "repo").mkdir()
+    section = {
+        "method": "pgbackrest",
+        "repository": {"type": "posix", "path": str(tmp_path / "repo")},
+        "stanza": "orders",
+    }
+    built = member_bootstrap(load(tmp_path, base(tmp_path, bootstrap=section)), RecordingLog())
+    assert built is not None and not built.interrupted()
+    monkeypatch.setattr(built.source, "write_config", lambda: None)
+    seen: list[bool] = []
+
+    async def failing(*_: Any, **__: Any) -> pitr.RecoveryResult:
+        seen.append(built.interrupted())
+        raise RecoveryError("recovery ended before the target")
+
+    monkeypatch.setattr(pitr, "restore_to_target", failing)
+    with pytest.raises(RecoveryError):
+        asyncio.run(built.restore())
+    assert seen == [True] and built.interrupted()
+    built.settle()
+    assert not built.interrupted()
+
+    async def done(*_: Any, **__: Any) -> pitr.RecoveryResult:
+        seen.append(built.interrupted())
+        return pitr.RecoveryResult(system_id="1", timeline=2)
+
+    monkeypatch.setattr(pitr, "restore_to_target", done)
+    assert asyncio.run(built.restore()).timeline == 2
+    assert seen == [True, True] and not built.interrupted()
