@@ -183,19 +183,21 @@ async def bootstrap(
         else:
             result = await restore.restore()
     except Exception as exc:
-        if restore is not None:
-            await forget_restore(restore, pg, report, started, str(exc) or type(exc).__name__)
+        wiped = restore is not None and await wipe_restore(
+            pg, report, started, str(exc) or type(exc).__name__
+        )
         await dcs.cancel_initialize(name)
+        if restore is not None and wiped:
+            restore.settle()
         raise
     except asyncio.CancelledError:
         # the agent is stopping: a partial restore must not be taken for data at the next start
+        # (if this does not finish, the restore's mark has the next start do it)
         if restore is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(
-                    forget_restore(restore, pg, report, started, "cancelled"), 30
-                )
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(dcs.cancel_initialize(name), 5)
+                if await asyncio.wait_for(wipe_restore(pg, report, started, "cancelled"), 30):
+                    await asyncio.wait_for(dcs.cancel_initialize(name), 5)
+                    restore.settle()
         raise
     if result is None:
         report.action("initdb", "ok", started)
@@ -211,18 +213,20 @@ async def bootstrap(
     report.outcome(Effect.BOOTSTRAP, ok=True, won=True)
 
 
-async def forget_restore(
-    restore: BootstrapPort, pg: PostgresPort, report: Report, started: float, error: str
-) -> None:
-    """After a failed or interrupted restore: wipe the partial data directory (then the restore
-    is settled: nothing of it is left), record the failure."""
+async def wipe_restore(pg: PostgresPort, report: Report, started: float, error: str) -> bool:
+    """After a failed or interrupted restore: wipe the partial data directory and record the
+    failure. Returns whether the wipe worked. The restore's mark is settled by the caller only
+    once the initialize key is given back too: a mark left behind has the next start finish
+    both, where data gone with the key still naming us would wait for an operator."""
+    wiped = True
     try:
         await pg.wipe_data()
-        restore.settle()
     except Exception as exc:  # noqa: BLE001 - the key goes back all the same
         log.error("restore_wipe_failed", error=str(exc))
+        wiped = False
     with contextlib.suppress(OSError):  # a full disk must not keep the key from going back
         report.action("restore_from_repository", "failed", started, error=error[:500])
+    return wiped
 
 
 async def clone(

@@ -491,7 +491,6 @@ class Agent:
         started = self.clock.monotonic()
         log.warning("restore_interrupted", data_dir=str(self.cfg.postgresql.data_dir))
         await self.pg.wipe_data()
-        boot.settle()
         delay = 0.2
         while True:
             try:
@@ -501,6 +500,8 @@ class Agent:
                 log.warning("cancel_initialize_failed", error=str(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        # only now: killed before this, the next start wipes and gives the key back again
+        boot.settle()
         self.recorder.action("restore_from_repository", "abandoned", started)
 
     async def _join_cluster(self) -> None:

@@ -117,6 +117,18 @@ async def test_a_failed_restore_is_wiped_and_the_initialize_key_given_back(
     assert failed["outcome"] == "failed" and "archive ends" in str(failed["error"])
 
 
+async def test_a_partial_restore_that_cannot_be_wiped_stays_marked_for_the_next_start(
+    tmp_path: Path,
+) -> None:
+    rig, boot = rig_with(tmp_path)
+    boot.fail = RecoveryError("restore timed out")
+    rig.pg.fail["wipe_data"] = OSError("read-only file system")
+    await rig.agent.run_effect("bootstrap", Effect.BOOTSTRAP)
+    (outcome,) = [d for t, d in rig.posted() if t == "effect"]
+    assert outcome["ok"] is False and "timed out" in outcome["error"]
+    assert rig.dcs.initialize is None and boot.interrupted()
+
+
 async def test_a_restore_cancelled_by_the_agent_s_stop_is_wiped_and_the_key_given_back(
     tmp_path: Path,
 ) -> None:
