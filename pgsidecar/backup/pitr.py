@@ -257,13 +257,18 @@ def _describe(target: RecoveryTarget) -> str:
 
 
 def _log_tail(path: Path, mark: int, lines: int = 8) -> str:
+    """What the server logged since ``mark``: its FATAL and PANIC lines first (the reason,
+    which a record's bounded error field must not lose), then its last lines."""
     try:
         with open(path, "rb") as fh:
             fh.seek(mark)
             text = fh.read().decode(errors="replace")
     except OSError:
         return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(no log)"
+    logged = text.splitlines()
+    reasons = [ln for ln in logged if "FATAL:" in ln or "PANIC:" in ln][-2:]
+    tail = [ln for ln in logged[-lines:] if ln not in reasons]
+    return "\n".join(reasons + tail) or "(no log)"
 
 
 def forget_recovery(data_dir: Path) -> None:

@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,35 @@ def read_view_as(lc: LocalCluster, cluster: str) -> Any:
     return asyncio.run(go())
 
 
-@pytest.mark.integration
-def test_agents_with_a_bootstrap_section_restore_a_new_cluster_to_a_time(
-    dirs: tuple[Path, Path],
-) -> None:
-    src_dir, dst_dir = dirs
+def bootstrapped_cluster(
+    src: LocalCluster, dst_dir: Path, nodes: int, target: dict[str, Any]
+) -> LocalCluster:
+    """A new local cluster named "restored" whose agents have a bootstrap section restoring
+    ``src``'s stanza to ``target``, with the source's passwords (the restored database holds
+    the source's roles). Created, not started."""
+    dst = LocalCluster(dst_dir)
+    dst.create(
+        nodes=nodes,
+        ttl=5,
+        cluster="restored",
+        backup=True,
+        extra={
+            "bootstrap": {
+                "method": "pgbackrest",
+                "repository": {"type": "posix", "path": str(src.dir / "backup")},
+                "stanza": src.cluster,
+                "target": target,
+            }
+        },
+    )
+    for name in ("superuser.secret", "replication.secret"):
+        shutil.copy(src.dir / "secrets" / name, dst_dir / "secrets" / name)
+    shutil.copy(src.dir / "pgpass", dst_dir / "pgpass")
+    return dst
+
+
+def source_cluster(src_dir: Path) -> LocalCluster:
+    """A 1-member local cluster that archives, with a full backup."""
     up = ["local", "up", "--nodes", "1", "--dir", str(src_dir), "--ttl", "5", "--no-kafka"]
     assert main([*up, "--backup"]) == 0
     src = LocalCluster(src_dir)
@@ -105,7 +130,17 @@ def test_agents_with_a_bootstrap_section_restore_a_new_cluster_to_a_time(
     assert master is not None
     wait_for(lambda: archive_max(src), 60, what="the source's stanza and its first WAL")
     assert main(["backup", "--dir", str(src_dir)]) == 0
+    return src
 
+
+@pytest.mark.integration
+def test_agents_with_a_bootstrap_section_restore_a_new_cluster_to_a_time(
+    dirs: tuple[Path, Path],
+) -> None:
+    src_dir, dst_dir = dirs
+    src = source_cluster(src_dir)
+    master = src.master()
+    assert master is not None
     sql(src, master, "CREATE TABLE t (v int)")
     sql(src, master, "INSERT INTO t SELECT generate_series(1, 10)")
     time.sleep(1.5)
@@ -119,25 +154,7 @@ def test_agents_with_a_bootstrap_section_restore_a_new_cluster_to_a_time(
     ((src_system_id,),) = sql(src, master, "SELECT system_identifier FROM pg_control_system()")
     src_leader = src.read_view().leader
 
-    dst = LocalCluster(dst_dir)
-    dst.create(
-        nodes=2,
-        ttl=5,
-        cluster="restored",
-        backup=True,
-        extra={
-            "bootstrap": {
-                "method": "pgbackrest",
-                "repository": {"type": "posix", "path": str(src_dir / "backup")},
-                "stanza": src.cluster,
-                "target": {"time": target.isoformat()},
-            }
-        },
-    )
-    # the restored database holds the source's roles, and so their passwords
-    for name in ("superuser.secret", "replication.secret"):
-        shutil.copy(src_dir / "secrets" / name, dst_dir / "secrets" / name)
-    shutil.copy(src_dir / "pgpass", dst_dir / "pgpass")
+    dst = bootstrapped_cluster(src, dst_dir, 2, {"time": target.isoformat()})
     dst.up(timeout=240)
 
     new_master = dst.master()
@@ -178,3 +195,38 @@ def test_agents_with_a_bootstrap_section_restore_a_new_cluster_to_a_time(
     names = [p.name for p in src_archive.rglob("0*")]
     assert names and max(int(n[:8], 16) for n in names) == src_timeline, names
     assert sql(src, master, "SELECT count(*) FROM t") == [(20,)]
+
+
+@pytest.mark.integration
+def test_a_target_after_the_end_of_the_archive_fails_clearly_and_leaves_nothing_behind(
+    dirs: tuple[Path, Path],
+) -> None:
+    """PostgreSQL ends the recovery before the target (the archive ends first) and exits: the
+    restore is recorded as failed with PostgreSQL's own words, the partial data wiped, the
+    initialize key given back (the race runs again), and no member is master."""
+    src_dir, dst_dir = dirs
+    src = source_cluster(src_dir)
+    master = src.master()
+    assert master is not None
+    ((now,),) = sql(src, master, "SELECT now()")
+    dst = bootstrapped_cluster(src, dst_dir, 1, {"time": (now + timedelta(hours=1)).isoformat()})
+    dst.start_etcd()
+    dst.start_member("pg1")
+
+    def failed() -> list[dict[str, Any]]:
+        path = dst_dir / "pg1" / "journal.jsonl"
+        if not path.exists():
+            return []
+        return [
+            a for a in actions(dst, "pg1", "restore_from_repository") if a["outcome"] == "failed"
+        ]
+
+    (first, *_) = wait_for(failed, 120, what="the failed restore recorded")
+    assert "recovery ended before configured recovery target was reached" in first["error"], first
+    # the key went back and the race ran again (and failed again the same way)
+    attempts = wait_for(lambda: len(failed()) >= 2 and failed(), 120, what="a second attempt")
+    # each attempt got as far as PostgreSQL: the one before had wiped its partial restore (on
+    # a data directory left as it was, pgBackRest refuses at once: "not empty")
+    assert all("recovery ended before" in a["error"] for a in attempts), attempts
+    assert dst.read_view().leader is None and dst.master() is None
+    assert src.read_view().leader is not None and sql(src, master, "SELECT 1") == [(1,)]
