@@ -236,3 +236,89 @@ class BackupSettings(_Strict):
                     f"{self.compression} (0..{top})"
                 )
         return self
+
+
+_STANZA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
+
+
+class RecoveryTargetSettings(_Strict):
+    """Where the restore of a new cluster stops replaying the source's WAL: exactly one of a
+    time (with a time zone), an LSN or a transaction id. ``inclusive``: the target's own
+    transaction (or the record at the LSN) is kept (true) or not (false)."""
+
+    time: datetime | None = None
+    lsn: str | None = Field(default=None, pattern=_LSN_PATTERN)
+    xid: int | None = Field(default=None, ge=3)
+    inclusive: bool = True
+
+    @field_validator("time")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError(
+                "a target time needs a time zone: write it like 2026-12-03T05:00:00Z or "
+                "2026-12-03 05:00:00+00:00"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RecoveryTargetSettings:
+        given = [k for k in ("time", "lsn", "xid") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a target is exactly one of time, lsn or xid"
+                + (f" (this one sets {' and '.join(given)})" if given else " (none is set)")
+                + "; leave the target out to replay the whole archive"
+            )
+        return self
+
+
+class BootstrapSettings(_Strict):
+    """How the member that initialises a new cluster makes its data directory. ``initdb``: an
+    empty database. ``pgbackrest``: restored from another cluster's pgBackRest ``repository``
+    (its ``stanza``, the source cluster's name) up to ``target`` (without one: the whole
+    archive), then promoted on a timeline of its own. The section only acts when the cluster
+    is initialised; a member that joins an initialised cluster clones from its master."""
+
+    method: Literal["initdb", "pgbackrest"] = "initdb"
+    repository: PosixRepository | S3Repository | None = Field(default=None, discriminator="type")
+    stanza: str | None = Field(default=None, pattern=_STANZA_PATTERN)
+    target: RecoveryTargetSettings | None = None
+    # parallel processes of the restore (pgBackRest's process-max)
+    process_max: int = Field(default=1, ge=1, le=64)
+    # how long pgBackRest may take to copy the backup into the data directory (seconds)
+    restore_timeout: float = Field(default=6 * 3600.0, gt=0, le=7 * 86400)
+    # how long PostgreSQL may take to replay the source's WAL to the target and promote
+    recovery_timeout: float = Field(default=6 * 3600.0, gt=0, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> BootstrapSettings:
+        source = [k for k in ("repository", "stanza", "target") if getattr(self, k) is not None]
+        if self.method == "initdb" and source:
+            raise ValueError(
+                f"method initdb takes no {', '.join(source)}: set method: pgbackrest to restore "
+                f"from a repository, or remove them"
+            )
+        if self.method == "pgbackrest":
+            missing = [k for k in ("repository", "stanza") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"method pgbackrest needs {' and '.join(missing)}: the source cluster's "
+                    f"repository and its stanza (the source cluster's name)"
+                )
+        return self
+
+
+def same_repository(a: PosixRepository | S3Repository, b: PosixRepository | S3Repository) -> bool:
+    """Whether two repository settings name the same repository (a posix path, or an S3
+    endpoint, bucket and path inside it)."""
+    if isinstance(a, PosixRepository) and isinstance(b, PosixRepository):
+        return a.path.resolve() == b.path.resolve()
+    if isinstance(a, S3Repository) and isinstance(b, S3Repository):
+        return (a.endpoint, a.bucket, a.path.rstrip("/") or "/") == (
+            b.endpoint,
+            b.bucket,
+            b.path.rstrip("/") or "/",
+        )
+    return False
