@@ -24,7 +24,7 @@ ignored field by field: a member whose key cannot be read is left out, never gue
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from fsm.machine import EFFECT, TABLE, Decision, Effect, Role, decide, retry_delay
@@ -39,6 +39,7 @@ from fsm.snapshot import (
     Snapshot,
     Switchover,
     SyncSet,
+    replace,
 )
 
 INPUT_TYPES = (

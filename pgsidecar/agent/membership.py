@@ -60,6 +60,10 @@ class Membership:
         self.clock = clock
         self.instance_id = instance_id
         self.ttl = ttl  # the local config's (the DCS config may change the machine's)
+        # what the member key takes from the config, computed once: the key is rebuilt on
+        # every probe, and the API URL's address parsing was most of that work
+        self._api_url = cfg.api.url
+        self._tags = cfg.tags.model_dump()
         self._last: dict[str, Any] | None = None
         self._member_last_seen: dict[str, float] = {}
         # the members whose slots the last *successful* sync kept (None: none yet, or it failed)
@@ -81,10 +85,10 @@ class Membership:
             "lsn": pg.lsn,
             "host": cfg.postgresql.host,
             "port": cfg.postgresql.port,
-            "api_url": cfg.api.url,
+            "api_url": self._api_url,
             "nofailover": cfg.tags.nofailover,
             "failover_priority": cfg.tags.failover_priority,
-            "tags": cfg.tags.model_dump(),
+            "tags": dict(self._tags),
             "election": s.announced_term,
             "pending_restart": bool(self.state.pending_restart),
             "pending_restart_reason": self.state.pending_restart,
