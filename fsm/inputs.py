@@ -219,8 +219,11 @@ def pg_facts(d: dict[str, Any]) -> PgFacts:
     )
 
 
+_PG_FACTS_FIELDS = tuple(f.name for f in fields(PgFacts))
+
+
 def pg_facts_to_dict(p: PgFacts) -> dict[str, Any]:
-    out: dict[str, Any] = {f.name: getattr(p, f.name) for f in fields(PgFacts)}
+    out: dict[str, Any] = {name: getattr(p, name) for name in _PG_FACTS_FIELDS}
     out["data"] = p.data.value
     return out
 
