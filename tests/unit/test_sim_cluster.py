@@ -396,6 +396,14 @@ def test_a_seed_whose_agent_spins_ends_with_an_error_naming_the_seed() -> None:
         ).run()
 
 
+def test_a_seed_past_its_wall_clock_budget_ends_with_an_error_naming_the_seed() -> None:
+    cluster = SimCluster(6, 3, duration=600.0, agent_factory=scripted, wall_budget=0.05)
+    with pytest.raises(SimulationStalled, match=r"seed 6: .*over its budget.*3 members"):
+        cluster.run()
+    assert SimCluster(6, duration=600.0, agent_factory=scripted).wall_budget == 300.0
+    assert SimCluster(6, duration=7200.0, agent_factory=scripted).wall_budget == 3600.0
+
+
 # -- many seeds, replay -----------------------------------------------------------------------------
 
 

@@ -50,7 +50,8 @@ from pgsidecar.lab.sim.postgres import PgFaultPlan, PgTimings, PgWorld, SimClien
 
 CLUSTER = "sim"
 # real seconds one seed may take before the watchdog ends it (SimulationStalled): a seed of ten
-# virtual minutes takes a few seconds, tens on a loaded machine; past this it is stuck, not slow
+# virtual minutes takes a few seconds, tens on a loaded machine; past this it is stuck, not slow.
+# Longer runs get half a real second per virtual second.
 DEFAULT_WALL_BUDGET = 300.0
 # the virtual wall clock's value when a simulation starts (2025-01-01T00:00:00Z)
 WALL_EPOCH = 1_735_689_600.0
@@ -485,7 +486,7 @@ class SimCluster:
         timings: PgTimings | None = None,
         writes_need_deadline: bool = True,
         keep_trace: bool = False,
-        wall_budget: float | None = DEFAULT_WALL_BUDGET,
+        wall_budget: float | None = None,
     ) -> None:
         if members < 1:
             raise ValueError("a cluster needs a member")
@@ -509,7 +510,9 @@ class SimCluster:
         self.base_timings = timings or PgTimings(slow=0.0)
         self.writes_need_deadline = writes_need_deadline
         self.keep_trace = keep_trace
-        self.wall_budget = wall_budget
+        self.wall_budget = (
+            wall_budget if wall_budget is not None else max(DEFAULT_WALL_BUDGET, duration / 2)
+        )
         self.settings = ClusterSettings(
             cluster=CLUSTER,
             members=self.names,
