@@ -714,6 +714,9 @@ class _Model:
     state: str
 
 
+_ROLE_OF_STATE: dict[str, Role] = {role.value: role for role in Role}
+
+
 class RoleMachine:
     """A ``transitions`` machine built from TABLE. It checks a trigger against the table and
     returns the Transition record; it runs no effects (the runtime does)."""
@@ -736,7 +739,8 @@ class RoleMachine:
 
     @property
     def role(self) -> Role:
-        return Role(self._model.state)
+        # a dict lookup, not Role(...): the runtime asks for the role several times per input
+        return _ROLE_OF_STATE[self._model.state]
 
     def can(self, trigger: str) -> bool:
         return any(row.source is self.role and row.trigger == trigger for row in TABLE)
