@@ -66,7 +66,7 @@ from typing import Any, NamedTuple
 from transitions import Machine
 
 from fsm.records import Transition, format_lsn
-from fsm.snapshot import DataState, MemberView, Snapshot
+from fsm.snapshot import DataState, LeaderView, MemberView, Snapshot
 
 
 class Role(StrEnum):
@@ -277,6 +277,17 @@ def eligible(s: Snapshot) -> tuple[bool, str]:
     return True, ""
 
 
+def _predates_our_term(leader: LeaderView, s: Snapshot) -> bool:
+    """A view naming another holder of the leader key at a term below the one we acquired
+    predates our acquisition: the term is the store's index when the key was written, our
+    create-if-absent at our term found no key, so a key written before it was gone by then.
+    Such views do arrive after newer ones: a fresh read after an outage is posted at once,
+    while the watch still delivers the changes it queued during the outage, in order. Acting
+    on one fenced a master that had just won the key, which then rejoined a master that was
+    not there (found by the simulator, seed 3003)."""
+    return s.lease.term is not None and leader.term < s.lease.term
+
+
 def _upstream_stepped_down(s: Snapshot) -> bool:
     """Our WAL receiver streams from a member that has itself published that it is no longer
     master: a switchover's old master, restarted as a standby, serves WAL to cascading standbys
@@ -374,7 +385,7 @@ def _decide(role: Role, s: Snapshot) -> Decision:
             return Decision(
                 "lease_lost", "we no longer hold the leader lease: stop accepting writes"
             )
-        if leader is not None and leader.name != s.name:
+        if leader is not None and leader.name != s.name and not _predates_our_term(leader, s):
             return Decision(
                 "lease_lost",
                 f"the leader key names {leader.name} (term {leader.term}): stop accepting writes",

@@ -279,6 +279,19 @@ def test_master_demotes_when_the_key_names_another() -> None:
     assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["lease_lost"]
 
 
+def test_master_keeps_the_lease_on_a_view_older_than_its_own_term() -> None:
+    """After a DCS outage a fresh read (no key) is posted at once, while the watch still
+    delivers what it queued: a member that won the key at term 30 then saw the old master's key
+    at term 20. That key was gone before ours was created: it fenced a master for nothing
+    (simulator seed 3003). A key of another member at a newer term still demotes it."""
+    n = master_node()
+    stale = dcs("pg2", 20, pg2=member("pg2", role="master"), pg1=member("pg1"))
+    stale["index"] = 25
+    assert n.feed("dcs", **stale) == []
+    assert n.role is Role.MASTER
+    assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["lease_lost"]
+
+
 def test_master_restart_in_place_then_give_up_after_timeout() -> None:
     n = master_node()
     assert n.feed("pg", **pg(running=False, crashed=True, in_recovery=False)) == [
