@@ -19,15 +19,7 @@ from pgsidecar.lab.sim.command import replay_command
 SEEDS_PER_MODE = 20
 
 
-STRICT_OPEN_FINDING = pytest.mark.xfail(
-    reason="open finding (docs/simulation.md): seed 3003, 5 members, strict: after a DCS stall the "
-    "fenced master's successor m2 won the key and fenced at once (its last renewal was from "
-    "before the stall), and no member became master in the 345 s left; not yet analysed",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("mode", ["off", "on", pytest.param("strict", marks=STRICT_OPEN_FINDING)])
+@pytest.mark.parametrize("mode", ["off", "on", "strict"])
 def test_the_real_agent_passes_every_invariant_on_every_seed(mode: str) -> None:
     first = {"off": 1000, "on": 2000, "strict": 3000}[mode]
     report = run_seeds(
