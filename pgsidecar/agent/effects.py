@@ -306,6 +306,7 @@ async def acquire(
     fence: FencePort,
     fence_deadline: Callable[[float], float],
     report: Report,
+    fresh_lease: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     # A call that fails (error, timeout) raises: the runner posts ``ok: false`` (outcome
     # unknown: the DCS may have committed it), the machine retries after a back-off, and the
@@ -316,6 +317,9 @@ async def acquire(
         log.error("cannot_lead_without_watchdog_device", device=fence.device_state)
         report.outcome(Effect.ACQUIRE, ok=True, won=False, reason="no watchdog device")
         return
+    if fresh_lease is not None:
+        # a win must leave its fence deadline ahead of us, not behind (see fresh_for_race)
+        await fresh_lease()
     leader = await dcs.acquire_leader(state.name)
     if leader is not None and leader.name == state.name:
         # from the last renewal, not from this request: creating a key bound to the session
@@ -547,6 +551,8 @@ class EffectContext:
     sync: SyncManager
     fence_deadline: Callable[[float], float]
     ttl: float  # the local config's
+    # renews the session first when a win's fence deadline would already be due (None: never)
+    fresh_lease: Callable[[], Awaitable[None]] | None = None
     # called once PostgreSQL is writable after a promotion (the archiving's stanza)
     on_promoted: Callable[[], None] = lambda: None
     # a new replica's data from the backup repository (None: no repository configured)
@@ -565,7 +571,9 @@ EFFECTS: dict[Effect, EffectFn] = {
     Effect.START_STANDBY: lambda c: start_standby(c.state, c.pg, c.runner, c.report),
     Effect.FOLLOW: lambda c: follow(c.state, c.pg, c.config, c.report),
     Effect.ANNOUNCE: lambda c: announce(c.state, c.dcs, c.members, c.watch, c.report),
-    Effect.ACQUIRE: lambda c: acquire(c.state, c.dcs, c.fence, c.fence_deadline, c.report),
+    Effect.ACQUIRE: lambda c: acquire(
+        c.state, c.dcs, c.fence, c.fence_deadline, c.report, fresh_lease=c.fresh_lease
+    ),
     Effect.RELEASE: lambda c: release(c.state, c.dcs, c.fence, c.report),
     Effect.PROMOTE: lambda c: promote(
         c.state,

@@ -277,6 +277,7 @@ class Agent:
             members=self.members,
             sync=self.sync,
             fence_deadline=self.renewal.fence_deadline,
+            fresh_lease=self.renewal.fresh_for_race,
             ttl=self.settings.ttl,
             on_promoted=self.archiving.on_promoted if self.archiving else _nothing,
             restore_replica=self.archiving.restore_replica if self.archiving else None,

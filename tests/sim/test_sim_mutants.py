@@ -105,7 +105,9 @@ def test_an_acquire_failure_taken_for_a_win_is_caught(monkeypatch: pytest.Monkey
     A member whose fake win names a term is stopped by the master's own check (a view newer
     than its term without its key), so the mutant reports none, as a failed call would."""
 
-    async def acquire(state: Any, dcs: Any, fence: Any, fence_deadline: Any, report: Any) -> None:
+    async def acquire(
+        state: Any, dcs: Any, fence: Any, fence_deadline: Any, report: Any, **_: Any
+    ) -> None:
         try:
             leader = await dcs.acquire_leader(state.name)
         except Exception:  # any failed call, as the runner would have posted ``ok: false``
