@@ -20,10 +20,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 from pgsidecar.lab.local import LocalCluster
+from pgsidecar.lab.workload import write_until_stopped
 from pgsidecar.procutil import free_port_range, terminate
 
 HAPROXY_CFG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
@@ -254,29 +256,23 @@ class HAProxyWriter:
         return self
 
     def _run(self) -> None:
-        conn: psycopg.Connection | None = None
-        while not self._stop.is_set():
-            try:
-                if conn is None:
-                    conn = psycopg.connect(self.hp.dsn(self.hp.rw_port), autocommit=True)
-                    conn.execute("SET statement_timeout = '1s'")
-                row = conn.execute(
-                    "INSERT INTO haproxy_writes VALUES (extract(epoch from now()), "
-                    "inet_server_port()) RETURNING port"
-                ).fetchone()
-                assert row is not None
-                self.acked.append((time.monotonic(), int(row[0])))
-            except (psycopg.Error, OSError):
-                self.errors += 1
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = None
-                time.sleep(0.01)
-            time.sleep(0.005)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        write_until_stopped(self._stop, self._connect, self._write, self._failed, error_pause=0.01)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.hp.dsn(self.hp.rw_port), autocommit=True)
+        conn.execute("SET statement_timeout = '1s'")
+        return conn
+
+    def _write(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(
+            "INSERT INTO haproxy_writes VALUES (extract(epoch from now()), "
+            "inet_server_port()) RETURNING port"
+        ).fetchone()
+        assert row is not None
+        self.acked.append((time.monotonic(), int(row[0])))
+
+    def _failed(self, _exc: Exception) -> None:
+        self.errors += 1
 
     def stop(self) -> None:
         self._stop.set()
