@@ -9,7 +9,6 @@ agent to the first write committed through HAProxy's read-write port on the new 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -26,7 +25,7 @@ import psycopg
 
 from pgsidecar.lab.local import LocalCluster
 from pgsidecar.lab.workload import write_until_stopped
-from pgsidecar.procutil import free_port_range, terminate
+from pgsidecar.procutil import die_with_parent, free_port_range, terminate
 
 HAPROXY_CFG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 # the shipped config has a server line for members 0..2
@@ -49,12 +48,6 @@ def check_tls_options(ca_file: Path | None, client_pem: Path | None = None) -> s
     if client_pem is not None:
         options += f" crt {client_pem}"
     return options
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL HAProxy if its parent dies without stopping it."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -133,7 +126,7 @@ class HAProxy:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self.wait_checked()
         return self
