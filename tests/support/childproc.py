@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from pgsidecar.procutil import die_with_parent, terminate
 
@@ -70,3 +73,27 @@ class ChildServer:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+class _Startable(Protocol):
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Startable)
+
+
+@contextlib.contextmanager
+def started_in_tempdir(
+    make: Callable[[Path], S], prefix: str, root: str | None = None
+) -> Iterator[S]:
+    """``make(a fresh temporary dir)`` started; stopped and its dir removed at the end."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    server = make(base)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

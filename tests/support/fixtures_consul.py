@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -41,7 +40,7 @@ from aiohttp import web
 from events.dcs.consul import ConsulDCS
 from pgsidecar.config import ConsulSettings
 from pgsidecar.procutil import free_port_range
-from tests.support.childproc import ChildServer
+from tests.support.childproc import ChildServer, started_in_tempdir
 from tests.support.consul_emulator import ConsulEmulator
 
 CONSUL_BIN = shutil.which("consul")
@@ -138,14 +137,8 @@ def consul_agent() -> Iterator[ConsulAgent]:
             "no `consul` binary on PATH: the Consul backend runs against the emulator only "
             "(install Consul to also run it against `consul agent -dev`)"
         )
-    base = Path(tempfile.mkdtemp(prefix="pgsidecar-consul-"))
-    agent = ConsulAgent(base)
-    try:
-        agent.start()
+    with started_in_tempdir(ConsulAgent, "pgsidecar-consul-") as agent:
         yield agent
-    finally:
-        agent.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 MakeDcs = Callable[..., ConsulDCS]

@@ -18,7 +18,6 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import urllib.error
 import urllib.request
 import uuid
@@ -30,7 +29,7 @@ import pytest
 from events.dcs.etcd import EtcdDCS
 from pgsidecar.config import EtcdSettings
 from pgsidecar.procutil import free_port_range
-from tests.support.childproc import ChildServer
+from tests.support.childproc import ChildServer, started_in_tempdir
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 # fixtures that start a real etcd process (the ones in tests/contract/test_etcd_backend.py included)
@@ -240,27 +239,19 @@ def _tmp_root() -> str | None:
 def running_etcd(extra_args: tuple[str, ...] = ()) -> Iterator[EtcdServer]:
     """Start an etcd in a fresh temp dir; stop it by pid and remove the dir afterwards."""
     _require_integration_marker()
-    base = Path(tempfile.mkdtemp(prefix="pgsidecar-etcd-", dir=_tmp_root()))
-    server = EtcdServer(base, extra_args)
-    try:
-        server.start()
+    with started_in_tempdir(
+        lambda base: EtcdServer(base, extra_args), "pgsidecar-etcd-", _tmp_root()
+    ) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def running_etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
     _require_integration_marker()
-    base = Path(tempfile.mkdtemp(prefix="pgsidecar-etcd-", dir=_tmp_root()))
-    cluster = EtcdCluster(base, size)
-    try:
-        cluster.start()
+    with started_in_tempdir(
+        lambda base: EtcdCluster(base, size), "pgsidecar-etcd-", _tmp_root()
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
