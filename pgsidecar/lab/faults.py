@@ -59,6 +59,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from events.dcs import DCS
 from events.rotation import rotated_files
 from pgsidecar.lab.local import LocalCluster, LocalClusterError
 from pgsidecar.lab.workload import Prober, Writer
@@ -1335,7 +1336,7 @@ class FaultRun:
         target = self.spec.victim_name
         t_switch = time.monotonic()
         self.note(f"switchover {old} -> {target} requested")
-        written = asyncio.run(_request_switchover(lc, target))  # the command is in etcd
+        written = _request_switchover(lc, target)  # the command is in etcd
         new = self._wait_new_master(old, 2 * self.spec.ttl)
         if new != target:
             self.result.violations.append("switchover_during_dcs_partition")
@@ -1879,22 +1880,17 @@ async def _topic_node_seqs(bootstrap: str, topic: str, within: float) -> dict[st
             await asyncio.wait_for(consumer.stop(), 5)
 
 
-async def _request_switchover(lc: LocalCluster, target: str) -> float:
+def _request_switchover(lc: LocalCluster, target: str) -> float:
     """Write a switchover command to ``target`` as `pgsidecar switchover` does, through a client
     with every endpoint of the cluster's first member's config; the wall time right after the
     write was acknowledged."""
-    from events.dcs.factory import create_dcs
-    from pgsidecar.config import load_config
     from pgsidecar.ops import request_switchover
 
-    cfg = load_config(lc.config_path(lc.members[0].name))
-    dcs = create_dcs(cfg.dcs, cfg.cluster)
-    await dcs.connect()
-    try:
+    async def write(dcs: DCS) -> float:
         await request_switchover(dcs, target)
         return time.time()
-    finally:
-        await dcs.close()
+
+    return lc.with_dcs(write)
 
 
 async def _partition_state(

@@ -30,15 +30,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from events import netloc
+from events.dcs import DCS, ClusterView
 from pgsidecar.procutil import (
     free_port_range,
     os_user_ids,
@@ -50,9 +51,21 @@ from pgsidecar.procutil import (
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
+T = TypeVar("T")
+
 
 class LocalClusterError(Exception):
     pass
+
+
+def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted ``key`` ("settings.synchronous_mode": the ``extra`` of ``create``) in a
+    member's config, making the sections on the way."""
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
 
 
 # sizes of an etcd cluster `local up` makes: a raft quorum that survives 1 (or 2) failures
@@ -408,11 +421,7 @@ class LocalCluster:
             if isinstance(value, str):
                 # per-member values: "{name}" is the member's name (e.g. its pod name)
                 value = value.replace("{name}", m.name)
-            node = cfg
-            parts = key.split(".")
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = value
+            set_dotted(cfg, key, value)
         return cfg
 
     def _tls_config(self, cfg: dict[str, Any], m: MemberInfo) -> None:
@@ -936,24 +945,36 @@ class LocalCluster:
 
         asyncio.run(claim())
 
-    def read_view(self) -> Any:
-        """The DCS view of the cluster (through the first member's config)."""
+    def with_dcs(self, use: Callable[[DCS], Awaitable[T]], via: str | None = None) -> T:
+        """``use`` run with a client of the cluster's DCS made from member ``via``'s config (the
+        first member's by default), connected first and closed after."""
         import asyncio
 
         from events.dcs.factory import create_dcs
         from pgsidecar.config import load_config
 
-        cfg = load_config(self.config_path(self.members[0].name))
+        cfg = load_config(self.config_path(via or self.members[0].name))
 
-        async def go() -> Any:
+        async def go() -> T:
             dcs = create_dcs(cfg.dcs, cfg.cluster)
             await dcs.connect()
             try:
-                return await dcs.read_cluster()
+                return await use(dcs)
             finally:
                 await dcs.close()
 
         return asyncio.run(go())
+
+    def read_view(self) -> ClusterView:
+        """The DCS view of the cluster (through the first member's config)."""
+        return self.with_dcs(lambda dcs: dcs.read_cluster())
+
+    def request_switchover(self, target: str | None = None, via: str | None = None) -> None:
+        """Write a switchover command (to ``target``, or to the best replica) as `pgsidecar
+        switchover` does, through member ``via``'s config (the first member's by default)."""
+        from pgsidecar.ops import request_switchover
+
+        self.with_dcs(lambda dcs: request_switchover(dcs, target), via)
 
     def wait_sync(self, timeout: float = 60) -> list[str]:
         """Until the master has recorded at least one synchronous standby in the DCS (before

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from events import netloc
-from pgsidecar.lab.local import LocalCluster, LocalClusterError, MemberInfo, _which
+from pgsidecar.lab.local import LocalCluster, LocalClusterError, MemberInfo, _which, set_dotted
 from pgsidecar.procutil import pid_alive, read_pid, terminate
 
 CLUSTER_NET = 213  # 10.213.k.0/24: the cluster links, on a bridge
@@ -275,11 +275,7 @@ class NetnsLocalCluster(LocalCluster):
             },
         }
         for key, value in extra.items():
-            node = cfg
-            parts = key.split(".")
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = value
+            set_dotted(cfg, key, value)
         return cfg
 
     def _index_from_meta(self, name: str) -> int:
