@@ -58,6 +58,37 @@ class LocalClusterError(Exception):
     pass
 
 
+def etcd_argv(
+    name: str, data_dir: Path, listen_client: str, advertise_client: str, peer: str, initial: str
+) -> list[str]:
+    """The command line of a local cluster's etcd member: a new cluster of the members in
+    ``initial`` ("name=peer URL,..."), with raft timings for one machine (heartbeat 100 ms,
+    election 1 s)."""
+    return [
+        _which("etcd", "install etcd-server"),
+        "--name",
+        name,
+        "--data-dir",
+        str(data_dir),
+        "--listen-client-urls",
+        listen_client,
+        "--advertise-client-urls",
+        advertise_client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        initial,
+        "--initial-cluster-state",
+        "new",
+        "--heartbeat-interval",
+        "100",
+        "--election-timeout",
+        "1000",
+    ]
+
+
 def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
     """Set a dotted ``key`` ("settings.synchronous_mode": the ``extra`` of ``create``) in a
     member's config, making the sections on the way."""
@@ -615,29 +646,7 @@ class LocalCluster:
         # on loopback the peer URLs stay plain: raft traffic never leaves the host
         peer = f"http://127.0.0.1:{m.peer_port}"
         initial = ",".join(f"{x.name}=http://127.0.0.1:{x.peer_port}" for x in self.etcd_members)
-        argv = [
-            _which("etcd", "install etcd-server"),
-            "--name",
-            m.name,
-            "--data-dir",
-            str(d / "data"),
-            "--listen-client-urls",
-            client,
-            "--advertise-client-urls",
-            client,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            initial,
-            "--initial-cluster-state",
-            "new",
-            "--heartbeat-interval",
-            "100",
-            "--election-timeout",
-            "1000",
-        ]
+        argv = etcd_argv(m.name, d / "data", client, client, peer, initial)
         material = self.tls_material
         if material is not None:
             own = material.member("etcd")
