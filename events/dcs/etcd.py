@@ -356,6 +356,25 @@ class EtcdDCS(DCS):
             return None
         return key[len(self.base) :]
 
+    async def _put_if_unchanged(
+        self, key: str, kv: dict[str, Any], put: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``put`` in a transaction that succeeds only if ``key`` (base64) has not been written
+        since it was read as ``kv``: a takeover of exactly the key that was looked at."""
+        return await self._txn(
+            {
+                "compare": [
+                    {
+                        "key": key,
+                        "target": "MOD",
+                        "result": "EQUAL",
+                        "mod_revision": str(_int(kv.get("mod_revision"))),
+                    }
+                ],
+                "success": [put],
+            }
+        )
+
     async def _txn(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self._post("/v3/kv/txn", body, idempotent=False)
@@ -467,20 +486,8 @@ class EtcdDCS(DCS):
         if kv is not None and _int(kv.get("lease")) == 0:
             # a leader key bound to no lease was not written by an agent (ours always carry
             # one): it is no lock and would never expire. Take it over, if it is still that key.
-            reply = await self._txn(
-                {
-                    "compare": [
-                        {
-                            "key": key,
-                            "target": "MOD",
-                            "result": "EQUAL",
-                            "mod_revision": str(_int(kv.get("mod_revision"))),
-                        }
-                    ],
-                    "success": [
-                        {"request_put": {"key": key, "value": _b64(name), "lease": str(lease)}}
-                    ],
-                }
+            reply = await self._put_if_unchanged(
+                key, kv, {"request_put": {"key": key, "value": _b64(name), "lease": str(lease)}}
             )
             if reply.get("succeeded"):
                 return Leader(name, _int(reply.get("header", {}).get("revision")))
@@ -523,19 +530,7 @@ class EtcdDCS(DCS):
                 continue  # vanished meanwhile (its lease lapsed): try to create it again
             require_own_incarnation(name, self.key("members", name), _unb64(kv.get("value")), data)
             # our own previous incarnation: take the key over, bound to our lease from now on
-            reply = await self._txn(
-                {
-                    "compare": [
-                        {
-                            "key": key,
-                            "target": "MOD",
-                            "result": "EQUAL",
-                            "mod_revision": str(_int(kv.get("mod_revision"))),
-                        }
-                    ],
-                    "success": [put],
-                }
-            )
+            reply = await self._put_if_unchanged(key, kv, put)
             if reply.get("succeeded"):
                 return
         raise DCSError(f"could not register member {name!r}: its key kept changing under us")
