@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.support.fixtures_sim",
     "tests.support.fixtures_pg",  # pg_template and lab: real PostgreSQL members
     "tests.support.fenceutil",  # the procs fixture
+    "tests.support.dcswatch",  # the watchers fixture
 ]
 
 

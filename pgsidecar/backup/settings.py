@@ -12,10 +12,17 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from cronsim import CronSim, CronSimError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 BackupType = Literal["full", "diff", "incr"]
 
@@ -24,6 +31,8 @@ _TOKEN_RE = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 _INTERVAL_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# the shortest interval a schedule and its grace take
+_MIN_INTERVAL = timedelta(minutes=1)
 
 
 class BackupSettingsError(Exception):
@@ -118,7 +127,7 @@ def _check_when(value: str | None) -> str | None:
         return None
     interval = parse_interval(value)
     if interval is not None:
-        if interval < timedelta(minutes=1):
+        if interval < _MIN_INTERVAL:
             raise ValueError(f"an interval of {value!r} is too short: at least 1m")
         return value.strip()
     try:
@@ -131,30 +140,29 @@ def _check_when(value: str | None) -> str | None:
     return value.strip()
 
 
+def _check_grace(value: str) -> str:
+    interval = parse_interval(value)
+    if interval is None or interval < _MIN_INTERVAL:
+        raise ValueError(f"{value!r} is not an interval of at least 1m ('30m', '6h', '1d')")
+    return value.strip()
+
+
+# when a type of backup runs: an interval or a cron expression; None: that type is not scheduled
+_When = Annotated[str | None, AfterValidator(_check_when)]
+_Grace = Annotated[str, AfterValidator(_check_grace)]
+
+
 class Schedule(_Strict):
     """When backups run, per type: a cron expression (5 fields, UTC) or an interval ('6h').
     Every member computes the same slots from the same settings (intervals count from the Unix
     epoch), so the agent can take each slot exactly once through the DCS."""
 
-    full: str | None = None
-    diff: str | None = None
-    incr: str | None = None
+    full: _When = None
+    diff: _When = None
+    incr: _When = None
     # how long after its time a slot still runs when no member could take it then (all down):
     # the first member back takes it, once; an older missed slot is skipped
-    grace: str = "1h"
-
-    @field_validator("full", "diff", "incr")
-    @classmethod
-    def _when(cls, value: str | None) -> str | None:
-        return _check_when(value)
-
-    @field_validator("grace")
-    @classmethod
-    def _grace(cls, value: str) -> str:
-        interval = parse_interval(value)
-        if interval is None or interval < timedelta(minutes=1):
-            raise ValueError(f"{value!r} is not an interval of at least 1m ('30m', '6h', '1d')")
-        return value.strip()
+    grace: _Grace = "1h"
 
     @property
     def grace_period(self) -> timedelta:
@@ -179,36 +187,31 @@ class Schedule(_Strict):
     def next_slot(self, kind: BackupType, after: datetime) -> datetime | None:
         """The first slot of ``kind`` strictly after ``after`` (aware, UTC), or None if that type
         is not scheduled."""
-        when: str | None = getattr(self, kind)
-        if when is None:
-            return None
-        after = after.astimezone(UTC)
-        interval = parse_interval(when)
-        if interval is not None:
-            step = interval.total_seconds()
-            n = (after - _EPOCH).total_seconds() // step + 1
-            return _EPOCH + timedelta(seconds=n * step)
-        # cronsim works on naive datetimes here: it steps through UTC wall time
-        naive = after.replace(tzinfo=None, microsecond=0)
-        nxt: datetime = next(CronSim(when, naive))
-        return nxt.replace(tzinfo=UTC)
+        return self._slot(kind, after, later=True)
 
     def last_slot(self, kind: BackupType, now: datetime) -> datetime | None:
         """The latest slot of ``kind`` at or before ``now`` (aware, UTC), or None if that type
         is not scheduled."""
+        return self._slot(kind, now, later=False)
+
+    def _slot(self, kind: BackupType, at: datetime, *, later: bool) -> datetime | None:
         when: str | None = getattr(self, kind)
         if when is None:
             return None
-        now = now.astimezone(UTC)
+        at = at.astimezone(UTC)
         interval = parse_interval(when)
         if interval is not None:
             step = interval.total_seconds()
-            n = (now - _EPOCH).total_seconds() // step
+            n = (at - _EPOCH).total_seconds() // step + (1 if later else 0)
             return _EPOCH + timedelta(seconds=n * step)
-        # cronsim's reverse walk yields times strictly before its start: start a second after
-        naive = now.replace(tzinfo=None, microsecond=0) + timedelta(seconds=1)
-        prev: datetime = next(CronSim(when, naive, reverse=True))
-        return prev.replace(tzinfo=UTC)
+        # cronsim works on naive datetimes here: it steps through UTC wall time
+        naive = at.replace(tzinfo=None, microsecond=0)
+        if later:
+            slot: datetime = next(CronSim(when, naive))
+        else:
+            # cronsim's reverse walk yields times strictly before its start: start a second after
+            slot = next(CronSim(when, naive + timedelta(seconds=1), reverse=True))
+        return slot.replace(tzinfo=UTC)
 
 
 class BackupSettings(_Strict):
