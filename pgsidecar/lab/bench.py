@@ -271,15 +271,15 @@ def run_failover_bench(
             )
         for line in lines:
             print(json.dumps(line), file=out, flush=True)
-        return lines
     except BaseException:
         # keep the cluster's journals and logs to read why (the processes are stopped)
         print(f"bench failed; the cluster's files are kept in {base}", file=sys.stderr)
         lc.down()
         raise
-    else:
-        lc.down()
-        shutil.rmtree(base, ignore_errors=True)
+    # a return inside the try would skip this: a finished bench left its cluster running
+    lc.down()
+    shutil.rmtree(base, ignore_errors=True)
+    return lines
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
