@@ -15,6 +15,7 @@ transition, never a silent wait: the generator fails effects often.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -223,8 +224,15 @@ def play(pick: Pick, steps: int) -> World:
     return w
 
 
+@functools.cache
+def sampled(options: tuple[Any, ...]) -> st.SearchStrategy[Any]:
+    """One strategy per set of options, made once: a strategy made anew for every pick costs
+    hypothesis more (its label and properties computed again) than the whole history's steps."""
+    return st.sampled_from(options)
+
+
 def hypothesis_pick(data: st.DataObject) -> Pick:
-    return lambda options, label: data.draw(st.sampled_from(list(options)), label)
+    return lambda options, label: data.draw(sampled(tuple(options)), label)
 
 
 def random_pick(seed: int) -> Pick:
