@@ -5,6 +5,7 @@ interpreter for what `pgsidecar run` actually loads."""
 from __future__ import annotations
 
 import ast
+import functools
 import graphlib
 import subprocess
 import sys
@@ -14,7 +15,8 @@ REPO = Path(__file__).resolve().parents[2]
 STDLIB = sys.stdlib_module_names
 
 
-def imports_of(path: Path) -> set[str]:
+@functools.cache  # the tests below read the same files: each is parsed once
+def imports_of(path: Path) -> frozenset[str]:
     """Every module an import statement in ``path`` names (absolute imports only: the project
     uses no relative ones)."""
     out: set[str] = set()
@@ -25,10 +27,10 @@ def imports_of(path: Path) -> set[str]:
             out.add(node.module)
             # `from pgsidecar import x` names the module pgsidecar.x
             out |= {f"{node.module}.{a.name}" for a in node.names}
-    return out
+    return frozenset(out)
 
 
-def modules(package: str) -> dict[str, set[str]]:
+def modules(package: str) -> dict[str, frozenset[str]]:
     return {
         str(p.relative_to(REPO)): imports_of(p)
         for p in sorted((REPO / package).rglob("*.py"))
