@@ -5,6 +5,7 @@ tests/unit/test_parsers_fuzz.py) so that it stays fast; these find what a sample
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -14,6 +15,14 @@ from tests.unit import test_fsm_liveness as liveness
 from tests.unit import test_parsers_fuzz as fuzz
 
 SLOW_OK = [HealthCheck.too_slow]
+
+
+def inner(test: Any) -> Callable[..., None]:
+    """The body of a hypothesis test, without its strategies and settings."""
+    body: Callable[..., None] = test.hypothesis.inner_test
+    return body
+
+
 json_value = fuzz.json_value
 
 
@@ -36,37 +45,37 @@ def test_every_wait_names_an_input_that_is_coming_over_many_seeds() -> None:
 @settings(max_examples=300, deadline=None, suppress_health_check=SLOW_OK)
 @given(st.sampled_from(fuzz.FIELDS), json_value)
 def test_config_any_value_is_accepted_or_a_clear_error(path: tuple[str, ...], value: Any) -> None:
-    fuzz.test_config_any_value_is_accepted_or_a_clear_error.hypothesis.inner_test(path, value)
+    inner(fuzz.test_config_any_value_is_accepted_or_a_clear_error)(path, value)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_config_file_of_random_bytes_is_a_clear_error(raw: bytes) -> None:
-    fuzz.test_config_file_of_random_bytes_is_a_clear_error.hypothesis.inner_test(raw)
+    inner(fuzz.test_config_file_of_random_bytes_is_a_clear_error)(raw)
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=120))
 def test_dcs_json_values_decode_or_give_a_reason(raw: bytes) -> None:
-    fuzz.test_dcs_json_values_decode_or_give_a_reason.hypothesis.inner_test(raw)
+    inner(fuzz.test_dcs_json_values_decode_or_give_a_reason)(raw)
 
 
 @settings(max_examples=500, deadline=None)
 @given(json_value)
 def test_member_values_of_any_shape_never_crash(value: Any) -> None:
-    fuzz.test_member_values_of_any_shape_never_crash.hypothesis.inner_test(value)
+    inner(fuzz.test_member_values_of_any_shape_never_crash)(value)
 
 
 @settings(max_examples=500, deadline=None)
 @given(json_value)
 def test_records_decode_or_raise_value_error(value: Any) -> None:
-    fuzz.test_records_decode_or_raise_value_error.hypothesis.inner_test(value)
+    inner(fuzz.test_records_decode_or_raise_value_error)(value)
 
 
 @settings(max_examples=300, deadline=None)
 @given(json_value, st.sampled_from(["input", "transition", "action", "bogus"]))
 def test_records_with_a_valid_envelope_and_any_body(body: Any, kind: str) -> None:
-    fuzz.test_records_with_a_valid_envelope_and_any_body.hypothesis.inner_test(body, kind)
+    inner(fuzz.test_records_with_a_valid_envelope_and_any_body)(body, kind)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=SLOW_OK)
@@ -77,12 +86,10 @@ def test_records_with_a_valid_envelope_and_any_body(body: Any, kind: str) -> Non
 def test_recorded_inputs_with_garbage_data_never_crash_nor_promote(
     kind: str, data: dict[str, Any]
 ) -> None:
-    fuzz.test_recorded_inputs_with_garbage_data_never_crash_nor_promote.hypothesis.inner_test(
-        kind, data
-    )
+    inner(fuzz.test_recorded_inputs_with_garbage_data_never_crash_nor_promote)(kind, data)
 
 
 @settings(max_examples=300, deadline=None)
 @given(json_value)
 def test_input_envelope_decode(value: Any) -> None:
-    fuzz.test_input_envelope_decode.hypothesis.inner_test(value)
+    inner(fuzz.test_input_envelope_decode)(value)
