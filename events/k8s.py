@@ -471,13 +471,40 @@ class PodEvent:
         return {"type": "pod", "data": data}
 
 
-class PodWatcher:
+class _ApiLoop:
+    """A loop beside the agent on the Kubernetes API, through its own client unless it was
+    given one: ``start`` runs ``_run`` as a task (once), ``close`` cancels it and closes the
+    client if it is ours."""
+
+    TASK_NAME = ""
+    api: KubeApi
+    _own_api: bool
+    _task: asyncio.Task[None] | None
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Start the loop in the background; never raises, never waits for the API."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.TASK_NAME)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            await stop_task(task)
+        if self._own_api:
+            await self.api.close()
+
+
+class PodWatcher(_ApiLoop):
     """List, then watch, the cluster's pods; deliver each change exactly once to ``on_event``.
 
     ``on_event`` is called from the watcher's task, synchronously, in order; it should only
     enqueue (an exception it raises is logged and the watch goes on)."""
 
     SEEN_MAX = 4096  # (pod, resourceVersion) pairs remembered to drop repeated events
+    TASK_NAME = "k8s-pod-watcher"
 
     def __init__(
         self,
@@ -532,18 +559,6 @@ class PodWatcher:
     def pods(self) -> dict[str, PodEvent]:
         """The latest delivered state of each pod, by pod name."""
         return dict(self._pods)
-
-    def start(self) -> None:
-        """Start watching in the background; never raises, never waits for the API."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="k8s-pod-watcher")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            await stop_task(task)
-        if self._own_api:
-            await self.api.close()
 
     # -- loop
 
@@ -749,13 +764,15 @@ class _Unknown(enum.Enum):
 _UNKNOWN: Final = _Unknown.UNKNOWN
 
 
-class PodLabeler:
+class PodLabeler(_ApiLoop):
     """Keeps the own pod's role label equal to the latest ``set_role``.
 
     ``set_role`` returns at once; a background task patches, retries with backoff, and sends
     only the latest desired value (a demotion that follows a promotion before the first patch
     went out sends one patch). The label follows the lease: the agent calls ``set_role`` on
     every transition and once at start-up, so labels left by a previous life are corrected."""
+
+    TASK_NAME = "k8s-pod-labeler"
 
     def __init__(
         self,
@@ -817,17 +834,6 @@ class PodLabeler:
         except TimeoutError:
             return False
         return True
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="k8s-pod-labeler")
-
-    async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            await stop_task(task)
-        if self._own_api:
-            await self.api.close()
 
     async def _learn_current(self) -> None:
         """Read the pod's current label once: no patch when it already says the right thing,

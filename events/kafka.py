@@ -48,9 +48,10 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 
 from events.recordauth import RecordAuthError, RecordKeys
 from events.recordauth import from_settings as record_keys_from_settings
-from events.settings import ConfigError, KafkaSettings
+from events.settings import KafkaSettings
 from events.sinks import Sink, merge_by_time
 from events.spool import KINDS, Spool, SpoolError, fsync_and_close
+from events.tlsclient import client_context, tls_reason
 from fsm import bounded_json
 from fsm.records import Record
 
@@ -89,33 +90,20 @@ def client_security(settings: KafkaSettings) -> dict[str, Any]:
     PLAINTEXT. A file that cannot be read is a ConfigError naming the setting."""
     if settings.security_protocol == "PLAINTEXT":
         return {}
-    try:
-        context = ssl.create_default_context(
-            cafile=str(settings.ssl_ca_file) if settings.ssl_ca_file is not None else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"cannot load kafka.ssl_ca_file {settings.ssl_ca_file}: {_why(exc)}"
-        ) from None
-    if settings.ssl_cert_file is not None and settings.ssl_key_file is not None:
-        try:
-            context.load_cert_chain(str(settings.ssl_cert_file), str(settings.ssl_key_file))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load kafka.ssl_cert_file {settings.ssl_cert_file} with "
-                f"kafka.ssl_key_file {settings.ssl_key_file}: {_why(exc)}"
-            ) from None
+    context = client_context(
+        settings.ssl_ca_file,
+        settings.ssl_cert_file,
+        settings.ssl_key_file,
+        ca_setting="kafka.ssl_ca_file",
+        cert_setting="kafka.ssl_cert_file",
+        key_setting="kafka.ssl_key_file",
+    )
     out: dict[str, Any] = {"security_protocol": settings.security_protocol, "ssl_context": context}
     if settings.security_protocol == "SASL_SSL":
         out["sasl_mechanism"] = settings.sasl_mechanism
         out["sasl_plain_username"] = settings.sasl_username
         out["sasl_plain_password"] = settings.resolve_sasl_password()
     return out
-
-
-def _why(exc: BaseException) -> str:
-    # an SSLError's reason or an OSError's strerror: never a file's content
-    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
 
 
 def record_keys(settings: KafkaSettings) -> RecordKeys | None:
@@ -156,7 +144,7 @@ async def explain_connect_failure(
         )
     except ssl.SSLError as exc:
         return (
-            f"TLS handshake with the broker failed ({_why(exc)}); check kafka.ssl_ca_file, "
+            f"TLS handshake with the broker failed ({tls_reason(exc)}); check kafka.ssl_ca_file, "
             f"kafka.ssl_cert_file and kafka.ssl_key_file"
         )
     except (OSError, KafkaError, TimeoutError):

@@ -24,7 +24,7 @@ ignored field by field: a member whose key cannot be read is left out, never gue
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from fsm.machine import EFFECT, TABLE, Decision, Effect, Role, decide, retry_delay
@@ -39,6 +39,7 @@ from fsm.snapshot import (
     Snapshot,
     Switchover,
     SyncSet,
+    replace,
 )
 
 INPUT_TYPES = (
@@ -218,8 +219,11 @@ def pg_facts(d: dict[str, Any]) -> PgFacts:
     )
 
 
+_PG_FACTS_FIELDS = tuple(f.name for f in fields(PgFacts))
+
+
 def pg_facts_to_dict(p: PgFacts) -> dict[str, Any]:
-    out: dict[str, Any] = {f.name: getattr(p, f.name) for f in fields(PgFacts)}
+    out: dict[str, Any] = {name: getattr(p, name) for name in _PG_FACTS_FIELDS}
     out["data"] = p.data.value
     return out
 

@@ -66,7 +66,7 @@ from typing import Any, NamedTuple
 from transitions import Machine
 
 from fsm.records import Transition, format_lsn
-from fsm.snapshot import DataState, MemberView, Snapshot
+from fsm.snapshot import DataState, LeaderView, MemberView, Snapshot
 
 
 class Role(StrEnum):
@@ -130,6 +130,7 @@ TABLE: tuple[Row, ...] = (
     Row(W, "reclone",            I, "pg_rewind failed rewind_attempts times: throw the data away and clone afresh."),
     Row(W, "release_key",        W, "The leader key still names us, a former master (its release failed): delete it, there is nothing to rewind against while it stands."),
     Row(W, "reinit",             I, "An operator asked to throw our data away instead of rewinding: wipe it and clone afresh."),
+    Row(W, "start_replica",      R, "No member holds the leader key, so there is nothing to rewind against, and the synchronous set may let only us lead: start read-only, as a demoted master does, and stand for election; a fork is found and rewound once a master appears."),
 )
 # fmt: on
 
@@ -203,7 +204,7 @@ AWAITS: dict[str, str] = {
     "leader_change": "another member holds the leader key and we follow it: its loss or change arrives from the DCS (the key lapses with its holder's lease)",
     "lease_watchdog": "we are master holding the lease: renewal, the fencing watchdog and the fence process post a lease loss on their own clock",
     "key_released": "we deleted the leader key that named us (or found it already gone): the DCS reports the deletion",
-    "peers": "no leader and we may not take the key now (ineligible, rewinding): another member's election or a change of our eligibility arrives from the DCS or a probe",
+    "peers": "no leader and we may not take the key now (ineligible, or rewinding with unusable data): another member's election or a change of our eligibility arrives from the DCS or a probe",
     "peer_bootstrap": "another member won the initialize key: it takes the leader key when its initdb is done, or deletes the initialize key if it fails",
     "pg_probe": "our PostgreSQL's state is not known yet: the probe loop posts it (every second, on any change)",
 }
@@ -244,6 +245,10 @@ def _wait_until(t: float, reason: str = "") -> Decision:
 # --- guards: pure functions of a snapshot ----------------------------------------------------------
 
 
+# a data directory PostgreSQL can start from (as a standby, whatever it last ran as)
+_USABLE_DATA = (DataState.STANDBY, DataState.PRIMARY_CLEAN, DataState.PRIMARY_CRASHED)
+
+
 def lease_valid(s: Snapshot) -> bool:
     """We hold the lease and, on our own clock, its fencing deadline has not passed."""
     return s.lease.held and (s.lease.deadline is None or s.now < s.lease.deadline)
@@ -275,6 +280,17 @@ def eligible(s: Snapshot) -> tuple[bool, str]:
                 f"{lag} bytes behind the last master position, above maximum_lag_on_failover",
             )
     return True, ""
+
+
+def _predates_our_term(leader: LeaderView, s: Snapshot) -> bool:
+    """A view naming another holder of the leader key at a term below the one we acquired
+    predates our acquisition: the term is the store's index when the key was written, our
+    create-if-absent at our term found no key, so a key written before it was gone by then.
+    Such views do arrive after newer ones: a fresh read after an outage is posted at once,
+    while the watch still delivers the changes it queued during the outage, in order. Acting
+    on one fenced a master that had just won the key, which then rejoined a master that was
+    not there (found by the simulator, seed 3003)."""
+    return s.lease.term is not None and leader.term < s.lease.term
 
 
 def _upstream_stepped_down(s: Snapshot) -> bool:
@@ -374,7 +390,7 @@ def _decide(role: Role, s: Snapshot) -> Decision:
             return Decision(
                 "lease_lost", "we no longer hold the leader lease: stop accepting writes"
             )
-        if leader is not None and leader.name != s.name:
+        if leader is not None and leader.name != s.name and not _predates_our_term(leader, s):
             return Decision(
                 "lease_lost",
                 f"the leader key names {leader.name} (term {leader.term}): stop accepting writes",
@@ -501,6 +517,17 @@ def _decide(role: Role, s: Snapshot) -> Decision:
             assert leader is not None
             return Decision(
                 "rewound", f"our data follows {leader.name}'s timeline: start as its standby"
+            )
+        if leader is None and s.pg.data in _USABLE_DATA:
+            # The master we came to rewind against is gone before we could (or it was never
+            # there: a view older than our own term). Waiting here for someone else to be
+            # elected can wait forever: the synchronous record may allow only us. Our data is
+            # the latest we know, as a demoted master's is; a fork is checked when one leads.
+            if not s.dcs.reachable:
+                return _wait("dcs_reachable")
+            return Decision(
+                "start_replica",
+                "no member holds the leader key, nothing to rewind against: start read-only and stand for election",
             )
         if s.rewind_failures >= s.settings.rewind_attempts:
             return Decision(
@@ -714,6 +741,9 @@ class _Model:
     state: str
 
 
+_ROLE_OF_STATE: dict[str, Role] = {role.value: role for role in Role}
+
+
 class RoleMachine:
     """A ``transitions`` machine built from TABLE. It checks a trigger against the table and
     returns the Transition record; it runs no effects (the runtime does)."""
@@ -736,7 +766,8 @@ class RoleMachine:
 
     @property
     def role(self) -> Role:
-        return Role(self._model.state)
+        # a dict lookup, not Role(...): the runtime asks for the role several times per input
+        return _ROLE_OF_STATE[self._model.state]
 
     def can(self, trigger: str) -> bool:
         return any(row.source is self.role and row.trigger == trigger for row in TABLE)

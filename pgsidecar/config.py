@@ -35,7 +35,7 @@ from events.settings import KafkaSettings as KafkaSettings
 from events.settings import KubernetesSettings as KubernetesSettings
 from events.settings import Strict as Strict
 from events.settings import resolve_secret
-from pgsidecar.backup.settings import BackupSettings
+from pgsidecar.backup.settings import BackupSettings, BootstrapSettings, same_repository
 
 # written by the agent from the backup section when it is set; never a member parameter then
 BACKUP_PARAMETERS = ("archive_mode", "archive_command", "restore_command")
@@ -336,6 +336,9 @@ class AgentConfig(Strict):
     # continuous archiving and backups with pgBackRest (docs/backup.md): the member's own
     # config only, since archive_command runs a command; the DCS never sets it
     backup: BackupSettings | None = None
+    # how the member that initialises the cluster makes its data: initdb, or a restore from
+    # another cluster's pgBackRest repository (docs/backup.md); the local config only
+    bootstrap: BootstrapSettings = BootstrapSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = None
     log_rotation: LogRotation = LogRotation()
@@ -364,6 +367,20 @@ class AgentConfig(Strict):
                     f"postgresql.parameters sets {', '.join(clash)}, which the agent writes "
                     f"itself when the backup section is set: remove them"
                 )
+        boot = self.bootstrap
+        if (
+            boot.method == "pgbackrest"
+            and self.backup is not None
+            and boot.repository is not None
+            and boot.stanza == self.cluster
+            and same_repository(boot.repository, self.backup.repository)
+        ):
+            raise ValueError(
+                "bootstrap.stanza in bootstrap.repository is this cluster's own stanza (its "
+                "name) in its own repository (backup.repository): the restored cluster would "
+                "archive into the stanza it restores from. Give the new cluster another name "
+                "(cluster) or its own backup.repository"
+            )
         return self
 
 

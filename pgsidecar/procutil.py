@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import pwd
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 
 def pid_alive(pid: int) -> bool:
@@ -56,6 +60,30 @@ def terminate(
                 return True
             time.sleep(0.02)
     return not pid_alive(pid)
+
+
+def die_with_parent() -> None:
+    """A ``preexec_fn`` for a child the caller stops itself: SIGKILL it if the caller dies
+    first without stopping it (PR_SET_PDEATHSIG), so a crashed run leaves no server behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def stop_child(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> None:
+    """Stop a child started with ``subprocess.Popen`` and reap it: ``sig`` unless it has exited
+    already, SIGKILL if it is still there after ``timeout``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def _reap(pid: int) -> None:

@@ -259,12 +259,18 @@ class Rollout:
                 f"stopped before the switchover: the master is {leader}, not {step.member} "
                 "as planned; run the rollout again"
             )
-        target = await self.cluster.most_advanced(step.targets)
-        if target is None:
-            raise RolloutError(
-                f"stopped before the switchover: none of {', '.join(step.targets)} is a "
-                "running, streaming replica"
-            )
+        # the choice reads the members' keys in the DCS, which a member rewrites on its next
+        # probe after its /status (what the step before waited on) shows it streaming: wait
+        # for the keys to catch up, bounded, before calling the replicas unfit
+        deadline = self.clock() + self.switchover_timeout
+        while (target := await self.cluster.most_advanced(step.targets)) is None:
+            if self.clock() > deadline:
+                raise RolloutError(
+                    f"stopped before the switchover: none of {', '.join(step.targets)} is a "
+                    f"running, streaming replica (in its DCS member key) after "
+                    f"{self.switchover_timeout:g} s"
+                )
+            await asyncio.sleep(self.poll)
         new = await self.cluster.switchover(step.member, target, self.switchover_timeout)
         if new != target:
             got = f"{new} leads instead" if new else "no new master"

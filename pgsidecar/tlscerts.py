@@ -18,6 +18,11 @@ import subprocess
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 CA_DAYS = 3650
 CERT_DAYS = 825
@@ -99,7 +104,7 @@ def issue(
 
 def _crypto_ca(cert: Path, key: Path, common_name: str, days: int) -> None:
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
@@ -132,16 +137,7 @@ def _crypto_ca(cert: Path, key: Path, common_name: str, days: int) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(private.public_key()), False)
         .sign(private, hashes.SHA256())
     )
-    _write_key(
-        key,
-        private.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-    )
-    cert.parent.mkdir(parents=True, exist_ok=True)
-    cert.write_bytes(built.public_bytes(serialization.Encoding.PEM))
+    _write_crypto_pair(cert, key, built, private)
 
 
 def _crypto_issue(
@@ -195,6 +191,15 @@ def _crypto_issue(
         )
         .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
     )
+    _write_crypto_pair(cert, key, built, private)
+
+
+def _write_crypto_pair(
+    cert: Path, key: Path, built: x509.Certificate, private: ec.EllipticCurvePrivateKey
+) -> None:
+    """The key (PKCS#8 PEM, 0600) and the certificate (PEM) made with ``cryptography``."""
+    from cryptography.hazmat.primitives import serialization
+
     _write_key(
         key,
         private.private_bytes(

@@ -48,7 +48,7 @@ fi
 # clusters pick free ports, so it is left alone.
 
 PY=${PYTHON:-python3}
-if ! $PY -c "import pgsidecar, pytest, hypothesis, aiokafka, consul, kubernetes_asyncio, cronsim" 2>/dev/null \
+if ! $PY -c "import pgsidecar, pytest, hypothesis, xdist, aiokafka, consul, kubernetes_asyncio, cronsim" 2>/dev/null \
     || ! command -v pgsidecar >/dev/null; then
     echo "setup: installing the Python package and its test dependencies"
     $PY -m pip install -q --disable-pip-version-check -e ".[test]"

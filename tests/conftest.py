@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = [
@@ -11,6 +13,7 @@ pytest_plugins = [
     "tests.support.fixtures_sim",
     "tests.support.fixtures_pg",  # pg_template and lab: real PostgreSQL members
     "tests.support.fenceutil",  # the procs fixture
+    "tests.support.dcswatch",  # the watchers fixture
 ]
 
 
@@ -61,3 +64,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name in TIER_MARKERS[tier]:
             if item.get_closest_marker(name) is None:
                 item.add_marker(getattr(pytest.mark, name))
+
+
+# `pytest tests/unit` runs in two worker processes (pytest-xdist), one file per worker at a
+# time: a third of the tier's time is the fence tests waiting on real clocks (a deadline, a
+# second between SIGQUIT and SIGKILL), which the other worker fills with the CPU-bound files.
+# Only when every path asked for is in tests/unit, one of them a folder (the other tiers start
+# real clusters on free ports and time failovers: they stay serial), and no -n was given;
+# `-n 0` runs it serially, and so do --pdb, --collect-only and a machine without pytest-xdist.
+UNIT_WORKERS = 2
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads -n
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    option = config.option
+    if (
+        not config.pluginmanager.hasplugin("xdist")
+        or hasattr(config, "workerinput")  # a worker: the controller decided
+        or getattr(option, "numprocesses", None) is not None
+        or option.usepdb
+        or option.collectonly
+    ):
+        return
+    unit = config.rootpath / "tests" / "unit"
+    paths = [Path(arg.split("::")[0]).resolve() for arg in config.args]
+    in_unit = bool(paths) and all(p == unit or unit in p.parents for p in paths)
+    # a file or a test asked for alone runs serially: two workers cost more than they save
+    if in_unit and any(p.is_dir() for p in paths):
+        option.numprocesses = UNIT_WORKERS
+        option.dist = "loadfile"

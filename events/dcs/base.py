@@ -133,6 +133,23 @@ def decode_json_object(
     return value, None
 
 
+def require_own_incarnation(
+    name: str, key: str, raw: bytes | str | None, data: dict[str, Any]
+) -> None:
+    """``key``, member ``name``'s key, is held by a live session that is not ours: return if its
+    value ``raw`` is our own previous incarnation's (the ``instance_id`` of our ``data``), whose
+    key the caller then takes over; raise DuplicateMember if it is another agent's."""
+    existing, _reason = decode_json_object(key, raw)
+    theirs = existing.get("instance_id") if existing else None
+    ours = data.get("instance_id")
+    if ours is None or theirs != ours:
+        raise DuplicateMember(
+            f"member name {name!r} is already registered by another live agent "
+            f"(instance_id {theirs!r}, ours {ours!r}): give this member another name, or "
+            f"stop the other agent; its key disappears when its session ends"
+        )
+
+
 def build_view(base: str, entries: list[tuple[str, bytes, int, bool]], index: int) -> ClusterView:
     """The ClusterView of a cluster's keys, for every backend: ``entries`` are
     (full key, raw value, modify index, held) where ``held`` says a lock key is held by a live

@@ -136,6 +136,7 @@ from events.dcs.base import (
     build_view,
     decode_json_object,
     decode_timeline,
+    require_own_incarnation,
 )
 from events.settings import ConfigError, ConsulSettings, resolve_secret
 
@@ -674,15 +675,7 @@ class ConsulDCS(DCS):
                 continue  # vanished or unlocked meanwhile: try again
             if entry.get("Session") == sid:
                 continue  # cannot happen (we would have succeeded); retry rather than assume
-            existing, _reason = decode_json_object(key, entry.get("Value") or b"")
-            theirs = existing.get("instance_id") if existing else None
-            ours = data.get("instance_id")
-            if ours is None or theirs != ours:
-                raise DuplicateMember(
-                    f"member name {name!r} is already registered by another live agent "
-                    f"(instance_id {theirs!r}, ours {ours!r}): give this member another name, or "
-                    f"stop the other agent; its key disappears when its session ends"
-                )
+            require_own_incarnation(name, key, entry.get("Value") or b"", data)
             # our previous incarnation, whose session may live on until its TTL: take the key
             await self._delete(
                 f"takeover of member {name}", key, cas=int(entry.get("ModifyIndex", 0))

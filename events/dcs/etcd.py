@@ -48,15 +48,16 @@ from events.dcs.base import (
     AuthError,
     ClusterView,
     DCSError,
-    DuplicateMember,
     Leader,
     SessionLost,
     TimelineCounter,
     build_view,
     decode_json_object,
     decode_timeline,
+    require_own_incarnation,
 )
 from events.settings import ConfigError, EtcdSettings
+from events.tlsclient import client_context, tls_reason
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +356,25 @@ class EtcdDCS(DCS):
             return None
         return key[len(self.base) :]
 
+    async def _put_if_unchanged(
+        self, key: str, kv: dict[str, Any], put: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``put`` in a transaction that succeeds only if ``key`` (base64) has not been written
+        since it was read as ``kv``: a takeover of exactly the key that was looked at."""
+        return await self._txn(
+            {
+                "compare": [
+                    {
+                        "key": key,
+                        "target": "MOD",
+                        "result": "EQUAL",
+                        "mod_revision": str(_int(kv.get("mod_revision"))),
+                    }
+                ],
+                "success": [put],
+            }
+        )
+
     async def _txn(self, body: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self._post("/v3/kv/txn", body, idempotent=False)
@@ -466,20 +486,8 @@ class EtcdDCS(DCS):
         if kv is not None and _int(kv.get("lease")) == 0:
             # a leader key bound to no lease was not written by an agent (ours always carry
             # one): it is no lock and would never expire. Take it over, if it is still that key.
-            reply = await self._txn(
-                {
-                    "compare": [
-                        {
-                            "key": key,
-                            "target": "MOD",
-                            "result": "EQUAL",
-                            "mod_revision": str(_int(kv.get("mod_revision"))),
-                        }
-                    ],
-                    "success": [
-                        {"request_put": {"key": key, "value": _b64(name), "lease": str(lease)}}
-                    ],
-                }
+            reply = await self._put_if_unchanged(
+                key, kv, {"request_put": {"key": key, "value": _b64(name), "lease": str(lease)}}
             )
             if reply.get("succeeded"):
                 return Leader(name, _int(reply.get("header", {}).get("revision")))
@@ -520,31 +528,9 @@ class EtcdDCS(DCS):
             kv = _first_kv(reply)
             if kv is None:
                 continue  # vanished meanwhile (its lease lapsed): try to create it again
-            existing, _reason = decode_json_object(
-                self.key("members", name), _unb64(kv.get("value"))
-            )
-            theirs = existing.get("instance_id") if existing else None
-            ours = data.get("instance_id")
-            if ours is None or theirs != ours:
-                raise DuplicateMember(
-                    f"member name {name!r} is already registered by another live agent "
-                    f"(instance_id {theirs!r}, ours {ours!r}): give this member another name, or "
-                    f"stop the other agent; its key disappears when its session ends"
-                )
+            require_own_incarnation(name, self.key("members", name), _unb64(kv.get("value")), data)
             # our own previous incarnation: take the key over, bound to our lease from now on
-            reply = await self._txn(
-                {
-                    "compare": [
-                        {
-                            "key": key,
-                            "target": "MOD",
-                            "result": "EQUAL",
-                            "mod_revision": str(_int(kv.get("mod_revision"))),
-                        }
-                    ],
-                    "success": [put],
-                }
-            )
+            reply = await self._put_if_unchanged(key, kv, put)
             if reply.get("succeeded"):
                 return
         raise DCSError(f"could not register member {name!r}: its key kept changing under us")
@@ -843,28 +829,14 @@ def _ssl_context(settings: EtcdSettings) -> ssl.SSLContext | None:
                 "use https:// endpoints (or remove the TLS files)"
             )
         return None
-    try:
-        context = ssl.create_default_context(
-            cafile=str(settings.ca_cert) if settings.ca_cert is not None else None
-        )
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"cannot load dcs.etcd.ca_cert {settings.ca_cert}: {_ssl_reason(exc)}"
-        ) from None
-    if settings.client_cert is not None and settings.client_key is not None:
-        try:
-            context.load_cert_chain(str(settings.client_cert), str(settings.client_key))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"cannot load dcs.etcd.client_cert {settings.client_cert} with "
-                f"dcs.etcd.client_key {settings.client_key}: {_ssl_reason(exc)}"
-            ) from None
-    return context
-
-
-def _ssl_reason(exc: BaseException) -> str:
-    # an SSLError's reason or an OSError's strerror: never the content of a file
-    return str(getattr(exc, "reason", None) or getattr(exc, "strerror", None) or type(exc).__name__)
+    return client_context(
+        settings.ca_cert,
+        settings.client_cert,
+        settings.client_key,
+        ca_setting="dcs.etcd.ca_cert",
+        cert_setting="dcs.etcd.client_cert",
+        key_setting="dcs.etcd.client_key",
+    )
 
 
 # a TLS handshake that failed (a certificate not trusted, ours refused): no other endpoint
@@ -884,7 +856,7 @@ def _is_tls_failure(exc: BaseException) -> bool:
 
 def _tls_error(endpoint: str, exc: BaseException) -> DCSError:
     cause = getattr(exc, "os_error", None) or getattr(exc, "certificate_error", None) or exc
-    reason = _ssl_reason(cause)
+    reason = tls_reason(cause)
     lowered = str(cause).lower()
     if isinstance(exc, aiohttp.ClientConnectorCertificateError) or "certificate verify" in lowered:
         return DCSError(

@@ -1,6 +1,7 @@
 """Continuous archiving with pgBackRest: the parameters each role's postgresql.conf gets, the
 member's pgbackrest.conf written at start, and the stanza the master creates after each
-promotion (the bootstrap's included). Archiving never stands in the way of the master: a stanza
+promotion (the bootstrap's included); and the port of a bootstrap from another cluster's
+repository. Archiving never stands in the way of the master: a stanza
 that cannot be created is recorded, reported and tried again while the member stays master."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fsm.machine import Role
 from pgsidecar.agent.ports import Clock
 from pgsidecar.agent.state import ActionLog, NodeState, TaskSet
 from pgsidecar.backup import BackupError, StanzaInfo
+from pgsidecar.backup.pitr import RecoveryResult
 
 log = structlog.get_logger("pgsidecar.agent")
 
@@ -35,6 +37,19 @@ class ArchivePort(Protocol):
     async def info(self, timeout: float = ...) -> StanzaInfo: ...  # noqa: ASYNC109
 
     async def restore(self, data_dir: Path, *, standby: bool = ...) -> None: ...
+
+
+class BootstrapPort(Protocol):
+    """A new cluster's data restored from another cluster's repository, for the member that
+    wins the initialise race (RepositoryBootstrap is the real one)."""
+
+    def check(self) -> None: ...
+
+    async def restore(self) -> RecoveryResult: ...
+
+    def interrupted(self) -> bool: ...
+
+    def settle(self) -> None: ...
 
 
 ArchiverStats = tuple[int, float | None, int, float | None]

@@ -18,12 +18,14 @@ import structlog
 
 from events.dcs import DCS, DCSError
 from fsm.machine import Effect, Role
+from pgsidecar.agent.archiving import BootstrapPort
 from pgsidecar.agent.membership import Membership
 from pgsidecar.agent.pgconfig import PgConfig, Upstream, clone_source, leader_conninfo
 from pgsidecar.agent.ports import Clock, FencePort, PostgresPort
 from pgsidecar.agent.sources import PgWatch
 from pgsidecar.agent.state import ActionLog, NodeState, Post
 from pgsidecar.backup import BackupError
+from pgsidecar.backup.pitr import RecoveryResult
 from pgsidecar.postgres.control import PostgresError
 from pgsidecar.syncrep import SyncManager
 
@@ -156,20 +158,75 @@ async def record_named_timeline(dcs: DCS, pg: PostgresPort, claimed: int, within
 # -- the effects ------------------------------------------------------------------------------------
 
 
-async def bootstrap(name: str, dcs: DCS, pg: PostgresPort, watch: PgWatch, report: Report) -> None:
+async def bootstrap(
+    name: str,
+    dcs: DCS,
+    pg: PostgresPort,
+    watch: PgWatch,
+    report: Report,
+    restore: BootstrapPort | None = None,
+) -> None:
+    """Race for the initialize key; the winner makes the cluster's first data directory: initdb,
+    or (``restore``, the bootstrap section) a restore from another cluster's repository
+    recovered to its target and promoted. Either way the result is a cleanly stopped primary's
+    data directory, which the machine starts and elects as after initdb. A failure gives the
+    key back for the next attempt (a partial restore is wiped first)."""
     won = await dcs.try_initialize(name)
     if not won:
         report.outcome(Effect.BOOTSTRAP, ok=True, won=False)
         return
     started = report.now()
+    result: RecoveryResult | None = None
     try:
-        await pg.initdb()
-    except Exception:
+        if restore is None:
+            await pg.initdb()
+        else:
+            result = await restore.restore()
+    except Exception as exc:
+        wiped = restore is not None and await wipe_restore(
+            pg, report, started, str(exc) or type(exc).__name__
+        )
         await dcs.cancel_initialize(name)
+        if restore is not None and wiped:
+            restore.settle()
         raise
-    report.action("initdb", "ok", started)
+    except asyncio.CancelledError:
+        # the agent is stopping: a partial restore must not be taken for data at the next start
+        # (if this does not finish, the restore's mark has the next start do it)
+        if restore is not None:
+            with contextlib.suppress(Exception):
+                if await asyncio.wait_for(wipe_restore(pg, report, started, "cancelled"), 30):
+                    await asyncio.wait_for(dcs.cancel_initialize(name), 5)
+                    restore.settle()
+        raise
+    if result is None:
+        report.action("initdb", "ok", started)
+    else:
+        report.action(
+            "restore_from_repository",
+            "ok",
+            started,
+            system_id=result.system_id,
+            timeline=result.timeline,
+        )
     await watch.probe_now()
     report.outcome(Effect.BOOTSTRAP, ok=True, won=True)
+
+
+async def wipe_restore(pg: PostgresPort, report: Report, started: float, error: str) -> bool:
+    """After a failed or interrupted restore: wipe the partial data directory and record the
+    failure. Returns whether the wipe worked. The restore's mark is settled by the caller only
+    once the initialize key is given back too: a mark left behind has the next start finish
+    both, where data gone with the key still naming us would wait for an operator."""
+    wiped = True
+    try:
+        await pg.wipe_data()
+    except Exception as exc:  # noqa: BLE001 - the key goes back all the same
+        log.error("restore_wipe_failed", error=str(exc))
+        wiped = False
+    with contextlib.suppress(OSError):  # a full disk must not keep the key from going back
+        report.action("restore_from_repository", "failed", started, error=error[:500])
+    return wiped
 
 
 async def clone(
@@ -249,6 +306,7 @@ async def acquire(
     fence: FencePort,
     fence_deadline: Callable[[float], float],
     report: Report,
+    fresh_lease: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     # A call that fails (error, timeout) raises: the runner posts ``ok: false`` (outcome
     # unknown: the DCS may have committed it), the machine retries after a back-off, and the
@@ -259,6 +317,9 @@ async def acquire(
         log.error("cannot_lead_without_watchdog_device", device=fence.device_state)
         report.outcome(Effect.ACQUIRE, ok=True, won=False, reason="no watchdog device")
         return
+    if fresh_lease is not None:
+        # a win must leave its fence deadline ahead of us, not behind (see fresh_for_race)
+        await fresh_lease()
     leader = await dcs.acquire_leader(state.name)
     if leader is not None and leader.name == state.name:
         # from the last renewal, not from this request: creating a key bound to the session
@@ -490,21 +551,29 @@ class EffectContext:
     sync: SyncManager
     fence_deadline: Callable[[float], float]
     ttl: float  # the local config's
+    # renews the session first when a win's fence deadline would already be due (None: never)
+    fresh_lease: Callable[[], Awaitable[None]] | None = None
     # called once PostgreSQL is writable after a promotion (the archiving's stanza)
     on_promoted: Callable[[], None] = lambda: None
     # a new replica's data from the backup repository (None: no repository configured)
     restore_replica: Callable[[], Awaitable[str | None]] | None = None
+    # the cluster's first data from another cluster's repository (None: initdb)
+    restore_bootstrap: BootstrapPort | None = None
 
 
 EffectFn = Callable[[EffectContext], Awaitable[None]]
 
 EFFECTS: dict[Effect, EffectFn] = {
-    Effect.BOOTSTRAP: lambda c: bootstrap(c.state.name, c.dcs, c.pg, c.watch, c.report),
+    Effect.BOOTSTRAP: lambda c: bootstrap(
+        c.state.name, c.dcs, c.pg, c.watch, c.report, c.restore_bootstrap
+    ),
     Effect.CLONE: lambda c: clone(c.state, c.pg, c.watch, c.report, c.restore_replica),
     Effect.START_STANDBY: lambda c: start_standby(c.state, c.pg, c.runner, c.report),
     Effect.FOLLOW: lambda c: follow(c.state, c.pg, c.config, c.report),
     Effect.ANNOUNCE: lambda c: announce(c.state, c.dcs, c.members, c.watch, c.report),
-    Effect.ACQUIRE: lambda c: acquire(c.state, c.dcs, c.fence, c.fence_deadline, c.report),
+    Effect.ACQUIRE: lambda c: acquire(
+        c.state, c.dcs, c.fence, c.fence_deadline, c.report, fresh_lease=c.fresh_lease
+    ),
     Effect.RELEASE: lambda c: release(c.state, c.dcs, c.fence, c.report),
     Effect.PROMOTE: lambda c: promote(
         c.state,

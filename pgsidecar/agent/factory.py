@@ -19,7 +19,7 @@ from pgsidecar.agent.membership import KubernetesGlue
 from pgsidecar.agent.ports import Ports, SystemClock
 from pgsidecar.agent.recorder import Recorder, SeqStore
 from pgsidecar.agent.sources import PeerFeed, watchdog_fired
-from pgsidecar.backup.member import member_instance, member_pgbackrest
+from pgsidecar.backup.member import member_bootstrap, member_instance, member_pgbackrest
 from pgsidecar.config import AgentConfig
 from pgsidecar.postgres.control import PostgresControl
 from pgsidecar.postgres.serverlog import ServerLogMetrics
@@ -117,6 +117,7 @@ def build_agent(cfg: AgentConfig, extra_sinks: list[Sink] | None = None) -> Agen
         serve_api=bool(cfg.api.port),
         pgbackrest=pgbackrest,
         scheduled_backup=scheduled_backup,
+        bootstrap=member_bootstrap(cfg, log),
         archiver_stats=pg.archiver_stats,
         metrics_registry=registry,
         peer_feed=peer_feed,

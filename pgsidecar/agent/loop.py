@@ -15,6 +15,7 @@ import functools
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -24,7 +25,13 @@ from events.privatefiles import make_private_dir
 from fsm.inputs import Input, pg_facts_to_dict, step
 from fsm.machine import EFFECT, Decision, Effect, Role, RoleMachine
 from fsm.snapshot import Settings, Snapshot
-from pgsidecar.agent.archiving import ArchivePort, ArchiverStats, Archiving, ArchivingMetrics
+from pgsidecar.agent.archiving import (
+    ArchivePort,
+    ArchiverStats,
+    Archiving,
+    ArchivingMetrics,
+    BootstrapPort,
+)
 from pgsidecar.agent.backups import BackupRun, BackupScheduleMetrics, BackupScheduler, eligible
 from pgsidecar.agent.effects import EFFECTS, EffectContext, PgRunner, Report
 from pgsidecar.agent.membership import KubernetesGlue, Membership
@@ -49,6 +56,14 @@ log = structlog.get_logger("pgsidecar.agent")
 
 def _nothing() -> None:
     return None
+
+
+def _holds_data(data_dir: Path) -> bool:
+    """Whether the data directory has anything in it (a volume's lost+found aside)."""
+    try:
+        return any(entry.name != "lost+found" for entry in data_dir.iterdir())
+    except OSError:
+        return False
 
 
 class AgentExit(Exception):
@@ -107,6 +122,9 @@ class Services:
     archiver_stats: Callable[[], Awaitable[ArchiverStats]] | None = None
     # the backup a slot of the schedule runs (None: no schedule is run here)
     scheduled_backup: BackupRun | None = None
+    # the restore from another cluster's repository that replaces initdb when this member
+    # initialises the cluster (None: initdb; the bootstrap section)
+    bootstrap: BootstrapPort | None = None
 
 
 class Agent:
@@ -259,9 +277,11 @@ class Agent:
             members=self.members,
             sync=self.sync,
             fence_deadline=self.renewal.fence_deadline,
+            fresh_lease=self.renewal.fresh_for_race,
             ttl=self.settings.ttl,
             on_promoted=self.archiving.on_promoted if self.archiving else _nothing,
             restore_replica=self.archiving.restore_replica if self.archiving else None,
+            restore_bootstrap=self.services.bootstrap,
         )
         self._effect_task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -433,8 +453,16 @@ class Agent:
                 self.archiving.write_config()
             except (BackupError, BackupSettingsError, OSError) as exc:
                 raise AgentExit(2, f"backup: cannot write pgbackrest.conf: {exc}") from exc
+        if self.services.bootstrap is not None and not _holds_data(self.cfg.postgresql.data_dir):
+            try:
+                # a member with no data yet may be the one that initialises the cluster: its
+                # restore must not fail on what a look at the config could have told
+                self.services.bootstrap.check()
+            except (BackupError, BackupSettingsError, OSError) as exc:
+                raise AgentExit(2, f"bootstrap: {exc}") from exc
         await self._connect_dcs()
         await self._join_cluster()
+        await self._abandon_interrupted_restore()
         facts = await self.pg.probe()
         self.post("pg", **pg_facts_to_dict(facts))
         for sink in self.recorder.sinks:
@@ -451,6 +479,31 @@ class Agent:
                 AgentApi(self), self.cfg.api, registry=self.services.metrics_registry
             )
             await self.api.start()
+
+    async def _abandon_interrupted_restore(self) -> None:
+        """A restore from another cluster's repository that this member's previous run began and
+        never completed (it was killed): its data directory is partial, and its
+        postgresql.auto.conf holds the source's recovery target (a standby started on it would
+        replay to the target and promote on its own). Wipe it and give the initialize key back
+        if it names us, so the race runs again."""
+        boot = self.services.bootstrap
+        if boot is None or not boot.interrupted():
+            return
+        started = self.clock.monotonic()
+        log.warning("restore_interrupted", data_dir=str(self.cfg.postgresql.data_dir))
+        await self.pg.wipe_data()
+        delay = 0.2
+        while True:
+            try:
+                await self.dcs.cancel_initialize(self.name)
+                break
+            except DCSError as exc:
+                log.warning("cancel_initialize_failed", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        # only now: killed before this, the next start wipes and gives the key back again
+        boot.settle()
+        self.recorder.action("restore_from_repository", "abandoned", started)
 
     async def _join_cluster(self) -> None:
         """Open our session, register our member key, release a key our previous incarnation

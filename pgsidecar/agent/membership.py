@@ -37,6 +37,23 @@ LSN_STEP_FRACTION = 8
 LSN_STEP_MAX = 1024 * 1024
 
 
+_ABSENT = object()
+
+
+def _equal_but_lsn(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """``a`` and ``b`` without their "lsn" are equal dicts (compared in place: this runs on
+    every probe, and two filtered copies cost more than the comparison)."""
+    if len(a) - ("lsn" in a) != len(b) - ("lsn" in b):
+        return False
+    for key, value in a.items():
+        if key == "lsn":
+            continue
+        other = b.get(key, _ABSENT)
+        if other is not value and other != value:
+            return False
+    return True
+
+
 class Membership:
     """Our member key (published when what it says changes in a way a peer acts on), the
     master's replication slots, and the Consul service registration."""
@@ -60,6 +77,10 @@ class Membership:
         self.clock = clock
         self.instance_id = instance_id
         self.ttl = ttl  # the local config's (the DCS config may change the machine's)
+        # what the member key takes from the config, computed once: the key is rebuilt on
+        # every probe, and the API URL's address parsing was most of that work
+        self._api_url = cfg.api.url
+        self._tags = cfg.tags.model_dump()
         self._last: dict[str, Any] | None = None
         self._member_last_seen: dict[str, float] = {}
         # the members whose slots the last *successful* sync kept (None: none yet, or it failed)
@@ -81,10 +102,10 @@ class Membership:
             "lsn": pg.lsn,
             "host": cfg.postgresql.host,
             "port": cfg.postgresql.port,
-            "api_url": cfg.api.url,
+            "api_url": self._api_url,
             "nofailover": cfg.tags.nofailover,
             "failover_priority": cfg.tags.failover_priority,
-            "tags": cfg.tags.model_dump(),
+            "tags": dict(self._tags),
             "election": s.announced_term,
             "pending_restart": bool(self.state.pending_restart),
             "pending_restart_reason": self.state.pending_restart,
@@ -112,9 +133,7 @@ class Membership:
         last = self._last
         if last is None:
             return True
-        if {k: v for k, v in data.items() if k != "lsn"} != {
-            k: v for k, v in last.items() if k != "lsn"
-        }:
+        if not _equal_but_lsn(data, last):
             return True
         new, old = data.get("lsn"), last.get("lsn")
         if new == old:

@@ -191,6 +191,22 @@ class LeaseRenewal:
         leading = s.lease.held or self.state.role in (Role.MASTER, Role.CANDIDATE)
         return max(0.25, ttl / 4 if leading or down else ttl / 3)
 
+    async def fresh_for_race(self) -> None:
+        """Before an acquire. A win's first fence deadline counts from our last renewal (the
+        key's creation does not extend the session); if that renewal is so old that the
+        deadline comes within one renewal cycle (the DCS answered no renewal of ours until just
+        now, e.g. after a stall), a win would fence at once and waste the election: renew
+        first. A renewal that fails raises, and the acquire is retried after a back-off."""
+        cycle = self.interval(False)
+        now = self.clock.monotonic()
+        if self.fence_deadline(self.state.lease_sent) - now > cycle:
+            return
+        await asyncio.wait_for(self.dcs.renew_session(), timeout=cycle)
+        # an earlier-sent renewal of the loop's may land after this: it can only make the
+        # deadline earlier, never later than the session really lives
+        self.state.lease_sent = max(self.state.lease_sent, now)
+        self.count("lease_renewals")
+
     def cadence_changed(self) -> None:
         """Our role changed: the next renewal is due sooner if we may now lead (a candidate
         that wins counts its first fence deadline from its last renewal)."""

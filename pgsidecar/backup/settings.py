@@ -12,10 +12,17 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from cronsim import CronSim, CronSimError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 BackupType = Literal["full", "diff", "incr"]
 
@@ -24,6 +31,8 @@ _TOKEN_RE = r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$"
 _INTERVAL_RE = re.compile(r"^\s*(\d+)\s*(s|m|h|d)\s*$")
 _INTERVAL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# the shortest interval a schedule and its grace take
+_MIN_INTERVAL = timedelta(minutes=1)
 
 
 class BackupSettingsError(Exception):
@@ -118,7 +127,7 @@ def _check_when(value: str | None) -> str | None:
         return None
     interval = parse_interval(value)
     if interval is not None:
-        if interval < timedelta(minutes=1):
+        if interval < _MIN_INTERVAL:
             raise ValueError(f"an interval of {value!r} is too short: at least 1m")
         return value.strip()
     try:
@@ -131,30 +140,29 @@ def _check_when(value: str | None) -> str | None:
     return value.strip()
 
 
+def _check_grace(value: str) -> str:
+    interval = parse_interval(value)
+    if interval is None or interval < _MIN_INTERVAL:
+        raise ValueError(f"{value!r} is not an interval of at least 1m ('30m', '6h', '1d')")
+    return value.strip()
+
+
+# when a type of backup runs: an interval or a cron expression; None: that type is not scheduled
+_When = Annotated[str | None, AfterValidator(_check_when)]
+_Grace = Annotated[str, AfterValidator(_check_grace)]
+
+
 class Schedule(_Strict):
     """When backups run, per type: a cron expression (5 fields, UTC) or an interval ('6h').
     Every member computes the same slots from the same settings (intervals count from the Unix
     epoch), so the agent can take each slot exactly once through the DCS."""
 
-    full: str | None = None
-    diff: str | None = None
-    incr: str | None = None
+    full: _When = None
+    diff: _When = None
+    incr: _When = None
     # how long after its time a slot still runs when no member could take it then (all down):
     # the first member back takes it, once; an older missed slot is skipped
-    grace: str = "1h"
-
-    @field_validator("full", "diff", "incr")
-    @classmethod
-    def _when(cls, value: str | None) -> str | None:
-        return _check_when(value)
-
-    @field_validator("grace")
-    @classmethod
-    def _grace(cls, value: str) -> str:
-        interval = parse_interval(value)
-        if interval is None or interval < timedelta(minutes=1):
-            raise ValueError(f"{value!r} is not an interval of at least 1m ('30m', '6h', '1d')")
-        return value.strip()
+    grace: _Grace = "1h"
 
     @property
     def grace_period(self) -> timedelta:
@@ -179,36 +187,31 @@ class Schedule(_Strict):
     def next_slot(self, kind: BackupType, after: datetime) -> datetime | None:
         """The first slot of ``kind`` strictly after ``after`` (aware, UTC), or None if that type
         is not scheduled."""
-        when: str | None = getattr(self, kind)
-        if when is None:
-            return None
-        after = after.astimezone(UTC)
-        interval = parse_interval(when)
-        if interval is not None:
-            step = interval.total_seconds()
-            n = (after - _EPOCH).total_seconds() // step + 1
-            return _EPOCH + timedelta(seconds=n * step)
-        # cronsim works on naive datetimes here: it steps through UTC wall time
-        naive = after.replace(tzinfo=None, microsecond=0)
-        nxt: datetime = next(CronSim(when, naive))
-        return nxt.replace(tzinfo=UTC)
+        return self._slot(kind, after, later=True)
 
     def last_slot(self, kind: BackupType, now: datetime) -> datetime | None:
         """The latest slot of ``kind`` at or before ``now`` (aware, UTC), or None if that type
         is not scheduled."""
+        return self._slot(kind, now, later=False)
+
+    def _slot(self, kind: BackupType, at: datetime, *, later: bool) -> datetime | None:
         when: str | None = getattr(self, kind)
         if when is None:
             return None
-        now = now.astimezone(UTC)
+        at = at.astimezone(UTC)
         interval = parse_interval(when)
         if interval is not None:
             step = interval.total_seconds()
-            n = (now - _EPOCH).total_seconds() // step
+            n = (at - _EPOCH).total_seconds() // step + (1 if later else 0)
             return _EPOCH + timedelta(seconds=n * step)
-        # cronsim's reverse walk yields times strictly before its start: start a second after
-        naive = now.replace(tzinfo=None, microsecond=0) + timedelta(seconds=1)
-        prev: datetime = next(CronSim(when, naive, reverse=True))
-        return prev.replace(tzinfo=UTC)
+        # cronsim works on naive datetimes here: it steps through UTC wall time
+        naive = at.replace(tzinfo=None, microsecond=0)
+        if later:
+            slot: datetime = next(CronSim(when, naive))
+        else:
+            # cronsim's reverse walk yields times strictly before its start: start a second after
+            slot = next(CronSim(when, naive + timedelta(seconds=1), reverse=True))
+        return slot.replace(tzinfo=UTC)
 
 
 class BackupSettings(_Strict):
@@ -236,3 +239,89 @@ class BackupSettings(_Strict):
                     f"{self.compression} (0..{top})"
                 )
         return self
+
+
+_STANZA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
+
+
+class RecoveryTargetSettings(_Strict):
+    """Where the restore of a new cluster stops replaying the source's WAL: exactly one of a
+    time (with a time zone), an LSN or a transaction id. ``inclusive``: the target's own
+    transaction (or the record at the LSN) is kept (true) or not (false)."""
+
+    time: datetime | None = None
+    lsn: str | None = Field(default=None, pattern=_LSN_PATTERN)
+    xid: int | None = Field(default=None, ge=3)
+    inclusive: bool = True
+
+    @field_validator("time")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError(
+                "a target time needs a time zone: write it like 2026-12-03T05:00:00Z or "
+                "2026-12-03 05:00:00+00:00"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RecoveryTargetSettings:
+        given = [k for k in ("time", "lsn", "xid") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "a target is exactly one of time, lsn or xid"
+                + (f" (this one sets {' and '.join(given)})" if given else " (none is set)")
+                + "; leave the target out to replay the whole archive"
+            )
+        return self
+
+
+class BootstrapSettings(_Strict):
+    """How the member that initialises a new cluster makes its data directory. ``initdb``: an
+    empty database. ``pgbackrest``: restored from another cluster's pgBackRest ``repository``
+    (its ``stanza``, the source cluster's name) up to ``target`` (without one: the whole
+    archive), then promoted on a timeline of its own. The section only acts when the cluster
+    is initialised; a member that joins an initialised cluster clones from its master."""
+
+    method: Literal["initdb", "pgbackrest"] = "initdb"
+    repository: PosixRepository | S3Repository | None = Field(default=None, discriminator="type")
+    stanza: str | None = Field(default=None, pattern=_STANZA_PATTERN)
+    target: RecoveryTargetSettings | None = None
+    # parallel processes of the restore (pgBackRest's process-max)
+    process_max: int = Field(default=1, ge=1, le=64)
+    # how long pgBackRest may take to copy the backup into the data directory (seconds)
+    restore_timeout: float = Field(default=6 * 3600.0, gt=0, le=7 * 86400)
+    # how long PostgreSQL may take to replay the source's WAL to the target and promote
+    recovery_timeout: float = Field(default=6 * 3600.0, gt=0, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> BootstrapSettings:
+        source = [k for k in ("repository", "stanza", "target") if getattr(self, k) is not None]
+        if self.method == "initdb" and source:
+            raise ValueError(
+                f"method initdb takes no {', '.join(source)}: set method: pgbackrest to restore "
+                f"from a repository, or remove them"
+            )
+        if self.method == "pgbackrest":
+            missing = [k for k in ("repository", "stanza") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"method pgbackrest needs {' and '.join(missing)}: the source cluster's "
+                    f"repository and its stanza (the source cluster's name)"
+                )
+        return self
+
+
+def same_repository(a: PosixRepository | S3Repository, b: PosixRepository | S3Repository) -> bool:
+    """Whether two repository settings name the same repository (a posix path, or an S3
+    endpoint, bucket and path inside it)."""
+    if isinstance(a, PosixRepository) and isinstance(b, PosixRepository):
+        return a.path.resolve() == b.path.resolve()
+    if isinstance(a, S3Repository) and isinstance(b, S3Repository):
+        return (a.endpoint, a.bucket, a.path.rstrip("/") or "/") == (
+            b.endpoint,
+            b.bucket,
+            b.path.rstrip("/") or "/",
+        )
+    return False

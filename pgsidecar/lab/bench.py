@@ -185,24 +185,8 @@ def run_failover_bench(
             w = Writer(lc).start()
             clients = MemberWriters(lc).start()
             time.sleep(1.0)
-            import asyncio
-
-            from events.dcs.factory import create_dcs
-            from pgsidecar.config import load_config
-            from pgsidecar.ops import request_switchover
-
-            cfg = load_config(lc.config_path(old))
-
-            async def switch(cfg: Any = cfg) -> None:
-                dcs = create_dcs(cfg.dcs, cfg.cluster)
-                await dcs.connect()
-                try:
-                    await request_switchover(dcs, None)
-                finally:
-                    await dcs.close()
-
             t0, t0_wall = time.monotonic(), time.time()
-            asyncio.run(switch())
+            lc.request_switchover(via=old)
             dt = _first_write_after(w, t0, ttl * 3, lc.member(old).pg_port)
             new = _wait(lambda old=old: _new_master(lc, old), ttl * 3)
             time.sleep(1.0)
@@ -287,15 +271,15 @@ def run_failover_bench(
             )
         for line in lines:
             print(json.dumps(line), file=out, flush=True)
-        return lines
     except BaseException:
         # keep the cluster's journals and logs to read why (the processes are stopped)
         print(f"bench failed; the cluster's files are kept in {base}", file=sys.stderr)
         lc.down()
         raise
-    else:
-        lc.down()
-        shutil.rmtree(base, ignore_errors=True)
+    # a return inside the try would skip this: a finished bench left its cluster running
+    lc.down()
+    shutil.rmtree(base, ignore_errors=True)
+    return lines
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

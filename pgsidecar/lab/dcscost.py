@@ -194,23 +194,7 @@ def measure_pgsidecar(
 
 
 def _pgsidecar_switchover(lc: Any, old: str | None) -> None:
-    import asyncio
-
-    from events.dcs.factory import create_dcs
-    from pgsidecar.config import load_config
-    from pgsidecar.ops import request_switchover
-
-    cfg = load_config(lc.config_path(old or lc.members[0].name))
-
-    async def go() -> None:
-        dcs = create_dcs(cfg.dcs, cfg.cluster)
-        await dcs.connect()
-        try:
-            await request_switchover(dcs, None)
-        finally:
-            await dcs.close()
-
-    asyncio.run(go())
+    lc.request_switchover(via=old)
 
 
 def _settle(wait_healthy: Any, seconds: float = SETTLE_SECONDS) -> None:

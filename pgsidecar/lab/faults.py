@@ -59,6 +59,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from events.dcs import DCS
 from events.rotation import rotated_files
 from pgsidecar.lab.local import LocalCluster, LocalClusterError
 from pgsidecar.lab.workload import Prober, Writer
@@ -945,6 +946,31 @@ class FaultRun:
     def _hold(self, until: float) -> None:
         time.sleep(max(0.0, until - time.monotonic()))
 
+    def _for_the_duration(self, inject: Callable[[], None], heal: Callable[[], None]) -> None:
+        """The fault: ``inject`` at ``t0``, ``heal`` once the spec's duration has passed since
+        (``t_heal``)."""
+        self.mark_fault()
+        inject()
+        self._hold(self.t0 + self.spec.duration)
+        self.mark_heal()
+        heal()
+
+    def _freeze(self, pid: int, what: str) -> None:
+        """SIGSTOP ``pid`` for the spec's duration, then SIGCONT."""
+        self.log(f"SIGSTOP {what} (pid {pid}) for {self.spec.duration} s")
+        self._for_the_duration(lambda: self._stop(pid, what), lambda: self._resume(pid, what))
+
+    def _kill_master_then(self, old: str, second: Callable[[], None]) -> str | None:
+        """SIGKILL of the master's agent and postmaster (``t0``), then ``second`` ~1 s later,
+        during the election; the new master, if one comes within TTL + 15 s."""
+        assert self.lc is not None
+        self.mark_fault()
+        self.lc.kill_member(old, postgres=True)
+        self.note(f"SIGKILL agent + postmaster of {old}")
+        self._hold(self.t0 + 1.0)
+        second()
+        return self._wait_new_master(old, self.spec.ttl + 15)
+
     def fault_kill_master(self, postgres: bool = True) -> None:
         lc, old = self.lc, self._master()
         assert lc is not None
@@ -991,11 +1017,7 @@ class FaultRun:
         lc, old = self.lc, self._master()
         assert isinstance(lc, NetnsLocalCluster)
         self.log(f"partition {old} for {self.spec.duration} s")
-        self.mark_fault()
-        lc.partition(old)
-        self._hold(self.t0 + self.spec.duration)
-        self.mark_heal()
-        lc.heal(old)
+        self._for_the_duration(lambda: lc.partition(old), lambda: lc.heal(old))
 
     def fault_partition_replica(self) -> None:
         from pgsidecar.lab.netns import NetnsLocalCluster
@@ -1005,24 +1027,20 @@ class FaultRun:
         victim = self.spec.victim_name
         self.result.victim = victim
         self.log(f"partition replica {victim} for {self.spec.duration} s")
-        self.mark_fault()
-        lc.partition(victim)
-        self._hold(self.t0 + self.spec.duration)
-        self.mark_heal()
-        lc.heal(victim)
+        self._for_the_duration(lambda: lc.partition(victim), lambda: lc.heal(victim))
 
     def fault_restart_dcs(self) -> None:
         lc = self.lc
         assert lc is not None
+
+        def stop_etcd() -> None:
+            lc.stop_etcd()
+            # etcd shuts down gracefully: a renewal may still have succeeded until it exited
+            self.t_lease_ref = time.monotonic()
+            self.note(f"etcd exited {self.t_lease_ref - self.t0:.3f} s after SIGTERM")
+
         self.log(f"etcd down for {self.spec.duration} s")
-        self.mark_fault()
-        lc.stop_etcd()
-        # etcd shuts down gracefully: a renewal may still have succeeded until it exited
-        self.t_lease_ref = time.monotonic()
-        self.note(f"etcd exited {self.t_lease_ref - self.t0:.3f} s after SIGTERM")
-        self._hold(self.t0 + self.spec.duration)
-        self.mark_heal()
-        lc.start_etcd()
+        self._for_the_duration(stop_etcd, lc.start_etcd)
 
     def fault_kafka_down(self) -> None:
         lc, old = self.lc, self._master()
@@ -1095,13 +1113,7 @@ class FaultRun:
     def fault_freeze_dcs(self) -> None:
         """etcd frozen, not stopped: its sockets stay open, requests hang instead of being
         refused, and on SIGCONT it serves what was queued."""
-        pid = self._etcd_pid()
-        self.log(f"SIGSTOP etcd for {self.spec.duration} s")
-        self.mark_fault()
-        self._stop(pid, "etcd")
-        self._hold(self.t0 + self.spec.duration)
-        self.mark_heal()
-        self._resume(pid, "etcd")
+        self._freeze(self._etcd_pid(), "etcd")
 
     def fault_stall_dcs_election(self) -> None:
         """The master hard-killed; then, during the election, etcd stalled again and again
@@ -1230,12 +1242,7 @@ class FaultRun:
         pid = lc.agent_pid(old)
         if pid is None:
             raise LocalClusterError(f"no agent pid for {old} ({lc.member(old).dir / 'agent.pid'})")
-        self.log(f"SIGSTOP the agent of {old} (pid {pid}) for {self.spec.duration} s")
-        self.mark_fault()
-        self._stop(pid, f"agent of {old}")
-        self._hold(self.t0 + self.spec.duration)
-        self.mark_heal()
-        self._resume(pid, f"agent of {old}")
+        self._freeze(pid, f"agent of {old}")
 
     def fault_freeze_fence(self) -> None:
         """The master's separate fence process alone frozen: the agent must notice that its
@@ -1249,12 +1256,7 @@ class FaultRun:
                 f"{fence_pid_file(member_dir)} names pid {pid}, the agent or the postmaster of "
                 f"{old}, not a separate fence process"
             )
-        self.log(f"SIGSTOP the fence process of {old} (pid {pid}) for {self.spec.duration} s")
-        self.mark_fault()
-        self._stop(pid, f"fence process of {old}")
-        self._hold(self.t0 + self.spec.duration)
-        self.mark_heal()
-        self._resume(pid, f"fence process of {old}")
+        self._freeze(pid, f"fence process of {old}")
 
     # -- faults of a DCS or Kafka that runs as a cluster --------------------------------------------
 
@@ -1280,13 +1282,13 @@ class FaultRun:
         if lc.etcd_leader() != name:
             raise LocalClusterError(f"etcd member {name} did not become the raft leader")
 
-    def _lease_losses(self, name: str, after: float) -> list[float]:
-        """Wall times of ``name``'s lease_lost transitions after ``after`` (wall)."""
+    def _transitions(self, name: str, trigger: str, after: float) -> list[float]:
+        """Wall times of ``name``'s transitions fired by ``trigger`` after ``after`` (wall)."""
         return [
             rec["time"]
             for rec in self._journal(name)
             if rec.get("kind") == "transition"
-            and rec["body"].get("trigger") == "lease_lost"
+            and rec["body"].get("trigger") == trigger
             and rec["time"] > after
         ]
 
@@ -1303,22 +1305,21 @@ class FaultRun:
         self.log(
             f"SIGKILL of {old}, then of the etcd leader {leader}; back after {self.spec.duration} s"
         )
-        self.mark_fault()
-        lc.kill_member(old, postgres=True)
-        self.note(f"SIGKILL agent + postmaster of {old}")
-        self._hold(self.t0 + 1.0)
-        lc.kill_etcd_member(leader)
-        self.note(f"SIGKILL etcd leader {leader}")
-        # until the survivors elect a new etcd leader (their status reports the dead one until
-        # their election timeout passes), bounded well past etcd's worst split-vote cases
-        deadline = time.monotonic() + 15.0
-        while time.monotonic() < deadline and lc.etcd_leader() in (None, leader):
-            time.sleep(0.05)
-        now_leader = lc.etcd_leader()
-        if now_leader not in (None, leader):
-            self.result.dcs_leader_s = round(time.monotonic() - self.t0, 2)
-            self.note(f"etcd leader now {now_leader}")
-        new = self._wait_new_master(old, self.spec.ttl + 15)
+
+        def kill_leader() -> None:
+            lc.kill_etcd_member(leader)
+            self.note(f"SIGKILL etcd leader {leader}")
+            # until the survivors elect a new etcd leader (their status reports the dead one
+            # until their election timeout passes), bounded well past etcd's split-vote cases
+            deadline = time.monotonic() + 15.0
+            while time.monotonic() < deadline and lc.etcd_leader() in (None, leader):
+                time.sleep(0.05)
+            now_leader = lc.etcd_leader()
+            if now_leader not in (None, leader):
+                self.result.dcs_leader_s = round(time.monotonic() - self.t0, 2)
+                self.note(f"etcd leader now {now_leader}")
+
+        new = self._kill_master_then(old, kill_leader)
         self.note(f"new master {new} with {leader} down" if new else "no new master")
         if new is None:
             self.result.violations.append("no_master_without_dcs_leader")
@@ -1349,12 +1350,12 @@ class FaultRun:
         self._stop(pid, f"etcd follower {frozen}")
         # the cluster runs on: the master renews through another member for a while
         self._hold(self.t0 + self.spec.ttl + 1)
-        if self._lease_losses(old, self.t0_wall):
+        if self._transitions(old, "lease_lost", self.t0_wall):
             self.result.violations.append("lease_lost_during_dcs_partition")
         target = self.spec.victim_name
         t_switch = time.monotonic()
         self.note(f"switchover {old} -> {target} requested")
-        written = asyncio.run(_request_switchover(lc, target))  # the command is in etcd
+        written = _request_switchover(lc, target)  # the command is in etcd
         new = self._wait_new_master(old, 2 * self.spec.ttl)
         if new != target:
             self.result.violations.append("switchover_during_dcs_partition")
@@ -1363,13 +1364,7 @@ class FaultRun:
             self.note(f"{target} master {time.monotonic() - t_switch:.2f} s after the request")
             # the old master's watch delivered the command at once: a watch left on the frozen
             # member would deliver it only after its idle timeout (15 s)
-            seen = [
-                rec["time"]
-                for rec in self._journal(old)
-                if rec.get("kind") == "transition"
-                and rec["body"].get("trigger") == "switchover"
-                and rec["time"] > self.t0_wall
-            ]
+            seen = self._transitions(old, "switchover", self.t0_wall)
             lag = seen[0] - written if seen else None
             self.note(
                 f"the master acted on the command {lag:.3f} s after it was written"
@@ -1412,13 +1407,12 @@ class FaultRun:
         self.log(
             f"SIGKILL of {old}, then of broker{leader}; both back after {self.spec.duration} s"
         )
-        self.mark_fault()
-        lc.kill_member(old, postgres=True)
-        self.note(f"SIGKILL agent + postmaster of {old}")
-        self._hold(self.t0 + 1.0)
-        broker.kill()
-        self.note(f"SIGKILL broker{leader} (the partition's leader)")
-        self._wait_new_master(old, self.spec.ttl + 15)
+
+        def kill_broker() -> None:
+            broker.kill()
+            self.note(f"SIGKILL broker{leader} (the partition's leader)")
+
+        self._kill_master_then(old, kill_broker)
         self._hold(self.t0 + self.spec.duration)
         self.mark_heal()
         # the broker's JVM starts while the member does: a restart takes tens of seconds here
@@ -1910,22 +1904,17 @@ async def _topic_node_seqs(bootstrap: str, topic: str, within: float) -> dict[st
             await asyncio.wait_for(consumer.stop(), 5)
 
 
-async def _request_switchover(lc: LocalCluster, target: str) -> float:
+def _request_switchover(lc: LocalCluster, target: str) -> float:
     """Write a switchover command to ``target`` as `pgsidecar switchover` does, through a client
     with every endpoint of the cluster's first member's config; the wall time right after the
     write was acknowledged."""
-    from events.dcs.factory import create_dcs
-    from pgsidecar.config import load_config
     from pgsidecar.ops import request_switchover
 
-    cfg = load_config(lc.config_path(lc.members[0].name))
-    dcs = create_dcs(cfg.dcs, cfg.cluster)
-    await dcs.connect()
-    try:
+    async def write(dcs: DCS) -> float:
         await request_switchover(dcs, target)
         return time.time()
-    finally:
-        await dcs.close()
+
+    return lc.with_dcs(write)
 
 
 async def _partition_state(

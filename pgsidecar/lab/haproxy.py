@@ -9,7 +9,6 @@ agent to the first write committed through HAProxy's read-write port on the new 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -20,11 +19,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
 from pgsidecar.lab.local import LocalCluster
-from pgsidecar.procutil import free_port_range, terminate
+from pgsidecar.lab.workload import write_until_stopped
+from pgsidecar.procutil import die_with_parent, free_port_range, terminate
 
 HAPROXY_CFG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 # the shipped config has a server line for members 0..2
@@ -47,12 +48,6 @@ def check_tls_options(ca_file: Path | None, client_pem: Path | None = None) -> s
     if client_pem is not None:
         options += f" crt {client_pem}"
     return options
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL HAProxy if its parent dies without stopping it."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -131,7 +126,7 @@ class HAProxy:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self.wait_checked()
         return self
@@ -254,29 +249,23 @@ class HAProxyWriter:
         return self
 
     def _run(self) -> None:
-        conn: psycopg.Connection | None = None
-        while not self._stop.is_set():
-            try:
-                if conn is None:
-                    conn = psycopg.connect(self.hp.dsn(self.hp.rw_port), autocommit=True)
-                    conn.execute("SET statement_timeout = '1s'")
-                row = conn.execute(
-                    "INSERT INTO haproxy_writes VALUES (extract(epoch from now()), "
-                    "inet_server_port()) RETURNING port"
-                ).fetchone()
-                assert row is not None
-                self.acked.append((time.monotonic(), int(row[0])))
-            except (psycopg.Error, OSError):
-                self.errors += 1
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = None
-                time.sleep(0.01)
-            time.sleep(0.005)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        write_until_stopped(self._stop, self._connect, self._write, self._failed, error_pause=0.01)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.hp.dsn(self.hp.rw_port), autocommit=True)
+        conn.execute("SET statement_timeout = '1s'")
+        return conn
+
+    def _write(self, conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(
+            "INSERT INTO haproxy_writes VALUES (extract(epoch from now()), "
+            "inet_server_port()) RETURNING port"
+        ).fetchone()
+        assert row is not None
+        self.acked.append((time.monotonic(), int(row[0])))
+
+    def _failed(self, _exc: Exception) -> None:
+        self.errors += 1
 
     def stop(self) -> None:
         self._stop.set()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pgsidecar.procutil import pid_alive, read_pid, terminate
+from pgsidecar.procutil import pid_alive, read_pid, stop_child, terminate
 
 KAFKA_VERSION = os.environ.get("PGSIDECAR_KAFKA_VERSION", "3.9.2")
 # kafka_2.13 depends on slf4j-api only; the distribution's binding is slf4j-reload4j.
@@ -454,15 +454,7 @@ class KafkaBroker:
                 os.kill(pid, signal.SIGCONT)
             self._paused = False
         if self._proc is not None:
-            proc = self._proc
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=10)
+            stop_child(self._proc, sig, timeout)
             self._proc = None
         else:
             # started by another process (scripts/kafka.sh or an earlier run): by pid file

@@ -30,15 +30,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from events import netloc
+from events.dcs import DCS, ClusterView
 from pgsidecar.procutil import (
     free_port_range,
     os_user_ids,
@@ -50,9 +51,52 @@ from pgsidecar.procutil import (
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
+T = TypeVar("T")
+
 
 class LocalClusterError(Exception):
     pass
+
+
+def etcd_argv(
+    name: str, data_dir: Path, listen_client: str, advertise_client: str, peer: str, initial: str
+) -> list[str]:
+    """The command line of a local cluster's etcd member: a new cluster of the members in
+    ``initial`` ("name=peer URL,..."), with raft timings for one machine (heartbeat 100 ms,
+    election 1 s)."""
+    return [
+        _which("etcd", "install etcd-server"),
+        "--name",
+        name,
+        "--data-dir",
+        str(data_dir),
+        "--listen-client-urls",
+        listen_client,
+        "--advertise-client-urls",
+        advertise_client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        initial,
+        "--initial-cluster-state",
+        "new",
+        "--heartbeat-interval",
+        "100",
+        "--election-timeout",
+        "1000",
+    ]
+
+
+def set_dotted(cfg: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted ``key`` ("settings.synchronous_mode": the ``extra`` of ``create``) in a
+    member's config, making the sections on the way."""
+    node = cfg
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
 
 
 # sizes of an etcd cluster `local up` makes: a raft quorum that survives 1 (or 2) failures
@@ -408,11 +452,7 @@ class LocalCluster:
             if isinstance(value, str):
                 # per-member values: "{name}" is the member's name (e.g. its pod name)
                 value = value.replace("{name}", m.name)
-            node = cfg
-            parts = key.split(".")
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = value
+            set_dotted(cfg, key, value)
         return cfg
 
     def _tls_config(self, cfg: dict[str, Any], m: MemberInfo) -> None:
@@ -606,29 +646,7 @@ class LocalCluster:
         # on loopback the peer URLs stay plain: raft traffic never leaves the host
         peer = f"http://127.0.0.1:{m.peer_port}"
         initial = ",".join(f"{x.name}=http://127.0.0.1:{x.peer_port}" for x in self.etcd_members)
-        argv = [
-            _which("etcd", "install etcd-server"),
-            "--name",
-            m.name,
-            "--data-dir",
-            str(d / "data"),
-            "--listen-client-urls",
-            client,
-            "--advertise-client-urls",
-            client,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            initial,
-            "--initial-cluster-state",
-            "new",
-            "--heartbeat-interval",
-            "100",
-            "--election-timeout",
-            "1000",
-        ]
+        argv = etcd_argv(m.name, d / "data", client, client, peer, initial)
         material = self.tls_material
         if material is not None:
             own = material.member("etcd")
@@ -936,24 +954,36 @@ class LocalCluster:
 
         asyncio.run(claim())
 
-    def read_view(self) -> Any:
-        """The DCS view of the cluster (through the first member's config)."""
+    def with_dcs(self, use: Callable[[DCS], Awaitable[T]], via: str | None = None) -> T:
+        """``use`` run with a client of the cluster's DCS made from member ``via``'s config (the
+        first member's by default), connected first and closed after."""
         import asyncio
 
         from events.dcs.factory import create_dcs
         from pgsidecar.config import load_config
 
-        cfg = load_config(self.config_path(self.members[0].name))
+        cfg = load_config(self.config_path(via or self.members[0].name))
 
-        async def go() -> Any:
+        async def go() -> T:
             dcs = create_dcs(cfg.dcs, cfg.cluster)
             await dcs.connect()
             try:
-                return await dcs.read_cluster()
+                return await use(dcs)
             finally:
                 await dcs.close()
 
         return asyncio.run(go())
+
+    def read_view(self) -> ClusterView:
+        """The DCS view of the cluster (through the first member's config)."""
+        return self.with_dcs(lambda dcs: dcs.read_cluster())
+
+    def request_switchover(self, target: str | None = None, via: str | None = None) -> None:
+        """Write a switchover command (to ``target``, or to the best replica) as `pgsidecar
+        switchover` does, through member ``via``'s config (the first member's by default)."""
+        from pgsidecar.ops import request_switchover
+
+        self.with_dcs(lambda dcs: request_switchover(dcs, target), via)
 
     def wait_sync(self, timeout: float = 60) -> list[str]:
         """Until the master has recorded at least one synchronous standby in the DCS (before

@@ -46,7 +46,14 @@ from pathlib import Path
 from typing import Any
 
 from events import netloc
-from pgsidecar.lab.local import LocalCluster, LocalClusterError, MemberInfo, _which
+from pgsidecar.lab.local import (
+    LocalCluster,
+    LocalClusterError,
+    MemberInfo,
+    _which,
+    etcd_argv,
+    set_dotted,
+)
 from pgsidecar.procutil import pid_alive, read_pid, terminate
 
 CLUSTER_NET = 213  # 10.213.k.0/24: the cluster links, on a bridge
@@ -275,11 +282,7 @@ class NetnsLocalCluster(LocalCluster):
             },
         }
         for key, value in extra.items():
-            node = cfg
-            parts = key.split(".")
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = value
+            set_dotted(cfg, key, value)
         return cfg
 
     def _index_from_meta(self, name: str) -> int:
@@ -403,29 +406,7 @@ class NetnsLocalCluster(LocalCluster):
         local = f"http://127.0.0.1:{e['client_port']}"
         bridged = netloc.url("http", plan.bridge_ip, e["client_port"])
         peer = f"http://127.0.0.1:{e['peer_port']}"
-        argv = [
-            _which("etcd", "install etcd-server"),
-            "--name",
-            "local",
-            "--data-dir",
-            str(d / "data"),
-            "--listen-client-urls",
-            f"{local},{bridged}",
-            "--advertise-client-urls",
-            bridged,
-            "--listen-peer-urls",
-            peer,
-            "--initial-advertise-peer-urls",
-            peer,
-            "--initial-cluster",
-            f"local={peer}",
-            "--initial-cluster-state",
-            "new",
-            "--heartbeat-interval",
-            "100",
-            "--election-timeout",
-            "1000",
-        ]
+        argv = etcd_argv("local", d / "data", f"{local},{bridged}", bridged, peer, f"local={peer}")
         self._spawn(argv, d / "etcd.log", d / "etcd.pid", "etcd", detach)
         self._wait_http(f"{local}/health", 30, "etcd")
 

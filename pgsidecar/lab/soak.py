@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from pgsidecar.lab.local import DEFAULT_PG_BIN, LocalCluster
-from pgsidecar.procutil import free_port, os_user_ids
+from pgsidecar.procutil import free_port, os_user_ids, stop_child
 
 STRESS_KINDS = ("cpu", "fsync", "sigstop")
 RENEWAL_METRIC = "pgsidecar_lease_renewal_latency_seconds"
@@ -265,14 +265,7 @@ class Children:
     def stop(
         self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10
     ) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_child(proc, sig, timeout)
         if proc in self.procs:
             self.procs.remove(proc)
 

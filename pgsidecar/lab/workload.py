@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 
@@ -21,6 +23,38 @@ def multi_host_dsn(lc: LocalCluster) -> str:
         f"host={hosts} port={ports} user=postgres dbname=postgres passfile={lc.dir / 'pgpass'} "
         f"target_session_attrs=read-write connect_timeout=2"
     )
+
+
+def write_until_stopped(
+    stop: threading.Event,
+    connect: Callable[[], psycopg.Connection[Any]],
+    write: Callable[[psycopg.Connection[Any]], None],
+    failed: Callable[[Exception], None],
+    *,
+    error_pause: float,
+    pause: float = 0.005,
+) -> None:
+    """A client's loop: ``write`` over one connection again and again, ``pause`` apart, until
+    ``stop`` is set. After an error (PostgreSQL's or the socket's), ``failed`` is told, the
+    connection is dropped and the next attempt, ``error_pause`` later, makes a new one: as a
+    pooled client reconnects through a failover. The last connection is closed at the end."""
+    conn: psycopg.Connection[Any] | None = None
+    while not stop.is_set():
+        try:
+            if conn is None:
+                conn = connect()
+            write(conn)
+        except (psycopg.Error, OSError) as exc:
+            failed(exc)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            conn = None
+            time.sleep(error_pause)
+        time.sleep(pause)
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
 
 
 @dataclass
@@ -37,47 +71,49 @@ class Writer:
     last_ok: float = 0.0
     ok_times: list[float] = field(default_factory=list)
     ok_ports: list[int] = field(default_factory=list)
+    _next_id: int = 1
 
     def start(self) -> Writer:
         with psycopg.connect(self.lc.dsn(self.lc.master() or "pg1"), autocommit=True) as c:
             c.execute("CREATE TABLE IF NOT EXISTS writes (id bigint PRIMARY KEY, port int)")
+            # start after the ids an earlier writer left: from 1, every one of them was a
+            # refused duplicate first, seconds of writes that never counted (a bench's second
+            # scenario measured that churn, or nothing at all within its bound)
+            row = c.execute("SELECT coalesce(max(id), 0) FROM writes").fetchone()
+            self._next_id = int(row[0]) + 1 if row is not None else 1
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
-        next_id = 1
-        conn = None
-        while not self._stop.is_set():
-            try:
-                if conn is None:
-                    conn = psycopg.connect(multi_host_dsn(self.lc), autocommit=True)
-                    conn.execute("SET statement_timeout = '2s'")
-                row = conn.execute(
-                    "INSERT INTO writes VALUES (%s, inet_server_port()) RETURNING port", (next_id,)
-                ).fetchone()
-                assert row is not None
-                self.acked[next_id] = int(row[0])
-                now = time.monotonic()
-                self.ok_ports.append(int(row[0]))
-                self.ok_times.append(now)
-                self.last_ok = now
-                next_id += 1
-            except psycopg.errors.UniqueViolation:
-                # the previous attempt committed but its ack was lost: it is not acknowledged,
-                # move on to the next id
-                next_id += 1
-            except (psycopg.Error, OSError):
-                self.errors += 1
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = None
-                time.sleep(0.02)
-            time.sleep(0.005)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        write_until_stopped(self._stop, self._connect, self._write, self._failed, error_pause=0.02)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(multi_host_dsn(self.lc), autocommit=True)
+        conn.execute("SET statement_timeout = '2s'")
+        return conn
+
+    def _write(self, conn: psycopg.Connection[Any]) -> None:
+        try:
+            row = conn.execute(
+                "INSERT INTO writes VALUES (%s, inet_server_port()) RETURNING port",
+                (self._next_id,),
+            ).fetchone()
+        except psycopg.errors.UniqueViolation:
+            # the previous attempt committed but its ack was lost: it is not acknowledged,
+            # move on to the next id
+            self._next_id += 1
+            return
+        assert row is not None
+        self.acked[self._next_id] = int(row[0])
+        now = time.monotonic()
+        self.ok_ports.append(int(row[0]))
+        self.ok_times.append(now)
+        self.last_ok = now
+        self._next_id += 1
+
+    def _failed(self, _exc: Exception) -> None:
+        self.errors += 1
 
     def stop(self) -> None:
         self._stop.set()

@@ -9,7 +9,6 @@ runs against a real ``consul agent -dev`` when a binary is on PATH.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import ssl
@@ -34,6 +33,7 @@ from events.dcs.base import (
 from events.dcs.consul import ConsulDCS
 from pgsidecar.config import ConfigError, ConsulSettings, DcsSettings
 from tests.support.consul_emulator import ConsulEmulator
+from tests.support.dcswatch import Watcher
 from tests.support.fixtures_consul import HealthEndpoint, make_consul_dcs
 
 TOKEN = "b7e1c0de-5ec2-4e7a-9d3b-70ce4c0ffee0"
@@ -48,57 +48,6 @@ async def ready(
     if session:
         await d.open_session(make_dcs.min_ttl)  # type: ignore[attr-defined]
     return d
-
-
-class Watch:
-    """Runs ``dcs.watch()`` in a task, recording (arrival time, view)."""
-
-    def __init__(self, dcs: ConsulDCS) -> None:
-        self.views: list[tuple[float, ClusterView]] = []
-        self._new = asyncio.Event()
-        self.task = asyncio.create_task(self._run(dcs))
-
-    async def _run(self, dcs: ConsulDCS) -> None:
-        async for view in dcs.watch():
-            self.views.append((time.monotonic(), view))
-            self._new.set()
-
-    async def until(
-        self, pred: Callable[[ClusterView], bool], within: float = 1.0, after: int = 0
-    ) -> tuple[float, ClusterView]:
-        deadline = time.monotonic() + within
-        pos = after
-        while True:
-            while pos < len(self.views):
-                at, view = self.views[pos]
-                pos += 1
-                if pred(view):
-                    return at, view
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no matching view within {within} s; views: {self.views[-3:]}"
-            assert not self.task.done(), f"watch ended: {self.task!r}"
-            self._new.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new.wait(), remaining)
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
-@pytest.fixture
-async def watches() -> AsyncIterator[Callable[[ConsulDCS], Watch]]:
-    started: list[Watch] = []
-
-    def start(dcs: ConsulDCS) -> Watch:
-        w = Watch(dcs)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        await w.stop()
 
 
 def emulator_of(make_dcs: MakeDcs) -> ConsulEmulator:
@@ -173,7 +122,7 @@ async def test_a_server_minimum_above_ours_is_explained(consul_emulator: ConsulE
 
 
 async def test_garbage_entries_never_reach_a_view(
-    emulator_dcs_factory: MakeDcs, watches: Callable[[ConsulDCS], Watch]
+    emulator_dcs_factory: MakeDcs, watchers: Callable[[ConsulDCS], Watcher]
 ) -> None:
     d = await ready(emulator_dcs_factory)
     emu = emulator_of(emulator_dcs_factory)
@@ -181,9 +130,9 @@ async def test_garbage_entries_never_reach_a_view(
         emu.inject_failure(200, body, content_type="application/json", method="GET")
         with pytest.raises(DCSError):
             await d.read_cluster()
-    w = watches(d)
+    w = watchers(d)
     emu.inject_failure(200, '[{"Key": 1}]', content_type="application/json", method="GET")
-    await w.until(lambda v: True, within=2.0)  # skipped the garbage, then read the real view
+    await w.wait_for(lambda v: True, within=2.0)  # skipped the garbage, then read the real view
     assert emu.pending_failures == 0
 
 
@@ -211,7 +160,7 @@ async def test_gossip_blip_does_not_drop_our_lock(emulator_dcs_factory: MakeDcs)
 
 
 async def test_no_lock_delay_means_immediate_reacquire_after_invalidation(
-    emulator_dcs_factory: MakeDcs, watches: Callable[[ConsulDCS], Watch]
+    emulator_dcs_factory: MakeDcs, watchers: Callable[[ConsulDCS], Watcher]
 ) -> None:
     a = await ready(emulator_dcs_factory)
     b = await ready(emulator_dcs_factory)
@@ -233,15 +182,15 @@ async def test_no_lock_delay_means_immediate_reacquire_after_invalidation(
 
 
 async def test_agent_restart_raises_session_lost_and_deletes_keys(
-    emulator_dcs_factory: MakeDcs, watches: Callable[[ConsulDCS], Watch]
+    emulator_dcs_factory: MakeDcs, watchers: Callable[[ConsulDCS], Watcher]
 ) -> None:
     master = await ready(emulator_dcs_factory)
     replica = await ready(emulator_dcs_factory, session=False)
     await master.put_member("m", {"instance_id": "im"})
     leader = await master.acquire_leader("m")
     assert leader is not None
-    w = watches(replica)
-    await w.until(lambda v: v.leader == leader)
+    w = watchers(replica)
+    await w.wait_for(lambda v: v.leader == leader)
     emu = emulator_of(emulator_dcs_factory)
 
     restart = asyncio.create_task(emu.restart_agent(downtime=0.5))
@@ -254,7 +203,7 @@ async def test_agent_restart_raises_session_lost_and_deletes_keys(
     with pytest.raises(SessionLost):
         await master.renew_session()
     # the keys went with the session, and the watch saw it once the agent was back
-    _, view = await w.until(lambda v: v.leader is None and "m" not in v.members, within=3.0)
+    _, view = await w.wait_for(lambda v: v.leader is None and "m" not in v.members, within=3.0)
     with pytest.raises(SessionLost):
         await master.acquire_leader("m")
     with pytest.raises(SessionLost):
@@ -300,24 +249,24 @@ async def test_errors_and_garbage_take_no_action(emulator_dcs_factory: MakeDcs) 
 
 
 async def test_watch_survives_failures_and_resumes(
-    emulator_dcs_factory: MakeDcs, watches: Callable[[ConsulDCS], Watch]
+    emulator_dcs_factory: MakeDcs, watchers: Callable[[ConsulDCS], Watcher]
 ) -> None:
     d = await ready(emulator_dcs_factory)
     writer = await ready(emulator_dcs_factory)
     emu = emulator_of(emulator_dcs_factory)
-    w = watches(d)
-    await w.until(lambda v: True)
+    w = watchers(d)
+    await w.wait_for(lambda v: True)
     await emu.stop_listener()
     await asyncio.sleep(0.3)  # the watch retries with backoff meanwhile
     emu.inject_failure(500, "rpc error: injected", count=2, method="GET")
     await emu.start_listener()
     await _until(lambda: emu.pending_failures == 0)  # the watch ran into both
     await writer.put_config({"after": "outage"})
-    await w.until(lambda v: v.config == {"after": "outage"}, within=3.0)
+    await w.wait_for(lambda v: v.config == {"after": "outage"}, within=3.0)
     # garbage on the next blocking read: the watch skips it, retries, and goes on
     emu.inject_failure(200, "garbage", method="GET")
     await writer.put_config({"after": "garbage"})
-    await w.until(lambda v: v.config == {"after": "garbage"}, within=3.0)
+    await w.wait_for(lambda v: v.config == {"after": "garbage"}, within=3.0)
     assert emu.pending_failures == 0
 
 
@@ -339,17 +288,17 @@ def _has_lsn(view: ClusterView, lsn: int) -> bool:
 
 
 async def test_watch_delivers_changes_in_tens_of_milliseconds(
-    emulator_dcs_factory: MakeDcs, watches: Callable[[ConsulDCS], Watch]
+    emulator_dcs_factory: MakeDcs, watchers: Callable[[ConsulDCS], Watcher]
 ) -> None:
     d = await ready(emulator_dcs_factory)
     writer = await ready(emulator_dcs_factory)
-    w = watches(d)
-    await w.until(lambda v: True)
+    w = watchers(d)
+    await w.wait_for(lambda v: True)
     latencies = []
     for i in range(20):
         t0 = time.monotonic()
         await writer.put_member("x", {"instance_id": "ix", "lsn": i})
-        at, _ = await w.until(partial(_has_lsn, lsn=i))
+        at, _ = await w.wait_for(partial(_has_lsn, lsn=i))
         latencies.append(at - t0)
     latencies.sort()
     # Not a speed test (figures come from the benchmark): a poller would see a change only after
@@ -360,7 +309,7 @@ async def test_watch_delivers_changes_in_tens_of_milliseconds(
 
 async def test_watch_resets_when_a_snapshot_restore_sends_the_index_back(
     emulator_dcs_factory: MakeDcs,
-    watches: Callable[[ConsulDCS], Watch],
+    watchers: Callable[[ConsulDCS], Watcher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="events.dcs.consul")
@@ -374,21 +323,21 @@ async def test_watch_resets_when_a_snapshot_restore_sends_the_index_back(
     assert await a.release_leader("a", la.term)
     lb = await b.acquire_leader("b")
     assert lb is not None
-    w = watches(observer)
-    _, before = await w.until(lambda v: v.leader == lb)
+    w = watchers(observer)
+    _, before = await w.wait_for(lambda v: v.leader == lb)
     await asyncio.sleep(0.1)  # the watch is blocked in its next query now
     emu.restore(snap)  # an operator restored an older raft snapshot
-    _, restored = await w.until(lambda v: v.leader is not None and v.leader.name == "a")
+    _, restored = await w.wait_for(lambda v: v.leader is not None and v.leader.name == "a")
     assert restored.index < before.index
     assert "index went back" in caplog.text
     # and the watch goes on from the reset index
     await b.put_config({"after": "restore"})
-    await w.until(lambda v: v.config == {"after": "restore"})
+    await w.wait_for(lambda v: v.config == {"after": "restore"})
 
 
 async def test_watch_resets_when_reaped_tombstones_send_the_index_back(
     emulator_dcs_factory: MakeDcs,
-    watches: Callable[[ConsulDCS], Watch],
+    watchers: Callable[[ConsulDCS], Watcher],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="events.dcs.consul")
@@ -398,8 +347,8 @@ async def test_watch_resets_when_reaped_tombstones_send_the_index_back(
     await writer.put_config({"k": 1})
     await writer.put_switchover({"to": "x"})
     await writer.delete_switchover()  # the prefix's index is now this delete's tombstone
-    w = watches(d)
-    _, first = await w.until(lambda v: v.config == {"k": 1} and v.switchover is None)
+    w = watchers(d)
+    _, first = await w.wait_for(lambda v: v.config == {"k": 1} and v.switchover is None)
     emu.reap_tombstones()
     # the next blocking answer (after wait) carries a lower index: reset and re-read
     deadline = time.monotonic() + 2.0
@@ -408,18 +357,18 @@ async def test_watch_resets_when_reaped_tombstones_send_the_index_back(
         await asyncio.sleep(0.05)
     after = len(w.views)
     await writer.put_config({"k": 2})
-    _, view = await w.until(lambda v: v.config == {"k": 2}, after=after)
+    _, view = await w.wait_for(lambda v: v.config == {"k": 2}, after=after)
     assert view.index > first.index
 
 
 async def test_watch_does_not_spin_on_a_zero_index(
-    emulator_dcs_factory: MakeDcs, watches: Callable[[ConsulDCS], Watch]
+    emulator_dcs_factory: MakeDcs, watchers: Callable[[ConsulDCS], Watcher]
 ) -> None:
     emu = emulator_of(emulator_dcs_factory)
     emu.force_index_zero = True  # the Consul bug the docs warn about
     d = await ready(emulator_dcs_factory, watch_wait=0.3)
-    w = watches(d)
-    await w.until(lambda v: True)
+    w = watchers(d)
+    await w.wait_for(lambda v: True)
     emu.clear_requests()
     await asyncio.sleep(1.0)
     reads = emu.requests[f"/v1/kv/{d.base}"]
@@ -428,12 +377,12 @@ async def test_watch_does_not_spin_on_a_zero_index(
 
 
 async def test_watch_rate_limits_a_server_that_does_not_block(
-    emulator_dcs_factory: MakeDcs, watches: Callable[[ConsulDCS], Watch]
+    emulator_dcs_factory: MakeDcs, watchers: Callable[[ConsulDCS], Watcher]
 ) -> None:
     emu = emulator_of(emulator_dcs_factory)
     d = await ready(emulator_dcs_factory)
-    w = watches(d)
-    await w.until(lambda v: True)
+    w = watchers(d)
+    await w.wait_for(lambda v: True)
     emu.ignore_blocking = True  # every blocking query answers at once, nothing changed
     emu.clear_requests()
     await asyncio.sleep(1.5)
@@ -692,18 +641,18 @@ async def _until(pred: Callable[[], bool], within: float = 3.0) -> None:
 
 
 async def test_real_agent_scenario(
-    consul_agent_dcs_factory: MakeDcs, watches: Callable[[ConsulDCS], Watch]
+    consul_agent_dcs_factory: MakeDcs, watchers: Callable[[ConsulDCS], Watcher]
 ) -> None:
     """Skipped without a ``consul`` binary. Session shape, lease, watch, expiry within 2 x TTL."""
     a = await ready(consul_agent_dcs_factory)
     observer = await ready(consul_agent_dcs_factory, session=False)
-    w = watches(observer)
+    w = watchers(observer)
     leader = await a.acquire_leader("a")
     assert leader is not None
-    await w.until(lambda v: v.leader == leader)
+    await w.wait_for(lambda v: v.leader == leader)
     info = await a._client.session.info(a._session_id)
     assert info[1]["Behavior"] == "delete" and info[1]["LockDelay"] == 0
     assert not info[1].get("NodeChecks")
     t0 = time.monotonic()
-    at, _ = await w.until(lambda v: v.leader is None, within=a.worst_case_expiry + 2)
+    at, _ = await w.wait_for(lambda v: v.leader is None, within=a.worst_case_expiry + 2)
     assert at - t0 >= a.session_ttl * 0.5

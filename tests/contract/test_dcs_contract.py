@@ -20,7 +20,6 @@ keys with it) within 2 * ttl + 2 s (Consul may keep a session up to twice its TT
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,71 +45,6 @@ async def new_dcs(make_dcs: Any, cluster: str = "c1", *, session: bool = True) -
     if session:
         await d.open_session(ttl_of(make_dcs))
     return d
-
-
-class Watcher:
-    """Runs ``dcs.watch()`` in a task and records (arrival time, view) of every view."""
-
-    def __init__(self, dcs: DCS) -> None:
-        self.dcs = dcs
-        self.views: list[tuple[float, ClusterView]] = []
-        self._new = asyncio.Event()
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        gen = self.dcs.watch()
-        try:
-            async for view in gen:
-                self.views.append((time.monotonic(), view))
-                self._new.set()
-        finally:
-            await gen.aclose()  # type: ignore[attr-defined]
-
-    @property
-    def last(self) -> ClusterView | None:
-        return self.views[-1][1] if self.views else None
-
-    async def wait_for(
-        self, pred: Callable[[ClusterView], bool], within: float, after: int = 0
-    ) -> tuple[float, ClusterView]:
-        """The first view (from position ``after`` on) that satisfies ``pred``."""
-        deadline = time.monotonic() + within
-        pos = after
-        while True:
-            while pos < len(self.views):
-                at, view = self.views[pos]
-                pos += 1
-                if pred(view):
-                    return at, view
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"no matching view within {within} s; last view: {self.last!r}"
-                )
-            if self.task.done():
-                raise AssertionError(f"watch ended: {self.task!r}")
-            self._new.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._new.wait(), remaining)
-
-    async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
-@pytest.fixture
-async def watchers() -> Any:
-    started: list[Watcher] = []
-
-    def start(dcs: DCS) -> Watcher:
-        w = Watcher(dcs)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        await w.stop()
 
 
 # -- leader --------------------------------------------------------------------------------------

@@ -16,24 +16,9 @@ from events.dcs.etcd import EtcdDCS
 from events.dcs.factory import create_dcs
 from pgsidecar.config import DcsSettings, EtcdSettings
 from pgsidecar.procutil import free_port
-from tests.contract.test_dcs_contract import Watcher
 from tests.support.fixtures_etcd import EtcdCluster, EtcdServer, running_etcd, running_etcd_cluster
 
 PASSWORD = "s3cr3t-Pa55"
-
-
-@pytest.fixture
-async def watchers() -> AsyncIterator[Any]:
-    started: list[Watcher] = []
-
-    def start(dcs: EtcdDCS) -> Watcher:
-        w = Watcher(dcs)
-        started.append(w)
-        return w
-
-    yield start
-    for w in started:
-        await w.stop()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ through the CLI (which calls the members' APIs at those URLs) moves the master."
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from urllib.parse import urlsplit
@@ -13,20 +12,12 @@ import psycopg
 import pytest
 
 from tests.support.clusterutil import local_cluster, new_master, wait_for
+from tests.support.ipv6 import needs_ipv6_loopback
 
 pytestmark = pytest.mark.integration
 
 
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 on the loopback interface")
+@needs_ipv6_loopback
 def test_a_cluster_on_ipv6_loopback() -> None:
     with local_cluster(host="::1") as lc:
         view = lc.read_view()

@@ -23,12 +23,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import yaml
 
 from pgsidecar.lab.haproxy import running_haproxy
+from pgsidecar.lab.workload import write_until_stopped
 from pgsidecar.procutil import free_port, os_user_ids, terminate
 from tests.support.clusterutil import local_cluster, new_master, wait_for
 
@@ -116,6 +118,7 @@ class PooledWriter:
     errors: list[str] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _attempts: int = 0
 
     def start(self) -> PooledWriter:
         self._thread = threading.Thread(target=self._run, name="pooled-writer", daemon=True)
@@ -123,31 +126,28 @@ class PooledWriter:
         return self
 
     def _run(self) -> None:
-        conn: psycopg.Connection | None = None
-        n = 0
-        while not self._stop.is_set():
-            n += 1
-            try:
-                if conn is None:
-                    conn = psycopg.connect(self.dsn, autocommit=True)
-                    conn.prepare_threshold = None  # transaction pooling: no named statements
-                row = conn.execute(
-                    "INSERT INTO pooled_writes (id) VALUES (%s) RETURNING inet_server_port()",
-                    (n,),
-                ).fetchone()
-                assert row is not None
-                self.acked.append((time.monotonic(), n, int(row[0])))
-            except (psycopg.Error, OSError) as exc:
-                self.errors.append(type(exc).__name__)
-                if conn is not None:
-                    with contextlib.suppress(Exception):
-                        conn.close()
-                conn = None
-                time.sleep(0.05)
-            time.sleep(0.01)
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.close()
+        write_until_stopped(
+            self._stop, self._connect, self._write, self._failed, error_pause=0.05, pause=0.01
+        )
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self.dsn, autocommit=True)
+        conn.prepare_threshold = None  # transaction pooling: no named statements
+        return conn
+
+    def _write(self, conn: psycopg.Connection[Any]) -> None:
+        # a fresh id for every attempt: one whose commit was acknowledged but whose answer was
+        # lost is not reused
+        self._attempts += 1
+        n = self._attempts
+        row = conn.execute(
+            "INSERT INTO pooled_writes (id) VALUES (%s) RETURNING inet_server_port()", (n,)
+        ).fetchone()
+        assert row is not None
+        self.acked.append((time.monotonic(), n, int(row[0])))
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors.append(type(exc).__name__)
 
     def stop(self) -> None:
         self._stop.set()

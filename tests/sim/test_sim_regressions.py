@@ -58,3 +58,14 @@ def test_seed_3002_a_restarted_master_of_an_empty_synchronous_set_leads_again() 
     again (liveness). Now every member reads the record the same way, and the old master
     races."""
     run(3002, synchronous_mode="strict")
+
+
+def test_seed_3003_a_new_master_ignores_a_view_older_than_its_term() -> None:
+    """Strict mode, 5 members: a DCS stall fenced the master m3. When the store healed, m2
+    won the key on a fresh read, then the watch delivered its queued view naming m3 at an
+    older term: m2 fenced itself and went to rewind against m3, which was not master. m2 had
+    written its own empty synchronous record, so only it might lead, and it waited in
+    rewinding for someone else: no master for the rest of the run (liveness). Now a master
+    ignores a key older than its own term, and a rewinding member with no master left starts
+    read-only and stands for election."""
+    run(3003, members=5, synchronous_mode="strict")

@@ -449,6 +449,7 @@ class Rig:
         data: DataState = DataState.MISSING,
         dcs: FakeDCS | None = None,
         pgbackrest: Any = None,
+        bootstrap: Any = None,
         **cluster: Any,
     ) -> None:
         self.cfg = agent_config(tmp, name, **cluster)
@@ -475,7 +476,7 @@ class Rig:
             self.cfg,
             self.ports,
             inbox=self.inbox,
-            services=Services(pgbackrest=pgbackrest),
+            services=Services(pgbackrest=pgbackrest, bootstrap=bootstrap),
             handle_signals=False,
         )
 

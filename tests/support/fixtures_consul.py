@@ -24,13 +24,8 @@ not run against a real Consul agent.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import shutil
-import signal
-import subprocess
-import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -44,7 +39,8 @@ from aiohttp import web
 
 from events.dcs.consul import ConsulDCS
 from pgsidecar.config import ConsulSettings
-from pgsidecar.procutil import free_port_range, terminate
+from pgsidecar.procutil import free_port_range
+from tests.support.childproc import ChildServer, started_in_tempdir
 from tests.support.consul_emulator import ConsulEmulator
 
 CONSUL_BIN = shutil.which("consul")
@@ -89,15 +85,11 @@ async def consul_emulator() -> AsyncIterator[ConsulEmulator]:
 # -- a real agent, when there is a binary ------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL the agent if the test process dies without its teardown."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class ConsulAgent:
+class ConsulAgent(ChildServer):
     """``consul agent -dev`` on loopback ports, as our child process (state in memory)."""
+
+    what = "consul agent"
+    stop_timeout = AGENT_STOP_TIMEOUT
 
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
@@ -106,7 +98,6 @@ class ConsulAgent:
         self.http_port = port
         self.url = f"http://127.0.0.1:{port}"
         self.min_ttl = TEST_MIN_TTL
-        self.proc: subprocess.Popen[bytes] | None = None
         config = base_dir / "test.hcl"
         config.write_text(
             f"ports {{\n  http = {port}\n  serf_lan = {port + 1}\n  serf_wan = {port + 2}\n"
@@ -117,36 +108,19 @@ class ConsulAgent:
 
     def start(self) -> None:
         assert CONSUL_BIN is not None
-        log = open(self.log_path, "ab")  # handed to the child, closed below
-        try:
-            self.proc = subprocess.Popen(
-                [
-                    CONSUL_BIN,
-                    "agent",
-                    "-dev",
-                    "-bind=127.0.0.1",
-                    "-client=127.0.0.1",
-                    "-node=pgsidecar-test",
-                    f"-config-file={self.config}",
-                    "-log-level=warn",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + AGENT_START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise RuntimeError(f"consul agent exited at start:\n{self.log_tail()}")
-            if self.has_leader():
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"consul agent has no leader after {AGENT_START_TIMEOUT} s")
+        self.spawn_logged(
+            [
+                CONSUL_BIN,
+                "agent",
+                "-dev",
+                "-bind=127.0.0.1",
+                "-client=127.0.0.1",
+                "-node=pgsidecar-test",
+                f"-config-file={self.config}",
+                "-log-level=warn",
+            ]
+        )
+        self.wait_ready(self.has_leader, AGENT_START_TIMEOUT, 0.1, "has no leader")
 
     def has_leader(self) -> bool:
         try:
@@ -154,20 +128,6 @@ class ConsulAgent:
                 return bool(json.loads(resp.read()))
         except (OSError, ValueError, urllib.error.URLError):
             return False
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        terminate(proc.pid, signal.SIGTERM, timeout=AGENT_STOP_TIMEOUT)
-        with contextlib.suppress(ChildProcessError, OSError, subprocess.TimeoutExpired):
-            proc.wait(timeout=1)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 @pytest.fixture(scope="session")
@@ -177,14 +137,8 @@ def consul_agent() -> Iterator[ConsulAgent]:
             "no `consul` binary on PATH: the Consul backend runs against the emulator only "
             "(install Consul to also run it against `consul agent -dev`)"
         )
-    base = Path(tempfile.mkdtemp(prefix="pgsidecar-consul-"))
-    agent = ConsulAgent(base)
-    try:
-        agent.start()
+    with started_in_tempdir(ConsulAgent, "pgsidecar-consul-") as agent:
         yield agent
-    finally:
-        agent.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 MakeDcs = Callable[..., ConsulDCS]

@@ -13,14 +13,11 @@ a new fixture that starts etcd cannot make the marker lie: add its name to ``ETC
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shutil
 import signal
 import subprocess
-import tempfile
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -31,7 +28,8 @@ import pytest
 
 from events.dcs.etcd import EtcdDCS
 from pgsidecar.config import EtcdSettings
-from pgsidecar.procutil import free_port_range, terminate
+from pgsidecar.procutil import free_port_range
+from tests.support.childproc import ChildServer, started_in_tempdir
 
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 # fixtures that start a real etcd process (the ones in tests/contract/test_etcd_backend.py included)
@@ -77,19 +75,13 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 10.0
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL etcd if the test process dies without running its teardown, so a
-    crashed test run never leaves an etcd behind."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class EtcdServer:
+class EtcdServer(ChildServer):
     """One etcd member on loopback ports, as our child process. ``stop()``/``start()`` keep the
     data directory and ports, so a restart resumes the same store (same revisions).
 
     Alone it is a single-node cluster; ``EtcdCluster`` makes members of a larger one."""
+
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(
         self,
@@ -100,10 +92,10 @@ class EtcdServer:
     ) -> None:
         self.base_dir = base_dir
         self.name = name
+        self.what = f"etcd {name}"
         self.data_dir = base_dir / f"{name}.data"
         self.log_path = base_dir / f"{name}.log"
         self.extra_args = extra_args
-        self.proc: subprocess.Popen[bytes] | None = None
         self.initial_cluster: str | None = None  # None: just this member
         self._set_ports(ports or self._free_ports())
 
@@ -153,30 +145,10 @@ class EtcdServer:
             "--log-level=warn",
             *self.extra_args,
         ]
-        log = open(self.log_path, "ab")  # handed to the child, closed below
-        try:
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        finally:
-            log.close()
+        self.spawn_logged(args)
 
     def wait_healthy(self, timeout: float = START_TIMEOUT) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise RuntimeError(f"etcd {self.name} exited at start:\n{self.log_tail()}")
-            if self.healthy():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"etcd {self.name} not healthy after {timeout} s:\n{self.log_tail()}")
+        self.wait_ready(self.healthy, timeout, 0.05, "not healthy")
 
     def healthy(self) -> bool:
         try:
@@ -184,17 +156,6 @@ class EtcdServer:
                 return bool(json.loads(resp.read()).get("health") == "true")
         except (OSError, ValueError, urllib.error.URLError):
             return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop etcd and reap it (terminate() waits on our child by pid)."""
-        if self.proc is None:
-            return
-        proc, self.proc = self.proc, None
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGCONT)  # a paused member cannot act on SIGTERM
-        terminate(proc.pid, sig, timeout=STOP_TIMEOUT)
-        with contextlib.suppress(ChildProcessError, OSError):
-            proc.wait(timeout=1)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
@@ -207,12 +168,6 @@ class EtcdServer:
     def resume(self) -> None:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGCONT)
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def etcdctl(self, *args: str, env: dict[str, str] | None = None) -> str:
         out = subprocess.run(
@@ -284,27 +239,19 @@ def _tmp_root() -> str | None:
 def running_etcd(extra_args: tuple[str, ...] = ()) -> Iterator[EtcdServer]:
     """Start an etcd in a fresh temp dir; stop it by pid and remove the dir afterwards."""
     _require_integration_marker()
-    base = Path(tempfile.mkdtemp(prefix="pgsidecar-etcd-", dir=_tmp_root()))
-    server = EtcdServer(base, extra_args)
-    try:
-        server.start()
+    with started_in_tempdir(
+        lambda base: EtcdServer(base, extra_args), "pgsidecar-etcd-", _tmp_root()
+    ) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def running_etcd_cluster(size: int = 3) -> Iterator[EtcdCluster]:
     _require_integration_marker()
-    base = Path(tempfile.mkdtemp(prefix="pgsidecar-etcd-", dir=_tmp_root()))
-    cluster = EtcdCluster(base, size)
-    try:
-        cluster.start()
+    with started_in_tempdir(
+        lambda base: EtcdCluster(base, size), "pgsidecar-etcd-", _tmp_root()
+    ) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

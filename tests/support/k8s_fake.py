@@ -51,8 +51,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
 from aiohttp import web
+
+from tests.support import yamlutil
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 BASE = DEPLOY / "kubernetes"  # the Role the agent runs with
@@ -115,7 +116,7 @@ Rule = dict[str, Any]  # a PolicyRule of rbac.authorization.k8s.io/v1
 
 
 def _load_docs(path: Path) -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return [d for d in yamlutil.safe_load_all(path.read_text()) if d is not None]
 
 
 def _apply_json6902(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
@@ -145,7 +146,7 @@ def _apply_patches(directory: Path, k: Mapping[str, Any], docs: list[dict[str, A
         if set(target) - {"kind", "name"}:
             raise ValueError(f"fake: patch target {target} not implemented")
         text = patch["patch"] if "patch" in patch else (directory / patch["path"]).read_text()
-        ops = yaml.safe_load(text)
+        ops = yamlutil.safe_load(text)
         for doc in docs:
             if target.get("kind", doc["kind"]) != doc["kind"]:
                 continue
@@ -161,7 +162,7 @@ def _apply_patches(directory: Path, k: Mapping[str, Any], docs: list[dict[str, A
 def _render_python(directory: Path) -> list[dict[str, Any]]:
     """What kustomize does to the resources of ``directory``, as far as RBAC is concerned:
     resources (files and other kustomizations), then components' and own patches."""
-    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    k = yamlutil.safe_load((directory / "kustomization.yaml").read_text())
     docs: list[dict[str, Any]] = []
     for res in k.get("resources") or ():
         path = (directory / res).resolve()
@@ -169,7 +170,7 @@ def _render_python(directory: Path) -> list[dict[str, Any]]:
     for comp in k.get("components") or ():
         comp_dir = (directory / comp).resolve()
         _apply_patches(
-            comp_dir, yaml.safe_load((comp_dir / "kustomization.yaml").read_text()), docs
+            comp_dir, yamlutil.safe_load((comp_dir / "kustomization.yaml").read_text()), docs
         )
     _apply_patches(directory, k, docs)
     return docs
@@ -185,7 +186,7 @@ def _render_kubectl(directory: Path) -> list[dict[str, Any]] | None:
     )
     if out.returncode != 0:
         raise RuntimeError(f"kubectl kustomize {directory}: {out.stderr}")
-    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    return [d for d in yamlutil.safe_load_all(out.stdout) if d is not None]
 
 
 def _the_role(docs: Sequence[Mapping[str, Any]], where: str) -> list[Rule]:

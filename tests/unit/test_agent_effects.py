@@ -176,13 +176,39 @@ async def test_announce_failed_put_fails(rig: Rig) -> None:
 async def test_acquire_won_arms_the_fence_from_the_last_renewal(rig: Rig) -> None:
     put(rig, Role.CANDIDATE)
     rig.dcs.ttl = 4.0
-    rig.agent.state.lease_sent = 100.0
+    renewed = rig.clock.monotonic() - 0.5  # recent: its deadline is more than a cycle ahead
+    rig.agent.state.lease_sent = renewed
     out, others = await run(rig, Effect.ACQUIRE)
     term = rig.dcs.leader.term if rig.dcs.leader else None
     assert out == {"name": Effect.ACQUIRE, "ok": True, "won": True, "term": term}
     assert lease_inputs(others) == [{"held": True, "term": term}]
     # ttl 4 s, clock drift 1 %, margin 0.6 s: the deadline counts from the renewal, not now
-    assert rig.fence.deadline == pytest.approx(100.0 + 4.0 * 0.99 - 0.6)
+    assert rig.fence.deadline == pytest.approx(renewed + 4.0 * 0.99 - 0.6)
+    assert rig.dcs.called("renew_session") == []
+
+
+async def test_acquire_after_an_old_renewal_renews_first(rig: Rig) -> None:
+    """After a DCS stall the last renewal can be older than the fencing window: a win armed
+    from it would fence at once and waste the election (seen in the simulator after a stall).
+    The session is renewed before the acquire and the deadline counts from that renewal."""
+    put(rig, Role.CANDIDATE)
+    rig.dcs.ttl = 4.0
+    rig.agent.state.lease_sent = rig.clock.monotonic() - 10.0
+    before = rig.clock.monotonic()
+    out, _ = await run(rig, Effect.ACQUIRE)
+    assert out["ok"] is True and out["won"] is True
+    assert len(rig.dcs.called("renew_session")) == 1
+    assert rig.fence.deadline is not None and rig.fence.deadline >= before + 4.0 * 0.99 - 0.6
+
+
+async def test_acquire_whose_first_renewal_fails_is_a_failed_call(rig: Rig) -> None:
+    put(rig, Role.CANDIDATE)
+    rig.agent.state.lease_sent = rig.clock.monotonic() - 60.0
+    rig.dcs.fail["renew_session"] = DCSError("timeout")
+    out, _ = await run(rig, Effect.ACQUIRE)
+    assert out["ok"] is False and "won" not in out
+    assert rig.dcs.called("acquire_leader") == [], "no race on a session we could not renew"
+    assert rig.fence.deadline is None
 
 
 async def test_acquire_lost_is_an_answer(rig: Rig) -> None:

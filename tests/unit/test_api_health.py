@@ -26,6 +26,7 @@ from fsm.snapshot import (
 )
 from pgsidecar.api import CHECKS, ApiServer, HealthFacts, evaluate, parse_lag
 from pgsidecar.config import AgentConfig, ApiSettings, PostgresSettings, Tags
+from tests.support.ipv6 import free_ipv6_loopback_port, needs_ipv6_loopback
 
 TOKEN = "s3cret-token"
 MB = 1024 * 1024
@@ -557,18 +558,7 @@ async def test_restart_command_reaches_the_agent(client_factory: Any) -> None:
     assert resp.status == 401 and client.agent.commands == ["restart"]
 
 
-def _ipv6_loopback() -> bool:
-    import socket
-
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 on the loopback interface")
+@needs_ipv6_loopback
 @pytest.mark.parametrize(
     "listen,reach",
     # "::" is every IPv6 address (asyncio binds it IPv6-only, as PostgreSQL binds "::")
@@ -578,13 +568,9 @@ def _ipv6_loopback() -> bool:
 async def test_the_api_listens_on_an_ipv6_address(
     tmp_path: Path, listen: str, reach: list[str]
 ) -> None:
-    import socket
-
     import aiohttp
 
-    with socket.socket(socket.AF_INET6) as s:
-        s.bind(("::1", 0))
-        port = s.getsockname()[1]
+    port = free_ipv6_loopback_port()
     role, snap, running, valid, tags = SCENARIOS["replica"]
     cfg = make_cfg(tmp_path)
     cfg.api.listen, cfg.api.port = listen, port

@@ -23,6 +23,7 @@ import yaml
 
 from events.k8s import K8S_API_CALLS, POD_KILLING_API_CALLS, ROLE_LABEL, ROLE_VALUES
 from pgsidecar.config import AgentConfig, _apply_env
+from tests.support import yamlutil
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -52,7 +53,7 @@ KUSTOMIZATION_KEYS = {
 
 
 def load_docs(path: Path) -> list[Doc]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    return [d for d in yamlutil.safe_load_all(path.read_text()) if d is not None]
 
 
 def _json_pointer(path: str) -> list[str]:
@@ -81,7 +82,7 @@ def apply_json6902(doc: Doc, ops: list[Doc]) -> None:
 
 
 def _apply_kustomization(directory: Path, docs: list[Doc], expect_kind: str) -> list[Doc]:
-    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    k = yamlutil.safe_load((directory / "kustomization.yaml").read_text())
     assert k.get("kind", "Kustomization") == expect_kind, directory
     unknown = set(k) - KUSTOMIZATION_KEYS
     assert not unknown, f"renderer does not implement {unknown} ({directory})"
@@ -117,7 +118,7 @@ def _apply_kustomization(directory: Path, docs: list[Doc], expect_kind: str) -> 
         ]
         assert hits, f"patch target {target} not found"
         for d in hits:
-            apply_json6902(d, yaml.safe_load(patch["patch"]))
+            apply_json6902(d, yamlutil.safe_load(patch["patch"]))
     for img in k.get("images") or []:
         for d in docs:
             spec = pod_spec(d)
@@ -146,7 +147,7 @@ def kubectl_render(directory: Path) -> list[Doc] | None:
         [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    return [d for d in yamlutil.safe_load_all(out.stdout) if d is not None]
 
 
 def renderings(directory: Path) -> list[tuple[str, list[Doc]]]:
@@ -239,7 +240,7 @@ def agent_config(docs: list[Doc]) -> tuple[AgentConfig, dict[str, Any]]:
     container = spec["containers"][0]
     env = container_env(container, SAMPLE)
     cm_name = next(v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v)
-    raw = yaml.safe_load(one(docs, "ConfigMap", cm_name)["data"]["agent.yaml"])
+    raw = yamlutil.safe_load(one(docs, "ConfigMap", cm_name)["data"]["agent.yaml"])
     merged = _apply_env(copy.deepcopy(raw), env)
     return AgentConfig.model_validate(merged), raw
 

@@ -229,11 +229,12 @@ def state_dir() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_c_fence_process_stopped_alone_the_client_fences_and_restarts_it(
-    procs: Procs, state_dir: Path
-) -> None:
-    target = procs.sleep()
-    fired = Fired()
+@contextlib.contextmanager
+def armed_watchdog(
+    target: subprocess.Popen[bytes], fired: Fired, state_dir: Path
+) -> Iterator[Watchdog]:
+    """A Watchdog whose own fencing SIGQUITs ``target`` (the postmaster's stand-in), armed for
+    a minute, its fence process answering; stopped at the end."""
     wd = Watchdog(
         fence=lambda: os.kill(target.pid, signal.SIGQUIT) or True,
         on_fired=fired,
@@ -243,6 +244,17 @@ def test_c_fence_process_stopped_alone_the_client_fences_and_restarts_it(
     try:
         wd.arm(time.monotonic() + 60)
         assert wait_until(wd.fence_in_sync, 3)
+        yield wd
+    finally:
+        wd.stop()
+
+
+def test_c_fence_process_stopped_alone_the_client_fences_and_restarts_it(
+    procs: Procs, state_dir: Path
+) -> None:
+    target = procs.sleep()
+    fired = Fired()
+    with armed_watchdog(target, fired, state_dir) as wd:
         old = int((state_dir / "fence.pid").read_text())
         procs.track(old)
         with SchedulingLag() as lag:
@@ -263,8 +275,6 @@ def test_c_fence_process_stopped_alone_the_client_fences_and_restarts_it(
         new = int((state_dir / "fence.pid").read_text())
         assert new == wd.fence_pid and pid_alive(new)
         print(f"\nclient fenced {took:.3f}s after SIGSTOP of the fence process")
-    finally:
-        wd.stop()
     assert len(fired.times) == 1
 
 
@@ -275,15 +285,7 @@ def test_c_fence_process_and_postmaster_both_stopped_the_new_fence_process_kills
     process started in place of the stopped one fences at once and SIGKILLs it."""
     target = procs.sleep()
     fired = Fired()
-    wd = Watchdog(
-        fence=lambda: os.kill(target.pid, signal.SIGQUIT) or True,
-        on_fired=fired,
-        postmaster_pid=lambda: target.pid,
-        state_dir=state_dir,
-    )
-    try:
-        wd.arm(time.monotonic() + 60)
-        assert wait_until(wd.fence_in_sync, 3)
+    with armed_watchdog(target, fired, state_dir) as wd:
         old = wd.fence_pid
         assert old is not None
         procs.track(old)
@@ -300,8 +302,6 @@ def test_c_fence_process_and_postmaster_both_stopped_the_new_fence_process_kills
         time.sleep(0.3)
         assert len(fired.times) == 1 and wd.fired_count == 1  # one on_fired for the two
         assert "is stopped: SIGKILL" in (state_dir / "fence.log").read_text()
-    finally:
-        wd.stop()
 
 
 def test_fence_process_killed_while_armed_the_client_fences_and_restarts_it(
@@ -309,15 +309,7 @@ def test_fence_process_killed_while_armed_the_client_fences_and_restarts_it(
 ) -> None:
     target = procs.sleep()
     fired = Fired()
-    wd = Watchdog(
-        fence=lambda: os.kill(target.pid, signal.SIGQUIT) or True,
-        on_fired=fired,
-        postmaster_pid=lambda: target.pid,
-        state_dir=state_dir,
-    )
-    try:
-        wd.arm(time.monotonic() + 60)
-        assert wait_until(wd.fence_in_sync, 3)
+    with armed_watchdog(target, fired, state_dir) as wd:
         old = wd.fence_pid
         assert old is not None
         os.kill(old, signal.SIGKILL)
@@ -330,8 +322,6 @@ def test_fence_process_killed_while_armed_the_client_fences_and_restarts_it(
         os.kill(old, signal.SIGKILL)
         assert wait_until(lambda: wd.fence_pid not in (None, old), 3)
         assert len(fired.times) == 1
-    finally:
-        wd.stop()
 
 
 def test_both_sides_fire_on_fired_once(procs: Procs, state_dir: Path) -> None:

@@ -279,6 +279,19 @@ def test_master_demotes_when_the_key_names_another() -> None:
     assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["lease_lost"]
 
 
+def test_master_keeps_the_lease_on_a_view_older_than_its_own_term() -> None:
+    """After a DCS outage a fresh read (no key) is posted at once, while the watch still
+    delivers what it queued: a member that won the key at term 30 then saw the old master's key
+    at term 20. That key was gone before ours was created: it fenced a master for nothing
+    (simulator seed 3003). A key of another member at a newer term still demotes it."""
+    n = master_node()
+    stale = dcs("pg2", 20, pg2=member("pg2", role="master"), pg1=member("pg1"))
+    stale["index"] = 25
+    assert n.feed("dcs", **stale) == []
+    assert n.role is Role.MASTER
+    assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["lease_lost"]
+
+
 def test_master_restart_in_place_then_give_up_after_timeout() -> None:
     n = master_node()
     assert n.feed("pg", **pg(running=False, crashed=True, in_recovery=False)) == [
@@ -499,6 +512,41 @@ def test_sync_mode_a_record_of_an_older_master_binds_too() -> None:
     assert outsider.role is Role.REPLICA
     recorded = replica_following("pg2")
     assert recorded.feed("dcs", **sync_view(["pg2"], leader="pg0")) == ["leader_lost"]
+
+
+def test_a_rewinding_former_master_with_no_master_left_starts_and_leads_again() -> None:
+    """Strict mode: pg1 won the key and wrote its own empty synchronous record, so only pg1
+    may lead. It was demoted at once and went to rewind against pg2, named by the key in a
+    view, but pg2 was not there and its key is gone. Waiting in ``rewinding`` for another
+    member to be elected waited forever: the record lets nobody else (simulator seed 3003).
+    pg1 starts read-only, stands for election and races."""
+    n = master_node()
+    n.feed("dcs", **{**sync_view([], leader="pg1"), "leader": {"name": "pg1", "term": 30}})
+    assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["lease_lost"]
+    n.feed("pg", **pg(running=False))
+    n.feed("lease", held=False)
+    assert n.done("fence") == ["rejoin"] and n.role is Role.REWINDING
+    assert n.done("rewind", ok=False, error="cannot connect to pg2:5432") == []
+    view = sync_view([], leader="pg1")
+    view["config"] = {"synchronous_mode": "strict"}
+    assert n.feed("dcs", **view) == ["start_replica"]
+    n.feed("pg", **pg())
+    assert n.done("start_standby", upstream=None) == ["leader_lost"]
+    assert n.done("announce", term=31) == ["race"]
+
+
+def test_a_rewinding_member_whose_data_is_unusable_waits_for_a_master() -> None:
+    """Without usable data it cannot start, let alone lead: it waits for a master to clone
+    from, as before."""
+    n = master_node()
+    assert n.feed("dcs", **dcs("pg2", 31, pg2=member("pg2", role="master"))) == ["lease_lost"]
+    n.feed("pg", **pg(running=False))
+    n.feed("lease", held=False)
+    assert n.done("fence") == ["rejoin"]
+    n.feed("pg", **pg(running=False, data="invalid"))
+    assert n.done("rewind", ok=False, error="pg_rewind left the data unusable") == []
+    assert n.feed("dcs", **dcs(None, pg3=member("pg3"))) == []
+    assert n.role is Role.REWINDING and n.last.awaits == "peers"
 
 
 def test_sync_mode_off_ignores_the_record() -> None:

@@ -5,7 +5,9 @@ interpreter for what `pgsidecar run` actually loads."""
 from __future__ import annotations
 
 import ast
+import functools
 import graphlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 STDLIB = sys.stdlib_module_names
 
 
-def imports_of(path: Path) -> set[str]:
+@functools.cache  # the tests below read the same files: each is parsed once
+def imports_of(path: Path) -> frozenset[str]:
     """Every module an import statement in ``path`` names (absolute imports only: the project
     uses no relative ones)."""
     out: set[str] = set()
@@ -25,10 +28,10 @@ def imports_of(path: Path) -> set[str]:
             out.add(node.module)
             # `from pgsidecar import x` names the module pgsidecar.x
             out |= {f"{node.module}.{a.name}" for a in node.names}
-    return out
+    return frozenset(out)
 
 
-def modules(package: str) -> dict[str, set[str]]:
+def modules(package: str) -> dict[str, frozenset[str]]:
     return {
         str(p.relative_to(REPO)): imports_of(p)
         for p in sorted((REPO / package).rglob("*.py"))
@@ -97,36 +100,50 @@ def test_the_cli_modules_import_each_other_without_a_cycle() -> None:
     assert cycle is None, f"import cycle in the CLI: {' -> '.join(cycle)}"
 
 
+# What a fresh interpreter has loaded after each step, in one interpreter for both tests below
+# (an interpreter that imports the whole agent is most of their time): the commands but the
+# lab's own and `run` first, then `run` and the agent's modules, then a lab command. A step that
+# loads the lab shows in its own line and in every later one.
+FRESH_INTERPRETER = """
+import json, sys
+from pgsidecar.cli import build_parser
+def lab():
+    return sorted(m for m in sys.modules if m.startswith('pgsidecar.lab'))
+for cmd in ('list', 'switchover', 'history', 'replay', 'local', 'pause', 'config',
+            'restart', 'reinit', 'failover'):
+    build_parser([cmd])
+print(json.dumps(lab()))
+build_parser(['run', '--config', 'agent.yaml'])
+import pgsidecar.agent, pgsidecar.api, events.kafka, events.k8s
+print(json.dumps(lab()))
+build_parser(['chaos', '--runs', '1'])
+print(json.dumps('pgsidecar.lab.faults' in sys.modules))
+"""
+
+
+@functools.cache
+def fresh_interpreter() -> tuple[list[str], list[str], bool]:
+    out = subprocess.run(
+        [sys.executable, "-c", FRESH_INTERPRETER],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert len(out) == 3, out
+    commands, run, chaos = (json.loads(line) for line in out)
+    return commands, run, chaos
+
+
 def test_pgsidecar_run_never_loads_the_lab() -> None:
     """A fresh interpreter that builds the CLI for `pgsidecar run` and imports the agent (what
     a container runs) has no module of pgsidecar.lab loaded; the lab's commands still work."""
-    code = (
-        "import sys\n"
-        "from pgsidecar.cli import build_parser\n"
-        "build_parser(['run', '--config', 'agent.yaml'])\n"
-        "import pgsidecar.agent, pgsidecar.api, events.kafka, events.k8s\n"
-        "print(sorted(m for m in sys.modules if m.startswith('pgsidecar.lab')))\n"
-        "build_parser(['chaos', '--runs', '1'])\n"
-        "print('pgsidecar.lab.faults' in sys.modules)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    assert out == ["[]", "True"], out
+    _, run, chaos = fresh_interpreter()
+    assert run == [] and chaos is True, (run, chaos)
 
 
 def test_the_cli_imports_the_lab_only_for_a_command_that_runs_it() -> None:
     """Building the parser for any command but the lab's own (bench, chaos) loads no module of
     pgsidecar.lab: the commands that use lab tooling (local, --dir) import it when they run."""
-    code = (
-        "import sys\n"
-        "from pgsidecar.cli import build_parser\n"
-        "for cmd in ('list', 'switchover', 'history', 'replay', 'local', 'pause', 'config',\n"
-        "            'restart', 'reinit', 'failover'):\n"
-        "    build_parser([cmd])\n"
-        "print(sorted(m for m in sys.modules if m.startswith('pgsidecar.lab')))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    assert out == ["[]"], out
+    commands, _, _ = fresh_interpreter()
+    assert commands == [], commands

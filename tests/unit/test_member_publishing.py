@@ -166,3 +166,26 @@ async def test_a_member_that_may_now_lead_renews_at_once(rig: Rig) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ({"role": "replica", "lsn": 1}, {"role": "replica", "lsn": 2}),
+        ({"role": "replica", "lsn": 1}, {"role": "master", "lsn": 1}),
+        ({"role": "replica"}, {"role": "replica", "lsn": 2}),
+        ({"role": "replica", "lsn": 1}, {"state": "replica", "lsn": 1}),
+        ({"role": "replica", "tags": {"x": 1}}, {"role": "replica", "tags": {"x": 2}}),
+        ({"role": "replica", "extra": None}, {"role": "replica", "lsn": None}),
+    ],
+)
+def test_member_keys_compare_as_the_dicts_without_their_lsn(
+    a: dict[str, object], b: dict[str, object]
+) -> None:
+    from pgsidecar.agent.membership import _equal_but_lsn
+
+    def without_lsn(d: dict[str, object]) -> dict[str, object]:
+        return {k: v for k, v in d.items() if k != "lsn"}
+
+    assert _equal_but_lsn(a, b) is (without_lsn(a) == without_lsn(b))
+    assert _equal_but_lsn(b, a) is (without_lsn(a) == without_lsn(b))

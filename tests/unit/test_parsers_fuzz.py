@@ -35,6 +35,10 @@ json_value = st.recursive(
     max_leaves=12,
 )
 
+# The unit tier runs a sample of each search (hypothesis's default count);
+# tests/sim/test_deep_searches.py runs the same tests with several times more examples.
+UNIT_EXAMPLES = 100
+
 VALID = {
     "name": "pg1",
     "cluster": "c",
@@ -58,7 +62,7 @@ FIELDS = [
 ]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=UNIT_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(FIELDS), json_value)
 def test_config_any_value_is_accepted_or_a_clear_error(path: tuple[str, ...], value: Any) -> None:
     data = json.loads(json.dumps(VALID))
@@ -81,7 +85,7 @@ def test_config_any_value_is_accepted_or_a_clear_error(path: tuple[str, ...], va
         Path(fh.name).unlink()
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=UNIT_EXAMPLES, deadline=None)
 @given(st.binary(max_size=200))
 def test_config_file_of_random_bytes_is_a_clear_error(raw: bytes) -> None:
     with tempfile.NamedTemporaryFile("wb", suffix=".yaml", delete=False) as fh:
@@ -107,7 +111,7 @@ def test_config_file_of_random_bytes_is_a_clear_error(raw: bytes) -> None:
         assert fields, f"names no field: {msg!r}"
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=UNIT_EXAMPLES, deadline=None)
 @given(st.binary(max_size=120))
 def test_dcs_json_values_decode_or_give_a_reason(raw: bytes) -> None:
     value, reason = decode_json_object("k", raw)
@@ -116,7 +120,7 @@ def test_dcs_json_values_decode_or_give_a_reason(raw: bytes) -> None:
         assert isinstance(value, dict)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=UNIT_EXAMPLES, deadline=None)
 @given(json_value)
 def test_member_values_of_any_shape_never_crash(value: Any) -> None:
     mv = member_view("m", value)
@@ -124,7 +128,7 @@ def test_member_values_of_any_shape_never_crash(value: Any) -> None:
         assert mv.failover_priority >= 0 and (mv.lsn is None or isinstance(mv.lsn, int))
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=UNIT_EXAMPLES, deadline=None)
 @given(json_value)
 def test_records_decode_or_raise_value_error(value: Any) -> None:
     try:
@@ -134,7 +138,7 @@ def test_records_decode_or_raise_value_error(value: Any) -> None:
     assert isinstance(rec.seq, int) and isinstance(rec.body, dict)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=UNIT_EXAMPLES, deadline=None)
 @given(json_value, st.sampled_from(["input", "transition", "action", "bogus"]))
 def test_records_with_a_valid_envelope_and_any_body(body: Any, kind: str) -> None:
     data = {
@@ -175,7 +179,7 @@ def test_journal_lines_are_skipped_and_counted_not_fatal(lines: list[str]) -> No
         Path(fh.name).unlink()
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=UNIT_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(["dcs", "pg", "lease", "effect", "peer", "pod", "timer"]),
     st.dictionaries(st.text(max_size=12), json_value, max_size=8),
@@ -192,7 +196,7 @@ def test_recorded_inputs_with_garbage_data_never_crash_nor_promote(
         assert all(dest is not Role.MASTER for _, _, dest in taken)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=UNIT_EXAMPLES, deadline=None)
 @given(json_value)
 def test_input_envelope_decode(value: Any) -> None:
     try:

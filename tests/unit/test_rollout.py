@@ -144,6 +144,7 @@ class FakeMembers:
         self.current = leader
         self.sick = set(sick)
         self.log: list[tuple[str, str]] = []
+        self.keys_lag = 0  # how many reads of the member keys still show no streaming replica
 
     def _up(self, member: str) -> bool:
         p = self.api.pods.get(member)
@@ -169,6 +170,9 @@ class FakeMembers:
         return member == self.current and self._up(member)
 
     async def most_advanced(self, members: Sequence[str]) -> str | None:
+        if self.keys_lag > 0:  # member keys not yet rewritten since /status showed streaming
+            self.keys_lag -= 1
+            return None
         return next((m for m in members if self._up(m) and m not in self.sick), None)
 
     async def switchover(self, master: str, target: str, within: float) -> str | None:
@@ -200,6 +204,43 @@ def revisions(api: FakeKubeApi) -> dict[str, str]:
 
 def deleted(api: FakeKubeApi) -> list[str]:
     return [path.rsplit("/", 1)[-1] for _, path, _, _ in api.calls("delete")]
+
+
+async def test_the_switchover_waits_for_the_member_keys_to_show_a_streaming_replica(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    """A replica's /status shows it streaming before its member key in the DCS does (the key is
+    rewritten on its next probe): the switchover step waits for the keys, bounded, instead of
+    calling the replicas unfit (seen in the end-to-end rollout: stopped right after pg3 came
+    back streaming)."""
+    members = FakeMembers(api, leader="pg-0")
+    members.keys_lag = 3
+    kube = kube_for(api, tmp_path)
+    rollout = Rollout(
+        kube, members, "pg", member_timeout=5, switchover_timeout=5, poll=0.01, say=lambda _: None
+    )
+    try:
+        await rollout.run(await rollout.plan())
+    finally:
+        await kube.close()
+    assert members.log == [("switchover", "pg-2")] and members.keys_lag == 0
+
+
+async def test_the_switchover_stops_when_no_member_key_ever_shows_a_streaming_replica(
+    api: FakeKubeApi, tmp_path: Path
+) -> None:
+    members = FakeMembers(api, leader="pg-0")
+    members.keys_lag = 10**9
+    kube = kube_for(api, tmp_path)
+    rollout = Rollout(
+        kube, members, "pg", member_timeout=5, switchover_timeout=0.3, poll=0.01, say=lambda _: None
+    )
+    try:
+        with pytest.raises(RolloutError, match="running, streaming replica .* after 0.3 s"):
+            await rollout.run(await rollout.plan())
+    finally:
+        await kube.close()
+    assert members.log == [] and members.current == "pg-0"
 
 
 async def test_a_rollout_replaces_replicas_then_switches_over_then_the_old_master(

@@ -14,6 +14,7 @@ import pytest
 from pgsidecar.lab.sim.clock import (
     EPOCH,
     SimulationDeadlock,
+    SimulationStalled,
     VirtualEventLoop,
     current_rng,
     run_simulation,
@@ -143,6 +144,50 @@ def test_waiting_with_no_timer_armed_is_a_deadlock_not_a_hang() -> None:
 
     with pytest.raises(SimulationDeadlock, match="no timer is armed"):
         run_simulation(main)
+
+
+def test_a_task_that_never_waits_is_stopped_naming_the_seed() -> None:
+    async def main() -> None:
+        await asyncio.sleep(2)
+        while True:  # noqa: ASYNC110 (the busy loop is the point): the clock can never move
+            await asyncio.sleep(0)
+
+    with pytest.raises(SimulationStalled, match=r"seed 11: .* at virtual time 2\.000000 s"):
+        run_simulation(main, seed=11, max_spins=10_000)
+
+
+def test_a_timer_due_a_hair_from_now_is_a_spin_not_progress() -> None:
+    # 1e-12 s is far below the resolution of a clock near EPOCH: asked to wait it, the loop
+    # advances by it and its value does not change; counting jumps instead would never fire
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1e-12)
+            assert loop.time() == EPOCH
+
+    with pytest.raises(SimulationStalled, match="seed 4: .*without the clock advancing"):
+        run_simulation(main, seed=4, max_spins=10_000)
+
+
+def test_busy_work_at_one_instant_below_the_limit_is_not_a_spin() -> None:
+    async def main() -> float:
+        for _ in range(5_000):
+            await asyncio.sleep(0)
+        await asyncio.sleep(1)
+        for _ in range(5_000):  # the allowance starts again once the clock has moved
+            await asyncio.sleep(0)
+        return now()
+
+    assert run_simulation(main, max_spins=6_000) == 1.0
+
+
+def test_a_run_past_its_wall_clock_budget_is_stopped_naming_the_seed() -> None:
+    async def main() -> None:
+        while True:  # noqa: ASYNC110 (time moves, too little per step to reach an end)
+            await asyncio.sleep(1e-6)
+
+    with pytest.raises(SimulationStalled, match=r"seed 9: .*real time, over its budget"):
+        run_simulation(main, seed=9, wall_budget=0.3)
 
 
 def test_real_io_and_threads_are_refused() -> None:

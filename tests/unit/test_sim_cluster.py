@@ -12,7 +12,13 @@ import pytest
 from events.dcs.base import ClusterView, DCSError, SessionLost
 from fsm.snapshot import DataState
 from pgsidecar.config import slot_name
-from pgsidecar.lab.sim.clock import EPOCH, current_rng, derive_rng, run_simulation
+from pgsidecar.lab.sim.clock import (
+    EPOCH,
+    SimulationStalled,
+    current_rng,
+    derive_rng,
+    run_simulation,
+)
 from pgsidecar.lab.sim.cluster import (
     NO_FAULT_MIX,
     Fault,
@@ -370,6 +376,34 @@ def test_a_paused_agent_runs_nothing_until_resumed_and_a_killed_one_is_replaced(
     assert "agent m1 #2 started" in trace
 
 
+class SpinsAfterAWhile(ScriptedAgent):
+    """The scripted agent, except that m2 stops waiting 30 virtual seconds in: it loops on
+    ``asyncio.sleep(0)``, which no timeout of the test run could interrupt."""
+
+    async def run(self) -> None:
+        if self.name != "m2":
+            await super().run()
+            return
+        await asyncio.sleep(30.0)
+        while True:  # noqa: ASYNC110 (the busy loop is the point)
+            await asyncio.sleep(0)
+
+
+def test_a_seed_whose_agent_spins_ends_with_an_error_naming_the_seed() -> None:
+    with pytest.raises(SimulationStalled, match=r"seed 5: .* at virtual time 30\.0+ s.*3 members"):
+        SimCluster(
+            5, 3, fault_plan=NO_FAULT_MIX, duration=100.0, agent_factory=SpinsAfterAWhile
+        ).run()
+
+
+def test_a_seed_past_its_wall_clock_budget_ends_with_an_error_naming_the_seed() -> None:
+    cluster = SimCluster(6, 3, duration=600.0, agent_factory=scripted, wall_budget=0.05)
+    with pytest.raises(SimulationStalled, match=r"seed 6: .*over its budget.*3 members"):
+        cluster.run()
+    assert SimCluster(6, duration=600.0, agent_factory=scripted).wall_budget == 300.0
+    assert SimCluster(6, duration=7200.0, agent_factory=scripted).wall_budget == 3600.0
+
+
 # -- many seeds, replay -----------------------------------------------------------------------------
 
 
@@ -386,3 +420,27 @@ def test_run_seeds_in_two_workers_and_replay_one() -> None:
     replayed = replay(1, 5, "off", mix, scripted, duration=200.0, out=lines.append)
     assert replayed.commits == alone.commits
     assert lines[-1] == "seed 1: ok" and len(lines) > 100
+
+
+# -- the real agent's replay check ------------------------------------------------------------------
+
+
+def test_the_replay_check_of_a_new_run_starts_at_its_start_input() -> None:
+    from fsm.records import Record
+    from pgsidecar.lab.sim.agent import unchecked_run
+
+    def rec(kind: str, seq: int, body: dict[str, Any]) -> Record:
+        return Record(kind, "sim", "m1", seq, 0.0, None, body)  # type: ignore[arg-type]
+
+    first_run = [
+        rec("input", 1, {"type": "start", "now": 0.0, "data": {}}),
+        rec("input", 2, {"type": "timer", "now": 1.0, "data": {}}),
+    ]
+    action = rec("action", 3, {"name": "open_session", "outcome": "ok"})
+    second_start = rec("input", 4, {"type": "start", "now": 5.0, "data": {}})
+    records = [*first_run, action, second_start]
+    assert unchecked_run(records, 0) == 0
+    assert unchecked_run(records, 2) == 3  # actions before the new start are not compared
+    # an input between what was checked and the next start: the whole journal again
+    stray = rec("input", 3, {"type": "timer", "now": 2.0, "data": {}})
+    assert unchecked_run([*first_run, stray, second_start], 2) == 0

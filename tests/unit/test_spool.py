@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,22 @@ from events.spool import Spool, SpoolError
 def payload(kind: str, n: int, size: int = 100) -> bytes:
     head = f"{kind}:{n}:".encode()
     return head + b"x" * max(0, size - len(head))
+
+
+@pytest.fixture
+def memory_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory in memory (tmpfs, /dev/shm) where the machine has one, else ``tmp_path``: the
+    tests of the drop rules and the random-operation runs fsync hundreds of times, which on a
+    shared disk is most of their time and nothing they check (they check order and drops)."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="pgsidecar-spool-", dir=shm))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def drain(spool: Spool) -> list[bytes]:
@@ -101,7 +121,8 @@ def test_bad_checksum_cuts_the_rest_of_the_segment(tmp_path: Path) -> None:
         assert drain(sp) == [payload("transition", 0), payload("transition", 1)]
 
 
-def test_full_spool_drops_oldest_inputs_never_transitions(tmp_path: Path) -> None:
+def test_full_spool_drops_oldest_inputs_never_transitions(memory_dir: Path) -> None:
+    tmp_path = memory_dir
     max_bytes = 16 * 1024
     with Spool(tmp_path, max_bytes, segment_bytes=4096) as sp:
         sent: list[tuple[str, int]] = []
@@ -135,7 +156,8 @@ def test_full_spool_drops_oldest_inputs_never_transitions(tmp_path: Path) -> Non
         assert st.dropped["action"] == 0
 
 
-def test_actions_go_after_inputs_and_transitions_overflow(tmp_path: Path) -> None:
+def test_actions_go_after_inputs_and_transitions_overflow(memory_dir: Path) -> None:
+    tmp_path = memory_dir
     max_bytes = 8192
     with Spool(tmp_path, max_bytes, segment_bytes=4096) as sp:
         for i in range(40):
@@ -160,7 +182,8 @@ def test_actions_go_after_inputs_and_transitions_overflow(tmp_path: Path) -> Non
         assert drain(sp) == [payload("transition", i) for i in range(120)]
 
 
-def test_drops_survive_restart(tmp_path: Path) -> None:
+def test_drops_survive_restart(memory_dir: Path) -> None:
+    tmp_path = memory_dir
     with Spool(tmp_path, 8192, segment_bytes=4096) as sp:
         for i in range(200):
             kind = "transition" if i % 10 == 0 else "input"
@@ -171,8 +194,9 @@ def test_drops_survive_restart(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_operations_against_a_model(tmp_path: Path, seed: int) -> None:
+def test_random_operations_against_a_model(memory_dir: Path, seed: int) -> None:
     """Random appends, acks, restarts and fills, checked against a plain list."""
+    tmp_path = memory_dir
     rng = random.Random(seed)
     max_bytes = 12 * 1024
     sp = Spool(tmp_path, max_bytes, segment_bytes=2048)

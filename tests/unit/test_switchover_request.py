@@ -28,6 +28,9 @@ def cluster() -> FakeDCS:
         (time.time() + MAX_SWITCHOVER_DELAY + 3600, "out of range"),
         (time.time() - 60, "in the past"),
     ],
+    # ids that do not hold the time of collection: every collection (each worker's too) names
+    # the same tests
+    ids=["inf", "nan", "beyond-the-maximum-delay", "a-minute-ago"],
 )
 async def test_a_switchover_time_out_of_range_is_refused_and_nothing_written(
     at: float, words: str

@@ -16,6 +16,15 @@ wait with no timer armed (every task blocked on something no one will ever deliv
 immediate :class:`SimulationDeadlock` instead of a hang. Registering a real file descriptor or
 running code in a thread raises at once, so nondeterminism cannot leak in unnoticed.
 
+The opposite failure, a program that never waits (a task that keeps yielding with
+``asyncio.sleep(0)``, callbacks that keep rescheduling one another, a wait recomputed to a hair
+above zero that cannot move a clock of this magnitude), would spin forever at one virtual
+instant, and no outside timeout can stop it: pytest-timeout's signal lands between callbacks of
+a loop that never returns to it. So the loop is its own watchdog: a
+:class:`SimulationStalled` naming the seed ends the run when the clock's value has not changed
+for ``max_spins`` loop iterations, or when the run has used more than ``wall_budget`` seconds of
+real time.
+
 Determinism: the ready queue is FIFO and the timer heap is ordered by due time, then by the heap's
 deterministic history, so the same program run twice does the same thing. What the loop cannot
 fix is code that iterates over sets of objects hashed by identity (``asyncio.wait`` returns
@@ -26,8 +35,10 @@ the loop's ``rng`` (seeded) or from generators derived from it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import selectors
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
@@ -37,9 +48,20 @@ T = TypeVar("T")
 # is not fooled, and far from any real monotonic clock value, so that mixing the two shows
 EPOCH = 1_000_000.0
 
+# loop iterations at one virtual instant before the watchdog calls it a spin: a whole cluster's
+# agents reacting to one event take a few hundred; a spin reaches this within a second or two
+MAX_SPINS = 200_000
+# how often (loop iterations) the wall-clock budget is looked at: reading the clock is a call
+WALL_CHECK_EVERY = 4096
+
 
 class SimulationDeadlock(RuntimeError):
     """Every task waits and no timer is armed: nothing can ever happen again."""
+
+
+class SimulationStalled(RuntimeError):
+    """The watchdog ended a run: virtual time stopped advancing while the loop kept running (a
+    spin), or the run went past its wall-clock budget."""
 
 
 class VirtualSelector(selectors.BaseSelector):
@@ -83,6 +105,7 @@ class VirtualSelector(selectors.BaseSelector):
             )
         if timeout > 0:
             loop.advance(timeout)
+        loop.watchdog()
         return []
 
     def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
@@ -95,7 +118,9 @@ class VirtualSelector(selectors.BaseSelector):
 class VirtualEventLoop(asyncio.SelectorEventLoop):
     """``loop.time()`` is virtual; ``loop.rng`` is the simulation's seeded random source."""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(
+        self, seed: int = 0, *, max_spins: int = MAX_SPINS, wall_budget: float | None = None
+    ) -> None:
         self._now = EPOCH
         selector = VirtualSelector()
         super().__init__(selector)
@@ -104,6 +129,38 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         self.seed = seed
         self.rng = random.Random(seed)
         self.wakeups = 0  # how many times the clock jumped (a measure of the work done)
+        # the watchdog: iterations since the clock's value last changed, and the real-time limit
+        self.max_spins = max_spins
+        self.wall_budget = wall_budget
+        self._spins = 0
+        self._spun_at = EPOCH
+        self._iterations = 0
+        self._started = time.perf_counter()
+
+    def watchdog(self) -> None:
+        """Called once per loop iteration (by the selector). Compares the clock's value, not
+        whether it was asked to move: a jump of 1e-12 s leaves a clock near 1e6 where it was."""
+        if self._now != self._spun_at:
+            self._spun_at = self._now
+            self._spins = 0
+        else:
+            self._spins += 1
+            if self._spins > self.max_spins:
+                self._spins = 0  # the cancellation of what is left gets a fresh allowance
+                raise SimulationStalled(
+                    f"seed {self.seed}: the simulation spun {self.max_spins} loop iterations at "
+                    f"virtual time {self.elapsed:.6f} s without the clock advancing (a task or "
+                    f"callback that never waits: a busy loop, or a timer due a hair from now)"
+                )
+        self._iterations += 1
+        if self.wall_budget is not None and self._iterations % WALL_CHECK_EVERY == 0:
+            used = time.perf_counter() - self._started
+            if used > self.wall_budget:
+                self.wall_budget = None  # once: the cancellation of what is left may finish
+                raise SimulationStalled(
+                    f"seed {self.seed}: the simulation used {used:.1f} s of real time, over its "
+                    f"budget, and had reached virtual time {self.elapsed:.3f} s"
+                )
 
     def time(self) -> float:
         return self._now
@@ -147,15 +204,30 @@ def run_simulation(
     seed: int = 0,
     *,
     debug: bool = False,
+    max_spins: int = MAX_SPINS,
+    wall_budget: float | None = None,
 ) -> T:
     """Run ``main`` (a coroutine, or a function returning one, called inside the loop) on a fresh
     :class:`VirtualEventLoop` seeded with ``seed``; cancel what is left when it returns, as
-    ``asyncio.run`` does. Raises :class:`SimulationDeadlock` if every task waits forever."""
-    with asyncio.Runner(debug=debug, loop_factory=lambda: VirtualEventLoop(seed)) as runner:
+    ``asyncio.run`` does. Raises :class:`SimulationDeadlock` if every task waits forever, and
+    :class:`SimulationStalled` (naming the seed) if the loop runs ``max_spins`` iterations
+    without the virtual clock moving, or past ``wall_budget`` seconds of real time."""
+    runner = asyncio.Runner(
+        debug=debug,
+        loop_factory=lambda: VirtualEventLoop(seed, max_spins=max_spins, wall_budget=wall_budget),
+    )
 
-        async def entry() -> T:
-            if callable(main):
-                return await main()
-            return await main
+    async def entry() -> T:
+        if callable(main):
+            return await main()
+        return await main
 
+    try:
         return runner.run(entry())
+    except SimulationStalled:
+        # cancelling what is left may spin again: the first verdict is the one to report
+        with contextlib.suppress(SimulationStalled):
+            runner.close()
+        raise
+    finally:
+        runner.close()

@@ -37,12 +37,22 @@ from typing import Any, Protocol
 
 from events.dcs import DCS
 from pgsidecar.agent.ports import Clock
-from pgsidecar.lab.sim.clock import EPOCH, VirtualEventLoop, derive_rng, run_simulation
+from pgsidecar.lab.sim.clock import (
+    EPOCH,
+    SimulationStalled,
+    VirtualEventLoop,
+    derive_rng,
+    run_simulation,
+)
 from pgsidecar.lab.sim.dcs import MAX_REQUEST_TIMEOUT, NO_FAULTS, FaultPlan, SimDCS, SimStore
 from pgsidecar.lab.sim.invariants import Checker, LivenessBound, Violation
 from pgsidecar.lab.sim.postgres import PgFaultPlan, PgTimings, PgWorld, SimClient, SimPostgres
 
 CLUSTER = "sim"
+# real seconds one seed may take before the watchdog ends it (SimulationStalled): a seed of ten
+# virtual minutes takes a few seconds, tens on a loaded machine; past this it is stuck, not slow.
+# Longer runs get half a real second per virtual second.
+DEFAULT_WALL_BUDGET = 300.0
 # the virtual wall clock's value when a simulation starts (2025-01-01T00:00:00Z)
 WALL_EPOCH = 1_735_689_600.0
 
@@ -182,6 +192,10 @@ AgentFactory = Callable[[str, MemberPorts], SimAgent]
 
 # -- holding an agent's tasks -------------------------------------------------------------------
 
+# an incarnation's list of tasks is pruned of finished ones when it reaches this length, or
+# twice what the last pruning left
+PRUNE_AT_LEAST = 64
+
 _incarnation: contextvars.ContextVar[Incarnation | None] = contextvars.ContextVar(
     "sim_incarnation", default=None
 )
@@ -193,7 +207,8 @@ class Incarnation:
     def __init__(self, member: str, number: int) -> None:
         self.member = member
         self.number = number
-        self.tasks: list[asyncio.Task[Any]] = []
+        self.tasks: list[asyncio.Task[Any]] = []  # finished ones too, until the next pruning
+        self.prune_at = PRUNE_AT_LEAST
         self.paused = False
         self.killed = False
         self._held: list[asyncio.Future[None]] = []
@@ -279,8 +294,13 @@ def _task_factory(
     if incarnation is None:
         return asyncio.Task(coro, loop=loop, context=context)
     task = asyncio.Task(_gated(coro, incarnation), loop=loop, context=context)
-    incarnation.tasks = [t for t in incarnation.tasks if not t.done()]
-    incarnation.tasks.append(task)
+    tasks = incarnation.tasks
+    tasks.append(task)
+    if len(tasks) >= incarnation.prune_at:
+        # finished tasks are dropped when the list has doubled, not on every new task (an agent
+        # starts a few per input): the same list in the same order, at a constant cost per task
+        incarnation.tasks = tasks = [t for t in tasks if not t.done()]
+        incarnation.prune_at = max(PRUNE_AT_LEAST, 2 * len(tasks))
     return task
 
 
@@ -466,6 +486,7 @@ class SimCluster:
         timings: PgTimings | None = None,
         writes_need_deadline: bool = True,
         keep_trace: bool = False,
+        wall_budget: float | None = None,
     ) -> None:
         if members < 1:
             raise ValueError("a cluster needs a member")
@@ -489,6 +510,9 @@ class SimCluster:
         self.base_timings = timings or PgTimings(slow=0.0)
         self.writes_need_deadline = writes_need_deadline
         self.keep_trace = keep_trace
+        self.wall_budget = (
+            wall_budget if wall_budget is not None else max(DEFAULT_WALL_BUDGET, duration / 2)
+        )
         self.settings = ClusterSettings(
             cluster=CLUSTER,
             members=self.names,
@@ -528,7 +552,12 @@ class SimCluster:
     # -- running --------------------------------------------------------------------------------
     def run(self) -> SimResult:
         started, cpu = time.perf_counter(), time.process_time()
-        result = run_simulation(self._main, self.seed)
+        try:
+            result = run_simulation(self._main, self.seed, wall_budget=self.wall_budget)
+        except SimulationStalled as exc:
+            raise SimulationStalled(
+                f"{exc} ({len(self.names)} members, synchronous mode {self.synchronous_mode})"
+            ) from exc
         return dataclasses.replace(
             result,
             wall_seconds=time.perf_counter() - started,
@@ -852,7 +881,9 @@ def run_seeds(
         import multiprocessing
 
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            results = list(pool.imap_unordered(run_one, runs, chunksize=4))
+            # one seed at a time: seeds differ in cost by a factor of two or three, and with
+            # larger chunks one worker could be left with the last few while the other idles
+            results = list(pool.imap_unordered(run_one, runs, chunksize=1))
     results.sort(key=lambda r: (r.seed, r.members))
     return SeedsReport(tuple(results), time.perf_counter() - started, max(1, jobs))
 
