@@ -34,7 +34,7 @@ import random
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
@@ -43,6 +43,7 @@ import aiohttp
 
 from events import netloc
 from events.settings import KubernetesSettings
+from events.tasks import bounded, stop_task
 
 if TYPE_CHECKING:
     from kubernetes_asyncio import client as k8s_client
@@ -72,7 +73,6 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 MERGE_PATCH = "application/merge-patch+json"
 EventType = Literal["ADDED", "MODIFIED", "DELETED"]
-T = TypeVar("T")
 Role = Literal["master", "replica"]
 
 
@@ -94,23 +94,6 @@ class Gone(K8sError):
 
 class WatchDropped(K8sError):
     """The watch stream broke after it had been established; resume from the last version."""
-
-
-async def bounded(aw: Awaitable[T], seconds: float) -> T:
-    """``await aw`` for at most ``seconds`` (TimeoutError after). Not asyncio.wait_for: on
-    Python 3.11 it can swallow a cancellation that arrives just as the awaited thing
-    completes, and a close() would then wait for a whole watch to end."""
-    async with asyncio.timeout(seconds):
-        return await aw
-
-
-async def stop_task(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it is really done (cancelling again if it was swallowed)."""
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
-    if not task.cancelled():
-        task.exception()  # retrieved: an error while stopping is of no further interest
 
 
 # --------------------------------------------------------------------------- access

@@ -51,6 +51,7 @@ from events.recordauth import from_settings as record_keys_from_settings
 from events.settings import KafkaSettings
 from events.sinks import Sink, merge_by_time
 from events.spool import KINDS, Spool, SpoolError, fsync_and_close
+from events.tasks import bounded
 from events.tlsclient import client_context, tls_reason
 from fsm import bounded_json
 from fsm.records import Record
@@ -477,7 +478,7 @@ class KafkaSink(Sink):
                 return False
             self._drained.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), min(remaining, 0.5))
+                await bounded(self._drained.wait(), min(remaining, 0.5))
         return True
 
     @property
@@ -600,7 +601,7 @@ class KafkaSink(Sink):
         batch of inputs): the disk's latency never reaches ``emit``."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sync_wanted.wait(), 1.0)
+                await bounded(self._sync_wanted.wait(), 1.0)
             self._sync_wanted.clear()
             fds = self.spool.dirty_handles()
             if fds:
@@ -610,7 +611,7 @@ class KafkaSink(Sink):
         """Sleep, but wake for a close."""
         self._wake.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            await bounded(self._wake.wait(), seconds)
 
     async def _run(self) -> None:
         backoff = self.backoff_min
@@ -625,7 +626,7 @@ class KafkaSink(Sink):
                     self.spool.sync()  # inputs appended since the last fsync
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                    await bounded(self._wake.wait(), 1.0)
                 idle = True
                 continue
             if idle and self.linger > 0 and not self._closing:

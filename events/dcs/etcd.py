@@ -57,6 +57,7 @@ from events.dcs.base import (
     require_own_incarnation,
 )
 from events.settings import ConfigError, EtcdSettings
+from events.tasks import bounded
 from events.tlsclient import client_context, tls_reason
 
 log = logging.getLogger(__name__)
@@ -750,7 +751,7 @@ class EtcdDCS(DCS):
                 try:
                     # in slices, so that a member that stops answering is noticed one idle
                     # timeout after its last answer, as it was before the watch stayed open
-                    chunk = await asyncio.wait_for(resp.content.readany(), timeout=idle / 4)
+                    chunk = await bounded(resp.content.readany(), idle / 4)
                 except TimeoutError:
                     now = time.monotonic()
                     answered = self._answered_at.get(idx)

@@ -171,8 +171,17 @@ def run_failover_bench(
             dt = _first_write_after(w, t0, ttl * 4, lc.member(old).pg_port)
             time.sleep(0.5)
             w.stop()
+            lost = w.lost(lc)
             results["hard_kill"].append(
-                {"seconds_to_first_write": dt, "acked_writes_lost": len(w.lost(lc))}
+                {
+                    "seconds_to_first_write": dt,
+                    "acked_writes_lost": len(lost),
+                    # asynchronous replication (the default) may lose the tail the old master
+                    # acknowledged but had not yet sent: how far before the kill it reaches
+                    "lost_acked_before_kill_seconds": round(
+                        max((t0 - w.acked_at[i] for i in lost), default=0.0), 3
+                    ),
+                }
             )
             t1 = time.monotonic()
             lc.start_member(old)

@@ -37,6 +37,7 @@ import collections
 import contextlib
 import json
 import multiprocessing
+import multiprocessing.resource_tracker
 import os
 import random
 import resource
@@ -512,6 +513,15 @@ class Workers:
                 proc.join(timeout=10)
         for conn in self.conns:
             conn.close()
+        # the spawn context started multiprocessing's resource tracker, a child of ours that
+        # otherwise exits only once we have: stop and reap it here, so the bench leaves no
+        # process behind, not even one still exiting as its caller looks (``_stop`` closes its
+        # pipe and waits for it; private, hence the guard)
+        tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+        stop = getattr(tracker, "_stop", None)
+        if callable(stop):
+            with contextlib.suppress(OSError, ChildProcessError):
+                stop()
         return replies
 
 

@@ -64,6 +64,8 @@ class Writer:
 
     lc: LocalCluster
     acked: dict[int, int] = field(default_factory=dict)
+    # when each acknowledged id's COMMIT returned (monotonic): how old a lost write was
+    acked_at: dict[int, float] = field(default_factory=dict)
     errors: int = 0
     first_ok_after: dict[float, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -107,6 +109,7 @@ class Writer:
         assert row is not None
         self.acked[self._next_id] = int(row[0])
         now = time.monotonic()
+        self.acked_at[self._next_id] = now
         self.ok_ports.append(int(row[0]))
         self.ok_times.append(now)
         self.last_ok = now

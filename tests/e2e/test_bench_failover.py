@@ -61,8 +61,14 @@ def test_one_round_prints_every_scenario_and_leaves_nothing_running() -> None:
         "sigterm_through_haproxy",
     }, scenarios
     for name in ("sigterm", "hard_kill", "switchover"):
-        assert scenarios[name]["acked_writes_lost"] == 0, scenarios[name]
         assert (scenarios[name]["seconds_to_first_write_median"] or 0) > 0, scenarios[name]
+    # a planned hand-off waits for the replicas: nothing acknowledged is lost
+    for name in ("sigterm", "switchover"):
+        assert scenarios[name]["acked_writes_lost"] == 0, scenarios[name]
+    # a hard kill with asynchronous replication (the default) may lose only the tail the old
+    # master acknowledged in its last moment and had not yet sent; nothing older
+    hard = scenarios["hard_kill"]
+    assert hard["lost_acked_before_kill_seconds_median"] < 0.5, hard
     # a hard kill waits out the lease: at least most of a TTL, never an instant hand-off
     assert scenarios["hard_kill"]["seconds_to_first_write_median"] > 5 * 0.5
     assert scenarios["rejoin"]["seconds_to_streaming_median"] > 0

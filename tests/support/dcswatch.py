@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from events.dcs.base import DCS, ClusterView
+from events.tasks import stop_task
 
 
 class Watcher:
@@ -60,9 +61,7 @@ class Watcher:
                 await asyncio.wait_for(self._new.wait(), remaining)
 
     async def stop(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        await stop_task(self.task)
 
 
 @pytest.fixture
