@@ -86,9 +86,14 @@ def _check(r: RunResult) -> None:
     # are asserted again here so that the figure is in the failure message
     if fc.failover_within is not None:
         assert r.new_master is not None and r.new_master != r.old_master, _explain(r)
-        assert r.to_writable_s is not None and r.to_writable_s < fc.failover_within(TTL), _explain(
-            r
-        )
+        # counted from the DCS's new leader where the fault also kills it (its election is the
+        # DCS's own time, measured in dcs_leader_s)
+        start = 0.0
+        if fc.failover_from_dcs_leader:
+            assert r.dcs_leader_s is not None, _explain(r)
+            start = r.dcs_leader_s
+        bound = start + fc.failover_within(TTL)
+        assert r.to_writable_s is not None and r.to_writable_s < bound, _explain(r)
     if fc.lease_fence:
         # no write acknowledged by the old master later than one TTL after it lost the DCS
         assert r.old_acks_after_lease == 0, _explain(r)
