@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from pgsidecar.lab.sim.clock import (
     EPOCH,
+    GC_THRESHOLDS,
     SimulationDeadlock,
     SimulationStalled,
     VirtualEventLoop,
@@ -216,3 +218,24 @@ def test_the_loop_exposes_its_seeded_generator() -> None:
     finally:
         for loop in loops:
             loop.close()
+
+
+def test_a_run_collects_garbage_less_often_and_restores_the_collector_after() -> None:
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert before != GC_THRESHOLDS
+
+    async def main() -> tuple[tuple[int, int, int], int]:
+        return gc.get_threshold(), gc.get_freeze_count()
+
+    during, frozen_during = run_simulation(main)
+    assert during == GC_THRESHOLDS
+    # what existed before the run is left out of its scans (unless the caller froze its own)
+    assert frozen_during > frozen if frozen == 0 else frozen_during == frozen
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, frozen)
+
+    def fails() -> Coroutine[Any, Any, None]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run_simulation(fails)
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, frozen)
