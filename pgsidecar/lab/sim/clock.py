@@ -36,10 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
+import heapq
 import random
 import selectors
 import time
+from asyncio import base_events, format_helpers
+from asyncio.events import Handle, TimerHandle
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -178,6 +182,144 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
         self._now += seconds
         self.wakeups += 1
 
+    # -- asyncio's scheduling, leaner ------------------------------------------------------------
+    # A seed runs tens of thousands of loop iterations and callbacks; asyncio's own
+    # ``_run_once`` asks the selector to wait (here: to move the clock), processes its I/O
+    # events (never any), and runs each callback through ``Handle._run``; every ``call_soon``
+    # passes through three more methods before a ``Handle`` is made. The methods below do the
+    # same steps in the same order with the same arithmetic, so the same callbacks run in the
+    # same order at the same virtual instants; in debug mode asyncio's own run instead.
+
+    def _run_once(self) -> None:
+        # asyncio's private attributes are read through ``loop``, typed Any
+        loop: Any = self
+        if loop._debug:
+            super()._run_once()  # type: ignore[misc]
+            return
+        scheduled: list[Any] = loop._scheduled
+        count = len(scheduled)
+        if (
+            count > _MIN_SCHEDULED_TIMER_HANDLES
+            and loop._timer_cancelled_count / count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION
+        ):
+            kept = []
+            for timer in scheduled:
+                if timer._cancelled:
+                    timer._scheduled = False
+                else:
+                    kept.append(timer)
+            heapq.heapify(kept)
+            loop._scheduled = scheduled = kept
+            loop._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0]._cancelled:
+                loop._timer_cancelled_count -= 1
+                timer = heapq.heappop(scheduled)
+                timer._scheduled = False
+
+        ready = loop._ready
+        # the selector's wait: move the clock to the next timer, or find nothing can happen
+        if not ready and not loop._stopping:
+            if not scheduled:
+                raise SimulationDeadlock(
+                    f"at virtual time {self._now - EPOCH:.3f} s every task waits and no timer "
+                    f"is armed: nothing can ever happen again"
+                )
+            timeout = min(max(0, scheduled[0]._when - self._now), _MAXIMUM_SELECT_TIMEOUT)
+            if timeout > 0:
+                self._now += timeout
+                self.wakeups += 1
+        self.watchdog()
+
+        end_time = self._now + loop._clock_resolution
+        while scheduled:
+            if scheduled[0]._when >= end_time:
+                break
+            timer = heapq.heappop(scheduled)
+            timer._scheduled = False
+            ready.append(timer)
+
+        popleft = ready.popleft
+        for _ in range(len(ready)):
+            handle = popleft()
+            if handle._cancelled:
+                continue
+            try:  # Handle._run
+                handle._context.run(handle._callback, *handle._args)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                self._callback_failed(handle, exc)
+        handle = None  # break the cycle through an exception's traceback, as asyncio does
+
+    def _callback_failed(self, handle: Any, exc: BaseException) -> None:
+        """What ``Handle._run`` does when its callback raises."""
+        source = format_helpers._format_callback_source(handle._callback, handle._args)
+        context: dict[str, Any] = {
+            "message": f"Exception in callback {source}",
+            "exception": exc,
+            "handle": handle,
+        }
+        if handle._source_traceback:
+            context["source_traceback"] = handle._source_traceback
+        self.call_exception_handler(context)
+
+    def call_soon(  # type: ignore[override]
+        self, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
+    ) -> Handle:
+        loop: Any = self
+        if loop._debug:
+            return super().call_soon(callback, *args, context=context)
+        if loop._closed:
+            raise RuntimeError("Event loop is closed")
+        handle: Any = _new_handle(Handle)
+        handle._callback = callback
+        handle._args = args
+        handle._loop = self
+        handle._context = context if context is not None else contextvars.copy_context()
+        handle._cancelled = False
+        handle._repr = None
+        handle._source_traceback = None
+        loop._ready.append(handle)
+        return handle  # type: ignore[no-any-return]
+
+    def call_at(  # type: ignore[override]
+        self,
+        when: float,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> TimerHandle:
+        loop: Any = self
+        if loop._debug or when is None:
+            return super().call_at(when, callback, *args, context=context)
+        if loop._closed:
+            raise RuntimeError("Event loop is closed")
+        timer: Any = _new_handle(TimerHandle)
+        timer._callback = callback
+        timer._args = args
+        timer._loop = self
+        timer._context = context if context is not None else contextvars.copy_context()
+        timer._cancelled = False
+        timer._repr = None
+        timer._source_traceback = None
+        timer._when = when
+        heapq.heappush(loop._scheduled, timer)
+        timer._scheduled = True
+        return timer  # type: ignore[no-any-return]
+
+    def call_later(  # type: ignore[override]
+        self,
+        delay: float,
+        callback: Callable[..., Any],
+        *args: Any,
+        context: contextvars.Context | None = None,
+    ) -> TimerHandle:
+        loop: Any = self
+        if loop._debug or delay is None:
+            return super().call_later(delay, callback, *args, context=context)
+        return self.call_at(self._now + delay, callback, *args, context=context)
+
     @property
     def elapsed(self) -> float:
         """Virtual seconds since the loop was made."""
@@ -191,6 +333,14 @@ class VirtualEventLoop(asyncio.SelectorEventLoop):
 
     def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:  # type: ignore[override]
         raise RuntimeError("signal handlers in the simulation: post the event as an input")
+
+
+_new_handle: Any = object.__new__  # a Handle whose slots the loop fills in (no __init__)
+# asyncio's own constants for the steps the loop above repeats
+_base: Any = base_events
+_MIN_SCHEDULED_TIMER_HANDLES: int = _base._MIN_SCHEDULED_TIMER_HANDLES
+_MIN_CANCELLED_TIMER_HANDLES_FRACTION: float = _base._MIN_CANCELLED_TIMER_HANDLES_FRACTION
+_MAXIMUM_SELECT_TIMEOUT: float = _base.MAXIMUM_SELECT_TIMEOUT
 
 
 def derive_rng(parent: random.Random) -> random.Random:
