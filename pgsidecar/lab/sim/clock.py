@@ -60,9 +60,9 @@ MAX_SPINS = 200_000
 WALL_CHECK_EVERY = 4096
 # the garbage collector's thresholds during a run. A seed allocates millions of objects that die
 # young, many of them in reference cycles (tasks, futures, exceptions and their tracebacks): at
-# the default (700, 10, 10) the collector ran about 500 times per seed and took a tenth of its
-# CPU. Collecting every 10,000 allocations instead finds the same garbage (a cycle's objects are
-# already dead when it runs) in far fewer passes, and fewer survivors reach the older
+# the default (700, 10, 10) the collector made about 140 passes per seed and took a tenth of
+# its CPU. Collecting every 10,000 allocations instead finds the same garbage (a cycle's objects
+# are already dead when it runs) in a third of the passes, and fewer survivors reach the older
 # generations. Garbage collection decides nothing the run does: no code under simulation
 # depends on when a cycle is freed.
 GC_THRESHOLDS = (10_000, 10, 10)
