@@ -39,6 +39,7 @@ from fsm.snapshot import (
     Snapshot,
     Switchover,
     SyncSet,
+    direct_init,
     replace,
 )
 
@@ -69,6 +70,7 @@ DYNAMIC_SETTINGS: dict[str, type] = {
 SYNC_MODES = ("off", "on", "strict")
 
 
+@direct_init  # one per input
 @dataclass(frozen=True)
 class Input:
     type: str

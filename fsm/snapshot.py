@@ -8,7 +8,7 @@ recorded history can be replayed exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -18,6 +18,7 @@ class _Dataclass(Protocol):
 
 
 _D = TypeVar("_D", bound=_Dataclass)
+_T = TypeVar("_T")
 
 
 def replace(obj: _D, /, **changes: Any) -> _D:
@@ -26,14 +27,45 @@ def replace(obj: _D, /, **changes: Any) -> _D:
     result is the same (none of these classes has a ``__post_init__``, an ``init=False`` field
     or slots), and the fold makes one or two per input, where ``dataclasses.replace`` was the
     largest single cost of running the machine. An unknown field is a TypeError, as there."""
-    unknown = changes.keys() - obj.__dataclass_fields__.keys()
-    if unknown:
-        raise TypeError(f"{type(obj).__name__} has no field {sorted(unknown)[0]!r}")
+    known = obj.__dataclass_fields__
+    for name in changes:  # one look-up per change: a set difference costs one per field
+        if name not in known:
+            unknown = sorted(changes.keys() - known.keys())
+            raise TypeError(f"{type(obj).__name__} has no field {unknown[0]!r}")
     new = object.__new__(type(obj))
     attrs = new.__dict__
     attrs.update(obj.__dict__)
     attrs.update(changes)
     return new
+
+
+def direct_init(cls: type[_T]) -> type[_T]:
+    """Give a frozen dataclass an ``__init__`` that sets its attributes in one ``__dict__``
+    update, with the same parameters and defaults as the one ``@dataclass`` wrote (which sets
+    each through ``object.__setattr__``, a call per field). Same instances, same typing (the
+    signature checked is the dataclass's); the fold builds a member view per member per view
+    of the DCS and a PgFacts per probe, where the generated ``__init__`` was most of the cost.
+    Decisions and inputs, one of each per step, have it too. Only for classes with no
+    ``default_factory``, ``__post_init__``, ``init=False`` field or slots."""
+    names = []
+    defaults: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.default_factory is not MISSING or not f.init:
+            raise TypeError(f"{cls.__name__}.{f.name}: direct_init needs plain fields")
+        names.append(f.name)
+        if f.default is not MISSING:
+            defaults[f"_default_{f.name}"] = f.default
+    if hasattr(cls, "__post_init__") or hasattr(cls, "__slots__"):
+        raise TypeError(f"{cls.__name__}: direct_init needs a dataclass without them")
+    params = ", ".join(f"{n}=_default_{n}" if f"_default_{n}" in defaults else n for n in names)
+    values = ", ".join(f"{n}={n}" for n in names)
+    source = f"def __init__(self, {params}):\n    self.__dict__.update({values})\n"
+    namespace: dict[str, Any] = {}
+    exec(source, dict(defaults), namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init  # type: ignore[method-assign]
+    return cls
 
 
 class DataState(StrEnum):
@@ -49,6 +81,7 @@ class DataState(StrEnum):
     )
 
 
+@direct_init
 @dataclass(frozen=True)
 class PgFacts:
     """Local PostgreSQL, as last probed."""
@@ -71,6 +104,7 @@ class PgFacts:
     crashed: bool = False
 
 
+@direct_init
 @dataclass(frozen=True)
 class MemberView:
     """A peer (or ourselves) as published in the DCS members/<name> key."""
@@ -96,6 +130,7 @@ class MemberView:
         return (self.timeline or 0, self.lsn or 0)
 
 
+@direct_init
 @dataclass(frozen=True)
 class LeaderView:
     name: str

@@ -3,10 +3,11 @@ three synchronous modes, ten virtual minutes each, in two worker processes. A vi
 with its seed and the command that replays it. And a seed's run is deterministic: the same
 seed gives the same trace twice, byte for byte.
 
-The budget: the real agent runs about 600 simulated seconds per CPU second, about 110 seeds
+The budget: the real agent ran about 600 simulated seconds per CPU second, about 110 seeds
 of ten virtual minutes per wall minute on two idle cores and about 30 on two cores loaded by
-four other sessions (docs/simulation.md), so SEEDS_PER_MODE seeds per mode (60 in all, 3 and
-5 members in turn) take under a minute idle and about two loaded."""
+four other sessions, and two speed rounds since took about 22 % and then 20 % off a seed's CPU
+(docs/simulation.md), so SEEDS_PER_MODE seeds per mode (60 in all, 3 and 5 members in turn)
+take well under a minute idle and under two loaded."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from pgsidecar.lab.sim.clock import (
     EPOCH,
+    GC_THRESHOLDS,
     SimulationDeadlock,
     SimulationStalled,
     VirtualEventLoop,
@@ -216,3 +218,70 @@ def test_the_loop_exposes_its_seeded_generator() -> None:
     finally:
         for loop in loops:
             loop.close()
+
+
+def test_a_run_collects_garbage_less_often_and_restores_the_collector_after() -> None:
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    assert before != GC_THRESHOLDS
+
+    async def main() -> tuple[tuple[int, int, int], int]:
+        return gc.get_threshold(), gc.get_freeze_count()
+
+    during, frozen_during = run_simulation(main)
+    assert during == GC_THRESHOLDS
+    # what existed before the run is left out of its scans (unless the caller froze its own)
+    assert frozen_during > frozen if frozen == 0 else frozen_during == frozen
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, frozen)
+
+    def fails() -> Coroutine[Any, Any, None]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run_simulation(fails)
+    assert (gc.get_threshold(), gc.get_freeze_count()) == (before, frozen)
+
+
+def test_the_lean_scheduling_runs_what_asyncios_own_runs_in_the_same_order() -> None:
+    """The loop's own ``_run_once``, ``call_soon`` and ``call_at`` against asyncio's (which
+    run in debug mode): the same callbacks at the same virtual instants in the same order,
+    through equal due times, mass cancellations (the heap's clean-up), tasks and failing
+    callbacks."""
+
+    def program() -> Callable[[], Coroutine[Any, Any, list[tuple[float, str]]]]:
+        async def main() -> list[tuple[float, str]]:
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lambda _loop, ctx: seen.append((now(), "error")))
+            seen: list[tuple[float, str]] = []
+            rng = current_rng()
+
+            def note(label: str) -> None:
+                seen.append((now(), label))
+                if rng.random() < 0.3:
+                    loop.call_soon(note, label + "'")
+
+            def fail() -> None:
+                raise ValueError("a failing callback")
+
+            timers = [
+                loop.call_later(rng.choice([0.5, 1.0, 1.5]), note, f"t{i}") for i in range(300)
+            ]
+            for timer in timers[::3] + timers[1::3]:  # two thirds cancelled: the heap is cleaned
+                timer.cancel()
+            loop.call_soon(fail)
+            loop.call_at(loop.time() + 1.0, fail)
+
+            async def worker(n: int) -> None:
+                for step in range(5):
+                    await asyncio.sleep(rng.uniform(0, 1))
+                    note(f"w{n}.{step}")
+
+            await asyncio.gather(*(worker(n) for n in range(10)))
+            await asyncio.sleep(2)
+            return seen
+
+        return main
+
+    ours = run_simulation(program(), seed=5)
+    asyncios = run_simulation(program(), seed=5, debug=True)
+    assert len(ours) > 200
+    assert ("error" in {label for _t, label in ours}) and ours == asyncios

@@ -51,6 +51,8 @@ T = TypeVar("T")
 MAX_REQUEST_TIMEOUT = 2.0
 WATCH_BACKOFF_START = 0.1
 WATCH_BACKOFF_CAP = 2.0
+# the cluster's keys (besides members/) whose values are JSON objects in a ClusterView
+JSON_OBJECT_KEYS = ("config", "switchover", "sync")
 
 
 @dataclass(frozen=True)
@@ -819,17 +821,21 @@ class SimDCS(DCS):
         return cache, self.store.index
 
     def _view(self, cache: dict[str, tuple[bytes, int]], index: int) -> ClusterView:
-        """build_view's result, with member values decoded once per distinct value (for all
-        clients of the store): every change delivered to every watcher yields a view of all
-        members, and decoding them all each time was most of a simulated cluster's cost. Each
-        view still gets its own member dicts (shallow copies), as from a real adapter."""
+        """build_view's result, with the JSON values (members, config, switchover, sync)
+        decoded once per distinct value (for all clients of the store): every change delivered
+        to every watcher yields a view of all of them, and decoding them all each time was most
+        of a simulated cluster's cost. Each view still gets its own dicts (shallow copies), as
+        from a real adapter."""
         prefix = self.base + "members/"
         rows: list[tuple[str, bytes, int, bool]] = []
         members: dict[str, dict[str, Any]] = {}
+        objects: dict[str, Any] = {}  # config, switchover, sync: a dict or None
         malformed: list[tuple[str, str]] = []
         decoded = self.store.decoded
         for key, (value, mod) in sorted(cache.items()):
-            if not key.startswith(prefix):
+            member = key.startswith(prefix)
+            rel = key[len(self.base) :]
+            if not member and rel not in JSON_OBJECT_KEYS:
                 rows.append((key, value, mod, True))
                 continue
             memo = decoded.get(key)
@@ -837,16 +843,22 @@ class SimDCS(DCS):
                 memo = (value, *decode_json_object(key, value))
                 decoded[key] = memo
             _value, obj, reason = memo
-            name = key[len(prefix) :]
             if reason is not None:
                 malformed.append((key, reason))
-            elif name and "/" not in name and obj is not None:
-                members[name] = dict(obj)
+            elif not member:
+                objects[rel] = dict(obj) if obj is not None else None
+            else:
+                name = key[len(prefix) :]
+                if name and "/" not in name and obj is not None:
+                    members[name] = dict(obj)
         view = build_view(self.base, rows, index)
-        if not members and not malformed:
+        if not members and not objects and not malformed:
             return view
         return dataclasses.replace(
-            view, members=members, malformed=tuple(sorted((*view.malformed, *malformed)))
+            view,
+            members=members,
+            malformed=tuple(sorted((*view.malformed, *malformed))),
+            **objects,
         )
 
     async def read_cluster(self) -> ClusterView:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -1048,9 +1049,11 @@ class SimPostgres:
         return lsn, tli, uid
 
 
+@functools.lru_cache(maxsize=64)
 def _parse_sync_names(value: str) -> tuple[list[str], int]:
     """synchronous_standby_names as syncrep writes it: "" (none), "*" (any one), or
-    'FIRST k ("a", "b")'."""
+    'FIRST k ("a", "b")'. Parsed once per distinct value (every commit and every standby's
+    flush asks); the list returned is shared, and read only."""
     value = value.strip()
     if not value:
         return [], 0
