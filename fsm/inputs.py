@@ -39,7 +39,6 @@ from fsm.snapshot import (
     Snapshot,
     Switchover,
     SyncSet,
-    direct_init,
     replace,
 )
 
@@ -70,7 +69,6 @@ DYNAMIC_SETTINGS: dict[str, type] = {
 SYNC_MODES = ("off", "on", "strict")
 
 
-@direct_init  # one per input
 @dataclass(frozen=True)
 class Input:
     type: str

@@ -66,7 +66,7 @@ from typing import Any, NamedTuple
 from transitions import Machine
 
 from fsm.records import Transition, format_lsn
-from fsm.snapshot import DataState, LeaderView, MemberView, Snapshot, direct_init
+from fsm.snapshot import DataState, LeaderView, MemberView, Snapshot
 
 
 class Role(StrEnum):
@@ -221,7 +221,6 @@ def retry_delay(failures: int, ttl: float) -> float:
     return float(min(RETRY_CAP, ttl / 2, RETRY_BASE * 2.0 ** min(failures - 1, 16)))
 
 
-@direct_init  # one per decision
 @dataclass(frozen=True)
 class Decision:
     """What ``decide`` returns: a trigger with its reason, or nothing (trigger None) with an

@@ -45,8 +45,8 @@ def direct_init(cls: type[_T]) -> type[_T]:
     each through ``object.__setattr__``, a call per field). Same instances, same typing (the
     signature checked is the dataclass's); the fold builds a member view per member per view
     of the DCS and a PgFacts per probe, where the generated ``__init__`` was most of the cost.
-    Decisions and inputs, one of each per step, have it too. Only for classes with no
-    ``default_factory``, ``__post_init__``, ``init=False`` field or slots."""
+    Only for classes with no ``default_factory``, ``__post_init__``, ``init=False`` field or
+    slots."""
     names = []
     defaults: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
@@ -130,7 +130,6 @@ class MemberView:
         return (self.timeline or 0, self.lsn or 0)
 
 
-@direct_init
 @dataclass(frozen=True)
 class LeaderView:
     name: str

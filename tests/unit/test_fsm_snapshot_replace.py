@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 
-from fsm.inputs import Input
-from fsm.machine import Decision
 from fsm.snapshot import (
     DataState,
     DcsFacts,
@@ -77,10 +75,6 @@ def as_generated(cls: type[Any]) -> type[Any]:
         (MemberView, ("m2", "replica", 3), {"lsn": 5, "state": "running", "election": 2}),
         (PgFacts, (), {}),
         (PgFacts, (DataState.STANDBY, "sys"), {"running": True, "lsn": 9, "crashed": True}),
-        (LeaderView, ("m1", 4), {}),
-        (Decision, (None,), {"awaits": "dcs"}),
-        (Decision, ("promote", "the key is ours", 3.0), {}),
-        (Input, ("pg", 1.5, {"running": True}), {}),
     ],
 )
 def test_direct_init_is_the_dataclass_init_with_one_dict_update(
@@ -94,9 +88,9 @@ def test_direct_init_is_the_dataclass_init_with_one_dict_update(
     ]
     made, reference = cls(*args, **kwargs), generated(*args, **kwargs)
     assert vars(made) == vars(reference)
-    assert made == cls(*args, **kwargs) and repr(made) == repr(reference).replace("Generated", "")
+    assert made == cls(*args, **kwargs) and hash(made) == hash(cls(*args, **kwargs))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        made.name = "changed"
+        made.running = True
     with pytest.raises(TypeError):
         cls(*args, nope=1, **kwargs)
 
