@@ -8,7 +8,7 @@ recorded history can be replayed exactly.
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -18,7 +18,6 @@ class _Dataclass(Protocol):
 
 
 _D = TypeVar("_D", bound=_Dataclass)
-_T = TypeVar("_T")
 
 
 def replace(obj: _D, /, **changes: Any) -> _D:
@@ -39,35 +38,6 @@ def replace(obj: _D, /, **changes: Any) -> _D:
     return new
 
 
-def direct_init(cls: type[_T]) -> type[_T]:
-    """Give a frozen dataclass an ``__init__`` that sets its attributes in one ``__dict__``
-    update, with the same parameters and defaults as the one ``@dataclass`` wrote (which sets
-    each through ``object.__setattr__``, a call per field). Same instances, same typing (the
-    signature checked is the dataclass's); the fold builds a member view per member per view
-    of the DCS and a PgFacts per probe, where the generated ``__init__`` was most of the cost.
-    Only for classes with no ``default_factory``, ``__post_init__``, ``init=False`` field or
-    slots."""
-    names = []
-    defaults: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        if f.default_factory is not MISSING or not f.init:
-            raise TypeError(f"{cls.__name__}.{f.name}: direct_init needs plain fields")
-        names.append(f.name)
-        if f.default is not MISSING:
-            defaults[f"_default_{f.name}"] = f.default
-    if hasattr(cls, "__post_init__") or hasattr(cls, "__slots__"):
-        raise TypeError(f"{cls.__name__}: direct_init needs a dataclass without them")
-    params = ", ".join(f"{n}=_default_{n}" if f"_default_{n}" in defaults else n for n in names)
-    values = ", ".join(f"{n}={n}" for n in names)
-    source = f"def __init__(self, {params}):\n    self.__dict__.update({values})\n"
-    namespace: dict[str, Any] = {}
-    exec(source, dict(defaults), namespace)
-    init = namespace["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    cls.__init__ = init  # type: ignore[method-assign]
-    return cls
-
-
 class DataState(StrEnum):
     """What pg_controldata says about the data directory, reduced to what decisions need."""
 
@@ -81,7 +51,6 @@ class DataState(StrEnum):
     )
 
 
-@direct_init
 @dataclass(frozen=True)
 class PgFacts:
     """Local PostgreSQL, as last probed."""
@@ -104,7 +73,6 @@ class PgFacts:
     crashed: bool = False
 
 
-@direct_init
 @dataclass(frozen=True)
 class MemberView:
     """A peer (or ourselves) as published in the DCS members/<name> key."""
