@@ -874,8 +874,15 @@ class LocalCluster:
                 return rows
             for n in want:
                 if not self.agent_pid(n):
+                    log = self.member(n).dir / "agent.log"
+                    try:
+                        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                    except OSError:
+                        tail = "(no log)"
+                    # the log's tail in the error itself: a test's cluster dir is gone by the
+                    # time anyone reads the failure
                     raise LocalClusterError(
-                        f"the agent of {n} is not running; see {self.member(n).dir / 'agent.log'}"
+                        f"the agent of {n} is not running; see {log}; its last lines:\n{tail}"
                     )
             time.sleep(0.2)
         raise LocalClusterError(f"cluster not healthy after {timeout:.0f} s: {rows}")
