@@ -410,7 +410,14 @@ class PgBackRest:
     def _mkdir(self, path: Path, mode: int) -> None:
         if path.is_dir():
             return
-        path.mkdir(parents=True, mode=mode)
+        try:
+            path.mkdir(parents=True, mode=mode)
+        except FileExistsError:
+            # another member made it between our look and our mkdir: the members of a local
+            # cluster start together and share a posix repository. Theirs is as good as ours
+            if path.is_dir():
+                return
+            raise
         os.chmod(path, mode)
         if self._run_as:
             os.chown(path, self._run_as[0], self._run_as[1])

@@ -475,6 +475,30 @@ def test_parse_info() -> None:
         parse_info("ERROR: oops")
 
 
+def test_a_repository_another_member_creates_meanwhile_is_used_not_an_error(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two members sharing a posix repository start together: each looks, sees no directory,
+    and makes it; the second mkdir finds it made. That must not stop the agent (it did: exit 2,
+    "cannot write pgbackrest.conf", one member of a local cluster in a CI run)."""
+    settings = posix_settings(root)
+    br = member(settings, root)
+    repo = settings.repository.path  # type: ignore[union-attr]
+    real_is_dir = Path.is_dir
+    looked: list[Path] = []
+
+    def is_dir_then_made(self: Path) -> bool:
+        if self == repo and not looked:
+            looked.append(self)
+            self.mkdir(parents=True)  # the other member, between our look and our mkdir
+            return False
+        return real_is_dir(self)
+
+    monkeypatch.setattr(Path, "is_dir", is_dir_then_made)
+    assert br.write_config().exists()
+    assert looked == [repo] and real_is_dir(repo)
+
+
 # ----------------------------------------------------------------------------- secrets
 
 
