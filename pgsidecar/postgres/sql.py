@@ -40,9 +40,15 @@ SELECT pg_is_in_recovery(),
        pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint,
        (SELECT timeline_id FROM pg_control_checkpoint()),
        (SELECT min_recovery_end_timeline FROM pg_control_recovery()),
-       r.status, r.received_tli, r.sender_host, r.sender_port
+       r.status, r.received_tli, r.sender_host, r.sender_port,
+       extract(epoch FROM clock_timestamp() - r.last_msg_receipt_time)::float8,
+       extract(epoch FROM current_setting('wal_receiver_timeout')::interval)::float8
 FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true
 """
+
+# How late a live sender's message may be beyond wal_receiver_timeout / 2 (see stream_alive):
+# the walreceiver's 100 ms wake-ups, the round trip, and a loaded machine's scheduling delays.
+STREAM_SILENCE_SLACK = 1.0
 
 # the timeline a server writes (primary) or receives (standby) right now; pg_control_checkpoint()
 # alone is stale after a promotion until the next checkpoint
@@ -122,6 +128,23 @@ class ReplicationState(NamedTuple):
     flush_lsn: int
 
 
+def stream_alive(status: str | None, msg_age: float | None, receiver_timeout: float | None) -> bool:
+    """Is WAL (or a keepalive) still arriving from the sender, judged by what arrived?
+
+    pg_stat_wal_receiver says 'streaming' until wal_receiver_timeout ends the walreceiver, long
+    after a partitioned sender went silent. A live link is never silent for long, even with no
+    WAL to send: after wal_receiver_timeout / 2 without a message the walreceiver asks the
+    sender for a reply, which the sender answers at once (it sends no keepalive of its own
+    while our status replies keep arriving). So a last message older than that, plus a slack,
+    means the sender is cut off or dead. Both times are on this server's clock. With the
+    timeout disabled (0) there is no ping and nothing to judge by: the status alone says."""
+    if status != "streaming":
+        return False
+    if msg_age is None or not receiver_timeout:
+        return True
+    return msg_age < receiver_timeout / 2 + STREAM_SILENCE_SLACK
+
+
 def probe_facts(row: Sequence[Any], tli_seen: int) -> tuple[PgFacts, int]:
     """The facts of a running server from PROBE_SQL's row; ``tli_seen`` is the highest timeline
     a standby has received since its postmaster started (returned updated)."""
@@ -139,6 +162,8 @@ def probe_facts(row: Sequence[Any], tli_seen: int) -> tuple[PgFacts, int]:
         received_tli,
         sender_host,
         sender_port,
+        msg_age,
+        receiver_timeout,
     ) = row
     received = int(received) if received is not None else None
     replayed = int(replayed) if replayed is not None else None
@@ -163,7 +188,7 @@ def probe_facts(row: Sequence[Any], tli_seen: int) -> tuple[PgFacts, int]:
         lsn=lsn,
         received_lsn=received,
         replayed_lsn=replayed,
-        receiver_streaming=status == "streaming",
+        receiver_streaming=stream_alive(status, msg_age, receiver_timeout),
         receiver_upstream=f"{sender_host}:{sender_port}" if sender_host else None,
     )
     return facts, tli_seen

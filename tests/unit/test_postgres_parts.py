@@ -200,6 +200,8 @@ def probe_row(**kw: object) -> tuple[object, ...]:
         "received_tli": 3,
         "sender_host": "10.0.0.1",
         "sender_port": 5432,
+        "msg_age": 0.3,
+        "receiver_timeout": 4.0,
     }
     row.update(kw)
     return tuple(row.values())
@@ -214,6 +216,38 @@ def test_probe_facts_of_a_standby_remember_the_timeline_received() -> None:
     facts, seen = probe_facts(probe_row(status=None, received_tli=None, sender_host=None), seen)
     assert facts.timeline == 3 and seen == 3 and not facts.receiver_streaming
     assert facts.receiver_upstream is None
+
+
+@pytest.mark.parametrize(
+    ("status", "msg_age", "receiver_timeout", "streaming"),
+    [
+        # WAL or a keepalive arrived a moment ago
+        ("streaming", 0.3, 4.0, True),
+        # an idle link: the walreceiver pinged after 2 s of silence, the answer is on its way
+        ("streaming", 2.6, 4.0, True),
+        # nothing for longer than the ping and its answer take: the sender is cut off, though
+        # the walreceiver has not timed out yet and still says 'streaming'
+        ("streaming", 3.1, 4.0, False),
+        ("streaming", 3.9, 4.0, False),
+        # the derived timeout of a short TTL: silence limit 2.25 s
+        ("streaming", 2.3, 2.5, False),
+        # wal_receiver_timeout = 0: no pings, so silence says nothing; the status decides
+        ("streaming", 60.0, 0.0, True),
+        # no receipt time reported: the status decides
+        ("streaming", None, 4.0, True),
+        # a receiver that is not streaming, however fresh its last message
+        ("waiting", 0.1, 4.0, False),
+        ("catchup", 0.1, 4.0, False),
+    ],
+)
+def test_probe_facts_judge_the_stream_by_its_last_message(
+    status: str, msg_age: float | None, receiver_timeout: float, streaming: bool
+) -> None:
+    row = probe_row(status=status, msg_age=msg_age, receiver_timeout=receiver_timeout)
+    facts, _ = probe_facts(row, 0)
+    assert facts.receiver_streaming is streaming
+    # a silent stream still names its sender (the walreceiver is connected to it)
+    assert facts.receiver_upstream == "10.0.0.1:5432"
 
 
 def test_probe_facts_of_a_primary() -> None:
