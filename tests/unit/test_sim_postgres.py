@@ -298,6 +298,47 @@ def test_asynchronous_commits_are_acknowledged_before_the_standby_has_them() -> 
     assert acked == 5 and lost == 5
 
 
+def test_a_standby_cut_off_from_its_upstream_reports_the_stream_until_the_silence_limit() -> None:
+    """As the real probe: the walreceiver of a standby cut off from a running upstream still
+    says 'streaming', and the probe counts the stream until nothing has arrived for
+    wal_receiver_timeout / 2 + the slack (here 2 s + 1 s), then names the upstream until the
+    timeout ends the walreceiver (4 s). A crashed upstream closes the connection: no silence."""
+
+    async def main() -> dict[str, Any]:
+        world, (a, b, c) = await cluster()
+        for pg in (b, c):
+            pg.write_config(
+                "standby",
+                pg.replication_conninfo("a", PORT),
+                slot_name(pg.name),
+                {"wal_receiver_timeout": "4s"},
+            )
+            await pg.reload()
+        await asyncio.sleep(1)
+        loop = asyncio.get_running_loop()
+        world.network.cut("a", "b")
+        cut_at = loop.time()
+        seen: list[tuple[float, bool, str | None]] = []
+        while loop.time() < cut_at + 5:
+            f = await b.probe()
+            seen.append((round(loop.time() - cut_at, 2), f.receiver_streaming, f.receiver_upstream))
+            await asyncio.sleep(0.25)
+        world.network.heal("a", "b")
+        await asyncio.sleep(1)
+        healed = await b.probe()
+        a.crash()
+        await asyncio.sleep(0)
+        return {"seen": seen, "healed": healed, "after_crash": await c.probe()}
+
+    r = sim(main)
+    streaming = [t for t, s, _u in r["seen"] if s]
+    named = [t for t, _s, u in r["seen"] if u == "a:5432"]
+    assert streaming and max(streaming) < 3.0 and min(t for t, s, _u in r["seen"] if not s) >= 3.0
+    assert max(named) < 4.0 and all(u is None for t, _s, u in r["seen"] if t >= 4.0)
+    assert r["healed"].receiver_streaming and r["healed"].receiver_upstream == "a:5432"
+    assert not r["after_crash"].receiver_streaming
+
+
 def test_streaming_needs_the_replication_role_and_the_slot() -> None:
     async def main() -> dict[str, Any]:
         world = PgWorld(derive_rng(current_rng()))

@@ -24,6 +24,10 @@ What is modelled, and how:
   the :class:`SimNetwork` lets them talk, the upstream runs, holds the slot the standby names,
   and its WAL contains the standby's; it receives the upstream's WAL after a drawn lag and
   follows a promotion onto the new timeline when it had not received past the switch point.
+  A standby cut off from a running upstream hears nothing more, and its probe goes on reporting
+  the stream, as the real probe does, until the silence limit has passed
+  (``wal_receiver_timeout`` / 2 + ``STREAM_SILENCE_SLACK``, from the last message: the moment of
+  the cut); an upstream that stops or crashes closes the connection, which ends the stream at once.
 * **Synchronous replication**: a commit on a primary with ``synchronous_standby_names`` set is
   acknowledged only once enough of the named standbys (``FIRST k (...)``, or any one for ``*``)
   have received it; a commit waiting for them is already in the primary's WAL (as in PostgreSQL).
@@ -52,12 +56,26 @@ from typing import Literal, Protocol
 from fsm.snapshot import DataState, PgFacts
 from pgsidecar.config import slot_name
 from pgsidecar.lab.sim.clock import derive_rng
+from pgsidecar.postgres.config import DEFAULT_PARAMETERS
 from pgsidecar.postgres.control import Conninfo, ControlData, PostgresError
+from pgsidecar.postgres.sql import STREAM_SILENCE_SLACK
 
 PORT = 5432
 SUPERUSER = "postgres"
 REPLICATION_USER = "replicator"
 INITIAL_LSN = 0x1000000  # where initdb leaves a fresh cluster's WAL (0/1000000)
+_TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_setting(value: object) -> float:
+    """A time parameter in seconds: a bare number is milliseconds (wal_receiver_timeout's unit),
+    else a number with one of PostgreSQL's time units ('2500ms', '10s', '1min')."""
+    text = str(value).strip()
+    for unit in sorted(_TIME_UNITS, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return float(text[: -len(unit)]) * _TIME_UNITS[unit]
+    return float(text) / 1000
+
 
 _CLEAN_STATES = frozenset({"shut down", "shut down in recovery"})
 _STANDBY_STATES = frozenset({"shut down in recovery", "in archive recovery"})
@@ -431,6 +449,10 @@ class _Postmaster:
     slot: str | None = None
     sync_names: str = ""
     receiver: str | None = None  # the upstream member we stream from right now
+    receiver_timeout: float = 10.0  # wal_receiver_timeout in seconds (0: disabled)
+    # the upstream we were cut off from while it ran, and when: its stream has gone silent
+    silent_from: str | None = None
+    silent_since: float = 0.0
     promoting: bool = False
     delivery: asyncio.TimerHandle | None = None  # the next batch of WAL from the upstream
     # commits waiting for synchronous standbys: (lsn, timeline id, acknowledgement)
@@ -561,9 +583,14 @@ class SimPostgres:
 
     def _apply_config(self, pm: _Postmaster) -> None:
         conf = self.conf
+        if conf.upstream != pm.upstream:
+            pm.silent_from = None  # a new primary_conninfo restarts the walreceiver
         pm.upstream, pm.slot = conf.upstream, conf.slot
         names = conf.parameters.get("synchronous_standby_names", "")
         pm.sync_names = str(names) if names else ""
+        pm.receiver_timeout = duration_setting(
+            conf.parameters.get("wal_receiver_timeout", DEFAULT_PARAMETERS["wal_receiver_timeout"])
+        )
 
     def _exit(self, pm: _Postmaster, code: int, why: str, *, clean: bool = False) -> None:
         if pm.exit.done():
@@ -895,6 +922,8 @@ class SimPostgres:
         assert data is not None
         lsn = data.wal.lsn
         upstream = self.world.members.get(pm.receiver) if pm.receiver else None
+        silent_from, silent_streaming = self._silent_stream(pm)
+        named = upstream.name if upstream is not None else silent_from
         return PgFacts(
             data=DataState.STANDBY if pm.in_recovery else DataState.PRIMARY_CRASHED,
             system_id=data.system_id,
@@ -905,8 +934,8 @@ class SimPostgres:
             lsn=lsn,
             received_lsn=lsn if pm.in_recovery else None,
             replayed_lsn=lsn if pm.in_recovery else None,
-            receiver_streaming=pm.in_recovery and upstream is not None,
-            receiver_upstream=f"{upstream.name}:{PORT}" if upstream is not None else None,
+            receiver_streaming=pm.in_recovery and (upstream is not None or silent_streaming),
+            receiver_upstream=f"{named}:{PORT}" if named is not None else None,
         )
 
     # -- replication ------------------------------------------------------------------------------
@@ -943,13 +972,40 @@ class SimPostgres:
         src = self._stream_source(pm)
         receiver = src.name if src is not None else None
         if receiver != pm.receiver:
+            cut_off = pm.receiver if receiver is None and self._cut_off_from(pm.receiver) else None
             pm.receiver = receiver
+            pm.silent_from = cut_off
+            pm.silent_since = asyncio.get_running_loop().time()
             self._record(f"receiver {'streaming from ' + receiver if receiver else 'stopped'}")
             if pm.delivery is not None:
                 pm.delivery.cancel()
                 pm.delivery = None
         if src is not None:
             self._schedule_delivery(pm, src)
+
+    def _cut_off_from(self, name: str | None) -> bool:
+        """Is ``name`` a running upstream we can no longer reach? Its connection stays open on
+        our side: nothing closes it, nothing arrives on it."""
+        src = self.world.members.get(name) if name is not None else None
+        return (
+            src is not None
+            and src.running
+            and src.accepting
+            and not self.world.network.can_talk(self.name, src.name)
+        )
+
+    def _silent_stream(self, pm: _Postmaster) -> tuple[str | None, bool]:
+        """The upstream a cut-off walreceiver still names (until wal_receiver_timeout ends it)
+        and whether the probe still counts it as streaming (until the silence limit)."""
+        if pm.silent_from is None or pm.receiver is not None or not pm.in_recovery:
+            return None, False
+        timeout = pm.receiver_timeout
+        if not timeout:
+            return pm.silent_from, True  # no timeout: the receiver waits forever, 'streaming'
+        silent = asyncio.get_running_loop().time() - pm.silent_since
+        if silent >= timeout:
+            return None, False
+        return pm.silent_from, silent < timeout / 2 + STREAM_SILENCE_SLACK
 
     def _schedule_delivery(self, pm: _Postmaster, src: SimPostgres) -> None:
         """One timer per standby carries what ``src`` holds now, after a drawn lag."""
