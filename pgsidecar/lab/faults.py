@@ -132,9 +132,16 @@ FAULTS: dict[str, FaultClass] = {
             "partition-master",
             "d",
             "the master's cluster link down (cut from etcd and the replicas), then up",
-            lambda ttl: (ttl + 2, 2 * ttl + 2),
+            # at least as long as the failover may take: a failover within the bound happened
+            # while the old master was still cut off
+            lambda ttl: (ttl + 3, 2 * ttl + 3),
             netns=True,
             fencing_margin=True,
+            # the key lapses at most one TTL after the cut; the replicas count the stream as
+            # alive only while messages arrive (wal_receiver_timeout / 2 + 1 s of silence, less
+            # than the 0.75 TTL the key outlives the last renewal), so they race at once: as
+            # for a hard kill
+            failover_within=lambda ttl: ttl + 3,
         ),
         FaultClass(
             "partition-replica",
