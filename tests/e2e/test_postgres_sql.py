@@ -4,6 +4,9 @@ master reports as pending a restart."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,14 +23,21 @@ from tests.support.pgtestutil import Lab, query, wait_for
 pytestmark = pytest.mark.integration
 
 
-async def primary_and_standby(lab: Lab) -> tuple[PostgresControl, PostgresControl]:
+async def primary_and_standby(
+    lab: Lab, standby_parameters: dict[str, Any] | None = None
+) -> tuple[PostgresControl, PostgresControl]:
     a = lab.control("a")
     a.write_config("primary", None, None)
     await a.start(30)
     await a.ensure_slots({"a", "b"})
     b = lab.control("b", from_template=False)
     await b.basebackup(a.replication_conninfo("127.0.0.1", a.settings.port))
-    b.write_config("standby", a.replication_conninfo("127.0.0.1", a.settings.port), slot_name("b"))
+    b.write_config(
+        "standby",
+        a.replication_conninfo("127.0.0.1", a.settings.port),
+        slot_name("b"),
+        parameters=standby_parameters,
+    )
     await b.start(30)
 
     async def streaming() -> bool:
@@ -74,6 +84,57 @@ async def test_a_promoted_master_has_no_pending_restart(lab: Lab) -> None:
         return await b.pending_restart_settings()
 
     assert await wait_for(pending, 10, what="max_connections pending") == ["max_connections"]
+
+
+async def receiver_status(b: PostgresControl) -> str | None:
+    rows = await query(
+        b.superuser_conninfo(), b.passfile, "SELECT status FROM pg_stat_wal_receiver"
+    )
+    return str(rows[0][0]) if rows else None
+
+
+async def test_a_silent_sender_is_not_streaming_before_the_receiver_times_out(lab: Lab) -> None:
+    """A sender that goes silent with its socket open (a partitioned master; here its walsender
+    stopped by SIGSTOP): the probe stops counting the stream once nothing has arrived for
+    wal_receiver_timeout / 2 + the slack (6 s here), while pg_stat_wal_receiver still says
+    'streaming' (it does until the timeout, 10 s, ends the walreceiver)."""
+    a, b = await primary_and_standby(lab, {"wal_receiver_timeout": "10s"})
+    rows = await query(a.superuser_conninfo(), a.passfile, "SELECT pid FROM pg_stat_replication")
+    (walsender,) = (int(r[0]) for r in rows)
+    assert await receiver_status(b) == "streaming"
+    os.kill(walsender, signal.SIGSTOP)
+    try:
+
+        async def silent() -> bool:
+            return not (await b.probe()).receiver_streaming
+
+        await wait_for(
+            silent, 6 + sql_module.STREAM_SILENCE_SLACK + 1, what="the stream judged silent"
+        )
+        assert await receiver_status(b) == "streaming"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(walsender, signal.SIGCONT)
+
+    async def streaming_again() -> bool:
+        return (await b.probe()).receiver_streaming
+
+    # the sender answers again on the same connection: the stream counts again
+    await wait_for(streaming_again, 10, what="b streaming again")
+
+
+async def test_an_idle_healthy_stream_counts_as_streaming_throughout(lab: Lab) -> None:
+    """Nothing to send for many times the ping interval (wal_receiver_timeout 2 s: a ping after
+    1 s of silence, limit 2 s): the sender's answers keep the stream counted, probe after probe,
+    so the member key's `streaming` does not flap on a quiet cluster."""
+    _a, b = await primary_and_standby(lab, {"wal_receiver_timeout": "2s"})
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 3 * (1 + sql_module.STREAM_SILENCE_SLACK)
+    seen: list[bool] = []
+    while loop.time() < until:
+        seen.append((await b.probe()).receiver_streaming)
+        await asyncio.sleep(0.1)
+    assert len(seen) > 20 and all(seen), seen
 
 
 async def test_replication_state_reads_the_standbys(lab: Lab) -> None:
