@@ -27,6 +27,9 @@ Deliberate differences from Patroni, each toward "do not route traffic here":
   moment the master must stop accepting writes, before the machine has even processed it.
 * ``/replica`` requires the WAL receiver to stream (Patroni's ``?replication_state=streaming``
   is therefore always in force): a standby that lost its upstream may be arbitrarily stale.
+  Streaming means messages still arrive from the sender, not only pg_stat_wal_receiver's
+  status, which stays 'streaming' for wal_receiver_timeout after a partition (ARCHITECTURE.md,
+  "The stream guard").
 * A malformed ``?lag=`` or ``?mode=`` answers 400 naming the problem; Patroni ignores a lag it
   cannot parse (no limit), which would silently route reads to a lagging replica.
 * Tags are the member's configured tags (``nofailover``, ``noloadbalance``, ``clonefrom``,
