@@ -42,7 +42,7 @@ SELECT pg_is_in_recovery(),
        (SELECT min_recovery_end_timeline FROM pg_control_recovery()),
        r.status, r.received_tli, r.sender_host, r.sender_port,
        extract(epoch FROM clock_timestamp() - r.last_msg_receipt_time)::float8,
-       extract(epoch FROM current_setting('wal_receiver_timeout')::interval)::float8
+       (SELECT setting::float8 / 1000 FROM pg_settings WHERE name = 'wal_receiver_timeout')
 FROM (SELECT 1) AS one LEFT JOIN pg_stat_wal_receiver AS r ON true
 """
 
