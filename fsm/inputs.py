@@ -4,7 +4,8 @@ An input is (type, now, data) with JSON-able data; the runtime records every inp
 machine, so ``step`` applied to the recorded inputs reproduces the recorded transitions.
 
     start    data: {settings: {...}}                 first input of an agent run
-    dcs      data: {leader, members, initialize, config, switchover}   a new view of the DCS
+    dcs      data: {leader, members, initialize, config, switchover, sync, standby_promoted}
+                                                     a new view of the DCS
     dcs_down data: {}                                the DCS stopped answering
     pg       data: PgFacts fields                    a PostgreSQL probe that differs from the last
     lease    data: {held, term, deadline}            result of acquire / renew / loss of the lease
@@ -174,8 +175,8 @@ def settings_from(d: Any) -> Settings:
     for k, v in d.items():
         if k not in names:
             continue
-        if isinstance(v, bool) or k in ("nofailover",):
-            if isinstance(v, bool) and k == "nofailover":
+        if isinstance(v, bool) or k in ("nofailover", "standby_cluster"):
+            if isinstance(v, bool) and k in ("nofailover", "standby_cluster"):
                 changes[k] = v
             continue
         if k == "synchronous_mode":
@@ -304,6 +305,7 @@ def _apply_dcs(role: Role, s: Snapshot, d: dict[str, Any]) -> Snapshot:
         last_leader_timeline=last_tl,
         index=_int(d.get("index")) or 0,
         sync=sync,
+        standby_promoted=prev.standby_promoted or isinstance(d.get("standby_promoted"), dict),
     )
     return replace(s, dcs=dcs, settings=settings)
 
@@ -438,6 +440,8 @@ def _after_fire(source: Role, dest: Role, trigger: str, s: Snapshot) -> Snapshot
         changes.update(bootstrap_lost=False, upstream=None)
     if dest is Role.DEMOTED:
         changes["upstream"] = None
+    if dest is Role.STANDBY_LEADER and source is not Role.STANDBY_LEADER:
+        changes["upstream"] = None  # re-pointed at the source cluster by the effect
     return replace(s, **changes)
 
 

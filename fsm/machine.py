@@ -3,7 +3,7 @@
 Theory of operation
 ===================
 
-Each member runs one agent. The agent's *role* is one of six states:
+Each member runs one agent. The agent's *role* is one of seven states:
 
     init       the agent has just started; it finds out what data it has and what the cluster
                looks like, and gets a usable data directory (initdb if it won the ``initialize``
@@ -16,6 +16,12 @@ Each member runs one agent. The agent's *role* is one of six states:
                been) stopped; nothing is writable
     rewinding  the member's data may have forked from the master's timeline (a former master): it
                is brought back with pg_rewind, or thrown away and recloned when rewind fails
+    standby_leader
+               a standby cluster's leader: it holds the leader key as a master does, but its
+               PostgreSQL stays a standby of another cluster's master (the ``standby_cluster``
+               section of the local config); the other members follow it as they would a master.
+               Only the cluster's promotion marker (``pgsidecar promote-cluster``) turns it
+               into a master, through the same promotion as a won election
 
 Safety rests on one rule: **only the holder of the leader key may run a writable PostgreSQL.** The
 key is taken by an atomic create-if-absent bound to a lease with a TTL, so two members can never
@@ -66,7 +72,7 @@ from typing import Any, NamedTuple
 from transitions import Machine
 
 from fsm.records import Transition, format_lsn
-from fsm.snapshot import DataState, LeaderView, MemberView, Snapshot
+from fsm.snapshot import STANDBY_SOURCE, DataState, LeaderView, MemberView, Snapshot
 
 
 class Role(StrEnum):
@@ -76,6 +82,7 @@ class Role(StrEnum):
     MASTER = "master"
     DEMOTED = "demoted"
     REWINDING = "rewinding"
+    STANDBY_LEADER = "standby_leader"
 
 
 class Row(NamedTuple):
@@ -87,10 +94,11 @@ class Row(NamedTuple):
 
 # fmt: off
 I, R, C, M, D, W = Role.INIT, Role.REPLICA, Role.CANDIDATE, Role.MASTER, Role.DEMOTED, Role.REWINDING  # noqa: E741
+S = Role.STANDBY_LEADER
 
 TABLE: tuple[Row, ...] = (
     # --- init: get a usable data directory, then start read-only ----------------------------------
-    Row(I, "bootstrap",          I, "The cluster has no initialize key and we have no data: race for the key and run initdb if we win."),
+    Row(I, "bootstrap",          I, "The cluster has no initialize key and we have no data: race for the key and, if we win, run initdb (in a standby cluster: copy the source cluster's master)."),
     Row(I, "clone",              I, "We have no usable data and a master exists: copy it with pg_basebackup."),
     Row(I, "start_replica",      R, "Our data is a standby's (or there is no master): start PostgreSQL read-only; a writable start needs the lease."),
     Row(I, "rewind",             W, "Our data last ran as a primary while another member leads: its timeline may have forked, check before starting."),
@@ -108,6 +116,7 @@ TABLE: tuple[Row, ...] = (
     Row(C, "announce",           C, "Our fresh position is not published for this election (the last attempt failed, or a newer election began): publish it again."),
     Row(C, "race",               C, "Every eligible peer has published a fresh position and none is ahead of us: try to take the leader key."),
     Row(C, "won_lease",          M, "We hold the leader key: promote PostgreSQL (or start it as primary)."),
+    Row(C, "won_standby_lease",  S, "We hold the leader key of a standby cluster: stay a standby and follow the source cluster's master; promoting would fork the cluster away from its source."),
     Row(C, "lost_race",          R, "Another member took the leader key: follow it."),
     Row(C, "stand_down",         R, "We may not become master now (DCS unreachable, paused, tagged nofailover, or too far behind)."),
     # --- master: writable only while the lease is held --------------------------------------------
@@ -118,6 +127,11 @@ TABLE: tuple[Row, ...] = (
     Row(M, "start_timeout",      D, "PostgreSQL did not come back within master_start_timeout: give the lease up so a replica can take over."),
     Row(M, "restart_pg",         M, "An operator asked for a restart of the master: restart PostgreSQL in place, keeping the lease and the timeline."),
     Row(M, "promote_failed",     D, "Promotion failed (an error, not a lost race): give the lease up so that a member that can promote takes over."),
+    # --- standby_leader: holds the lease, follows the source cluster, never writable -------------
+    Row(S, "follow_source",      S, "Our primary_conninfo does not point at the source cluster (the last re-pointing failed): point it there (a reload)."),
+    Row(S, "restart_standby_leader", S, "PostgreSQL is not running on the standby leader: start it again as a standby of the source cluster."),
+    Row(S, "standby_lease_lost", R, "We no longer hold the lease: another member may lead now; our PostgreSQL was never writable, so there is nothing to fence: give the key up and follow whoever leads."),
+    Row(S, "promote_cluster",    M, "The cluster's promotion marker is set (promote-cluster) and we hold the lease: promote through the normal path and become the master."),
     # --- demoted: a former master, PostgreSQL stopped ---------------------------------------------
     Row(D, "rejoin",             W, "Another member is master: check our timeline against it (rewind if forked) before starting as its replica."),
     Row(D, "start_replica",      R, "No member holds the lease: start read-only (our data is the latest we know) and stand for election."),
@@ -173,6 +187,11 @@ EFFECT: dict[str, Effect] = {
     "reclone": _E.WIPE,
     "race": _E.ACQUIRE,
     "won_lease": _E.PROMOTE,
+    "won_standby_lease": _E.FOLLOW,
+    "follow_source": _E.FOLLOW,
+    "restart_standby_leader": _E.START_STANDBY,
+    "standby_lease_lost": _E.RELEASE,
+    "promote_cluster": _E.PROMOTE,
     "lost_race": _E.NONE,
     "stand_down": _E.NONE,
     "restart_in_place": _E.START_PRIMARY,
@@ -252,6 +271,12 @@ _USABLE_DATA = (DataState.STANDBY, DataState.PRIMARY_CLEAN, DataState.PRIMARY_CR
 def lease_valid(s: Snapshot) -> bool:
     """We hold the lease and, on our own clock, its fencing deadline has not passed."""
     return s.lease.held and (s.lease.deadline is None or s.now < s.lease.deadline)
+
+
+def standby_mode(s: Snapshot) -> bool:
+    """Is this a standby cluster still following its source? The local config says it is one;
+    the DCS's promotion marker can only end that, never start it."""
+    return s.settings.standby_cluster and not s.dcs.standby_promoted
 
 
 def eligible(s: Snapshot) -> tuple[bool, str]:
@@ -450,6 +475,8 @@ def _decide(role: Role, s: Snapshot) -> Decision:
             return _wait_until(limit)
         return _wait("lease_watchdog")
 
+    if role is Role.STANDBY_LEADER:
+        return _decide_standby_leader(s)
     if s.busy:
         return _wait("effect")
     if s.stop_requested:
@@ -541,6 +568,44 @@ def _decide(role: Role, s: Snapshot) -> Decision:
         # no other master to rewind against (or follow) yet: someone else must be elected
         return _wait("peers")
     raise AssertionError(f"unknown role {role}")
+
+
+def _decide_standby_leader(s: Snapshot) -> Decision:
+    """The lease is checked as a master checks it, but losing it fences nothing: our PostgreSQL
+    is a standby. Whoever leads next (a standby leader again, or after the promotion marker a
+    master) is elected as usual."""
+    leader = s.dcs.leader
+    if s.busy:
+        # unlike a master's, nothing here is writable: the lease check can wait for the effect
+        return _wait("effect")
+    if not lease_valid(s):
+        return Decision(
+            "standby_lease_lost", "we no longer hold the leader lease: step down to replica"
+        )
+    if leader is not None and leader.name != s.name and not _predates_our_term(leader, s):
+        return Decision(
+            "standby_lease_lost",
+            f"the leader key names {leader.name} (term {leader.term}): step down to replica",
+        )
+    if leader is None and s.lease.term is not None and s.dcs.index > s.lease.term:
+        return Decision(
+            "standby_lease_lost", "the leader key is gone from the DCS: step down to replica"
+        )
+    if s.stop_requested:
+        return _wait("stop")
+    if not standby_mode(s):
+        return Decision(
+            "promote_cluster",
+            "the cluster's promotion marker is set: promote, this cluster follows no other now",
+        )
+    if not s.pg.running:
+        return Decision(
+            "restart_standby_leader",
+            "PostgreSQL is not running: start it again as a standby of the source cluster",
+        )
+    if s.upstream != STANDBY_SOURCE:
+        return Decision("follow_source", "point primary_conninfo at the source cluster")
+    return _wait("lease_watchdog")
 
 
 def _decide_init(s: Snapshot) -> Decision:
@@ -635,6 +700,13 @@ def _decide_replica(s: Snapshot) -> Decision:
 
 def _decide_candidate(s: Snapshot) -> Decision:
     leader = s.dcs.leader
+    if lease_valid(s) and standby_mode(s):
+        # a standby cluster's leader follows the source cluster: nothing here is ever writable
+        # until the cluster's promotion marker is set
+        return Decision(
+            "won_standby_lease",
+            f"we hold the leader key at term {s.lease.term} of a standby cluster: follow the source cluster",
+        )
     if lease_valid(s) and leader is not None and leader.name == s.name:
         return Decision("won_lease", f"we hold the leader key at term {leader.term}: promote")
     if lease_valid(s):

@@ -143,6 +143,9 @@ class DcsFacts:
     # the store's index (etcd revision / Consul index) this view was read at
     index: int = 0
     sync: SyncSet | None = None
+    # ``promote-cluster`` wrote the promotion marker: standby mode is over for good (a view
+    # without it later never turns it back on)
+    standby_promoted: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,13 @@ class Settings:
     failover_priority: int = 1
     synchronous_mode: str = "off"  # off | on | strict
     synchronous_node_count: int = 1
+    # the local config has a standby_cluster section: the leader follows another cluster
+    standby_cluster: bool = False
+
+
+# the ``upstream`` of a standby leader: the source cluster's master (not one of our members;
+# member names cannot contain parentheses)
+STANDBY_SOURCE = "(source cluster)"
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,23 @@ def test_every_row_says_why_and_has_an_effect() -> None:
 
 
 def test_master_is_entered_only_by_winning_the_lease() -> None:
+    # a standby leader already holds the lease it won as a candidate: the promotion marker only
+    # lets it do what winning does in a normal cluster
     into_master = [
         row for row in TABLE if row.dest is Role.MASTER and row.source is not Role.MASTER
     ]
-    assert [(r.source, r.trigger) for r in into_master] == [(Role.CANDIDATE, "won_lease")]
+    assert [(r.source, r.trigger) for r in into_master] == [
+        (Role.CANDIDATE, "won_lease"),
+        (Role.STANDBY_LEADER, "promote_cluster"),
+    ]
+    into_standby_leader = [
+        row
+        for row in TABLE
+        if row.dest is Role.STANDBY_LEADER and row.source is not Role.STANDBY_LEADER
+    ]
+    assert [(r.source, r.trigger) for r in into_standby_leader] == [
+        (Role.CANDIDATE, "won_standby_lease")
+    ]
 
 
 def test_init_never_leads_to_a_writable_role_directly() -> None:
