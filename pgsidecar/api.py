@@ -518,6 +518,13 @@ class ApiServer:
             "sync_standby": a.name in self.sync_members(),
             # set by the agent in its member key once it applies parameter changes
             "pending_restart": a.own_member_key().get("pending_restart") is True,
+            # a standby cluster's member: the source it follows (as published), or promoted
+            "standby_cluster": {
+                "source": a.own_member_key().get("standby_source"),
+                "promoted": s.dcs.standby_promoted,
+            }
+            if s.settings.standby_cluster
+            else None,
         }
 
     # -- handlers ----------------------------------------------------------------------------------

@@ -311,6 +311,61 @@ class FencingSettings(Strict):
     safety_margin: float = Field(default=0.5, ge=0.0, le=0.5)
 
 
+class StandbyClusterSettings(Strict):
+    """This cluster is a standby of another one (docs/backup.md, "Standby clusters"): its
+    leader, the standby leader, replicates from the source cluster and is never writable; its
+    other members follow the standby leader. Local config only: where a member connects to and
+    which command fetches WAL are never taken from the DCS. ``pgsidecar promote-cluster`` ends
+    standby mode for good.
+
+    ``host``/``port``: the source cluster's master (or a name that follows it, such as a
+    Service). ``hosts``: every member of the source cluster as "host:port": libpq tries them in
+    order, so the standby leader streams from the first that answers, the source's master or a
+    replica of it (cascading), and goes on after a failover of the source without any change
+    here. ``primary_slot_name``: a physical slot on the source that keeps the WAL the standby
+    leader has not received (the source's agent never drops a slot it did not create).
+    ``restore_command``: fetches WAL when the source cannot be reached, typically
+    ``pgbackrest --stanza=SOURCE --repo1-path=... archive-get %f "%p"``."""
+
+    host: str | None = None
+    port: int = Field(default=5432, ge=1, le=65535)
+    hosts: list[str] = Field(default_factory=list)
+    primary_slot_name: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,63}$")
+    restore_command: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> StandbyClusterSettings:
+        if (self.host is None) == (not self.hosts):
+            raise ValueError(
+                "set host (with port) or hosts (a list of host:port), one of them: where the "
+                "standby leader replicates from"
+            )
+        if self.host is not None and not self.host.strip():
+            raise ValueError("host is empty")
+        for entry in self.hosts:
+            _split_host_port(entry)
+        return self
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(host, port) of every server the standby leader may stream from, in order."""
+        if self.host is not None:
+            return [(self.host, self.port)]
+        return [_split_host_port(e) for e in self.hosts]
+
+    def describe(self) -> str:
+        return ",".join(netloc.host_port(h, p) for h, p in self.endpoints())
+
+
+def _split_host_port(entry: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" as (host, port); ValueError naming the entry otherwise."""
+    host, sep, port = entry.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"hosts entry {entry!r} is not host:port (e.g. 10.0.0.5:5432)")
+    return host, int(port)
+
+
 class LogRotation(Strict):
     """The size bound of every file the agent appends to: the journal, PostgreSQL's log in
     ``file`` mode, the fence process's log. A file that reaches ``max_bytes`` becomes
@@ -339,6 +394,8 @@ class AgentConfig(Strict):
     # how the member that initialises the cluster makes its data: initdb, or a restore from
     # another cluster's pgBackRest repository (docs/backup.md); the local config only
     bootstrap: BootstrapSettings = BootstrapSettings()
+    # this cluster follows another one (docs/backup.md); the local config only
+    standby_cluster: StandbyClusterSettings | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_file: Path | None = None
     log_rotation: LogRotation = LogRotation()
@@ -368,6 +425,19 @@ class AgentConfig(Strict):
                     f"itself when the backup section is set: remove them"
                 )
         boot = self.bootstrap
+        sc = self.standby_cluster
+        if sc is not None and boot.method != "initdb":
+            raise ValueError(
+                "standby_cluster with bootstrap.method pgbackrest: a standby cluster's first "
+                "member copies the source cluster's master; remove one of the two sections"
+            )
+        if sc is not None and sc.restore_command is not None:
+            clash = [k for k in self.postgresql.parameters if k.lower() == "restore_command"]
+            if clash:
+                raise ValueError(
+                    "postgresql.parameters sets restore_command and so does "
+                    "standby_cluster.restore_command: keep the standby_cluster one"
+                )
         if (
             boot.method == "pgbackrest"
             and self.backup is not None

@@ -116,6 +116,10 @@ def members_table(view: ClusterView, local_sync_mode: str | None = None) -> list
                 "pending_restart": raw.get("pending_restart") is True,
                 "tags": tags,
                 "sync_standby": name in sync and name != leader,
+                # a standby cluster's member: the source cluster it follows
+                "standby_source": raw.get("standby_source")
+                if isinstance(raw.get("standby_source"), str)
+                else None,
             }
         )
     return rows
@@ -794,3 +798,49 @@ async def set_pause(dcs: DCS, cluster: str, paused: bool) -> tuple[dict[str, Any
         new.pop("pause", None)  # absent = not paused: nothing stays behind to misread
     await store_config(dcs, view.config, new)
     return old, new
+
+
+# -- standby clusters ---------------------------------------------------------------------------------
+
+
+def standby_leader_of(view: ClusterView) -> str | None:
+    """The member leading a standby cluster (None: no standby leader now)."""
+    if view.leader is None:
+        return None
+    raw = view.members.get(view.leader.name)
+    if isinstance(raw, dict) and raw.get("role") == "standby_leader":
+        return view.leader.name
+    return None
+
+
+async def promote_standby_cluster(
+    dcs: DCS, cluster: str, now: float
+) -> tuple[dict[str, Any], bool]:
+    """Write the cluster's promotion marker: the standby leader promotes and the cluster stops
+    following its source for good. Returns (the marker, whether this call wrote it); a marker
+    already there is reported, not rewritten. Refuses a cluster that is not a standby cluster:
+    no member publishes a source it follows (the marker would change nothing there, but an
+    operator who aimed at the wrong cluster should hear so)."""
+    view = await dcs.read_cluster()
+    require_cluster(view, cluster)
+    if view.standby_promoted is not None:
+        return view.standby_promoted, False
+    sources = sorted(
+        {
+            str(raw["standby_source"])
+            for raw in view.members.values()
+            if isinstance(raw, dict) and isinstance(raw.get("standby_source"), str)
+        }
+    )
+    if not sources:
+        raise OpsError(
+            f"cluster {cluster!r} is not a standby cluster (no member follows another cluster): "
+            "nothing to promote"
+        )
+    marker: dict[str, Any] = {
+        "requested_at": now,
+        "source": ",".join(sources),
+        "standby_leader": standby_leader_of(view),
+    }
+    await dcs.put_standby_promoted(marker)
+    return marker, True

@@ -88,6 +88,8 @@ class ClusterView:
     config: dict[str, Any] | None = None
     switchover: dict[str, Any] | None = None
     sync: dict[str, Any] | None = None
+    # the promotion marker of a standby cluster (``pgsidecar promote-cluster``): who, when
+    standby_promoted: dict[str, Any] | None = None
     index: int = 0
     # keys whose value could not be decoded: (key, reason); skipped and counted, never acted on
     malformed: tuple[tuple[str, str], ...] = ()
@@ -157,7 +159,12 @@ def build_view(base: str, entries: list[tuple[str, bytes, int, bool]], index: in
     decoded go to ``malformed`` and are left out; keys of a newer version are ignored."""
     leader: Leader | None = None
     initialize: str | None = None
-    objects: dict[str, dict[str, Any] | None] = {"config": None, "switchover": None, "sync": None}
+    objects: dict[str, dict[str, Any] | None] = {
+        "config": None,
+        "switchover": None,
+        "sync": None,
+        "standby_promoted": None,
+    }
     members: dict[str, dict[str, Any]] = {}
     malformed: list[tuple[str, str]] = []
     for key, value, modify_index, held in sorted(entries):
@@ -195,6 +202,7 @@ def build_view(base: str, entries: list[tuple[str, bytes, int, bool]], index: in
         config=objects["config"],
         switchover=objects["switchover"],
         sync=objects["sync"],
+        standby_promoted=objects["standby_promoted"],
         index=index,
         malformed=tuple(malformed),
     )
@@ -282,6 +290,11 @@ class DCS(abc.ABC):
 
     @abc.abstractmethod
     async def delete_switchover(self) -> None: ...
+
+    @abc.abstractmethod
+    async def put_standby_promoted(self, record: dict[str, Any]) -> None:
+        """Write the ``standby_promoted`` key (not bound to a session: it outlives its writer).
+        Nothing in the agent deletes it: standby mode, once ended, stays ended."""
 
     @abc.abstractmethod
     async def put_sync(self, state: dict[str, Any]) -> None:

@@ -707,6 +707,9 @@ class ConsulDCS(DCS):
     async def put_switchover(self, command: dict[str, Any]) -> None:
         await self._put("write of switchover", self.key("switchover"), _dumps(command))
 
+    async def put_standby_promoted(self, record: dict[str, Any]) -> None:
+        await self._put("write of standby_promoted", self.key("standby_promoted"), _dumps(record))
+
     async def put_sync(self, state: dict[str, Any]) -> None:
         await self._put("write of sync", self.key("sync"), _dumps(state))
 

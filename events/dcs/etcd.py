@@ -580,6 +580,9 @@ class EtcdDCS(DCS):
     async def put_switchover(self, command: dict[str, Any]) -> None:
         await self._put(self.key("switchover"), _dumps(command))
 
+    async def put_standby_promoted(self, record: dict[str, Any]) -> None:
+        await self._put(self.key("standby_promoted"), _dumps(record))
+
     async def put_sync(self, state: dict[str, Any]) -> None:
         await self._put(self.key("sync"), _dumps(state))
 

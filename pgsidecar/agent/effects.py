@@ -20,7 +20,13 @@ from events.dcs import DCS, DCSError
 from fsm.machine import Effect, Role
 from pgsidecar.agent.archiving import BootstrapPort
 from pgsidecar.agent.membership import Membership
-from pgsidecar.agent.pgconfig import PgConfig, Upstream, clone_source, leader_conninfo
+from pgsidecar.agent.pgconfig import (
+    PgConfig,
+    Upstream,
+    clone_source,
+    leader_conninfo,
+    source_conninfo,
+)
 from pgsidecar.agent.ports import Clock, FencePort, PostgresPort
 from pgsidecar.agent.sources import PgWatch
 from pgsidecar.agent.state import ActionLog, NodeState, Post
@@ -165,12 +171,15 @@ async def bootstrap(
     watch: PgWatch,
     report: Report,
     restore: BootstrapPort | None = None,
+    source: Upstream | None = None,
 ) -> None:
     """Race for the initialize key; the winner makes the cluster's first data directory: initdb,
     or (``restore``, the bootstrap section) a restore from another cluster's repository
     recovered to its target and promoted. Either way the result is a cleanly stopped primary's
-    data directory, which the machine starts and elects as after initdb. A failure gives the
-    key back for the next attempt (a partial restore is wiped first)."""
+    data directory, which the machine starts and elects as after initdb. A standby cluster
+    (``source``: the standby_cluster section) copies the source cluster with pg_basebackup
+    instead: a standby's data directory, which its standby leader keeps following. A failure
+    gives the key back for the next attempt (a partial restore is wiped first)."""
     won = await dcs.try_initialize(name)
     if not won:
         report.outcome(Effect.BOOTSTRAP, ok=True, won=False)
@@ -178,7 +187,9 @@ async def bootstrap(
     started = report.now()
     result: RecoveryResult | None = None
     try:
-        if restore is None:
+        if source is not None:
+            await pg.basebackup(source[1])
+        elif restore is None:
             await pg.initdb()
         else:
             result = await restore.restore()
@@ -199,7 +210,9 @@ async def bootstrap(
                     await asyncio.wait_for(dcs.cancel_initialize(name), 5)
                     restore.settle()
         raise
-    if result is None:
+    if source is not None:
+        report.action("basebackup", "ok", started, source=source[0])
+    elif result is None:
         report.action("initdb", "ok", started)
     else:
         report.action(
@@ -565,7 +578,13 @@ EffectFn = Callable[[EffectContext], Awaitable[None]]
 
 EFFECTS: dict[Effect, EffectFn] = {
     Effect.BOOTSTRAP: lambda c: bootstrap(
-        c.state.name, c.dcs, c.pg, c.watch, c.report, c.restore_bootstrap
+        c.state.name,
+        c.dcs,
+        c.pg,
+        c.watch,
+        c.report,
+        c.restore_bootstrap,
+        source_conninfo(c.state, c.pg, replication=True),
     ),
     Effect.CLONE: lambda c: clone(c.state, c.pg, c.watch, c.report, c.restore_replica),
     Effect.START_STANDBY: lambda c: start_standby(c.state, c.pg, c.runner, c.report),

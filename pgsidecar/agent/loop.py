@@ -104,6 +104,7 @@ def local_settings(cfg: AgentConfig) -> Settings:
         failover_priority=cfg.tags.failover_priority,
         synchronous_mode=cs.synchronous_mode,
         synchronous_node_count=cs.synchronous_node_count,
+        standby_cluster=cfg.standby_cluster is not None,
     )
 
 
@@ -171,6 +172,10 @@ class Agent:
             machine=RoleMachine(cfg.cluster, cfg.name),
             snapshot=Snapshot(name=cfg.name, settings=self.settings),
         )
+        if cfg.standby_cluster is not None:
+            self.state.standby_source = tuple(cfg.standby_cluster.endpoints())
+            self.state.standby_slot = cfg.standby_cluster.primary_slot_name
+            self.state.standby_restore_command = cfg.standby_cluster.restore_command
         self.recorder.term = self.state.term
         self.tasks = TaskSet()  # effects and everything else beside the loop
         self._sources: list[asyncio.Task[Any]] = []
@@ -348,7 +353,8 @@ class Agent:
                 kube.on_view(snapshot, role)
             if self.config.parameters_changed():
                 self.tasks.spawn(self.config.apply_cluster_parameters(), "apply_parameters")
-            if role is Role.MASTER and not snapshot.busy:
+            if role in (Role.MASTER, Role.STANDBY_LEADER) and not snapshot.busy:
+                # a standby leader serves its replicas as a master does: a slot for each
                 self.members.on_master_view(snapshot)
 
     def _schedule_wake(self, d: Decision) -> None:

@@ -12,8 +12,9 @@ from typing import Any
 
 import structlog
 
+from events import netloc
 from events.dcs import DCS, DCSError
-from fsm.machine import Role
+from fsm.machine import Role, standby_mode
 from fsm.snapshot import Snapshot
 from pgsidecar.agent.ports import Clock, PostgresPort
 from pgsidecar.agent.state import NodeState, Post, TaskSet
@@ -112,6 +113,11 @@ class Membership:
             "pid": os.getpid(),
             "hostname": socket.gethostname(),
         }
+        if self.state.standby_source and standby_mode(s):
+            # a standby cluster's member: the source it follows, for `list` and promote-cluster
+            data["standby_source"] = ",".join(
+                netloc.host_port(h, p) for h, p in self.state.standby_source
+            )
         data.update(override)
         return data
 
@@ -276,7 +282,11 @@ class KubernetesGlue:
         if self.labeler is None:
             return
         self.labeler.set_role(
-            "master" if role is Role.MASTER else "replica" if role is Role.REPLICA else None
+            "master"
+            if role is Role.MASTER
+            else "replica"
+            if role in (Role.REPLICA, Role.STANDBY_LEADER)
+            else None
         )
 
     def on_view(self, s: Snapshot, role: Role) -> None:

@@ -4,12 +4,14 @@ connects to, the cluster's parameters from the DCS and the synchronous set's."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
 
-from fsm.machine import Role
+from fsm.machine import Role, standby_mode
+from fsm.snapshot import STANDBY_SOURCE
 from pgsidecar import dcs_params
 from pgsidecar.agent.ports import Clock, PostgresPort
 from pgsidecar.agent.state import ActionLog, NodeState
@@ -21,9 +23,28 @@ log = structlog.get_logger("pgsidecar.agent")
 Upstream = tuple[str, Conninfo]
 
 
+def source_conninfo(state: NodeState, pg: PostgresPort, replication: bool) -> Upstream | None:
+    """The source cluster's servers (the standby_cluster section) as one libpq connection: with
+    several, libpq tries each in turn (None: not a standby cluster)."""
+    endpoints = state.standby_source
+    if not endpoints:
+        return None
+    host, port = endpoints[0]
+    ci = pg.replication_conninfo(host, port) if replication else pg.superuser_conninfo(host, port)
+    if len(endpoints) > 1:
+        ci = dataclasses.replace(
+            ci,
+            host=",".join(h for h, _ in endpoints),
+            port=",".join(str(p) for _, p in endpoints),
+        )
+    return STANDBY_SOURCE, ci
+
+
 def leader_conninfo(state: NodeState, pg: PostgresPort, replication: bool) -> Upstream | None:
     """The master's name and address as it published them (None: no master, or it is us, or
-    its address is not published yet)."""
+    its address is not published yet). A standby leader's upstream is the source cluster."""
+    if state.role is Role.STANDBY_LEADER:
+        return source_conninfo(state, pg, replication)
     s = state.snapshot
     leader = s.dcs.leader
     if leader is None or leader.name == state.name:
@@ -147,12 +168,28 @@ class PgConfig:
 
     def write_standby(self, upstream: Upstream | None) -> None:
         cluster = self.cluster_parameters()
+        slot = slot_name(self.state.name) if upstream else None
+        if upstream is not None and upstream[0] == STANDBY_SOURCE:
+            slot = self.state.standby_slot  # our slot in another cluster: the one configured
         self.pg.write_config(
             "standby",
             upstream[1] if upstream else None,
-            slot_name(self.state.name) if upstream else None,
-            parameters={**self.derived_parameters(cluster), **cluster, **self.standby_archiving},
+            slot,
+            parameters={
+                **self.derived_parameters(cluster),
+                **cluster,
+                **self.standby_archiving,
+                **self.standby_cluster_parameters(),
+            },
         )
+
+    def standby_cluster_parameters(self) -> dict[str, Any]:
+        """A standby cluster's restore_command (the source's archive), while it is one: after
+        the promotion the source's archive holds timelines that are not ours."""
+        command = self.state.standby_restore_command
+        if command is None or not standby_mode(self.state.snapshot):
+            return {}
+        return {"restore_command": command}
 
     def write_promoting(self) -> None:
         """Still a standby, with the primary's settings (synchronous_standby_names and the
@@ -186,7 +223,7 @@ class PgConfig:
             params == self.applied
             or not self.pg.running
             or self.state.snapshot.busy
-            or role not in (Role.MASTER, Role.REPLICA)
+            or role not in (Role.MASTER, Role.REPLICA, Role.STANDBY_LEADER)
         ):
             return
         previous, self.applied = self.applied, params  # also: one at a time

@@ -57,6 +57,7 @@ def view_to_input(view: ClusterView, clock: Clock) -> dict[str, Any]:
         "config": view.config,
         "switchover": sw,
         "sync": view.sync,
+        "standby_promoted": view.standby_promoted,
         "index": view.index,
     }
 

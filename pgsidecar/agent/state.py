@@ -41,6 +41,11 @@ class NodeState:
     # settings PostgreSQL read but applies only after a restart (published in the member key)
     pending_restart: list[str] = field(default_factory=list)
     last_error: str | None = None
+    # a standby cluster (the standby_cluster section): the source cluster's servers the standby
+    # leader streams from, in order, and the slot it uses there (none: not a standby cluster)
+    standby_source: tuple[tuple[str, int], ...] = ()
+    standby_slot: str | None = None
+    standby_restore_command: str | None = None
 
     @property
     def role(self) -> Role:

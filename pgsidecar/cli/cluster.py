@@ -38,6 +38,7 @@ from pgsidecar.ops import (
     members_table,
     parse_assignments,
     pg_target,
+    promote_standby_cluster,
     require_cluster,
     require_config_readable,
     set_pause,
@@ -74,6 +75,47 @@ def cmd_pause(args: argparse.Namespace) -> int:
         return 0
 
     return run_with_dcs(args, args.cmd, body)
+
+
+# -- promote-cluster ------------------------------------------------------------------------------
+
+
+def cmd_promote_cluster(args: argparse.Namespace) -> int:
+    """``pgsidecar promote-cluster``: a standby cluster becomes a normal one (its standby leader
+    promotes); with --wait SECONDS, until one member is master."""
+
+    async def body(cfg: AgentConfig, dcs: DCS) -> int:
+        marker, wrote = await promote_standby_cluster(dcs, cfg.cluster, time.time())
+        if not wrote:
+            print(f"cluster {cfg.cluster} was already promoted (at {marker.get('requested_at')})")
+        else:
+            leader = marker.get("standby_leader") or "the next standby leader elected"
+            print(
+                f"cluster {cfg.cluster} promoted: it stops following {marker.get('source')}; "
+                f"{leader} becomes master"
+            )
+        if args.wait is None:
+            return 0
+        deadline = time.monotonic() + args.wait
+        while time.monotonic() < deadline:
+            view = await dcs.read_cluster()
+            masters = [n for n, r in members_roles(view).items() if r == "master"]
+            if view.leader is not None and masters == [view.leader.name]:
+                print(f"{view.leader.name} is master (term {view.leader.term})")
+                return 0
+            await asyncio.sleep(0.5)
+        err(f"promote-cluster: no master within {args.wait:g} s (the marker is written)")
+        return EXIT_REFUSED
+
+    return run_with_dcs(args, "promote-cluster", body)
+
+
+def members_roles(view: ClusterView) -> dict[str, str]:
+    return {
+        n: str(raw.get("role"))
+        for n, raw in view.members.items()
+        if isinstance(raw, dict) and raw.get("running") is True
+    }
 
 
 # -- config -----------------------------------------------------------------------------------------
@@ -233,6 +275,20 @@ def _tags_text(tags: dict[str, Any]) -> str:
     return ", ".join(shown)
 
 
+def _standby_lines(view: ClusterView, rows: list[dict[str, Any]]) -> list[str]:
+    """Under the table of a standby cluster: the source it follows, or that it was promoted."""
+    if view.standby_promoted is not None:
+        was = view.standby_promoted.get("source")
+        return [f" Standby cluster: promoted (no longer follows {was or 'its source'})"]
+    sources = sorted({r["standby_source"] for r in rows if r.get("standby_source")})
+    if not sources:
+        return []
+    return [
+        f" Standby cluster: follows {', '.join(sources)} "
+        "(its leader is a standby leader; `pgsidecar promote-cluster` makes it a normal cluster)"
+    ]
+
+
 def render_table(cluster: str, view: ClusterView, rows: list[dict[str, Any]]) -> str:
     """patronictl-like: one boxed table, a line per member."""
     paused = cluster_paused(view)
@@ -271,6 +327,7 @@ def render_table(cluster: str, view: ClusterView, rows: list[dict[str, Any]]) ->
     lines = [top, fmt(header), sep, *(fmt(b) for b in body), sep]
     if paused:
         lines.append(f" Maintenance mode: on ({PAUSE_EFFECT})")
+    lines += _standby_lines(view, rows)
     if not rows:
         lines.append(" (no members)")
     return "\n".join(lines)
@@ -287,6 +344,7 @@ def list_document(
         "leader": view.leader.name if view.leader else None,
         "term": view.leader.term if view.leader else None,
         "paused": cluster_paused(view),
+        "standby_promoted": view.standby_promoted,
         "members": rows,
     }
 
@@ -371,6 +429,22 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         sp = sub.add_parser(name, help=helptext, description=helptext)
         add_target(sp)
         sp.set_defaults(func=cmd_pause)
+
+    pc = sub.add_parser(
+        "promote-cluster",
+        help="a standby cluster stops following its source: its standby leader becomes master",
+        description="Writes the cluster's promotion marker in the DCS (it can only end standby "
+        "mode, never start it): the standby leader promotes through the normal path and the "
+        "cluster never follows its source again.",
+    )
+    add_target(pc)
+    pc.add_argument(
+        "--wait",
+        type=float,
+        metavar="SECONDS",
+        help="wait until one member is master (exit 1 if none is within SECONDS)",
+    )
+    pc.set_defaults(func=cmd_promote_cluster)
 
     cp = sub.add_parser("config", help="the cluster-wide dynamic config in the DCS")
     csub = cp.add_subparsers(dest="config_cmd", required=True)

@@ -35,7 +35,7 @@ class Conninfo:
     """A PostgreSQL server to connect to (a peer, or the local one)."""
 
     host: str
-    port: int
+    port: int | str  # "5432,5433" with a host list: libpq tries each in turn
     user: str
     dbname: str = "postgres"
     application_name: str | None = None

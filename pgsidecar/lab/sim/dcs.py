@@ -52,7 +52,7 @@ MAX_REQUEST_TIMEOUT = 2.0
 WATCH_BACKOFF_START = 0.1
 WATCH_BACKOFF_CAP = 2.0
 # the cluster's keys (besides members/) whose values are JSON objects in a ClusterView
-JSON_OBJECT_KEYS = ("config", "switchover", "sync")
+JSON_OBJECT_KEYS = ("config", "switchover", "sync", "standby_promoted")
 
 
 @dataclass(frozen=True)
@@ -757,6 +757,11 @@ class SimDCS(DCS):
 
     async def put_switchover(self, command: dict[str, Any]) -> None:
         await self._put_unbound("put_switchover", self.key("switchover"), _dumps(command))
+
+    async def put_standby_promoted(self, record: dict[str, Any]) -> None:
+        await self._put_unbound(
+            "put_standby_promoted", self.key("standby_promoted"), _dumps(record)
+        )
 
     async def delete_switchover(self) -> None:
         key = self.key("switchover")
