@@ -79,6 +79,7 @@ class FakeDCS(DCS, Failing):
         self.config: dict[str, Any] | None = None
         self.switchover: dict[str, Any] | None = None
         self.sync: dict[str, Any] | None = None
+        self.standby_promoted: dict[str, Any] | None = None
         # backup/<type>: (value, modify index)
         self.backup_slots: dict[str, tuple[dict[str, Any], int]] = {}
         self.timeline = TimelineCounter()
@@ -182,6 +183,11 @@ class FakeDCS(DCS, Failing):
         self.switchover = None
         self._bump()
 
+    async def put_standby_promoted(self, record: dict[str, Any]) -> None:
+        self._call("put_standby_promoted", record)
+        self.standby_promoted = record
+        self._bump()
+
     async def put_sync(self, state: dict[str, Any]) -> None:
         self._call("put_sync", state)
         self.sync = state
@@ -207,6 +213,7 @@ class FakeDCS(DCS, Failing):
             config=self.config,
             switchover=self.switchover,
             sync=self.sync,
+            standby_promoted=self.standby_promoted,
             index=self.index,
         )
 
@@ -426,7 +433,10 @@ class ListSink(Sink):
         return [r for r in self.records if r.kind == kind]
 
 
-def agent_config(tmp: Path, name: str = "pg1", **cluster: Any) -> AgentConfig:
+def agent_config(
+    tmp: Path, name: str = "pg1", standby: dict[str, Any] | None = None, **cluster: Any
+) -> AgentConfig:
+    """``standby``: a standby_cluster section (the member of a standby cluster)."""
     return AgentConfig.model_validate(
         {
             "name": name,
@@ -434,6 +444,7 @@ def agent_config(tmp: Path, name: str = "pg1", **cluster: Any) -> AgentConfig:
             "state_dir": str(tmp / name),
             "postgresql": {"data_dir": str(tmp / name / "data")},
             "cluster_settings": {"ttl": 4, **cluster},
+            **({"standby_cluster": standby} if standby is not None else {}),
         }
     )
 
@@ -450,9 +461,10 @@ class Rig:
         dcs: FakeDCS | None = None,
         pgbackrest: Any = None,
         bootstrap: Any = None,
+        standby: dict[str, Any] | None = None,
         **cluster: Any,
     ) -> None:
-        self.cfg = agent_config(tmp, name, **cluster)
+        self.cfg = agent_config(tmp, name, standby, **cluster)
         self.clock = LoopClock()
         self.dcs = dcs or FakeDCS()
         self.pg = FakePostgres(data)
