@@ -127,6 +127,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     target_time=target_time(args.target_time),
                     dcs_members=args.dcs_members,
                     kafka_brokers=args.kafka_brokers,
+                    standby_of=Path(args.standby_of) if args.standby_of else None,
                 )
             rows = lc.up(detach=True, timeout=args.timeout)
             cfg_mode = yaml_mode(lc)
@@ -137,8 +138,15 @@ def cmd_local(args: argparse.Namespace) -> int:
                 )
             print_local_status(rows, False)
             print_services(lc.services())
-            master = next(r for r in rows if r["role"] == "master")
-            print(f'\nmaster: {master["name"]}\n  psql "{master["dsn"]}"')
+            leader = next(r for r in rows if r["role"] in ("master", "standby_leader"))
+            what = "master" if leader["role"] == "master" else "standby leader (read-only)"
+            print(f'\n{what}: {leader["name"]}\n  psql "{leader["dsn"]}"')
+            if lc.meta.get("standby_of"):
+                src = lc.meta["standby_of"]
+                print(
+                    f"standby cluster of {src['dir']} (follows {', '.join(src['hosts'])}); "
+                    f"`pgsidecar promote-cluster --dir {lc.dir}` makes it a normal cluster"
+                )
             return 0
         if not lc.meta:
             print(f"pgsidecar: {args.dir} holds no local cluster", file=sys.stderr)
@@ -228,6 +236,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="DIR",
         help="point-in-time recovery: a new cluster restored from another local cluster's "
         "repository (DIR/backup, or DIR) to --target-time; it archives into its own",
+    )
+    up.add_argument(
+        "--standby-of",
+        metavar="DIR",
+        help="a standby cluster of the local cluster in DIR: its first member copies DIR's "
+        "cluster, its leader follows DIR's members and is never writable until "
+        "`pgsidecar promote-cluster`",
     )
     up.add_argument(
         "--target-time",

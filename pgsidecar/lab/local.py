@@ -255,6 +255,7 @@ class LocalCluster:
         target_time: datetime | None = None,
         dcs_members: int = 1,
         kafka_brokers: int = 1,
+        standby_of: Path | None = None,
     ) -> None:
         """``dcs_url``: an already running store to use instead of starting one (the tests point
         a cluster at the Consul emulator this way). ``tls``: a generated CA (``dir/tls``) and TLS
@@ -271,8 +272,21 @@ class LocalCluster:
         and the lab's HAProxy stay on 127.0.0.1). ``dcs_members``: etcd as a cluster of 3 or 5 members
         (every agent gets every client endpoint). ``kafka_brokers``: Kafka as that many brokers,
         each also a controller of the KRaft quorum; with 3 or more the topic has 3 replicas and
-        min.insync.replicas 2."""
+        min.insync.replicas 2. ``standby_of`` (another local cluster's directory): a standby
+        cluster of that one, with its own etcd; its first member copies the source with
+        pg_basebackup, its leader is a standby leader that streams from the source's members
+        (every one listed, the first that answers serves) until `pgsidecar promote-cluster`."""
         source: dict[str, Any] | None = None
+        standby: dict[str, Any] | None = None
+        if standby_of is not None:
+            if restore_from is not None:
+                raise LocalClusterError("--standby-of and --restore-from exclude each other")
+            if tls:
+                raise LocalClusterError(
+                    "--standby-of with --tls is not supported: the standby cluster would need "
+                    "the source's CA and client certificates"
+                )
+            standby = self._standby_source(Path(standby_of), host)
         if (restore_from is None) != (target_time is None):
             raise LocalClusterError("--restore-from and --target-time go together")
         if restore_from is not None and target_time is not None:
@@ -335,10 +349,11 @@ class LocalCluster:
         secrets_dir = self.dir / "secrets"
         secrets_dir.mkdir(mode=0o700, exist_ok=True)
         pw = {k: secrets.token_urlsafe(18) for k in ("superuser", "replication", "api")}
-        if source is not None:
-            # the restored database holds the source's roles and their passwords
+        copied_from = source or standby
+        if copied_from is not None:
+            # the restored (or copied) database holds the source's roles and their passwords
             for k in ("superuser", "replication"):
-                pw[k] = (Path(source["dir"]) / "secrets" / f"{k}.secret").read_text().strip()
+                pw[k] = (Path(copied_from["dir"]) / "secrets" / f"{k}.secret").read_text().strip()
         for k, v in pw.items():
             p = secrets_dir / f"{k}.secret"
             p.write_text(v + "\n")
@@ -367,6 +382,7 @@ class LocalCluster:
             "pg_bin": str(pg_bin),
             "pg_user": pg_user,
             "restore": source,
+            "standby_of": standby,
             "members": [
                 {"name": n, "pg_port": base + 4 + 2 * i, "api_port": base + 5 + 2 * i}
                 for i, n in enumerate(names)
@@ -440,6 +456,8 @@ class LocalCluster:
             cfg["kafka"]["replication_factor"] = meta["kafka"]["replication"]
         if self.tls:
             self._tls_config(cfg, m)
+        if meta.get("standby_of"):
+            cfg["standby_cluster"] = {"hosts": list(meta["standby_of"]["hosts"])}
         if meta.get("backup"):
             # one repository for the cluster, which every member's agent creates if missing
             cfg["backup"] = {
@@ -861,14 +879,16 @@ class LocalCluster:
     def wait_healthy(
         self, timeout: float = 180, members: list[str] | None = None
     ) -> list[dict[str, Any]]:
-        """Until one master and every other (running) member a streaming replica."""
+        """Until one master (a standby cluster: one master or one standby leader) and every
+        other (running) member a streaming replica."""
         deadline = time.monotonic() + timeout
         want = members or [m.name for m in self.members]
         rows: list[dict[str, Any]] = []
+        leading = ("master", "standby_leader") if self.meta.get("standby_of") else ("master",)
         while time.monotonic() < deadline:
             rows = self.status()
             by = {r["name"]: r for r in rows}
-            masters = [n for n in want if by[n]["role"] == "master" and by[n]["pg_running"]]
+            masters = [n for n in want if by[n]["role"] in leading and by[n]["pg_running"]]
             replicas = [n for n in want if by[n]["role"] == "replica" and by[n]["streaming"]]
             if len(masters) == 1 and len(replicas) == len(want) - 1:
                 return rows
@@ -911,6 +931,29 @@ class LocalCluster:
             "repository": str(repo),
             "stanza": meta["cluster"],
             "target_time": target_time.isoformat(),
+        }
+
+    def _standby_source(self, path: Path, host: str) -> dict[str, Any]:
+        """The source of a standby cluster: another local cluster's directory."""
+        meta_path = path / "cluster.json"
+        if not meta_path.exists():
+            raise LocalClusterError(f"{path} is not a local cluster's directory (no cluster.json)")
+        if path.resolve() == self.dir.resolve():
+            raise LocalClusterError("a cluster cannot be a standby of itself")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("tls"):
+            raise LocalClusterError(
+                f"the local cluster in {path} uses TLS: --standby-of is not supported for it"
+            )
+        src_host = str(meta.get("host") or "127.0.0.1")
+        if src_host != host:
+            raise LocalClusterError(
+                f"the source listens on {src_host}: give the standby cluster --host {src_host}"
+            )
+        return {
+            "dir": str(path.resolve()),
+            "cluster": meta["cluster"],
+            "hosts": [netloc.host_port(src_host, m["pg_port"]) for m in meta["members"]],
         }
 
     def _restore_first_member(self) -> None:

@@ -1,0 +1,129 @@
+"""A standby cluster on real processes: `local up --standby-of DIR` makes a cluster whose
+leader (a standby leader) streams from the source cluster and whose other member cascades from
+it; nothing in it is ever writable; a failover inside it elects a new standby leader that still
+follows the source; `promote-cluster` makes it a normal cluster with exactly one master holding
+every row written before, and the source is left untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pgsidecar.cli import main
+from pgsidecar.lab.local import LocalCluster
+from tests.support.clusterutil import stop_local_cluster, wait_for
+
+UP = ["--ttl", "5", "--no-kafka", "--nodes", "2"]
+
+
+@pytest.fixture
+def dirs() -> Iterator[tuple[Path, Path]]:
+    d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d / "src", d / "dst"
+    finally:
+        for sub in ("dst", "src"):
+            with contextlib.suppress(Exception):  # the other cluster is stopped all the same
+                stop_local_cluster(LocalCluster(d / sub))
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def sql(lc: LocalCluster, name: str, text: str) -> list[tuple[Any, ...]]:
+    with psycopg.connect(lc.dsn(name), autocommit=True) as conn:
+        cur = conn.execute(text)
+        return cur.fetchall() if cur.description else []
+
+
+def count(lc: LocalCluster, name: str) -> int | None:
+    try:
+        return int(sql(lc, name, "SELECT count(*) FROM t")[0][0])
+    except psycopg.Error:
+        return None
+
+
+def roles(lc: LocalCluster) -> dict[str, str]:
+    return {r["name"]: r["role"] for r in lc.status()}
+
+
+def assert_read_only(lc: LocalCluster) -> None:
+    for m in lc.members:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            sql(lc, m.name, "INSERT INTO t VALUES (-1)")
+        assert sql(lc, m.name, "SELECT pg_is_in_recovery()") == [(True,)]
+
+
+def standby_leader(lc: LocalCluster) -> str | None:
+    leaders = [n for n, r in roles(lc).items() if r == "standby_leader"]
+    return leaders[0] if len(leaders) == 1 else None
+
+
+@pytest.mark.integration
+def test_standby_cluster_follows_fails_over_read_only_and_is_promoted(
+    dirs: tuple[Path, Path],
+) -> None:
+    src_dir, dst_dir = dirs
+    assert main(["local", "up", "--dir", str(src_dir), *UP]) == 0
+    src = LocalCluster(src_dir)
+    master = src.master()
+    assert master is not None
+    sql(src, master, "CREATE TABLE t (v int)")
+    sql(src, master, "INSERT INTO t SELECT generate_series(1, 10)")
+    ((src_tl,),) = sql(src, master, "SELECT timeline_id FROM pg_control_checkpoint()")
+
+    assert main(["local", "up", "--dir", str(dst_dir), *UP, "--standby-of", str(src_dir)]) == 0
+    dst = LocalCluster(dst_dir)
+    leader = standby_leader(dst)
+    assert leader is not None, roles(dst)
+    other = next(m.name for m in dst.members if m.name != leader)
+    assert roles(dst)[other] == "replica"
+    assert dst.master() is None, "a standby cluster has no master"
+    st = dst.api_status(leader)
+    assert st is not None and st["standby_cluster"]["source"]
+    assert st["upstream"] == "(source cluster)"
+
+    # rows written on the source reach both members of the standby cluster
+    sql(src, master, "INSERT INTO t SELECT generate_series(11, 20)")
+    for name in (leader, other):
+        wait_for(lambda n=name: count(dst, n) == 20, 60, what=f"{name} to have the source's rows")
+    assert_read_only(dst)
+
+    # the standby leader's agent dies: the other member becomes standby leader, still
+    # following the source and still read-only
+    dst.kill_member(leader)
+    wait_for(lambda: standby_leader(dst) == other, 60, what=f"{other} to become standby leader")
+    sql(src, master, "INSERT INTO t SELECT generate_series(21, 30)")
+    wait_for(lambda: count(dst, other) == 30, 60, what="the new standby leader to stream")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        sql(dst, other, "INSERT INTO t VALUES (-1)")
+    assert dst.master() is None
+    # the old standby leader comes back as a replica of the new one
+    dst.start_member(leader, detach=True)
+    dst.wait_healthy(timeout=120)
+    wait_for(lambda: count(dst, leader) == 30, 60, what="the returned member to catch up")
+    assert_read_only(dst)
+
+    # promote-cluster: exactly one master, holding every row written before
+    assert main(["promote-cluster", "--dir", str(dst_dir), "--wait", "60"]) == 0
+    new_master = wait_for(dst.master, 60, what="a master in the promoted cluster")
+    assert new_master == other
+    assert [n for n, r in roles(dst).items() if r == "master"] == [new_master]
+    assert count(dst, new_master) == 30
+    sql(dst, new_master, "INSERT INTO t VALUES (1000)")
+    dst.wait_healthy(timeout=120)
+    wait_for(lambda: count(dst, leader) == 31, 60, what="the replica to follow the new master")
+
+    # the source is untouched: same master, same timeline, none of the standby's writes
+    assert src.master() == master
+    assert sql(src, master, "SELECT count(*), max(v) FROM t") == [(30, 30)]
+    assert sql(src, master, "SELECT timeline_id FROM pg_control_checkpoint()") == [(src_tl,)]
+    assert sql(dst, new_master, "SELECT count(*) FROM t WHERE v = 1000") == [(1,)]
+    assert sql(dst, new_master, "SELECT pg_is_in_recovery()") == [(False,)]
