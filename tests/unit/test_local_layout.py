@@ -115,3 +115,29 @@ def test_a_lone_broker_keeps_one_replica() -> None:
 def test_shapes_refused(make: Any, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(LocalClusterError, match=message):
         make(**kwargs)
+
+
+def test_standby_of_lists_every_source_member_and_copies_its_passwords(make: Any) -> None:
+    src = make()
+    dst = make(standby_of=src.dir)
+    assert dst.meta["standby_of"]["hosts"] == [f"127.0.0.1:{m.pg_port}" for m in src.members]
+    for m in dst.members:
+        cfg = load_config(dst.config_path(m.name))
+        assert cfg.standby_cluster is not None
+        assert cfg.standby_cluster.endpoints() == [("127.0.0.1", p.pg_port) for p in src.members]
+    for secret in ("superuser", "replication"):
+        path = f"secrets/{secret}.secret"
+        assert (dst.dir / path).read_text() == (src.dir / path).read_text()
+    assert (dst.dir / "secrets/api.secret").read_text() != (
+        src.dir / "secrets/api.secret"
+    ).read_text()
+
+
+def test_standby_of_refusals(make: Any, tmp_path: Path) -> None:
+    src = make()
+    with pytest.raises(LocalClusterError, match="not a local cluster"):
+        make(standby_of=tmp_path / "nothing")
+    with pytest.raises(LocalClusterError, match="--host 127.0.0.1"):
+        make(standby_of=src.dir, host="::1")
+    with pytest.raises(LocalClusterError, match="--tls is not supported"):
+        make(standby_of=src.dir, tls=True)
