@@ -205,6 +205,18 @@ def _primary_verdict(f: HealthFacts) -> Verdict:
     return Verdict(503, "PostgreSQL is in recovery (not promoted yet)")
 
 
+def _standby_leader_verdict(f: HealthFacts) -> Verdict:
+    """A standby cluster's leader: it holds the lease and its PostgreSQL runs (read-only, from
+    the source cluster)."""
+    if f.role is not Role.STANDBY_LEADER:
+        return Verdict(503, f"role is {f.role.value}, not standby_leader")
+    if not f.lease_valid:
+        return Verdict(503, "the leader lease is not held or its fencing deadline has passed")
+    if not f.pg_running:
+        return Verdict(503, "PostgreSQL is not running")
+    return OK
+
+
 def _tags_verdict(f: HealthFacts, query: Mapping[str, str]) -> Verdict:
     for key, wanted in query.items():
         if not key.startswith("tag_"):
@@ -252,13 +264,14 @@ def evaluate(kind: str, f: HealthFacts, query: Mapping[str, str]) -> Verdict:
     elif kind == "leader":
         v = OK if f.lease_valid else Verdict(503, "this member does not hold the leader lease")
     elif kind == "standby_leader":
-        v = Verdict(503, "pgsidecar has no standby clusters: there is no standby leader")
+        v = _standby_leader_verdict(f)
     elif kind == "replica":
         v = _replica_verdict(f, query)
     elif kind == "read_only":
         # the replica's checks run first so that a malformed ?lag= is refused on a master too
         rv = _replica_verdict(f, query)
-        v = OK if f.primary else rv
+        # a standby cluster's leader serves reads as its replicas do (it is never writable)
+        v = OK if f.primary or _standby_leader_verdict(f) is OK else rv
     elif kind in ("sync", "async", "read_only_sync"):
         rv = _replica_verdict(f, query)
         if kind == "read_only_sync" and f.primary:
@@ -286,7 +299,7 @@ def evaluate(kind: str, f: HealthFacts, query: Mapping[str, str]) -> Verdict:
             raise QueryError(f"mode={mode!r}: use mode=apply (replayed WAL) or mode=write")
         raw = _first(query, "lag")
         max_lag = parse_lag(raw) if raw is not None else f.maximum_lag_on_failover
-        if f.primary:
+        if f.primary or _standby_leader_verdict(f) is OK:
             v = OK
         elif f.role is not Role.REPLICA or not f.pg_running or not f.streaming:
             v = Verdict(503, "neither the master holding the lease nor a streaming replica")

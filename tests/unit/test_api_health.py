@@ -209,6 +209,9 @@ SCENARIOS: dict[str, tuple[Role, Callable[[], Snapshot], bool, bool, dict[str, A
     ),
     "candidate": (Role.CANDIDATE, lambda: replica_snapshot(streaming=False), True, True, {}),
     "rewinding": (Role.REWINDING, lambda: Snapshot("pg2"), False, True, {}),
+    "standby_leader": (Role.STANDBY_LEADER, lambda: master_snapshot(True), True, True, {}),
+    "standby_leader_fenced": (Role.STANDBY_LEADER, lambda: master_snapshot(True), True, False, {}),
+    "standby_leader_pg_down": (Role.STANDBY_LEADER, lambda: master_snapshot(True), False, True, {}),
 }
 
 # (scenario, path with query) -> expected status; every scenario x path below is asserted
@@ -251,6 +254,21 @@ expect(
         "/readiness": 200,
     },
 )
+expect(
+    "standby_leader",
+    {
+        "/standby-leader": 200,
+        "/standby_leader": 200,
+        "/leader": 200,
+        "/primary": 503,  # never writable
+        "/replica": 503,
+        "/read-only": 200,
+        "/readiness": 200,
+        "/health": 200,
+    },
+)
+expect("standby_leader_fenced", {"/standby-leader": 503, "/leader": 503, "/read-only": 503})
+expect("standby_leader_pg_down", {"/standby-leader": 503, "/read-only": 503, "/readiness": 503})
 expect("master_fenced", {"/leader": 503, "/readiness": 503, "/read-only": 503, "/health": 200})
 expect("master_pg_down", {"/leader": 200, "/health": 503, "/readiness": 503, "/liveness": 200})
 expect(
