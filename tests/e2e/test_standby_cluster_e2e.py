@@ -1,6 +1,7 @@
 """A standby cluster on real processes: `local up --standby-of DIR` makes a cluster whose
 leader (a standby leader) streams from the source cluster and whose other member cascades from
-it; nothing in it is ever writable; a failover inside it elects a new standby leader that still
+it; a failover in the source cluster is followed (the standby leader streams from the source's
+new master, on its new timeline); nothing in it is ever writable; a failover inside it elects a new standby leader that still
 follows the source; `promote-cluster` makes it a normal cluster with exactly one master holding
 every row written before, and the source is left untouched."""
 
@@ -50,6 +51,21 @@ def count(lc: LocalCluster, name: str) -> int | None:
         return None
 
 
+def writes(lc: LocalCluster, name: str, text: str) -> bool:
+    try:
+        sql(lc, name, text)
+    except psycopg.errors.ReadOnlySqlTransaction:
+        return False
+    return True
+
+
+def timeline(lc: LocalCluster, name: str) -> int:
+    """The timeline a primary writes now (pg_control_checkpoint() is stale after a promotion
+    until the next checkpoint)."""
+    ((walfile,),) = sql(lc, name, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    return int(walfile[:8], 16)
+
+
 def roles(lc: LocalCluster) -> dict[str, str]:
     return {r["name"]: r["role"] for r in lc.status()}
 
@@ -77,7 +93,7 @@ def test_standby_cluster_follows_fails_over_read_only_and_is_promoted(
     assert master is not None
     sql(src, master, "CREATE TABLE t (v int)")
     sql(src, master, "INSERT INTO t SELECT generate_series(1, 10)")
-    ((src_tl,),) = sql(src, master, "SELECT timeline_id FROM pg_control_checkpoint()")
+    first_tl = timeline(src, master)
 
     assert main(["local", "up", "--dir", str(dst_dir), *UP, "--standby-of", str(src_dir)]) == 0
     dst = LocalCluster(dst_dir)
@@ -96,19 +112,44 @@ def test_standby_cluster_follows_fails_over_read_only_and_is_promoted(
         wait_for(lambda n=name: count(dst, n) == 20, 60, what=f"{name} to have the source's rows")
     assert_read_only(dst)
 
+    # the source fails over: its master's agent and PostgreSQL die, its replica is promoted on a
+    # new timeline; the standby cluster follows the new master (the source's other address)
+    src.kill_member(master)
+    src_master = wait_for(
+        lambda: m if (m := src.master()) not in (None, master) else None,
+        60,
+        what="the source's replica to be promoted",
+    )
+    # the lease is taken before the promotion ends: write once it accepts writes
+    wait_for(
+        lambda: writes(src, src_master, "INSERT INTO t SELECT generate_series(21, 25)"),
+        30,
+        what=f"{src_master} to accept writes",
+    )
+    wait_for(
+        lambda: count(dst, leader) == 25,
+        60,
+        what="the standby leader to follow the source's new master",
+    )
+    src_tl = timeline(src, src_master)
+    assert src_tl > first_tl
+    ((dst_tl,),) = sql(dst, leader, "SELECT received_tli FROM pg_stat_wal_receiver")
+    assert dst_tl == src_tl, "the standby leader receives the source's new timeline"
+    master = src_master
+
     # the standby leader's agent dies: the other member becomes standby leader, still
     # following the source and still read-only
     dst.kill_member(leader)
     wait_for(lambda: standby_leader(dst) == other, 60, what=f"{other} to become standby leader")
-    sql(src, master, "INSERT INTO t SELECT generate_series(21, 30)")
-    wait_for(lambda: count(dst, other) == 30, 60, what="the new standby leader to stream")
+    sql(src, master, "INSERT INTO t SELECT generate_series(26, 35)")
+    wait_for(lambda: count(dst, other) == 35, 60, what="the new standby leader to stream")
     with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
         sql(dst, other, "INSERT INTO t VALUES (-1)")
     assert dst.master() is None
     # the old standby leader comes back as a replica of the new one
     dst.start_member(leader, detach=True)
     dst.wait_healthy(timeout=120)
-    wait_for(lambda: count(dst, leader) == 30, 60, what="the returned member to catch up")
+    wait_for(lambda: count(dst, leader) == 35, 60, what="the returned member to catch up")
     assert_read_only(dst)
 
     # promote-cluster: exactly one master, holding every row written before
@@ -116,14 +157,18 @@ def test_standby_cluster_follows_fails_over_read_only_and_is_promoted(
     new_master = wait_for(dst.master, 60, what="a master in the promoted cluster")
     assert new_master == other
     assert [n for n, r in roles(dst).items() if r == "master"] == [new_master]
-    assert count(dst, new_master) == 30
-    sql(dst, new_master, "INSERT INTO t VALUES (1000)")
+    assert count(dst, new_master) == 35
+    wait_for(
+        lambda: writes(dst, new_master, "INSERT INTO t VALUES (1000)"),
+        30,
+        what=f"{new_master} to accept writes",
+    )
     dst.wait_healthy(timeout=120)
-    wait_for(lambda: count(dst, leader) == 31, 60, what="the replica to follow the new master")
+    wait_for(lambda: count(dst, leader) == 36, 60, what="the replica to follow the new master")
 
     # the source is untouched: same master, same timeline, none of the standby's writes
     assert src.master() == master
-    assert sql(src, master, "SELECT count(*), max(v) FROM t") == [(30, 30)]
-    assert sql(src, master, "SELECT timeline_id FROM pg_control_checkpoint()") == [(src_tl,)]
+    assert sql(src, master, "SELECT count(*), max(v) FROM t") == [(35, 35)]
+    assert timeline(src, master) == src_tl
     assert sql(dst, new_master, "SELECT count(*) FROM t WHERE v = 1000") == [(1,)]
     assert sql(dst, new_master, "SELECT pg_is_in_recovery()") == [(False,)]
