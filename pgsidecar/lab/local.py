@@ -22,6 +22,7 @@ import concurrent.futures
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import ssl
@@ -458,6 +459,8 @@ class LocalCluster:
             self._tls_config(cfg, m)
         if meta.get("standby_of"):
             cfg["standby_cluster"] = {"hosts": list(meta["standby_of"]["hosts"])}
+            if meta["standby_of"].get("restore_command"):
+                cfg["standby_cluster"]["restore_command"] = meta["standby_of"]["restore_command"]
         if meta.get("backup"):
             # one repository for the cluster, which every member's agent creates if missing
             cfg["backup"] = {
@@ -859,6 +862,7 @@ class LocalCluster:
                     "agent_pid": self.agent_pid(m.name),
                     "pg_running": st.get("pg_running", False),
                     "streaming": st.get("streaming", False),
+                    "in_recovery": st.get("in_recovery"),
                     "timeline": st.get("timeline"),
                     "lsn": st.get("lsn"),
                     "lag_bytes": st.get("lag_bytes"),
@@ -879,8 +883,9 @@ class LocalCluster:
     def wait_healthy(
         self, timeout: float = 180, members: list[str] | None = None
     ) -> list[dict[str, Any]]:
-        """Until one master (a standby cluster: one master or one standby leader) and every
-        other (running) member a streaming replica."""
+        """Until one master that accepts writes (a standby cluster: or one standby leader) and
+        every other (running) member a streaming replica. The lease is taken before the
+        promotion ends: a master still in recovery is not there yet."""
         deadline = time.monotonic() + timeout
         want = members or [m.name for m in self.members]
         rows: list[dict[str, Any]] = []
@@ -888,7 +893,13 @@ class LocalCluster:
         while time.monotonic() < deadline:
             rows = self.status()
             by = {r["name"]: r for r in rows}
-            masters = [n for n in want if by[n]["role"] in leading and by[n]["pg_running"]]
+            masters = [
+                n
+                for n in want
+                if by[n]["role"] in leading
+                and by[n]["pg_running"]
+                and (by[n]["role"] != "master" or by[n]["in_recovery"] is False)
+            ]
             replicas = [n for n in want if by[n]["role"] == "replica" and by[n]["streaming"]]
             if len(masters) == 1 and len(replicas) == len(want) - 1:
                 return rows
@@ -950,11 +961,23 @@ class LocalCluster:
             raise LocalClusterError(
                 f"the source listens on {src_host}: give the standby cluster --host {src_host}"
             )
-        return {
+        source: dict[str, Any] = {
             "dir": str(path.resolve()),
             "cluster": meta["cluster"],
             "hosts": [netloc.host_port(src_host, m["pg_port"]) for m in meta["members"]],
         }
+        if meta.get("backup"):
+            # the source archives: WAL from its repository when none of its members answers,
+            # through the first member's pgbackrest.conf (the repository and the stanza), with
+            # no log file (nothing of ours lands in the source's log directory). pgBackRest
+            # checks that PostgreSQL's working directory is pg1-path: each member's own data
+            # directory, which the shell running restore_command is in
+            conf = path.resolve() / meta["members"][0]["name"] / "pgbackrest" / "pgbackrest.conf"
+            source["restore_command"] = (
+                f"pgbackrest --config={shlex.quote(str(conf))} --stanza={meta['cluster']} "
+                '--log-level-file=off --pg1-path="$(pwd)" archive-get %f "%p"'
+            )
+        return source
 
     def _restore_first_member(self) -> None:
         """Point-in-time recovery of the first member from the source's repository, then the

@@ -172,3 +172,52 @@ def test_standby_cluster_follows_fails_over_read_only_and_is_promoted(
     assert timeline(src, master) == src_tl
     assert sql(dst, new_master, "SELECT count(*) FROM t WHERE v = 1000") == [(1,)]
     assert sql(dst, new_master, "SELECT pg_is_in_recovery()") == [(False,)]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
+)
+def test_standby_leader_replays_the_source_archive_when_no_source_member_answers(
+    dirs: tuple[Path, Path],
+) -> None:
+    """The source archives (--backup); the standby cluster gets its restore_command. WAL the
+    source wrote while the standby leader was down, and archived, reaches the standby leader
+    after the whole source cluster has stopped: from the repository, not from a stream."""
+    src_dir, dst_dir = dirs
+    one = ["--ttl", "5", "--no-kafka", "--nodes", "1"]
+    assert main(["local", "up", "--dir", str(src_dir), *one, "--backup"]) == 0
+    src = LocalCluster(src_dir)
+    master = src.master()
+    assert master is not None
+    sql(src, master, "CREATE TABLE t (v int)")
+    sql(src, master, "INSERT INTO t SELECT generate_series(1, 10)")
+
+    assert main(["local", "up", "--dir", str(dst_dir), *one, "--standby-of", str(src_dir)]) == 0
+    dst = LocalCluster(dst_dir)
+    leader = standby_leader(dst)
+    assert leader is not None, roles(dst)
+    wait_for(lambda: count(dst, leader) == 10, 60, what="the standby leader to have the rows")
+
+    # the standby leader is down while the source writes, archives, and then stops entirely
+    dst.kill_member(leader)
+    sql(src, master, "INSERT INTO t SELECT generate_series(11, 20)")
+    ((segment,),) = sql(src, master, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    sql(src, master, "SELECT pg_switch_wal()")
+    wait_for(
+        lambda: sql(src, master, "SELECT last_archived_wal FROM pg_stat_archiver")[0][0] >= segment,
+        60,
+        what=f"the source to archive {segment}",
+    )
+    stop_local_cluster(src)
+
+    dst.start_member(leader, detach=True)
+    wait_for(lambda: standby_leader(dst) == leader, 60, what=f"{leader} to lead the standby again")
+    wait_for(
+        lambda: count(dst, leader) == 20, 60, what="the rows written meanwhile, from the archive"
+    )
+    # nothing streams (no source member runs): the rows came through restore_command
+    assert sql(
+        dst, leader, "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'"
+    ) == [(0,)]
+    assert_read_only(dst)

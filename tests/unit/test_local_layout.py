@@ -131,6 +131,25 @@ def test_standby_of_lists_every_source_member_and_copies_its_passwords(make: Any
     assert (dst.dir / "secrets/api.secret").read_text() != (
         src.dir / "secrets/api.secret"
     ).read_text()
+    # the source does not archive: nothing to restore from
+    assert all(
+        load_config(dst.config_path(m.name)).standby_cluster.restore_command is None  # type: ignore[union-attr]
+        for m in dst.members
+    )
+
+
+def test_standby_of_an_archiving_source_restores_from_its_repository(make: Any) -> None:
+    src = make(backup=True)
+    dst = make(standby_of=src.dir)
+    conf = src.dir / src.members[0].name / "pgbackrest" / "pgbackrest.conf"
+    for m in dst.members:
+        sc = load_config(dst.config_path(m.name)).standby_cluster
+        assert sc is not None and sc.restore_command is not None
+        argv = sc.restore_command.split()
+        assert f"--config={conf}" in argv and f"--stanza={src.cluster}" in argv
+        # pgBackRest refuses a pg1-path other than PostgreSQL's working directory
+        assert '--pg1-path="$(pwd)"' in argv
+        assert argv[-3:] == ["archive-get", "%f", '"%p"']
 
 
 def test_standby_of_refusals(make: Any, tmp_path: Path) -> None:
