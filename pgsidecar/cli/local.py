@@ -32,11 +32,11 @@ def print_local_status(rows: list[dict[str, Any]], as_json: bool) -> None:
         print(json.dumps(rows, indent=2))
         return
     print(
-        f"{'Member':<8} {'Role':<10} {'PG port':>7} {'Running':<8} {'Streaming':<9} {'TL':>3}  DSN"
+        f"{'Member':<8} {'Role':<14} {'PG port':>7} {'Running':<8} {'Streaming':<9} {'TL':>3}  DSN"
     )
     for r in rows:
         print(
-            f"{r['name']:<8} {r['role']:<10} {r['port']:>7} {'yes' if r['pg_running'] else 'no':<8} "
+            f"{r['name']:<8} {r['role']:<14} {r['port']:>7} {'yes' if r['pg_running'] else 'no':<8} "
             f"{'yes' if r['streaming'] else '-':<9} {r['timeline'] or '-':>3}  {r['dsn']}"
         )
 
