@@ -271,6 +271,27 @@ def test_local_up_with_backup_then_a_backup_from_the_master(
         # a diff with no full before it is taken as a full
         assert only["type"] == "full"
         assert (lc.dir / "backup" / "backup" / lc.cluster / only["label"]).is_dir()
+
+        # the master's next read of the repository (at most a minute after the last) shows
+        # the backup's age in `list --json`, in its /status and on /metrics
+        def listed() -> dict[str, Any] | None:
+            capsys.readouterr()
+            assert main(["list", "--json", "--dir", str(lc.dir)]) == 0
+            health = json.loads(capsys.readouterr().out)["backup"]
+            return health if health and health.get("last_backup") == only["label"] else None
+
+        health = wait_for(listed, 90, interval=2, what="list --json to show the backup")
+        assert health["member"] == master and 0 <= health["last_backup_age"] < 300
+        assert health["last_backup_type"] == "full" and health["archive_failing"] is False
+        status = (lc.api_status(master) or {})["backup"]
+        assert status["last_backup"] == only["label"] and status["last_backup_age"] < 300
+        assert status["last_archived_age"] is not None and status["stanza_ok"] is True
+        assert scrape(lc, master)["pgsidecar_backup_last_age_seconds"] < 300
+        capsys.readouterr()
+        assert main(["list", "--dir", str(lc.dir)]) == 0
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert line.startswith(f" Backups (master {master}): WAL archiving ok;"), line
+        assert f"({only['label']}, full)" in line, line
     finally:
         stop_local_cluster(LocalCluster(d / "c"))  # whatever `local up` got to start
         shutil.rmtree(d, ignore_errors=True)
