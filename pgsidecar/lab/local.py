@@ -938,7 +938,10 @@ class LocalCluster:
                 stanza=src["stanza"],
                 data_dir=first.dir / "pgdata",
                 port=first.pg_port,
-                target=RecoveryTargetSettings.model_validate(src["target"]),
+                # "target_time": a cluster.json written before the other targets existed
+                target=RecoveryTargetSettings.model_validate(
+                    src.get("target") or {"time": src["target_time"]}
+                ),
                 pg_bin=Path(self.meta["pg_bin"]),
                 pg_user=self.meta.get("pg_user"),
                 work_dir=work,
