@@ -103,6 +103,10 @@ class AgentStatus(Protocol):
         """The loop and its input sources run; else why not."""
         ...
 
+    def backup_health(self) -> dict[str, Any] | None:
+        """Archiving and the last backup (Archiving.health); None without a backup section."""
+        ...
+
     def command(self, name: str) -> None:
         """Post an operator's command (restart, reinit) to the machine."""
         ...
@@ -538,6 +542,9 @@ class ApiServer:
             }
             if s.settings.standby_cluster
             else None,
+            # archiving and backups (None without a backup section; on a replica its fields
+            # are None: the master archives and reads the repository)
+            "backup": a.backup_health(),
         }
 
     # -- handlers ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +55,26 @@ class BootstrapPort(Protocol):
 
 ArchiverStats = tuple[int, float | None, int, float | None]
 
+# how often the master reads the repository's backups (`pgbackrest info`), at most
+BACKUPS_EVERY = 60.0
+# how long one read may take (pgBackRest lists the repository's WAL too: an S3 one takes a while)
+BACKUPS_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class LastBackup:
+    """The repository's newest backup as ``pgbackrest info`` listed it."""
+
+    label: str
+    type: str
+    stop: float  # when it finished, Unix time
+
+
+def archiver_failing(stats: ArchiverStats) -> bool:
+    """pg_stat_archiver's last failure is newer than its last success (or there was none)."""
+    _, last_archived, _, last_failed = stats
+    return last_failed is not None and (last_archived is None or last_failed > last_archived)
+
 
 class Archiving:
     """One member's archiving. ``stanza_ok`` is None until the first attempt of this promotion,
@@ -86,6 +107,11 @@ class Archiving:
         self._task: asyncio.Task[Any] | None = None
         # pg_stat_archiver as last read (watch_archiver), for /metrics
         self.archiver: ArchiverStats | None = None
+        # the repository's newest backup, read by the master (watch_backups): None before the
+        # first read, when the repository holds none, or while not master
+        self.last_backup: LastBackup | None = None
+        self.backups_read_at: float | None = None  # wall clock of the last good read
+        self.backups_error: str | None = None  # the last read's error, until one succeeds
 
     def primary_parameters(self) -> dict[str, str]:
         # archive_mode can change only at server start: every role writes it, so a promoted
@@ -162,6 +188,70 @@ class Archiving:
                     log.debug("archiver_stats_unread", error=str(exc))
             await asyncio.sleep(every)
 
+    async def watch_backups(
+        self,
+        every: float = BACKUPS_EVERY,
+        read_timeout: float = BACKUPS_TIMEOUT,
+        poll: float = 5.0,
+    ) -> None:
+        """While master, the repository's newest backup from ``pgbackrest info``: read within
+        ``poll`` seconds of becoming master, then every ``every`` seconds, each read bounded by
+        ``read_timeout`` (a child process: the loop never waits on it); the value is kept between
+        reads for /status, ``pgsidecar list`` and /metrics. The repository is the master's
+        business: a replica keeps nothing, so a former master shows no stale age."""
+        while True:
+            if self.state.role is not Role.MASTER:
+                self.last_backup = self.backups_read_at = self.backups_error = None
+            elif self.backups_read_at is None or self.clock.wall() - self.backups_read_at >= every:
+                await self.read_backups(read_timeout)
+            await asyncio.sleep(poll)
+
+    async def read_backups(self, read_timeout: float = BACKUPS_TIMEOUT) -> None:
+        try:
+            info = await self.pgbackrest.info(timeout=read_timeout)
+        except (BackupError, OSError) as exc:
+            # the last value stays (the backups it names still exist); the next round tries
+            # again, not sooner, so a slow repository is not asked more often
+            self.backups_error = str(exc)[:500]
+            self.backups_read_at = self.clock.wall()
+            log.warning("backup_info_failed", error=self.backups_error)
+            return
+        newest = max(info.backups, key=lambda b: b.stop, default=None)
+        self.last_backup = (
+            None
+            if newest is None
+            else LastBackup(newest.label, newest.type, newest.stop.timestamp())
+        )
+        self.backups_read_at = self.clock.wall()
+        self.backups_error = None
+
+    def health(self) -> dict[str, Any]:
+        """Archiving and backups for /status and ``pgsidecar list`` (ages in seconds, as of
+        now). The archive's fields are the master's: a replica's archiver does not run
+        (archive_mode on), so there they are None, like the backup's."""
+        now = self.clock.wall()
+        master = self.state.role is Role.MASTER
+        stats = self.archiver if master else None
+        last_archived = stats[1] if stats is not None else None
+        last = self.last_backup
+        return {
+            "last_archived_age": _age(now, last_archived),
+            "archive_failing": archiver_failing(stats) if stats is not None else None,
+            "archived_count": stats[0] if stats is not None else None,
+            "failed_count": stats[2] if stats is not None else None,
+            "stanza_ok": self.stanza_ok,
+            "last_backup": last.label if last is not None else None,
+            "last_backup_type": last.type if last is not None else None,
+            "last_backup_age": _age(now, last.stop) if last is not None else None,
+            # how old the backup's figures are (read at most once a minute)
+            "backups_read_age": _age(now, self.backups_read_at),
+            "backups_error": self.backups_error,
+        }
+
+
+def _age(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(0.0, now - then), 1)
+
 
 class ArchivingMetrics:
     """The archiving's health on /metrics (a collector on the agent's registry): the age of the
@@ -174,7 +264,7 @@ class ArchivingMetrics:
     def collect(self) -> Iterator[GaugeMetricFamily]:
         a = self.archiving
         if a.archiver is not None:
-            archived, last_archived, failed, last_failed = a.archiver
+            archived, last_archived, failed, _ = a.archiver
             age = GaugeMetricFamily(
                 "pgsidecar_archive_last_archived_age_seconds",
                 "seconds since PostgreSQL last archived a WAL file (pg_stat_archiver; absent: "
@@ -193,14 +283,19 @@ class ArchivingMetrics:
                 "failed archive attempts (pg_stat_archiver.failed_count)",
                 value=failed,
             )
-            failing = last_failed is not None and (
-                last_archived is None or last_failed > last_archived
-            )
             yield GaugeMetricFamily(
                 "pgsidecar_archive_failing",
                 "1 when the last archive attempt failed",
-                value=1 if failing else 0,
+                value=1 if archiver_failing(a.archiver) else 0,
             )
+        backup_age = GaugeMetricFamily(
+            "pgsidecar_backup_last_age_seconds",
+            "seconds since the repository's newest backup finished (pgbackrest info, read by "
+            "the master at most once a minute; absent: not master, no backup, or not read yet)",
+        )
+        if a.last_backup is not None:
+            backup_age.add_metric([], max(0.0, self.clock.wall() - a.last_backup.stop))
+        yield backup_age
         stanza = GaugeMetricFamily(
             "pgsidecar_backup_stanza_ok",
             "1 when this master created or confirmed the stanza, 0 when that failed (absent: "

@@ -426,6 +426,8 @@ class Agent:
                 ),
                 "watch_archiver",
             )
+        if self.archiving is not None:
+            self.tasks.spawn(self.archiving.watch_backups(), "watch_backups")
         if self.scheduler is not None:
             self.tasks.spawn(self.scheduler.run(), "backup_schedule")
         try:
@@ -673,6 +675,10 @@ class AgentApi:
         view = self._agent.state.dcs_view
         data = view.members.get(self.name) if view is not None else None
         return data if isinstance(data, dict) else {}
+
+    def backup_health(self) -> dict[str, Any] | None:
+        archiving = self._agent.archiving
+        return archiving.health() if archiving is not None else None
 
     def alive(self) -> tuple[bool, str]:
         """The loop runs and none of its input sources (DCS watch, lease renewal, probe) has

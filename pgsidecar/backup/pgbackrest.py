@@ -47,6 +47,7 @@ from pgsidecar.backup.settings import (
     BackupType,
     PosixRepository,
     S3Repository,
+    check_restore_point_name,
 )
 from pgsidecar.postgres.conf import conf_value
 from pgsidecar.procutil import os_user_ids, traversable_by
@@ -106,6 +107,12 @@ class RecoveryTarget:
             raise ValueError(f"{xid} is not a normal transaction id")
         return cls("xid", str(xid), **kw)
 
+    @classmethod
+    def restore_point(cls, name: str, **kw: Any) -> RecoveryTarget:
+        """A named restore point (``pg_create_restore_point``): recovery_target_name."""
+        check_restore_point_name(name)
+        return cls("name", name, **kw)
+
     def __post_init__(self) -> None:
         needs_target = self.type in ("time", "lsn", "xid", "name")
         if needs_target != (self.target is not None):
@@ -115,6 +122,9 @@ class RecoveryTarget:
             )
         if self.target is not None and ("\n" in self.target or "'" in self.target):
             raise ValueError("a recovery target cannot contain a quote or a newline")
+        if self.type == "name" and not self.inclusive:
+            # pgBackRest takes --target-exclusive only with time, xid and lsn
+            raise ValueError("a restore point is a position: it cannot be exclusive")
 
 
 @dataclass(frozen=True)

@@ -84,8 +84,10 @@ def recovery_target(target: RecoveryTargetSettings | None) -> RecoveryTarget:
         return RecoveryTarget.time(target.time, action="promote", inclusive=target.inclusive)
     if target.lsn is not None:
         return RecoveryTarget.lsn(target.lsn, action="promote", inclusive=target.inclusive)
-    assert target.xid is not None  # the settings hold exactly one
-    return RecoveryTarget.xid(target.xid, action="promote", inclusive=target.inclusive)
+    if target.xid is not None:
+        return RecoveryTarget.xid(target.xid, action="promote", inclusive=target.inclusive)
+    assert target.name is not None  # the settings hold exactly one
+    return RecoveryTarget.restore_point(target.name, action="promote")
 
 
 def source_pgbackrest(

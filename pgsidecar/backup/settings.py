@@ -245,15 +245,38 @@ _STANZA_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _LSN_PATTERN = r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"
 
 
+def check_restore_point_name(value: str) -> None:
+    """A restore point's name as ``pg_create_restore_point`` takes it (at most 63 bytes), and
+    one that can go into postgresql.auto.conf and a pgBackRest option unquoted: no quote, no
+    line break. Raises ValueError saying which."""
+    if not value.strip():
+        raise ValueError("a restore point name cannot be empty")
+    if len(value.encode()) > 63:
+        raise ValueError("a restore point name has at most 63 bytes (PostgreSQL's limit)")
+    if any(c in value for c in "'\\\n\r"):
+        raise ValueError("a restore point name cannot hold a quote, a backslash or a line break")
+
+
 class RecoveryTargetSettings(_Strict):
     """Where the restore of a new cluster stops replaying the source's WAL: exactly one of a
-    time (with a time zone), an LSN or a transaction id. ``inclusive``: the target's own
-    transaction (or the record at the LSN) is kept (true) or not (false)."""
+    time (with a time zone), an LSN, a transaction id or the name of a restore point
+    (``pg_create_restore_point``). ``inclusive``: the target's own transaction (or the record
+    at the LSN) is kept (true) or not (false); a restore point is a position, not a
+    transaction, so it takes no ``inclusive: false``."""
 
     time: datetime | None = None
     lsn: str | None = Field(default=None, pattern=_LSN_PATTERN)
     xid: int | None = Field(default=None, ge=3)
+    name: str | None = None
     inclusive: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _restore_point(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        check_restore_point_name(value)
+        return value
 
     @field_validator("time")
     @classmethod
@@ -267,12 +290,17 @@ class RecoveryTargetSettings(_Strict):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> RecoveryTargetSettings:
-        given = [k for k in ("time", "lsn", "xid") if getattr(self, k) is not None]
+        given = [k for k in ("time", "lsn", "xid", "name") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
-                "a target is exactly one of time, lsn or xid"
+                "a target is exactly one of time, lsn, xid or name"
                 + (f" (this one sets {' and '.join(given)})" if given else " (none is set)")
                 + "; leave the target out to replay the whole archive"
+            )
+        if self.name is not None and not self.inclusive:
+            raise ValueError(
+                "inclusive: false does not apply to a restore point (name): recovery stops at "
+                "the point itself; leave inclusive out"
             )
         return self
 

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -334,7 +335,10 @@ def render_table(cluster: str, view: ClusterView, rows: list[dict[str, Any]]) ->
 
 
 def list_document(
-    cluster: str, view: ClusterView, local_sync_mode: str | None = None
+    cluster: str,
+    view: ClusterView,
+    local_sync_mode: str | None = None,
+    backup: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     rows = members_table(view, local_sync_mode)
     for r in rows:
@@ -346,7 +350,82 @@ def list_document(
         "paused": cluster_paused(view),
         "standby_promoted": view.standby_promoted,
         "members": rows,
+        # the master's archiving and backups (its /status): None without a master or a backup
+        # section
+        "backup": backup,
     }
+
+
+# how long `list` waits for the master's /status (the table itself needs only the DCS)
+BACKUP_HEALTH_TIMEOUT = 3.0
+
+
+def fetch_backup_health(
+    view: ClusterView, context: ssl.SSLContext | None, timeout: float = BACKUP_HEALTH_TIMEOUT
+) -> dict[str, Any] | None:
+    """The master's archiving and backups as its /status reports them, with ``member`` (its
+    name). The master archives and reads the repository, so it is the one asked. None: no
+    master, or it has no backup section; ``error``: its API did not answer."""
+    from pgsidecar.cli.members import _api
+
+    if view.leader is None:
+        return None
+    name = view.leader.name
+    raw = view.members.get(name)
+    url = raw.get("api_url") if isinstance(raw, dict) else None
+    if not isinstance(url, str):
+        return {"member": name, "error": "it publishes no API address"}
+    code, body = _api(url, "/status", None, timeout=timeout, context=context)
+    if code != 200:
+        return {"member": name, "error": body.get("error") or f"its API answered {code}"}
+    health = body.get("backup")
+    if not isinstance(health, dict):
+        return None
+    return {"member": name, **health}
+
+
+def _ago(seconds: float) -> str:
+    s = int(seconds)
+    if s < 90:
+        return f"{s} s ago"
+    if s < 90 * 60:
+        return f"{round(s / 60)} min ago"
+    if s < 48 * 3600:
+        return f"{s // 3600} h {s % 3600 // 60} min ago"
+    return f"{s // 86400} d {s % 86400 // 3600} h ago"
+
+
+def backup_line(health: dict[str, Any] | None) -> str | None:
+    """The line under `list`'s table: the master's archiving and its repository's last backup."""
+    if health is None:
+        return None
+    who = f"Backups (master {health['member']}): "
+    if "error" in health:
+        return f" {who}unknown, its API did not answer: {health['error']}"
+    parts = []
+    failing = health.get("archive_failing")
+    archived = health.get("last_archived_age")
+    if failing is None:
+        parts.append("WAL archiving not read yet")
+    else:
+        parts.append("WAL archiving FAILING" if failing else "WAL archiving ok")
+        parts.append(
+            f"last WAL archived {_ago(archived)}" if archived is not None else "no WAL archived"
+        )
+    if health.get("last_backup"):
+        parts.append(
+            f"last backup {_ago(health.get('last_backup_age') or 0)} "
+            f"({health['last_backup']}, {health.get('last_backup_type')})"
+        )
+    elif health.get("backups_error"):
+        parts.append("last backup unknown")
+    elif health.get("backups_read_age") is None:
+        parts.append("repository not read yet")
+    else:
+        parts.append("no backup in the repository")
+    if health.get("backups_error"):
+        parts.append(f"repository unreadable: {health['backups_error']}")
+    return " " + who + "; ".join(parts)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -363,12 +442,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     # the agents' own synchronous_mode, in force unless the DCS config overrides it
     local_sync = cfg.cluster_settings.synchronous_mode
 
-    def show(view: ClusterView) -> None:
+    def show(view: ClusterView, backup: dict[str, Any] | None) -> None:
         if args.json:
-            print(json.dumps(list_document(cfg.cluster, view, local_sync), indent=2), flush=True)
+            doc = list_document(cfg.cluster, view, local_sync, backup)
+            print(json.dumps(doc, indent=2), flush=True)
         else:
             rows = members_table(view, local_sync)
-            print(render_table(cfg.cluster, view, rows), flush=True)
+            text = render_table(cfg.cluster, view, rows)
+            line = backup_line(backup)
+            print(text if line is None else f"{text}\n{line}", flush=True)
 
     async def go() -> int:
         dcs = create_dcs(cfg.dcs, cfg.cluster)
@@ -389,7 +471,12 @@ def cmd_list(args: argparse.Namespace) -> int:
                         if sys.stdout.isatty():
                             print("\033[H\033[J", end="")  # redraw in place, as watch(1) does
                         print(time.strftime("%Y-%m-%d %H:%M:%S"))
-                    show(view)
+                    backup = None
+                    if cfg.backup is not None:  # the members archive (the same section on each)
+                        backup = await asyncio.to_thread(
+                            fetch_backup_health, view, cfg.api.client_context()
+                        )
+                    show(view, backup)
                 if watch is None:
                     return 0
                 await asyncio.sleep(watch)

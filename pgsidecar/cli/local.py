@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pgsidecar.config import ConfigError
 
 if TYPE_CHECKING:
+    from pgsidecar.backup.settings import RecoveryTargetSettings
     from pgsidecar.lab.local import LocalCluster
 
 
@@ -101,6 +102,47 @@ def target_time(text: str | None) -> datetime | None:
     return when
 
 
+TARGET_FLAGS = "--target-time, --target-lsn, --target-xid or --target-name"
+
+
+def restore_target(args: argparse.Namespace) -> RecoveryTargetSettings | None:
+    """``--restore-from``'s target: exactly one of ``--target-time``, ``--target-lsn``,
+    ``--target-xid`` and ``--target-name`` (argparse refuses two), checked with the bootstrap
+    section's own model, so a bad one is refused before anything is created."""
+    from pydantic import ValidationError
+
+    from pgsidecar.backup.settings import RecoveryTargetSettings
+
+    given = {
+        flag: value
+        for flag, value in (
+            ("--target-time", args.target_time),
+            ("--target-lsn", args.target_lsn),
+            ("--target-xid", args.target_xid),
+            ("--target-name", args.target_name),
+        )
+        if value is not None
+    }
+    if args.restore_from is None:
+        if given:
+            raise ConfigError(f"{', '.join(given)} needs --restore-from DIR (the source cluster)")
+        return None
+    if not given:
+        raise ConfigError(f"--restore-from needs a target: one of {TARGET_FLAGS}")
+    ((flag, text),) = given.items()
+    if flag == "--target-time":
+        return RecoveryTargetSettings(time=target_time(text))
+    field = {"--target-lsn": "lsn", "--target-xid": "xid", "--target-name": "name"}[flag]
+    try:
+        return RecoveryTargetSettings.model_validate({field: text})
+    except ValidationError as exc:
+        reason = {
+            "lsn": "not an LSN (like 0/3000060)",
+            "xid": "not a transaction id (a whole number, 3 or more)",
+        }.get(field) or "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ConfigError(f"{flag} {text!r}: {reason}") from None
+
+
 def cmd_local(args: argparse.Namespace) -> int:
     from pgsidecar.lab.local import LocalCluster, LocalClusterError
 
@@ -124,7 +166,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                     host=args.host,
                     backup_schedule=backup_schedule(args.backup_schedule),
                     restore_from=Path(args.restore_from) if args.restore_from else None,
-                    target_time=target_time(args.target_time),
+                    restore_target=restore_target(args),
                     dcs_members=args.dcs_members,
                     kafka_brokers=args.kafka_brokers,
                     standby_of=Path(args.standby_of) if args.standby_of else None,
@@ -235,7 +277,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--restore-from",
         metavar="DIR",
         help="point-in-time recovery: a new cluster restored from another local cluster's "
-        "repository (DIR/backup, or DIR) to --target-time; it archives into its own",
+        f"repository (DIR/backup, or DIR) to a target ({TARGET_FLAGS}); it archives into its "
+        "own",
     )
     up.add_argument(
         "--standby-of",
@@ -244,10 +287,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "cluster, its leader follows DIR's members and is never writable until "
         "`pgsidecar promote-cluster`",
     )
-    up.add_argument(
+    # one target: argparse names both flags when two are given
+    target = up.add_mutually_exclusive_group()
+    target.add_argument(
         "--target-time",
         metavar="TS",
         help="with --restore-from: ISO 8601 with a time zone, e.g. 2026-12-03T05:00:00Z",
+    )
+    target.add_argument(
+        "--target-lsn",
+        metavar="LSN",
+        help="with --restore-from: a WAL position, e.g. 0/3000060 (pg_current_wal_insert_lsn())",
+    )
+    target.add_argument(
+        "--target-xid",
+        metavar="XID",
+        help="with --restore-from: a transaction id (txid_current()); its commit is kept",
+    )
+    target.add_argument(
+        "--target-name",
+        metavar="NAME",
+        help="with --restore-from: a restore point made with pg_create_restore_point(NAME)",
     )
     up.add_argument(
         "--backup-schedule",

@@ -33,9 +33,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -49,6 +48,9 @@ from pgsidecar.procutil import (
     terminate,
     traversable_by,
 )
+
+if TYPE_CHECKING:
+    from pgsidecar.backup.settings import RecoveryTargetSettings
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -253,7 +255,7 @@ class LocalCluster:
         host: str = "127.0.0.1",
         backup_schedule: dict[str, str] | None = None,
         restore_from: Path | None = None,
-        target_time: datetime | None = None,
+        restore_target: RecoveryTargetSettings | None = None,
         dcs_members: int = 1,
         kafka_brokers: int = 1,
         standby_of: Path | None = None,
@@ -265,8 +267,9 @@ class LocalCluster:
         ``backup``: the members archive into a pgBackRest repository in DIR/backup
         (docs/backup.md); ``backup_schedule`` (implies ``backup``): the backup section's
         schedule, e.g. {"full": "0 3 * * 0", "diff": "0 3 * * 1-6"}. ``restore_from`` (another
-        local cluster's directory or its DIR/backup) and ``target_time`` (aware): the first member
-        is restored to that time from that repository before the agents start (lab/pitr.py);
+        local cluster's directory or its DIR/backup) and ``restore_target`` (a time, an LSN, a
+        transaction id or a restore point name): the first member is restored to that target
+        from that repository before the agents start (lab/pitr.py);
         the new cluster has the source's database passwords and archives into its own
         repository (implies ``backup``). ``host``: the loopback address PostgreSQL and the agents'
         APIs listen on, 127.0.0.1 or ::1 (the members then reach each other over IPv6; etcd, Kafka
@@ -288,10 +291,13 @@ class LocalCluster:
                     "the source's CA and client certificates"
                 )
             standby = self._standby_source(Path(standby_of), host)
-        if (restore_from is None) != (target_time is None):
-            raise LocalClusterError("--restore-from and --target-time go together")
-        if restore_from is not None and target_time is not None:
-            source = self._restore_source(Path(restore_from), target_time)
+        if (restore_from is None) != (restore_target is None):
+            raise LocalClusterError(
+                "--restore-from and a target (--target-time, --target-lsn, --target-xid or "
+                "--target-name) go together"
+            )
+        if restore_from is not None and restore_target is not None:
+            source = self._restore_source(Path(restore_from), restore_target)
             backup = True
         if dcs_members not in DCS_MEMBER_COUNTS:
             raise LocalClusterError(
@@ -918,7 +924,7 @@ class LocalCluster:
             time.sleep(0.2)
         raise LocalClusterError(f"cluster not healthy after {timeout:.0f} s: {rows}")
 
-    def _restore_source(self, path: Path, target_time: datetime) -> dict[str, Any]:
+    def _restore_source(self, path: Path, target: RecoveryTargetSettings) -> dict[str, Any]:
         """The source of a point-in-time recovery: a local cluster's directory or its backup
         repository (DIR/backup)."""
         src = path if (path / "cluster.json").exists() else path.parent
@@ -933,15 +939,13 @@ class LocalCluster:
             raise LocalClusterError(
                 f"the local cluster in {src} has no backup repository (--backup)"
             )
-        if target_time.tzinfo is None:
-            raise LocalClusterError("--target-time needs a time zone (e.g. 2026-12-03T05:00:00Z)")
         if src.resolve() == self.dir.resolve():
             raise LocalClusterError("a cluster cannot be restored into its own directory")
         return {
             "dir": str(src),
             "repository": str(repo),
             "stanza": meta["cluster"],
-            "target_time": target_time.isoformat(),
+            "target": target.model_dump(mode="json", exclude_none=True),
         }
 
     def _standby_source(self, path: Path, host: str) -> dict[str, Any]:
@@ -985,8 +989,9 @@ class LocalCluster:
         import asyncio
 
         from events.dcs.factory import create_dcs
+        from pgsidecar.backup.settings import RecoveryTargetSettings
         from pgsidecar.config import load_config
-        from pgsidecar.lab.pitr import restore_to_time
+        from pgsidecar.lab.pitr import restore_to_target
 
         src = self.meta["restore"]
         first = self.members[0]
@@ -994,12 +999,15 @@ class LocalCluster:
         work.mkdir(exist_ok=True)
         os.chmod(work, 0o755)
         try:
-            restore_to_time(
+            restore_to_target(
                 repository=Path(src["repository"]),
                 stanza=src["stanza"],
                 data_dir=first.dir / "pgdata",
                 port=first.pg_port,
-                target=datetime.fromisoformat(src["target_time"]),
+                # "target_time": a cluster.json written before the other targets existed
+                target=RecoveryTargetSettings.model_validate(
+                    src.get("target") or {"time": src["target_time"]}
+                ),
                 pg_bin=Path(self.meta["pg_bin"]),
                 pg_user=self.meta.get("pg_user"),
                 work_dir=work,

@@ -13,7 +13,6 @@ repository.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +31,27 @@ class _Quiet:
     warning = error = info
 
 
-def restore_to_time(
+def restore_to_target(
     *,
     repository: Path,
     stanza: str,
     data_dir: Path,
     port: int,
-    target: datetime,
+    target: RecoveryTargetSettings,
     pg_bin: Path,
     pg_user: str | None,
     work_dir: Path,
     timeout: float = 600.0,
 ) -> None:
-    """Restore ``data_dir`` (absent or empty) to ``target`` from ``stanza`` in ``repository``,
-    recover and promote it, stop it. Raises PitrError with PostgreSQL's last log lines when the
-    target cannot be reached (after the end of the archive, before the first backup)."""
+    """Restore ``data_dir`` (absent or empty) to ``target`` (a time, an LSN, a transaction id or
+    a restore point) from ``stanza`` in ``repository``, recover and promote it, stop it. Raises
+    PitrError with PostgreSQL's last log lines when the target cannot be reached (after the end
+    of the archive, before the first backup, a restore point the archive does not hold)."""
     settings = BootstrapSettings(
         method="pgbackrest",
         repository=PosixRepository(path=repository),
         stanza=stanza,
-        target=RecoveryTargetSettings(time=target),
+        target=target,
         restore_timeout=timeout,
         recovery_timeout=timeout,
     )

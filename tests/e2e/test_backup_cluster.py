@@ -271,6 +271,54 @@ def test_local_up_with_backup_then_a_backup_from_the_master(
         # a diff with no full before it is taken as a full
         assert only["type"] == "full"
         assert (lc.dir / "backup" / "backup" / lc.cluster / only["label"]).is_dir()
+
+        # the master's next read of the repository (at most a minute after the last) shows
+        # the backup's age in `list --json`, in its /status and on /metrics
+        def listed() -> dict[str, Any] | None:
+            capsys.readouterr()
+            assert main(["list", "--json", "--dir", str(lc.dir)]) == 0
+            health = json.loads(capsys.readouterr().out)["backup"]
+            return health if health and health.get("last_backup") == only["label"] else None
+
+        health = wait_for(listed, 90, interval=2, what="list --json to show the backup")
+        assert health["member"] == master and 0 <= health["last_backup_age"] < 300
+        assert health["last_backup_type"] == "full" and health["archive_failing"] is False
+        status = (lc.api_status(master) or {})["backup"]
+        assert status["last_backup"] == only["label"] and status["last_backup_age"] < 300
+        assert status["last_archived_age"] is not None and status["stanza_ok"] is True
+        assert scrape(lc, master)["pgsidecar_backup_last_age_seconds"] < 300
+        capsys.readouterr()
+        assert main(["list", "--dir", str(lc.dir)]) == 0
+        line = capsys.readouterr().out.splitlines()[-1]
+        assert line.startswith(f" Backups (master {master}): WAL archiving ok;"), line
+        assert f"({only['label']}, full)" in line, line
+
+        # archiving that fails (the stanza's archive unreadable to PostgreSQL's OS user) is
+        # reported, and the master keeps serving; once it can archive again, that is seen too
+        def archive_failing() -> bool | None:
+            health = (lc.api_status(master) or {}).get("backup") or {}
+            failing = health.get("archive_failing")
+            return failing if isinstance(failing, bool) else None
+
+        stanza_archive = lc.dir / "backup" / "archive" / lc.cluster
+        mode = stanza_archive.stat().st_mode & 0o7777
+        sql(lc, master, "CREATE TABLE h (v int)")
+        os.chmod(stanza_archive, 0)
+        try:
+            sql(lc, master, "INSERT INTO h VALUES (1)")
+            sql(lc, master, "SELECT pg_switch_wal()")
+            wait_for(archive_failing, 60, interval=1, what="/status to report archiving failing")
+            sql(lc, master, "INSERT INTO h VALUES (2)")
+            assert (lc.api_status(master) or {}).get("role") == "master"
+            capsys.readouterr()
+            assert main(["list", "--dir", str(lc.dir)]) == 0
+            assert "WAL archiving FAILING" in capsys.readouterr().out.splitlines()[-1]
+        finally:
+            os.chmod(stanza_archive, mode)
+        sql(lc, master, "INSERT INTO h VALUES (3)")
+        sql(lc, master, "SELECT pg_switch_wal()")  # wakes the archiver, which retries
+        wait_for(lambda: archive_failing() is False, 90, interval=1, what="archiving to recover")
+        assert sql(lc, master, "SELECT count(*) FROM h") == [(3,)]
     finally:
         stop_local_cluster(LocalCluster(d / "c"))  # whatever `local up` got to start
         shutil.rmtree(d, ignore_errors=True)

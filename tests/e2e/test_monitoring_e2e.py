@@ -50,10 +50,13 @@ NOT_EXPORTED = {
     "up": "synthesized by Prometheus per scrape target",
 }
 # Exported once a backup schedule has run a backup, which this cluster (no repository) never
-# does: tests/e2e/test_backup_schedule_e2e.py scrapes them from a cluster with a schedule.
+# does: tests/e2e/test_backup_schedule_e2e.py scrapes them from a cluster with a schedule; and
+# one exported once the repository holds a backup.
 EXPORTED_WITH_A_BACKUP_SCHEDULE = {
     "pgsidecar_backup_last_success_timestamp_seconds",
     "pgsidecar_backup_last_scheduled_failed",
+    # by a master whose repository holds a backup: tests/e2e/test_backup_cluster.py scrapes it
+    "pgsidecar_backup_last_age_seconds",
 }
 
 

@@ -7,6 +7,8 @@ master, without holding the promotion up."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from fsm.machine import EFFECT, Effect, Role
-from pgsidecar.backup import BackupError, StanzaInfo
+from pgsidecar.backup import BackupError, BackupSet, StanzaInfo
 from pgsidecar.config import AgentConfig
 from tests.support.agent_fakes import Rig, put
 from tests.unit.test_agent_effects import promoting, run, with_master
@@ -32,6 +34,9 @@ class FakePgBackRest:
         self.backups: list[str] = []  # labels in the repository
         self.restored: list[tuple[Path, bool]] = []
         self.fail_restore: BackupError | None = None
+        self.sets: list[BackupSet] | None = None  # what info lists, when not made from backups
+        self.info_timeouts: list[float] = []  # the timeout of each info call
+        self.fail_info: BackupError | None = None
 
     def archive_parameters(self) -> dict[str, str]:
         return {"archive_mode": "on", "archive_command": ARCHIVE}
@@ -48,6 +53,11 @@ class FakePgBackRest:
             raise self.fail_stanza.pop(0)
 
     async def info(self, timeout: float = 60.0) -> StanzaInfo:  # noqa: ASYNC109
+        self.info_timeouts.append(timeout)
+        if self.fail_info is not None:
+            raise self.fail_info
+        if self.sets is not None:
+            return StanzaInfo("c1", 0, "ok", backups=list(self.sets))
         return StanzaInfo(
             "c1", 0, "ok", backups=[backup_set(label, "full", 1) for label in self.backups]
         )
@@ -260,3 +270,114 @@ async def test_the_archiver_is_read_while_postgresql_runs(rig: Rig) -> None:
     await asyncio.sleep(0.05)
     task.cancel()
     assert reads > 0 and archiving.archiver == (reads, None, 0, None)
+
+
+# -- backup health (/status, list, /metrics) ----------------------------------------------------
+
+
+def finished(rig: Rig, label: str, kind: str, seconds_ago: float) -> BackupSet:
+    """A backup of the repository that finished ``seconds_ago`` on the rig's wall clock."""
+    stop = datetime.fromtimestamp(rig.clock.wall() - seconds_ago, tz=UTC)
+    return dataclasses.replace(backup_set(label, kind, 1), stop=stop)
+
+
+async def test_the_master_reads_the_newest_backup_once_per_interval_bounded_by_a_timeout(
+    rig: Rig, br: FakePgBackRest
+) -> None:
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    br.sets = [finished(rig, "F", "full", 7200), finished(rig, "F_I", "incr", 3600)]
+    put(rig, Role.MASTER)
+    task = asyncio.ensure_future(archiving.watch_backups(every=0.3, read_timeout=7, poll=0.01))
+    try:
+        await asyncio.sleep(0.1)
+        assert br.info_timeouts == [7]  # once, however many polls
+        health = archiving.health()
+        assert (health["last_backup"], health["last_backup_type"]) == ("F_I", "incr")
+        assert 3600 <= health["last_backup_age"] <= 3601
+        assert health["backups_read_age"] < 1 and health["backups_error"] is None
+        await asyncio.sleep(0.35)
+        assert br.info_timeouts == [7, 7]  # the next interval's read
+    finally:
+        task.cancel()
+
+
+async def test_a_failed_read_keeps_the_last_backup_and_says_why(
+    rig: Rig, br: FakePgBackRest
+) -> None:
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    put(rig, Role.MASTER)
+    br.sets = [finished(rig, "F", "full", 60)]
+    await archiving.read_backups()
+    br.fail_info = BackupError("pgbackrest info: [039] repository unreachable")
+    await archiving.read_backups()
+    health = archiving.health()
+    assert health["last_backup"] == "F" and 60 <= health["last_backup_age"] <= 61
+    assert "[039]" in health["backups_error"]
+
+
+async def test_a_replica_reads_no_repository_and_keeps_no_age_from_when_it_was_master(
+    rig: Rig, br: FakePgBackRest
+) -> None:
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    br.sets = [finished(rig, "F", "full", 60)]
+    put(rig, Role.REPLICA)
+    task = asyncio.ensure_future(archiving.watch_backups(every=0.3, poll=0.01))
+    try:
+        await asyncio.sleep(0.05)
+        assert br.info_timeouts == []
+        assert archiving.health()["last_backup_age"] is None
+        put(rig, Role.MASTER)
+        await asyncio.sleep(0.05)
+        assert archiving.health()["last_backup"] == "F"
+        put(rig, Role.DEMOTED)
+        await asyncio.sleep(0.05)
+        assert archiving.health()["last_backup"] is None
+        assert archiving.health()["backups_read_age"] is None
+    finally:
+        task.cancel()
+
+
+async def test_health_shows_the_masters_archiving_and_failing_when_the_last_attempt_failed(
+    rig: Rig,
+) -> None:
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    now = rig.clock.wall()
+    archiving.archiver = (12, now - 30, 3, now - 100)
+    put(rig, Role.MASTER)
+    health = archiving.health()
+    assert 30 <= health["last_archived_age"] <= 31
+    assert health["archive_failing"] is False
+    assert (health["archived_count"], health["failed_count"]) == (12, 3)
+    archiving.archiver = (12, now - 30, 4, now - 1)
+    assert archiving.health()["archive_failing"] is True
+    archiving.archiver = (0, None, 1, now - 1)  # never archived, failed once
+    assert archiving.health()["archive_failing"] is True
+    # a replica does not archive (archive_mode on): its counters say nothing of the cluster
+    put(rig, Role.REPLICA)
+    health = archiving.health()
+    assert health["archive_failing"] is None and health["last_archived_age"] is None
+
+
+async def test_metrics_show_the_age_of_the_last_backup(rig: Rig, br: FakePgBackRest) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from pgsidecar.agent.archiving import ArchivingMetrics
+
+    archiving = rig.agent.archiving
+    assert archiving is not None
+    registry = CollectorRegistry()
+    registry.register(ArchivingMetrics(archiving, rig.clock))
+    assert "\npgsidecar_backup_last_age_seconds " not in generate_latest(registry).decode()
+    put(rig, Role.MASTER)
+    br.sets = [finished(rig, "F", "full", 5400)]
+    await archiving.read_backups()
+    (line,) = [
+        ln
+        for ln in generate_latest(registry).decode().splitlines()
+        if ln.startswith("pgsidecar_backup_last_age_seconds ")
+    ]
+    assert 5400 <= float(line.split()[1]) <= 5401

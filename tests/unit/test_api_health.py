@@ -73,6 +73,7 @@ class FakeAgent:
     alive_: tuple[bool, str] = (True, "")
     commands: list[str] = field(default_factory=list)
     fencing_margin_: float | None = None
+    backup_health_: dict[str, Any] | None = None
 
     @property
     def cluster(self) -> str:
@@ -113,6 +114,9 @@ class FakeAgent:
 
     def alive(self) -> tuple[bool, str]:
         return self.alive_
+
+    def backup_health(self) -> dict[str, Any] | None:
+        return self.backup_health_
 
     def command(self, name: str) -> None:
         self.commands.append(name)
@@ -440,6 +444,10 @@ async def test_status_and_metrics(client_factory: Any) -> None:
     assert st["role"] == "replica" and st["lag_bytes"] == 20 * MB
     assert st["pending_restart"] is True and st["sync_standby"] is False
     assert st["tags"]["failover_priority"] == 1
+    assert st["backup"] is None  # no backup section
+    client.agent.backup_health_ = {"last_backup_age": 3600.0, "archive_failing": False}
+    st = await (await client.get("/status")).json()
+    assert st["backup"] == {"last_backup_age": 3600.0, "archive_failing": False}
     text = await (await client.get("/metrics")).text()
     for gauge in (
         "pgsidecar_role",

@@ -369,6 +369,11 @@ def test_bad_stanza_name_and_recovery_targets() -> None:
         RecoveryTarget("time")
     with pytest.raises(ValueError, match="takes no target"):
         RecoveryTarget("immediate", "x")
+    assert RecoveryTarget.restore_point("before upgrade").target == "before upgrade"
+    with pytest.raises(ValueError, match="cannot hold a quote"):
+        RecoveryTarget.restore_point("x'; DROP")
+    with pytest.raises(ValueError, match="cannot be exclusive"):
+        RecoveryTarget.restore_point("p1", inclusive=False)
 
 
 class Captured(PgBackRest):
@@ -434,6 +439,15 @@ async def test_operations_map_to_pgbackrest_options(root: Path) -> None:
         "--target-action=promote",
     ]
     assert stat.S_IMODE((root / "new").stat().st_mode) == 0o700
+
+    br.calls.clear()
+    await br.restore(root / "named", RecoveryTarget.restore_point("before upgrade"))
+    assert br.calls[0][1] == [
+        f"--pg1-path={root / 'named'}",
+        "--type=name",
+        "--target=before upgrade",
+        "--target-action=promote",
+    ]
 
     br.calls.clear()
     await br.restore(root / "new", standby=True, delta=True, backup_set="20261203-103054F")

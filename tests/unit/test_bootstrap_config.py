@@ -101,6 +101,7 @@ bootstrap:
     [
         ({"lsn": "0/3000060"}, ("lsn", "0/3000060", True)),
         ({"xid": 1234, "inclusive": False}, ("xid", "1234", False)),
+        ({"name": "before upgrade"}, ("name", "before upgrade", True)),
         (None, ("default", None, True)),
     ],
 )
@@ -132,7 +133,7 @@ def test_a_target_set_by_an_environment_override(tmp_path: Path) -> None:
         (
             {"method": "pgbackrest", "repository": SOURCE, "stanza": "o", "target": {}},
             "bootstrap.target",
-            ["exactly one of time, lsn or xid", "none is set"],
+            ["exactly one of time, lsn, xid or name", "none is set"],
         ),
         (
             {
@@ -163,6 +164,31 @@ def test_a_target_set_by_an_environment_override(tmp_path: Path) -> None:
             {"method": "pgbackrest", "repository": SOURCE, "stanza": "o", "target": {"xid": 1}},
             "bootstrap.target.xid",
             ["greater than or equal to 3"],
+        ),
+        (
+            {
+                "method": "pgbackrest",
+                "repository": SOURCE,
+                "stanza": "o",
+                "target": {"xid": 4711, "name": "p1"},
+            },
+            "bootstrap.target",
+            ["exactly one", "sets xid and name"],
+        ),
+        (
+            {
+                "method": "pgbackrest",
+                "repository": SOURCE,
+                "stanza": "o",
+                "target": {"name": "p1", "inclusive": False},
+            },
+            "bootstrap.target",
+            ["inclusive: false does not apply to a restore point"],
+        ),
+        (
+            {"method": "pgbackrest", "repository": SOURCE, "stanza": "o", "target": {"name": "a'"}},
+            "bootstrap.target.name",
+            ["cannot hold a quote"],
         ),
         (
             {"method": "pgbackrest", "repository": SOURCE},

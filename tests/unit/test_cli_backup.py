@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,81 @@ def test_local_up_backup_schedule_options_are_checked_before_anything_is_created
     assert target_time("2026-12-03T05:00:00Z") == datetime(2026, 12, 3, 5, tzinfo=UTC)
     with pytest.raises(ConfigError, match="time zone"):
         target_time("2026-12-03T05:00:00")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "field", "expected"),
+    [
+        ("--target-lsn", "0/3000060", "lsn", "0/3000060"),
+        ("--target-xid", "4711", "xid", 4711),
+        ("--target-name", "before-upgrade", "name", "before-upgrade"),
+        ("--target-time", "2026-12-03T05:00:00Z", "time", datetime(2026, 12, 3, 5, tzinfo=UTC)),
+    ],
+)
+def test_local_up_restore_takes_one_target_of_each_kind(
+    flag: str, value: str, field: str, expected: object
+) -> None:
+    from pgsidecar.cli.local import restore_target
+
+    target = restore_target(parse("local", "up", "--restore-from", "/src", flag, value))
+    assert target is not None
+    set_fields = {
+        k: v for k, v in target.model_dump().items() if v is not None and k != "inclusive"
+    }
+    assert set_fields == {field: expected}
+    assert target.inclusive is True
+
+
+def test_local_up_restore_targets_are_exclusive_and_need_a_source(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pgsidecar.cli.local import restore_target
+    from pgsidecar.config import ConfigError
+
+    with pytest.raises(SystemExit):
+        parse("local", "up", "--restore-from", "/s", "--target-lsn", "0/1", "--target-xid", "9")
+    assert "--target-xid: not allowed with argument --target-lsn" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("local", "up", "--target-time", "2026-12-03T05:00:00Z", "--target-name", "x")
+    assert "--target-name: not allowed with argument --target-time" in capsys.readouterr().err
+
+    with pytest.raises(ConfigError, match="--target-xid needs --restore-from DIR"):
+        restore_target(parse("local", "up", "--target-xid", "9"))
+    with pytest.raises(ConfigError, match="--restore-from needs a target: one of --target-time"):
+        restore_target(parse("local", "up", "--restore-from", "/s"))
+    assert restore_target(parse("local", "up")) is None
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--target-lsn", "3", "--target-lsn '3': not an LSN"),
+        ("--target-lsn", "0/1; rm -rf /", "not an LSN"),
+        ("--target-xid", "abc", "--target-xid 'abc': not a transaction id"),
+        ("--target-xid", "2", "not a transaction id"),
+        ("--target-name", "it's", "cannot hold a quote"),
+        ("--target-name", "x" * 64, "at most 63 bytes"),
+        ("--target-name", " ", "cannot be empty"),
+        ("--target-time", "2026-12-03T05:00:00", "needs a time zone"),
+    ],
+)
+def test_local_up_refuses_a_bad_target_before_anything_is_created(
+    flag: str, value: str, message: str
+) -> None:
+    from pgsidecar.cli.local import restore_target
+    from pgsidecar.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        restore_target(parse("local", "up", "--restore-from", "/s", flag, value))
+
+
+def test_local_up_with_a_bad_target_exits_2_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pgsidecar.cli import main
+
+    dst = tmp_path / "dst"
+    argv = ["local", "up", "--dir", str(dst), "--restore-from", str(tmp_path / "src")]
+    assert main([*argv, "--target-lsn", "nope"]) == 2
+    assert "--target-lsn 'nope': not an LSN" in capsys.readouterr().err
+    assert not dst.exists()

@@ -264,3 +264,120 @@ def test_list_says_paused_on_every_line() -> None:
 
 
 # ------------------------------------------------------------------------------ against etcd only
+
+
+# -- backup health under the table (the master's /status) -------------------------------------
+
+
+class _StatusServer:
+    """A member's API that answers /status with ``body`` (a real HTTP server on loopback)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        import http.server
+        import json
+        import threading
+
+        outer = self
+        self.body = body
+        self.requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                outer.requests.append(self.path)
+                data = json.dumps(outer.body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_: Any) -> None:
+                return None
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+HEALTH = {
+    "last_archived_age": 12.4,
+    "archive_failing": False,
+    "archived_count": 40,
+    "failed_count": 0,
+    "stanza_ok": True,
+    "last_backup": "20261204-080000F",
+    "last_backup_type": "full",
+    "last_backup_age": 7260.0,
+    "backups_read_age": 20.0,
+    "backups_error": None,
+}
+
+
+def _with_api(view: ClusterView, name: str, url: str) -> ClusterView:
+    members = {**view.members, name: {**view.members[name], "api_url": url}}
+    return ClusterView(leader=view.leader, members=members, config=view.config, sync=view.sync)
+
+
+def test_list_asks_the_master_for_its_archiving_and_last_backup() -> None:
+    from pgsidecar.cli.cluster import backup_line, fetch_backup_health
+
+    server = _StatusServer({"name": "pg1", "backup": HEALTH})
+    try:
+        view = _with_api(_view(paused=False), "pg1", server.url)
+        health = fetch_backup_health(view, None)
+        assert health == {"member": "pg1", **HEALTH}
+        assert server.requests == ["/status"]
+        doc = list_document("c1", view, backup=health)
+        assert doc["backup"]["last_backup_age"] == 7260.0
+        assert backup_line(health) == (
+            " Backups (master pg1): WAL archiving ok; last WAL archived 12 s ago; "
+            "last backup 2 h 1 min ago (20261204-080000F, full)"
+        )
+        # a master without a backup section says nothing
+        server.body = {"name": "pg1", "backup": None}
+        assert fetch_backup_health(view, None) is None
+        assert backup_line(None) is None
+    finally:
+        server.close()
+    # no master, nobody to ask; a master whose API does not answer: said so
+    no_master = ClusterView(leader=None, members=_view(paused=False).members, config={})
+    assert fetch_backup_health(no_master, None) is None
+    gone = fetch_backup_health(view, None, timeout=1)
+    assert gone is not None and gone["member"] == "pg1" and "error" in gone
+    assert "unknown, its API did not answer" in (backup_line(gone) or "")
+    unpublished = fetch_backup_health(_view(paused=False), None)
+    assert unpublished == {"member": "pg1", "error": "it publishes no API address"}
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"archive_failing": True}, ["WAL archiving FAILING", "last WAL archived 12 s ago"]),
+        ({"last_archived_age": None}, ["WAL archiving ok", "no WAL archived"]),
+        ({"archive_failing": None, "last_archived_age": None}, ["WAL archiving not read yet"]),
+        ({"last_backup": None, "last_backup_age": None}, ["no backup in the repository"]),
+        (
+            {"last_backup": None, "last_backup_age": None, "backups_read_age": None},
+            ["repository not read yet"],
+        ),
+        (
+            {"backups_error": "[039] repository unreachable"},
+            ["last backup 2 h 1 min ago", "repository unreadable: [039] repository unreachable"],
+        ),
+        ({"last_backup_age": 3 * 86400 + 7200}, ["last backup 3 d 2 h ago"]),
+        ({"last_backup_age": 600}, ["last backup 10 min ago"]),
+    ],
+)
+def test_the_backup_line_says_what_is_wrong(change: dict[str, Any], words: list[str]) -> None:
+    from pgsidecar.cli.cluster import backup_line
+
+    line = backup_line({"member": "pg1", **HEALTH, **change})
+    assert line is not None
+    for w in words:
+        assert w in line, line
