@@ -5,15 +5,18 @@ ARCHITECTURE.md ("Fencing", "The stream guard") at that default."""
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from pathlib import Path
 
 import pytest
+import yaml
 
+from events.dcs.consul import ConsulDCS
 from fsm.machine import Role
 from fsm.snapshot import DEFAULT_TTL, Settings
 from pgsidecar.cli import build_parser
-from pgsidecar.config import AgentConfig, ClusterSettings
+from pgsidecar.config import AgentConfig, ClusterSettings, ConsulSettings
 from pgsidecar.lab.local import LocalCluster
 from pgsidecar.lab.sim.postgres import duration_setting
 from pgsidecar.postgres.sql import STREAM_SILENCE_SLACK
@@ -74,3 +77,20 @@ async def test_the_derived_timings_fence_in_time_at_the_default(tmp_path: Path) 
     assert silence_limit < cs.ttl - every
     # the figures ARCHITECTURE.md gives for the default
     assert (every, round(deadline, 2), timeout, silence_limit) == (1.25, 4.2, "2500ms", 2.25)
+
+
+def test_deploy_keeps_ttl_10_because_its_consul_fails_over_no_sooner_at_5() -> None:
+    """deploy/ sets ttl 10, not the default, for its Consul servers (Consul's default minimum
+    session TTL): the session the agent gets, so the time a dead master's key may survive, is
+    the same at the default TTL, and the higher TTL only relaxes what follows the TTL."""
+    repo = Path(__file__).resolve().parents[2]
+    agent = yaml.safe_load((repo / "deploy/kubernetes/agent.yaml").read_text())
+    values = yaml.safe_load((repo / "deploy/helm/pgsidecar/values.yaml").read_text())
+    assert agent["dcs"]["type"] == values["dcs"]["type"] == "consul"
+    # neither the servers nor the agents change Consul's minimum session TTL (10 s)
+    assert "session_ttl_min" not in agent["dcs"]["consul"]
+    assert "session_ttl_min" not in json.loads((repo / "deploy/consul/server.json").read_text())
+    consul = ConsulDCS(ConsulSettings(), "c")
+    for ttl in (agent["settings"]["ttl"], values["settings"]["ttl"]):
+        assert ttl > DEFAULT_TTL
+        assert consul.session_ttl_for(ttl) == consul.session_ttl_for(DEFAULT_TTL) == 10
