@@ -158,11 +158,17 @@ class LeaseFacts:
     deadline: float | None = None
 
 
+# The leader lease TTL when nothing sets one (pgsidecar.config and the CLIs take it from here).
+# 5 s: an hour of `pgsidecar lab soak --ttl 5` on a loaded 2-core machine and the fault suite
+# held at it, and a hard kill costs about one TTL (ARCHITECTURE.md, "Why the default TTL is 5 s").
+DEFAULT_TTL = 5.0
+
+
 @dataclass(frozen=True)
 class Settings:
     """The subset of config the decisions depend on (cluster config merged over local)."""
 
-    ttl: float = 10.0
+    ttl: float = DEFAULT_TTL
     maximum_lag_on_failover: int = 1024 * 1024
     election_timeout: float = 1.0
     master_start_timeout: float = 30.0

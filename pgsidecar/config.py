@@ -35,6 +35,7 @@ from events.settings import KafkaSettings as KafkaSettings
 from events.settings import KubernetesSettings as KubernetesSettings
 from events.settings import Strict as Strict
 from events.settings import resolve_secret
+from fsm.snapshot import DEFAULT_TTL as DEFAULT_TTL
 from pgsidecar.backup.settings import BackupSettings, BootstrapSettings, same_repository
 
 # written by the agent from the backup section when it is set; never a member parameter then
@@ -284,7 +285,7 @@ class ApiSettings(Strict):
 class ClusterSettings(Strict):
     """Cluster-wide settings; the values in the DCS ``config`` key override these at run time."""
 
-    ttl: float = Field(default=10.0, ge=2.0, le=3600.0)
+    ttl: float = Field(default=DEFAULT_TTL, ge=2.0, le=3600.0)
     maximum_lag_on_failover: int = Field(default=1024 * 1024, ge=0)
     # how long a candidate waits for peers to publish fresh positions after the leader vanished
     election_timeout: float = Field(default=1.0, gt=0, le=60)

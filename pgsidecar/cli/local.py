@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pgsidecar.config import ConfigError
+from pgsidecar.config import DEFAULT_TTL, ConfigError
 
 if TYPE_CHECKING:
     from pgsidecar.backup.settings import RecoveryTargetSettings
@@ -226,7 +226,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     up = losub.add_parser("up", help="create (if needed) and start a local cluster")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--dir", default="./.local-cluster")
-    up.add_argument("--ttl", type=float, default=10.0, help="leader lease TTL, seconds")
+    up.add_argument(
+        "--ttl",
+        type=float,
+        default=DEFAULT_TTL,
+        help=f"leader lease TTL, seconds (default {DEFAULT_TTL:g})",
+    )
     up.add_argument(
         "--base-port",
         type=int,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from events.rotation import rotated_files
+from pgsidecar.config import DEFAULT_TTL
 from pgsidecar.lab.local import LocalCluster
 from pgsidecar.lab.workload import MemberWriters, Writer
 
@@ -310,7 +311,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     b = sub.add_parser("bench", help="benchmarks that print JSON lines")
     b.add_argument("what", choices=["failover", "dcs-cost", "scale"])
     b.add_argument("--repeat", type=int, default=3)
-    b.add_argument("--ttl", type=float, default=10.0)
+    b.add_argument(
+        "--ttl", type=float, default=DEFAULT_TTL, help=f"leader lease TTL (default {DEFAULT_TTL:g})"
+    )
     b.add_argument("--nodes", type=int, default=3)
     b.add_argument("--idle-seconds", type=float, default=20.0)
     dc = b.add_argument_group("dcs-cost (what an idle member costs etcd, and a switchover)")

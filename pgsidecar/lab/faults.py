@@ -61,6 +61,7 @@ from typing import Any
 
 from events.dcs import DCS
 from events.rotation import rotated_files
+from pgsidecar.config import DEFAULT_TTL
 from pgsidecar.lab.local import LocalCluster, LocalClusterError
 from pgsidecar.lab.workload import Prober, Writer
 from pgsidecar.procutil import free_port_range, pid_alive, read_pid, terminate
@@ -2121,7 +2122,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     c.add_argument("--runs", type=int, default=1)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--faults", help=f"comma-separated names or letters ({letters}); default all")
-    c.add_argument("--ttl", type=float, default=10.0, help="leader lease TTL of the clusters")
+    c.add_argument(
+        "--ttl",
+        type=float,
+        default=DEFAULT_TTL,
+        help=f"leader lease TTL of the clusters (default {DEFAULT_TTL:g})",
+    )
     c.add_argument("--synchronous-mode", choices=["off", "on", "strict"], default="off")
     c.add_argument("--json", action="store_true", help="the summary as a JSON line, not a table")
     c.add_argument("--only", type=int, help="replay only run K (0-based) of this seed's draw")

@@ -40,6 +40,7 @@ import yaml
 
 from events import netloc
 from events.dcs import DCS, ClusterView
+from pgsidecar.config import DEFAULT_TTL
 from pgsidecar.procutil import (
     free_port_range,
     os_user_ids,
@@ -241,7 +242,7 @@ class LocalCluster:
     def create(
         self,
         nodes: int = 3,
-        ttl: float = 10.0,
+        ttl: float = DEFAULT_TTL,
         base_port: int | None = None,
         cluster: str = "local",
         dcs: str = "etcd",

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgsidecar.config import DEFAULT_TTL
 from pgsidecar.lab.local import DEFAULT_PG_BIN, LocalCluster
 from pgsidecar.procutil import free_port, os_user_ids, stop_child
 
@@ -938,7 +939,12 @@ def add_parser(lab_sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     s.add_argument(
         "--hours", type=float, required=True, help="length of the run (fractions allowed)"
     )
-    s.add_argument("--ttl", type=float, default=10.0, help="leader lease TTL, seconds")
+    s.add_argument(
+        "--ttl",
+        type=float,
+        default=DEFAULT_TTL,
+        help=f"leader lease TTL, seconds (default {DEFAULT_TTL:g})",
+    )
     s.add_argument("--synchronous-mode", choices=["off", "on", "strict"], default="off")
     s.add_argument("--seed", type=int, default=0, help="draws the stress schedule")
     s.add_argument("--clients", type=int, default=4, help="pgbench clients")
