@@ -48,7 +48,13 @@ fi
 # clusters pick free ports, so it is left alone.
 
 PY=${PYTHON:-python3}
-if ! $PY -c "import pgsidecar, pytest, hypothesis, xdist, aiokafka, consul, kubernetes_asyncio, cronsim" 2>/dev/null \
+# The agents the tests start import pgsidecar from where pip installed it, not from here: another
+# checkout installed on this machine earlier would be the code under test. So the package must be
+# this checkout's (asked from / so that the current directory does not answer instead).
+here=$(pwd -P)
+installed=$(cd / && $PY -c "import os, pgsidecar; print(os.path.dirname(os.path.dirname(os.path.realpath(pgsidecar.__file__))))" 2>/dev/null || true)
+if [ "$installed" != "$here" ] \
+    || ! (cd / && $PY -c "import pytest, hypothesis, xdist, aiokafka, consul, kubernetes_asyncio, cronsim") 2>/dev/null \
     || ! command -v pgsidecar >/dev/null; then
     echo "setup: installing the Python package and its test dependencies"
     $PY -m pip install -q --disable-pip-version-check -e ".[test]"

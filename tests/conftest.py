@@ -64,6 +64,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name in TIER_MARKERS[tier]:
             if item.get_closest_marker(name) is None:
                 item.add_marker(getattr(pytest.mark, name))
+    if any(item.get_closest_marker("integration") for item in items):
+        check_agents_run_this_checkout(config.rootpath)
+
+
+def check_agents_run_this_checkout(root: Path) -> None:
+    """The agents these tests start (`python -m pgsidecar` in a member's directory) import
+    pgsidecar as this interpreter would from anywhere: an editable install of another checkout
+    would put other code under test, silently. Refused, saying how to fix it."""
+    import subprocess
+    import sys
+
+    probe = "import os, pgsidecar; print(os.path.realpath(pgsidecar.__file__))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd="/", capture_output=True, text=True, timeout=30
+    )
+    found = Path(done.stdout.strip()).parent.parent if done.returncode == 0 else None
+    if found != root.resolve():
+        raise pytest.UsageError(
+            f"the agents these tests start would import pgsidecar from {found or 'nowhere'}, not "
+            f"from {root}: run `pip install -e .` here (scripts/setup.sh does), or set "
+            f"PYTHONPATH={root}"
+        )
 
 
 # `pytest tests/unit` runs in two worker processes (pytest-xdist), one file per worker at a
