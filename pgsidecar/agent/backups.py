@@ -25,6 +25,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily
 
 from events.dcs import DCS, ClusterView, DCSError
+from events.tasks import bounded
 from fsm.machine import Role
 from pgsidecar.agent.ports import Clock, PostgresPort
 from pgsidecar.agent.state import ActionLog, NodeState, TaskSet
@@ -122,9 +123,7 @@ class BackupScheduler:
     async def read_records(self) -> dict[str, tuple[SlotRecord | None, dict[str, Any] | None, int]]:
         out: dict[str, tuple[SlotRecord | None, dict[str, Any] | None, int]] = {}
         for kind in self.schedule.kinds():
-            value, index = await asyncio.wait_for(
-                self.dcs.read_backup_slot(kind), timeout=self.dcs_timeout
-            )
+            value, index = await bounded(self.dcs.read_backup_slot(kind), self.dcs_timeout)
             out[kind] = (SlotRecord.from_value(value), value, index)
         self.records = {k: r for k, (r, _v, _i) in out.items()}
         return out
@@ -156,9 +155,7 @@ class BackupScheduler:
             if decision not in ("claim", "take_over"):
                 continue
             claim = claim_value(record, kind, slot, self.state.name, self.pid, now)
-            won = await asyncio.wait_for(
-                self.dcs.swap_backup_slot(kind, claim, index), timeout=self.dcs_timeout
-            )
+            won = await bounded(self.dcs.swap_backup_slot(kind, claim, index), self.dcs_timeout)
             started = self.clock.monotonic()
             if not won:
                 self.record(
@@ -205,9 +202,7 @@ class BackupScheduler:
             return True
         error = "the claim's answer was lost and its slot is past the grace window"
         closed = finished_value(claim, False, now, error=error)
-        if await asyncio.wait_for(
-            self.dcs.swap_backup_slot(kind, closed, index), timeout=self.dcs_timeout
-        ):
+        if await bounded(self.dcs.swap_backup_slot(kind, closed, index), self.dcs_timeout):
             self.record(
                 "scheduled_backup", "failed", started, type=kind, slot=claim["slot"], error=error
             )
@@ -243,9 +238,7 @@ class BackupScheduler:
         took the slot over meanwhile owns it). A few tries: the DCS may be away for a moment."""
         for attempt in range(5):
             try:
-                current, index = await asyncio.wait_for(
-                    self.dcs.read_backup_slot(kind), timeout=self.dcs_timeout
-                )
+                current, index = await bounded(self.dcs.read_backup_slot(kind), self.dcs_timeout)
                 if current is None or (
                     current.get("slot"),
                     current.get("member"),
@@ -257,9 +250,7 @@ class BackupScheduler:
                 ):
                     log.warning("scheduled_backup_record_not_ours", type=kind, slot=value["slot"])
                     return
-                if await asyncio.wait_for(
-                    self.dcs.swap_backup_slot(kind, value, index), timeout=self.dcs_timeout
-                ):
+                if await bounded(self.dcs.swap_backup_slot(kind, value, index), self.dcs_timeout):
                     self.records[kind] = SlotRecord.from_value(value)
                     return
             except (DCSError, TimeoutError) as exc:

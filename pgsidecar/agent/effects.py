@@ -17,6 +17,7 @@ from typing import Any, Literal
 import structlog
 
 from events.dcs import DCS, DCSError
+from events.tasks import bounded
 from fsm.machine import Effect, Role
 from pgsidecar.agent.archiving import BootstrapPort
 from pgsidecar.agent.membership import Membership
@@ -120,7 +121,7 @@ async def release_own_key(name: str, dcs: DCS, term: int | None, within: float) 
     if term is None:
         return None
     try:
-        released = await asyncio.wait_for(dcs.release_leader(name, term), timeout=within)
+        released = await bounded(dcs.release_leader(name, term), within)
     except (DCSError, TimeoutError) as exc:
         log.warning("leader_key_release_failed", term=term, error=str(exc) or type(exc).__name__)
         return None
@@ -136,7 +137,7 @@ async def reserve_timeline(dcs: DCS, pg: PostgresPort, current: int, within: flo
     it can see: two members promoted from the same point on different machines, with no shared
     archive, would both name the same timeline, and nothing could tell their WAL apart."""
     own_choice = pg.next_timeline(current)
-    claimed = await asyncio.wait_for(dcs.claim_timeline(own_choice), timeout=within)
+    claimed = await bounded(dcs.claim_timeline(own_choice), within)
     written = pg.reserve_timelines(current, claimed)
     log.info("timeline_claimed", timeline=claimed, current=current, placeholders=written)
     return claimed
@@ -155,7 +156,7 @@ async def record_named_timeline(dcs: DCS, pg: PostgresPort, claimed: int, within
         return named
     log.warning("promotion_named_a_newer_timeline", claimed=claimed, named=named)
     try:
-        await asyncio.wait_for(dcs.claim_timeline(named), timeout=within)
+        await bounded(dcs.claim_timeline(named), within)
     except (DCSError, TimeoutError) as exc:
         log.error("timeline_counter_not_raised", named=named, error=str(exc))
     return named
@@ -206,8 +207,8 @@ async def bootstrap(
         # (if this does not finish, the restore's mark has the next start do it)
         if restore is not None:
             with contextlib.suppress(Exception):
-                if await asyncio.wait_for(wipe_restore(pg, report, started, "cancelled"), 30):
-                    await asyncio.wait_for(dcs.cancel_initialize(name), 5)
+                if await bounded(wipe_restore(pg, report, started, "cancelled"), 30):
+                    await bounded(dcs.cancel_initialize(name), 5)
                     restore.settle()
         raise
     if source is not None:
@@ -353,8 +354,8 @@ async def release(state: NodeState, dcs: DCS, fence: FencePort, report: Report) 
     released = None
     if leader is not None and leader.name == state.name:
         # a failed call raises here: the runner posts ``ok: false``, retried after back-off
-        gone = await asyncio.wait_for(
-            dcs.release_leader(state.name, leader.term), timeout=max(2.0, s.settings.ttl / 2)
+        gone = await bounded(
+            dcs.release_leader(state.name, leader.term), max(2.0, s.settings.ttl / 2)
         )
         log.info("released_leader_key", term=leader.term, released=gone)
         # deleted by us, or already not that key (deleted, lapsed or replaced): either way
@@ -478,7 +479,7 @@ async def handoff(
     if pg.running:
         # a checkpoint while still writable makes the shutdown checkpoint short
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(pg.checkpoint(), timeout=5)
+            await bounded(pg.checkpoint(), 5)
         await runner.stop("fast")
     fence.disarm()
     cd = await pg.controldata()
@@ -486,7 +487,7 @@ async def handoff(
     if cd.checkpoint_lsn is not None:
         final.update(lsn=cd.checkpoint_lsn, timeline=cd.timeline)
     with contextlib.suppress(DCSError, asyncio.TimeoutError):
-        await asyncio.wait_for(dcs.put_member(state.name, members.member_data(**final)), timeout=2)
+        await bounded(dcs.put_member(state.name, members.member_data(**final)), 2)
     released = await release_own_key(state.name, dcs, term, within=2.0)
     report.post("lease", held=False, term=None)
     await watch.probe_now()

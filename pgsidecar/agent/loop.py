@@ -22,6 +22,7 @@ import structlog
 
 from events.dcs import AuthError, DCSError, DuplicateMember
 from events.privatefiles import make_private_dir
+from events.tasks import bounded
 from fsm.inputs import Input, pg_facts_to_dict, step
 from fsm.machine import EFFECT, Decision, Effect, Role, RoleMachine
 from fsm.snapshot import Settings, Snapshot
@@ -431,16 +432,12 @@ class Agent:
         if self.scheduler is not None:
             self.tasks.spawn(self.scheduler.run(), "backup_schedule")
         try:
+            # ``_done`` is set only by this loop (``_maybe_finish_stop`` below), so waiting on
+            # the queue alone is enough: no task per input to watch it too
             while not self._done.is_set():
-                get = asyncio.ensure_future(self.inbox.queue.get())
-                done_wait = asyncio.ensure_future(self._done.wait())
-                await asyncio.wait({get, done_wait}, return_when=asyncio.FIRST_COMPLETED)
-                done_wait.cancel()
-                if not get.done():
-                    get.cancel()
-                    break
+                inp = await self.inbox.queue.get()
                 try:
-                    self.handle(get.result())
+                    self.handle(inp)
                 except OSError as exc:
                     # a full disk (journal, state file) must not end the agent: the decision was
                     # taken, only its record failed; the next input goes on
@@ -603,7 +600,7 @@ class Agent:
                 await self.pg.stop("fast")
         self.fence.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.dcs.close_session(), timeout=2)
+            await bounded(self.dcs.close_session(), 2)
         with contextlib.suppress(Exception):
             await self.dcs.close()
         if self.api is not None:
@@ -616,7 +613,7 @@ class Agent:
             await self.services.kubernetes.close()
         for sink in self.recorder.sinks:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(sink.close(), timeout=4)
+                await bounded(sink.close(), 4)
         log.info("agent_stopped", code=self.exit_code)
 
 

@@ -4,7 +4,6 @@ pod killer. None of it decides anything; each runs as a task beside the loop."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from collections.abc import Callable
@@ -14,6 +13,7 @@ import structlog
 
 from events import netloc
 from events.dcs import DCS, DCSError
+from events.tasks import bounded
 from fsm.machine import Role, standby_mode
 from fsm.snapshot import Snapshot
 from pgsidecar.agent.ports import Clock, PostgresPort
@@ -166,9 +166,9 @@ class Membership:
 
     async def _put(self, data: dict[str, Any]) -> None:
         try:
-            await asyncio.wait_for(
+            await bounded(
                 self.dcs.put_member(self.state.name, data),
-                timeout=max(1.0, self.ttl / 3),
+                max(1.0, self.ttl / 3),
             )
         except (TimeoutError, DCSError) as exc:
             self._last = None  # try again on the next probe
@@ -218,7 +218,7 @@ class Membership:
 
         async def go() -> None:
             try:
-                await asyncio.wait_for(
+                await bounded(
                     register(
                         cfg.cluster,
                         [tag],
@@ -226,7 +226,7 @@ class Membership:
                         check,
                         address=cfg.postgresql.host,
                     ),
-                    timeout=5,
+                    5,
                 )
             except Exception as exc:
                 log.warning("service_registration_failed", error=str(exc))
@@ -311,6 +311,6 @@ class KubernetesGlue:
         for closer in (self.pod_watcher, self.labeler, self.kube):
             if closer is not None:
                 try:
-                    await asyncio.wait_for(closer.close(), timeout=3)
+                    await bounded(closer.close(), 3)
                 except Exception as exc:
                     log.debug("kubernetes_close_failed", error=str(exc))

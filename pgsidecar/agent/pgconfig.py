@@ -103,6 +103,9 @@ class PgConfig:
         self.publish = publish
         # the cluster parameters last written and reloaded (None: not yet)
         self.applied: dict[str, Any] | None = None
+        # the upstream a standby's config names, as last written on the machine's decision
+        # (starting a standby, following a new master): a rewrite for new parameters keeps it
+        self.standby_upstream: Upstream | None = None
         # parameters that run commands, load code or name files come from the DCS only when the
         # local config allows them by name (pgsidecar/dcs_params.py)
         self.allowed_from_dcs = tuple(allowed_from_dcs)
@@ -167,6 +170,7 @@ class PgConfig:
         )
 
     def write_standby(self, upstream: Upstream | None) -> None:
+        self.standby_upstream = upstream
         cluster = self.cluster_parameters()
         slot = slot_name(self.state.name) if upstream else None
         if upstream is not None and upstream[0] == STANDBY_SOURCE:
@@ -232,7 +236,11 @@ class PgConfig:
             if role is Role.MASTER:
                 self.write_primary()
             else:
-                self.write_standby(leader_conninfo(self.state, self.pg, replication=True))
+                # the upstream the machine chose, not the view's leader: the machine re-points a
+                # standby only when the leader differs from the upstream it configured, so a
+                # rewrite naming another (or none, in a view without a leader) would leave the
+                # standby following nobody for good (simulator seed 2324, docs/simulation.md)
+                self.write_standby(self.standby_upstream)
             await self.pg.reload()
         except BaseException:
             self.applied = previous

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from events.dcs import DCS, ClusterView, DCSError, SessionLost
 from events.settings import KafkaSettings
+from events.tasks import bounded
 from fsm.inputs import pg_facts_to_dict
 from fsm.machine import Role
 from fsm.records import Record
@@ -97,7 +98,7 @@ class DcsViews:
     async def post_fresh(self, within: float) -> None:
         """The DCS answers again (or our session was reopened): read the cluster and post it."""
         try:
-            view = await asyncio.wait_for(self.dcs.read_cluster(), timeout=within)
+            view = await bounded(self.dcs.read_cluster(), within)
         except (DCSError, TimeoutError) as exc:
             log.info("fresh_view_failed", error=str(exc) or type(exc).__name__)
             return
@@ -202,7 +203,7 @@ class LeaseRenewal:
         now = self.clock.monotonic()
         if self.fence_deadline(self.state.lease_sent) - now > cycle:
             return
-        await asyncio.wait_for(self.dcs.renew_session(), timeout=cycle)
+        await bounded(self.dcs.renew_session(), cycle)
         # an earlier-sent renewal of the loop's may land after this: it can only make the
         # deadline earlier, never later than the session really lives
         self.state.lease_sent = max(self.state.lease_sent, now)
@@ -228,7 +229,7 @@ class LeaseRenewal:
             if wait > 0:
                 self._wake.clear()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=wait)
+                    await bounded(self._wake.wait(), wait)
                 except TimeoutError:
                     pass  # the time is up: renew now, whatever float rounding left of the wait
                 else:
@@ -245,7 +246,7 @@ class LeaseRenewal:
         does not care which it was."""
         sent = self.clock.monotonic()
         try:
-            await asyncio.wait_for(self.dcs.renew_session(), timeout=interval)
+            await bounded(self.dcs.renew_session(), interval)
             self.count("lease_renewals")
             self.observe_latency(max(0.0, self.clock.monotonic() - (sent if due is None else due)))
             self.state.lease_sent = sent
@@ -280,10 +281,10 @@ class LeaseRenewal:
         self.members.forget_published()  # the key went with the session: publish it again
         try:
             sent = self.clock.monotonic()
-            await asyncio.wait_for(self.dcs.open_session(self.ttl), timeout=self.ttl / 2)
+            await bounded(self.dcs.open_session(self.ttl), self.ttl / 2)
             self.state.lease_sent = sent
             data = self.members.member_data()
-            await asyncio.wait_for(self.dcs.put_member(self.state.name, data), timeout=self.ttl / 2)
+            await bounded(self.dcs.put_member(self.state.name, data), self.ttl / 2)
             self.members.published(data)
         except (DCSError, TimeoutError) as exc:
             log.warning("session_reopen_failed", error=str(exc) or type(exc).__name__)
@@ -396,7 +397,7 @@ class ForkCheck:
             if mine_lsn is None:
                 return
         try:
-            history = await asyncio.wait_for(self.pg.timeline_history(src[1]), timeout=10)
+            history = await bounded(self.pg.timeline_history(src[1]), 10)
         except (PostgresError, TimeoutError) as exc:
             log.info("fork_check_failed", error=str(exc))
             return
@@ -418,7 +419,7 @@ class ForkCheck:
 
     async def _control_lsn(self) -> int | None:
         try:
-            cd = await asyncio.wait_for(self.pg.controldata(), timeout=10)
+            cd = await bounded(self.pg.controldata(), 10)
         except (PostgresError, TimeoutError, OSError) as exc:
             log.info("fork_check_failed", error=str(exc) or type(exc).__name__)
             return None
@@ -431,9 +432,7 @@ class ForkCheck:
         """Our timeline ``tl`` left its parent at another point than the master's ``tl`` did."""
         theirs = dict(master_history).get(tl - 1)
         try:
-            ours_list = await asyncio.wait_for(
-                self.pg.timeline_history(self.pg.superuser_conninfo()), timeout=10
-            )
+            ours_list = await bounded(self.pg.timeline_history(self.pg.superuser_conninfo()), 10)
         except (PostgresError, TimeoutError) as exc:
             log.info("fork_check_failed", error=str(exc))
             return False
@@ -456,7 +455,7 @@ async def probe_loop(
             await fork.check()
         if state.role is Role.MASTER and s.lease.held and not s.busy and pg.running:
             try:
-                await asyncio.wait_for(sync_tick(), timeout=5)
+                await bounded(sync_tick(), 5)
             except Exception as exc:
                 log.warning("sync_tick_failed", error=str(exc) or type(exc).__name__)
         await asyncio.sleep(PROBE_INTERVAL)
@@ -501,4 +500,4 @@ class PeerFeed:
 
     async def close(self) -> None:
         if self._consumer is not None:
-            await asyncio.wait_for(self._consumer.close(), timeout=2)
+            await bounded(self._consumer.close(), 2)

@@ -69,3 +69,14 @@ def test_seed_3003_a_new_master_ignores_a_view_older_than_its_term() -> None:
     ignores a key older than its own term, and a rewinding member with no master left starts
     read-only and stands for election."""
     run(3003, members=5, synchronous_mode="strict")
+
+
+def test_seeds_2324_3060_new_parameters_keep_a_standbys_upstream() -> None:
+    """A replica rewrote its config for the cluster's parameters (the config key read back
+    after a DCS stall) with the upstream of the view it had then: no leader (seed 2324), or
+    not yet the one it followed (seed 3060). Its machine still believed it followed its
+    master, so when that master led again it never re-pointed: a standby streaming from
+    nobody for the rest of the run (liveness). Found when the CI budget grew from 60 seeds to
+    1,002. Now a rewrite for parameters keeps the upstream the machine chose."""
+    run(2324, synchronous_mode="on")
+    run(3060, synchronous_mode="strict")

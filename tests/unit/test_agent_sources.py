@@ -17,6 +17,7 @@ from fsm.machine import Role
 from fsm.records import Record
 from fsm.snapshot import DataState, LeaseFacts, PgFacts
 from pgsidecar.agent.loop import AgentApi
+from pgsidecar.agent.pgconfig import leader_conninfo
 from pgsidecar.agent.sources import (
     FORK_CHECK_AFTER,
     ForkCheck,
@@ -380,6 +381,34 @@ async def test_parameters_are_not_marked_applied_in_a_role_that_writes_no_config
     put(rig, Role.REPLICA)
     await rig.agent.config.apply_cluster_parameters()
     assert len(rig.pg.called("reload")) == 1 and not rig.agent.config.parameters_changed()
+
+
+async def test_new_parameters_keep_the_upstream_the_machine_chose(rig: Rig) -> None:
+    """A replica rewrites its config for new cluster parameters with the upstream it was told
+    to follow, whatever the view says now: the machine re-points a standby only when the
+    leader differs from the upstream it configured, so a rewrite naming none (a view without a
+    leader) or another member would leave it following nobody (simulator seeds 2324, 3060)."""
+    rig.pg.data = DataState.STANDBY
+    rig.dcs.leader = Leader("pg2", 8)
+    rig.dcs.members["pg2"] = peer("pg2")
+    see(rig)
+    config = rig.agent.config
+    config.write_standby(leader_conninfo(rig.agent.state, rig.pg, replication=True))
+    await rig.pg.start(timeout=1)
+    followed = rig.pg.configs[-1][1]
+    assert followed is not None and followed.host == "pg2.local"
+    put(rig, Role.REPLICA, upstream="pg2", pg=await rig.pg.probe())
+    for leader in (None, Leader("pg3", 9)):
+        rig.dcs.leader = leader
+        rig.dcs.members["pg3"] = peer("pg3")
+        work_mem = "32MB" if leader else "16MB"
+        rig.dcs.config = {"postgresql": {"parameters": {"work_mem": work_mem}}}
+        see(rig)
+        assert config.parameters_changed()
+        await config.apply_cluster_parameters()
+        role, upstream, slot, parameters = rig.pg.configs[-1]
+        assert (role, upstream, slot) == ("standby", followed, "pg1")
+        assert parameters["work_mem"] == work_mem
 
 
 # -- the master's replication slots --------------------------------------------------------------

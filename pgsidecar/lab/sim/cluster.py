@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from events.dcs import DCS
+from events.tasks import bounded
 from pgsidecar.agent.ports import Clock
 from pgsidecar.lab.sim.clock import (
     EPOCH,
@@ -621,7 +622,7 @@ class SimCluster:
 
         writer = loop.create_task(self.client.run(self.client_interval))
         try:
-            violation = await asyncio.wait_for(asyncio.shield(self._stopped), self.duration)
+            violation = await bounded(asyncio.shield(self._stopped), self.duration)
         except TimeoutError:
             violation = None
         durability = None

@@ -43,6 +43,7 @@ from events.dcs.base import (
     decode_json_object,
     decode_timeline,
 )
+from events.tasks import bounded
 from pgsidecar.lab.sim.clock import derive_rng
 
 T = TypeVar("T")
@@ -598,7 +599,7 @@ class SimDCS(DCS):
 
         self.store.submit(apply)
         try:
-            return await asyncio.wait_for(asyncio.shield(answer), max(0.0, deadline - loop.time()))
+            return await bounded(asyncio.shield(answer), max(0.0, deadline - loop.time()))
         except TimeoutError:
             answer.add_done_callback(lambda fut: _abandon(fut, undo))
             raise DCSError(f"{what}: no answer within {self.timeout:g}s") from None

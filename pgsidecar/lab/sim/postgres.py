@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from events.tasks import bounded
 from fsm.snapshot import DataState, PgFacts
 from pgsidecar.config import slot_name
 from pgsidecar.lab.sim.clock import derive_rng
@@ -1163,7 +1164,7 @@ class SimClient:
             if not pg.writable:
                 continue
             try:
-                lsn, tli, uid = await asyncio.wait_for(
+                lsn, tli, uid = await bounded(
                     pg.execute_write(self.rng.randint(*self.size)), self.timeout
                 )
             except (PostgresError, TimeoutError):
