@@ -404,6 +404,21 @@ def decide(role: Role, s: Snapshot) -> Decision:
     return d
 
 
+def _lease_problem(s: Snapshot) -> str | None:
+    """Why we may not go on leading the cluster (None: we may): the lease lapsed, the key names
+    another member at our term or later, or a view newer than our acquisition has no key. A
+    master and a standby leader ask the same; what each does then differs."""
+    leader = s.dcs.leader
+    if not lease_valid(s):
+        return "we no longer hold the leader lease"
+    if leader is not None and leader.name != s.name and not _predates_our_term(leader, s):
+        return f"the leader key names {leader.name} (term {leader.term})"
+    if leader is None and s.lease.term is not None and s.dcs.index > s.lease.term:
+        # a view newer than our acquisition shows no key: it expired or was deleted
+        return "the leader key is gone from the DCS"
+    return None
+
+
 def _decide(role: Role, s: Snapshot) -> Decision:
     leader = s.dcs.leader
     other_leader = leader is not None and leader.name != s.name
@@ -411,20 +426,9 @@ def _decide(role: Role, s: Snapshot) -> Decision:
     if role is Role.MASTER:
         # The lease check comes first, before ``busy``: nothing may keep a master writable
         # without the lease, not even an effect in flight (the runtime cancels it).
-        if not lease_valid(s):
-            return Decision(
-                "lease_lost", "we no longer hold the leader lease: stop accepting writes"
-            )
-        if leader is not None and leader.name != s.name and not _predates_our_term(leader, s):
-            return Decision(
-                "lease_lost",
-                f"the leader key names {leader.name} (term {leader.term}): stop accepting writes",
-            )
-        if leader is None and s.lease.term is not None and s.dcs.index > s.lease.term:
-            # a view newer than our acquisition shows no key: it expired or was deleted
-            return Decision(
-                "lease_lost", "the leader key is gone from the DCS: stop accepting writes"
-            )
+        problem = _lease_problem(s)
+        if problem is not None:
+            return Decision("lease_lost", f"{problem}: stop accepting writes")
         if s.busy:
             return _wait("effect")
         if s.failed_effect == "promote":
@@ -574,23 +578,12 @@ def _decide_standby_leader(s: Snapshot) -> Decision:
     """The lease is checked as a master checks it, but losing it fences nothing: our PostgreSQL
     is a standby. Whoever leads next (a standby leader again, or after the promotion marker a
     master) is elected as usual."""
-    leader = s.dcs.leader
     if s.busy:
         # unlike a master's, nothing here is writable: the lease check can wait for the effect
         return _wait("effect")
-    if not lease_valid(s):
-        return Decision(
-            "standby_lease_lost", "we no longer hold the leader lease: step down to replica"
-        )
-    if leader is not None and leader.name != s.name and not _predates_our_term(leader, s):
-        return Decision(
-            "standby_lease_lost",
-            f"the leader key names {leader.name} (term {leader.term}): step down to replica",
-        )
-    if leader is None and s.lease.term is not None and s.dcs.index > s.lease.term:
-        return Decision(
-            "standby_lease_lost", "the leader key is gone from the DCS: step down to replica"
-        )
+    problem = _lease_problem(s)
+    if problem is not None:
+        return Decision("standby_lease_lost", f"{problem}: step down to replica")
     if s.stop_requested:
         return _wait("stop")
     if not standby_mode(s):

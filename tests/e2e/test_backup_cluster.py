@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import structlog
 
@@ -25,7 +24,13 @@ from pgsidecar.backup.member import member_pgbackrest
 from pgsidecar.cli import main
 from pgsidecar.config import load_config
 from pgsidecar.lab.local import LocalCluster
-from tests.support.clusterutil import local_cluster, stop_local_cluster, wait_for
+from tests.support.clusterutil import (
+    local_cluster,
+    repository_dir,
+    sql,
+    stop_local_cluster,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
@@ -37,12 +42,8 @@ _SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?-
 
 @pytest.fixture
 def repo_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pgsc-repo-", dir="/tmp"))
-    os.chmod(d, 0o755)  # the agent creates backup/ in it, owned by PostgreSQL's OS user
-    try:
-        yield d / "backup"
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    with repository_dir() as repo:
+        yield repo
 
 
 @pytest.fixture
@@ -74,12 +75,6 @@ def archive_max(lc: LocalCluster, name: str) -> str | None:
     if st is None or not st.archives:
         return None
     return st.archives[-1].max
-
-
-def sql(lc: LocalCluster, name: str, text: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(lc.dsn(name), autocommit=True) as conn:
-        cur = conn.execute(text)
-        return cur.fetchall() if cur.description else []
 
 
 def write_and_switch(lc: LocalCluster, name: str, value: int) -> str:

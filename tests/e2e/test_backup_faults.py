@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,10 +31,10 @@ from tests.e2e.test_backup_cluster import (
     info,
     pgbackrest_of,
     scrape,
-    sql,
     streaming_in_dcs,
+    write_and_switch,
 )
-from tests.support.clusterutil import local_cluster, wait_for
+from tests.support.clusterutil import local_cluster, repository_dir, sql, wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
@@ -45,14 +43,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def repo_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pgsc-repo-", dir="/tmp"))
-    os.chmod(d, 0o755)  # the agent creates backup/ in it, owned by PostgreSQL's OS user
-    try:
-        yield d / "backup"
-    finally:
-        if os.path.ismount(d):
-            subprocess.run(["umount", "-l", str(d)], check=False)
-        shutil.rmtree(d, ignore_errors=True)
+    with repository_dir() as repo:
+        yield repo
 
 
 def mount_small_tmpfs(where: Path) -> None:
@@ -90,15 +82,6 @@ def cluster_with_repository(repo_dir: Path, nodes: int = 2):  # type: ignore[no-
     return local_cluster(nodes=nodes, ttl=5.0, extra=extra)
 
 
-def switch_segment(lc: LocalCluster, name: str, value: int) -> str:
-    """A commit on ``name`` then a WAL switch; the segment that held the commit."""
-    sql(lc, name, "CREATE TABLE IF NOT EXISTS t (v int)")
-    sql(lc, name, f"INSERT INTO t VALUES ({value})")
-    (seg,) = sql(lc, name, "SELECT pg_walfile_name(pg_current_wal_lsn())")[0]
-    sql(lc, name, "SELECT pg_switch_wal()")
-    return str(seg)
-
-
 def archiver(lc: LocalCluster, name: str) -> tuple[int, int]:
     """(archived_count, failed_count) of pg_stat_archiver on ``name``."""
     ((archived, failed),) = sql(
@@ -118,7 +101,7 @@ def test_an_unreachable_or_full_repository_does_not_stop_the_master(
         master = lc.master()
         assert master is not None
         wait_for(lambda: archive_max(lc, master), 60, what="the stanza and its first archived WAL")
-        before = switch_segment(lc, master, 0)
+        before = write_and_switch(lc, master, 0)
         wait_for(lambda: (archive_max(lc, master) or "") >= before, 30, what=f"{before} archived")
         _, failed_before = archiver(lc, master)
 
@@ -130,7 +113,7 @@ def test_an_unreachable_or_full_repository_does_not_stop_the_master(
             filler = fill(repo_dir.parent)  # no room for one more segment
         try:
             # the master goes on committing and switching segments while nothing can archive
-            written = [switch_segment(lc, master, v) for v in range(1, 4)]
+            written = [write_and_switch(lc, master, v) for v in range(1, 4)]
             wait_for(
                 lambda: archiver(lc, master)[1] > failed_before,
                 30,
@@ -155,7 +138,7 @@ def test_an_unreachable_or_full_repository_does_not_stop_the_master(
                 away.rename(repo_dir)
 
         # the repository is back (or has room again): the segments written meanwhile reach it, with no gap
-        after = switch_segment(lc, master, 4)
+        after = write_and_switch(lc, master, 4)
         wait_for(
             lambda: (archive_max(lc, master) or "") >= after,
             90,

@@ -16,18 +16,14 @@ source's name."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import structlog
 
@@ -36,7 +32,7 @@ from pgsidecar.backup.member import member_pgbackrest
 from pgsidecar.cli import main
 from pgsidecar.config import load_config
 from pgsidecar.lab.local import LocalCluster
-from tests.support.clusterutil import stop_local_cluster, wait_for
+from tests.support.clusterutil import clusters_dir, sql, wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
@@ -45,22 +41,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def dirs() -> Iterator[tuple[Path, Path]]:
-    d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    try:
+    with clusters_dir() as d:
         yield d / "src", d / "dst"
-    finally:
-        for sub in ("dst", "src"):
-            if (d / sub / "cluster.json").exists():
-                with contextlib.suppress(Exception):  # the other cluster is stopped all the same
-                    stop_local_cluster(LocalCluster(d / sub))
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def sql(lc: LocalCluster, name: str, text: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(lc.dsn(name), autocommit=True) as conn:
-        cur = conn.execute(text)
-        return cur.fetchall() if cur.description else []
 
 
 def archive_max(lc: LocalCluster) -> str | None:

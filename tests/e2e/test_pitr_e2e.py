@@ -7,18 +7,13 @@ One source cluster and one backup serve every target (a module fixture)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
 import structlog
 
@@ -26,7 +21,7 @@ from pgsidecar.backup.member import member_pgbackrest
 from pgsidecar.cli import main
 from pgsidecar.config import load_config
 from pgsidecar.lab.local import LocalCluster
-from tests.support.clusterutil import stop_local_cluster, wait_for
+from tests.support.clusterutil import clusters_dir, sql, wait_for
 
 pytestmark = pytest.mark.skipif(
     shutil.which("pgbackrest") is None, reason="pgbackrest is not installed (scripts/setup.sh)"
@@ -51,23 +46,8 @@ class Source:
 
 @pytest.fixture(scope="module")
 def root() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    try:
+    with clusters_dir() as d:  # restored clusters stopped first, then the source
         yield d
-    finally:
-        # every cluster under it, restored ones first, then the source
-        for sub in sorted(d.iterdir(), key=lambda p: p.name == "src"):
-            if (sub / "cluster.json").exists():
-                with contextlib.suppress(Exception):  # the others are stopped all the same
-                    stop_local_cluster(LocalCluster(sub))
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def sql(lc: LocalCluster, name: str, text: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(lc.dsn(name), autocommit=True) as conn:
-        cur = conn.execute(text)
-        return cur.fetchall() if cur.description else []
 
 
 def archive_max(lc: LocalCluster) -> str | None:

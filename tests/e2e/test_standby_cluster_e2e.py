@@ -7,41 +7,24 @@ every row written before, and the source is left untouched."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
 from pgsidecar.cli import main
 from pgsidecar.lab.local import LocalCluster
-from tests.support.clusterutil import stop_local_cluster, wait_for
+from tests.support.clusterutil import clusters_dir, sql, stop_local_cluster, wait_for
 
 UP = ["--ttl", "5", "--no-kafka", "--nodes", "2"]
 
 
 @pytest.fixture
 def dirs() -> Iterator[tuple[Path, Path]]:
-    d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
-    os.chmod(d, 0o755)
-    try:
+    with clusters_dir() as d:
         yield d / "src", d / "dst"
-    finally:
-        for sub in ("dst", "src"):
-            with contextlib.suppress(Exception):  # the other cluster is stopped all the same
-                stop_local_cluster(LocalCluster(d / sub))
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def sql(lc: LocalCluster, name: str, text: str) -> list[tuple[Any, ...]]:
-    with psycopg.connect(lc.dsn(name), autocommit=True) as conn:
-        cur = conn.execute(text)
-        return cur.fetchall() if cur.description else []
 
 
 def count(lc: LocalCluster, name: str) -> int | None:

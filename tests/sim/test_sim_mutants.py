@@ -14,6 +14,7 @@ import fsm.machine
 from fsm.machine import Effect, Role
 from fsm.snapshot import Snapshot
 from pgsidecar.agent import effects
+from pgsidecar.agent.pgconfig import PgConfig, leader_conninfo
 from pgsidecar.lab.sim.agent import agent_factory
 from pgsidecar.lab.sim.cluster import FaultMix, SimCluster, SimFence
 from pgsidecar.lab.sim.dcs import FaultPlan
@@ -148,4 +149,22 @@ def test_reverting_the_retry_of_failed_effects_is_caught(monkeypatch: pytest.Mon
         fsm.inputs, "retry_delay", lambda failures, ttl: 0.0 if failures <= 0 else 1e9
     )
     found = first_violation(range(1, 6))
+    assert found is not None and "liveness" in found, found
+
+
+def test_reverting_the_kept_upstream_of_a_parameters_rewrite_is_caught(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fix found by seeds 2324 and 3060: a replica's rewrite for new cluster parameters
+    keeps the upstream the machine chose. Reverted (the rewrite names the view's leader, none
+    in a view without one), the standby follows nobody for good: liveness, on the seed that
+    found it."""
+    real = PgConfig.apply_cluster_parameters
+
+    async def mutant(self: PgConfig) -> None:
+        self.standby_upstream = leader_conninfo(self.state, self.pg, replication=True)
+        await real(self)
+
+    monkeypatch.setattr(PgConfig, "apply_cluster_parameters", mutant)
+    found = first_violation([2324], mode="on")
     assert found is not None and "liveness" in found, found

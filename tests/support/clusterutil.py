@@ -7,16 +7,30 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+import psycopg
 
 from pgsidecar.lab.local import LocalCluster
 from pgsidecar.lab.workload import Prober, Writer, multi_host_dsn
 
-__all__ = ["Prober", "Writer", "local_cluster", "multi_host_dsn", "new_master", "wait_for"]
+__all__ = [
+    "Prober",
+    "Writer",
+    "clusters_dir",
+    "local_cluster",
+    "multi_host_dsn",
+    "new_master",
+    "repository_dir",
+    "sql",
+    "wait_for",
+]
 
 
 @contextlib.contextmanager
@@ -70,6 +84,45 @@ def local_cluster(
         finally:
             stop_local_cluster(lc)
             shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def clusters_dir() -> Iterator[Path]:
+    """A temp dir the postgres user can enter, for a test that makes its own clusters in it
+    (`local up --dir ROOT/NAME`): at exit every cluster under it is stopped by pid, the one
+    named "src" last (the others may follow it), and the dir is removed."""
+    d = Path(tempfile.mkdtemp(prefix="pgsc-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        for sub in sorted(d.iterdir(), key=lambda p: p.name == "src"):
+            if (sub / "cluster.json").exists():
+                with contextlib.suppress(Exception):  # the others are stopped all the same
+                    stop_local_cluster(LocalCluster(sub))
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def repository_dir() -> Iterator[Path]:
+    """ROOT/backup, for a cluster's pgBackRest repository (the agent creates it, owned by
+    PostgreSQL's OS user, so ROOT is open to it); at exit a file system a test mounted on ROOT
+    is unmounted and ROOT removed."""
+    d = Path(tempfile.mkdtemp(prefix="pgsc-repo-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d / "backup"
+    finally:
+        if os.path.ismount(d):
+            subprocess.run(["umount", "-l", str(d)], check=False)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def sql(lc: LocalCluster, name: str, text: str) -> list[tuple[Any, ...]]:
+    """Run ``text`` on member ``name`` (autocommit); its rows, [] for a statement without."""
+    with psycopg.connect(lc.dsn(name), autocommit=True) as conn:
+        cur = conn.execute(text)
+        return cur.fetchall() if cur.description else []
 
 
 def stop_local_cluster(lc: LocalCluster) -> None:
