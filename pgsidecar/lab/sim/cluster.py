@@ -300,6 +300,10 @@ def _task_factory(
     if incarnation is None:
         return asyncio.Task(coro, loop=loop, context=context)
     task = asyncio.Task(_gated(coro, incarnation), loop=loop, context=context)
+    # a task cancelled before its first step (a kill right after an effect was spawned) never
+    # starts ``coro``: close it, or the collector warns that it was never awaited. A no-op
+    # for a coroutine that ran; the callback runs after the task's own, changing no order.
+    task.add_done_callback(lambda _task: coro.close())
     tasks = incarnation.tasks
     tasks.append(task)
     if len(tasks) >= incarnation.prune_at:
