@@ -18,6 +18,15 @@ How the master keeps it, each tick (every probe, ~1 s, and on member changes):
    synchronous_standby_names: it then has every commit acknowledged before it joined, and every
    later one waits for it.
 
+Every write of the record is a compare-and-set from the index just read (``DCS.swap_sync``). A
+write whose answer never came (a timeout, a lost answer, a stalled store) may have landed, or
+may still land later, as long as the key stays at the index it was made from: until a later
+swap from that index succeeds, its members count as recorded, so PostgreSQL keeps waiting for
+them. Found by the simulator (seed 105160): a grow naming m1 was sent into a stalled store and
+timed out; the next tick, m1 cut off, set synchronous_standby_names to '' and acknowledged
+commits m1 never had; the grow landed when the store came back, and m1 won the election
+without them.
+
 A new master writes an empty record for itself before it promotes (``prepare_promotion``), so the
 set of a dead predecessor never outlives it and nothing is promised before it is true.
 """
@@ -41,6 +50,10 @@ class SyncStore(Protocol):
     """Where the synchronous set is recorded (the DCS)."""
 
     async def put_sync(self, state: dict[str, Any]) -> None: ...
+
+    async def read_sync(self) -> tuple[dict[str, Any] | None, int]: ...
+
+    async def swap_sync(self, state: dict[str, Any], index: int) -> bool: ...
 
 
 class ActionLog(Protocol):
@@ -86,6 +99,9 @@ class SyncManager:
         self.monotonic = monotonic
         self.applied: str | None = None  # synchronous_standby_names as last written and reloaded
         self._added_at: dict[str, int] = {}  # member -> our flush LSN when it was required
+        # a write of the record with no answer: (the index it was made from, the members it
+        # named); it may still land while the key stays at that index
+        self._unanswered: tuple[int, frozenset[str]] | None = None
 
     @property
     def mode(self) -> str:
@@ -99,6 +115,7 @@ class SyncManager:
         """Before a new master accepts its first write: an empty record of our own (no member
         may be promoted on our behalf yet), and strict mode waits for any standby."""
         self._added_at.clear()
+        self._unanswered = None  # a new term: the previous one's writes name another leader
         if self.mode == "off":
             self.applied = ""
             return
@@ -123,7 +140,19 @@ class SyncManager:
         # master cut off from the DCS must not rewrite the set after its lease may have lapsed
         if not self.still_master():
             raise RuntimeError("no longer master: the synchronous set is not written")
-        await self.store.put_sync(state)
+        _value, index = await self.store.read_sync()
+        if self._unanswered is not None and self._unanswered[0] != index:
+            self._unanswered = None  # the key moved on since: that write can never land now
+        try:
+            written = await self.store.swap_sync(state, index)
+        except BaseException:
+            # no answer: it may land yet, as long as the key stays at ``index``
+            earlier = self._unanswered[1] if self._unanswered is not None else frozenset()
+            self._unanswered = (index, earlier | frozenset(state["members"]))
+            raise
+        if not written:
+            raise RuntimeError("the synchronous set changed since it was read: next tick")
+        self._unanswered = None
 
     async def tick(self) -> None:
         s = self.snapshot()
@@ -158,11 +187,17 @@ class SyncManager:
         target = [x for x in healthy if x in recorded][:n]
         target += [x for x in healthy if x not in target][: n - len(target)]
         keep = recorded & set(target)
-        if keep != recorded:
+        # members of an unanswered write count as recorded until a swap from its index succeeds
+        unanswered = self._unanswered[1] if self._unanswered is not None else frozenset()
+        if keep != recorded or unanswered:
             # 1. shrink the record before PostgreSQL stops waiting for anyone
             await self._put({"leader": self.name, "term": term, "members": sorted(keep)})
             self.record(
-                "sync_set", "shrunk", started, members=sorted(keep), removed=sorted(recorded - keep)
+                "sync_set",
+                "shrunk",
+                started,
+                members=sorted(keep),
+                removed=sorted((recorded | unanswered) - keep),
             )
             recorded = keep
         adding = set(target) - recorded

@@ -300,6 +300,17 @@ class DCS(abc.ABC):
     async def put_sync(self, state: dict[str, Any]) -> None:
         """Write the synchronous set (master only, while it holds the lease)."""
 
+    @abc.abstractmethod
+    async def read_sync(self) -> tuple[dict[str, Any] | None, int]:
+        """``sync``: (its JSON object, its modify index), or (None, 0) when absent."""
+
+    @abc.abstractmethod
+    async def swap_sync(self, state: dict[str, Any], index: int) -> bool:
+        """Write ``sync`` = state if its modify index is still ``index`` (0: only if absent); True
+        if written. A master changes its set through this: a write whose answer was lost can
+        land only while the key is as that write read it, so one later swap from the same index
+        rules it out for good (pgsidecar/syncrep.py)."""
+
     # -- scheduled backups ----------------------------------------------------------------------
     @abc.abstractmethod
     async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:

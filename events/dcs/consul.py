@@ -718,7 +718,17 @@ class ConsulDCS(DCS):
 
     # -- scheduled backups ----------------------------------------------------------------------
     async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:
-        key = self.key("backup", kind)
+        return await self._read_object(self.key("backup", kind))
+
+    async def read_sync(self) -> tuple[dict[str, Any] | None, int]:
+        return await self._read_object(self.key("sync"))
+
+    async def swap_sync(self, state: dict[str, Any], index: int) -> bool:
+        # ?cas=0 creates only if absent; ?cas=N writes only if ModifyIndex is still N
+        return await self._put("swap of sync", self.key("sync"), _dumps(state), cas=index)
+
+    async def _read_object(self, key: str) -> tuple[dict[str, Any] | None, int]:
+        """(the JSON object at ``key``, its ModifyIndex); (None, 0) when absent."""
         entry = await self._get(key)
         if entry is None:
             return None, 0

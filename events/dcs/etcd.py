@@ -593,16 +593,25 @@ class EtcdDCS(DCS):
 
     # -- scheduled backups ----------------------------------------------------------------------
     async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:
-        key = self.key("backup", kind)
+        return await self._read_object(self.key("backup", kind))
+
+    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
+        return await self._compare_and_put(self.key("backup", kind), _dumps(value), index)
+
+    async def read_sync(self) -> tuple[dict[str, Any] | None, int]:
+        return await self._read_object(self.key("sync"))
+
+    async def swap_sync(self, state: dict[str, Any], index: int) -> bool:
+        return await self._compare_and_put(self.key("sync"), _dumps(state), index)
+
+    async def _read_object(self, key: str) -> tuple[dict[str, Any] | None, int]:
+        """(the JSON object at ``key``, its modify revision); (None, 0) when absent."""
         reply = await self._post("/v3/kv/range", {"key": _b64(key)}, idempotent=True)
         kvs = reply.get("kvs") or ()
         if not kvs:
             return None, 0
         value, _reason = decode_json_object(key, _unb64(kvs[0].get("value")))
         return value, _int(kvs[0].get("mod_revision"))
-
-    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
-        return await self._compare_and_put(self.key("backup", kind), _dumps(value), index)
 
     async def _compare_and_put(self, key: str, value: bytes, index: int) -> bool:
         """Put ``value`` at ``key`` in one transaction, only if the key is absent (``index`` 0) or

@@ -376,6 +376,26 @@ async def test_backup_slot_is_compare_and_set_on_its_modify_index(dcs_backend: A
     assert view.malformed == () and view.config is None
 
 
+async def test_sync_swap_is_compare_and_set_and_the_view_shows_it(dcs_backend: Any) -> None:
+    """The synchronous set's writes: a swap from the index read wins once; a write made from an
+    index the key has moved on from (a late write whose answer was lost) never lands."""
+    a, b = await new_dcs(dcs_backend), await new_dcs(dcs_backend)
+    assert await a.read_sync() == (None, 0)
+    first = {"leader": "m1", "term": 3, "members": []}
+    won = await asyncio.gather(a.swap_sync(first, 0), b.swap_sync(first, 0))
+    assert sorted(won) == [False, True], won
+    value, index = await b.read_sync()
+    assert value == first and index > 0
+    grown = {"leader": "m1", "term": 3, "members": ["m2"]}
+    shrunk = {"leader": "m1", "term": 3, "members": []}
+    assert await a.swap_sync(shrunk, index) is True
+    assert await b.swap_sync(grown, index) is False, "made from an index the key moved on from"
+    value, newer = await a.read_sync()
+    assert value == shrunk and newer > index
+    view = await b.read_cluster()
+    assert view.sync is not None and view.sync.get("members") == []
+
+
 async def test_config_and_switchover_round_trip(dcs_backend: Any) -> None:
     d = await new_dcs(dcs_backend, session=False)
     config = {"ttl": 20, "loop_wait": 5, "synchronous_mode": True, "nested": {"a": [1, 2]}}

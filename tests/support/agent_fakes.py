@@ -79,6 +79,7 @@ class FakeDCS(DCS, Failing):
         self.config: dict[str, Any] | None = None
         self.switchover: dict[str, Any] | None = None
         self.sync: dict[str, Any] | None = None
+        self.sync_index = 0  # the sync key's modify index (0 while never written)
         self.standby_promoted: dict[str, Any] | None = None
         # backup/<type>: (value, modify index)
         self.backup_slots: dict[str, tuple[dict[str, Any], int]] = {}
@@ -192,6 +193,20 @@ class FakeDCS(DCS, Failing):
         self._call("put_sync", state)
         self.sync = state
         self._bump()
+        self.sync_index = self.index
+
+    async def read_sync(self) -> tuple[dict[str, Any] | None, int]:
+        self._call("read_sync")
+        return (dict(self.sync) if self.sync is not None else None), self.sync_index
+
+    async def swap_sync(self, state: dict[str, Any], index: int) -> bool:
+        self._call("swap_sync", state, index)
+        if index != self.sync_index:
+            return False
+        self.sync = state
+        self._bump()
+        self.sync_index = self.index
+        return True
 
     async def read_timeline(self) -> TimelineCounter:
         self._call("read_timeline")

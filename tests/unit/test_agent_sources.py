@@ -348,6 +348,38 @@ async def test_a_failed_reload_of_the_synchronous_set_is_retried(tmp_path: Path)
     assert len(rig.pg.called("reload")) == 2, "the second tick wrote and reloaded it again"
 
 
+async def test_an_unanswered_write_of_the_synchronous_set_keeps_postgresql_waiting(
+    tmp_path: Path,
+) -> None:
+    """A grow of the record whose answer never came may still land (simulator seed 105160):
+    until a swap from the index it was made from succeeds, PostgreSQL keeps waiting for the
+    member it named, even once that member is gone; and after that swap it can never land."""
+    rig = Rig(tmp_path, synchronous_mode="on")
+    await running_master(rig)
+    sync = rig.agent.sync
+    rig.stats = ({"pg2": ("streaming", "async", 0)}, 100)
+    await sync.tick()  # an empty record of ours; PostgreSQL now waits for pg2
+    assert sync.applied == 'FIRST 1 ("pg2")'
+    see(rig)
+    rig.stats = ({"pg2": ("streaming", "sync", 150)}, 150)
+    rig.dcs.fail["swap_sync"] = DCSError("no answer within 2s")
+    with pytest.raises(DCSError):
+        await sync.tick()  # the grow naming pg2: sent, no answer
+    grow, index = rig.dcs.called("swap_sync")[-1]
+    assert grow["members"] == ["pg2"]
+    rig.stats = ({}, 200)  # pg2 is gone, the store is away
+    rig.dcs.fail["read_sync"] = DCSError("unreachable")
+    with pytest.raises(DCSError):
+        await sync.tick()
+    assert sync.applied == 'FIRST 1 ("pg2")', "commits must still wait for pg2"
+    rig.dcs.fail.clear()
+    await sync.tick()  # the store is back: a swap from the same index, then no one to wait for
+    assert rig.dcs.called("swap_sync")[-1][1] == index
+    assert rig.dcs.sync is not None and rig.dcs.sync["members"] == []
+    assert sync.applied == ""
+    assert await rig.dcs.swap_sync(grow, index) is False, "the late grow can never land now"
+
+
 async def test_a_failed_reload_of_the_cluster_parameters_is_retried(rig: Rig) -> None:
     await running_master(rig)
     rig.dcs.config = {"postgresql": {"parameters": {"work_mem": "16MB"}}}

@@ -771,9 +771,21 @@ class SimDCS(DCS):
     async def put_sync(self, state: dict[str, Any]) -> None:
         await self._put_unbound("put_sync", self.key("sync"), _dumps(state))
 
+    async def read_sync(self) -> tuple[dict[str, Any] | None, int]:
+        return await self._read_object("read_sync", self.key("sync"))
+
+    async def swap_sync(self, state: dict[str, Any], index: int) -> bool:
+        return await self._swap("swap_sync", self.key("sync"), state, index)
+
     # -- scheduled backups ---------------------------------------------------------------------
     async def read_backup_slot(self, kind: str) -> tuple[dict[str, Any] | None, int]:
-        key = self.key("backup", kind)
+        return await self._read_object("read_backup_slot", self.key("backup", kind))
+
+    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
+        return await self._swap("swap_backup_slot", self.key("backup", kind), value, index)
+
+    async def _read_object(self, what: str, key: str) -> tuple[dict[str, Any] | None, int]:
+        """(the JSON object at ``key``, its modify index); (None, 0) when absent."""
 
         def read() -> tuple[dict[str, Any] | None, int]:
             entry = self.store.get(key)
@@ -782,10 +794,10 @@ class SimDCS(DCS):
             value, _reason = decode_json_object(key, entry.value)
             return value, entry.mod_index
 
-        return await self._call("read_backup_slot", read, write=False)
+        return await self._call(what, read, write=False)
 
-    async def swap_backup_slot(self, kind: str, value: dict[str, Any], index: int) -> bool:
-        key = self.key("backup", kind)
+    async def _swap(self, what: str, key: str, value: dict[str, Any], index: int) -> bool:
+        """Write ``key`` = value if its modify index is still ``index`` (0: only if absent)."""
 
         def swap() -> bool:
             entry = self.store.get(key)
@@ -794,7 +806,7 @@ class SimDCS(DCS):
             self.store.put(key, _dumps(value))
             return True
 
-        return await self._call("swap_backup_slot", swap, write=True)
+        return await self._call(what, swap, write=True)
 
     # -- the cluster's timeline counter ---------------------------------------------------------
     async def read_timeline(self) -> TimelineCounter:
