@@ -349,6 +349,12 @@ class Agent:
             self.members.publish()
             self.members.register_service()
             self.renewal.cadence_changed()
+        elif inp.type == "pg":
+            # the member key is built from the snapshot, so it can only tell what the probe saw
+            # once this input is in it: publishing from the probe itself (before the queue got
+            # here) left the key one probe behind, e.g. a replica that streams shown as not
+            # streaming for a second, and `switchover` refused for lack of a streaming replica
+            self.members.publish()
         if inp.type == "dcs":
             if kube is not None:
                 kube.on_view(snapshot, role)

@@ -319,9 +319,11 @@ class PgWatch:
             self.watch_exit()
         data = pg_facts_to_dict(facts)
         if data != self._last:
+            # the loop publishes the member key once it has applied this (Agent.handle)
             self._last = data
             self.post("pg", **data)
-        self.publish()
+        else:
+            self.publish()  # nothing new: rewrites the key only if the last write failed
         return facts
 
     def post_facts(self, facts: PgFacts, **extra: Any) -> None:

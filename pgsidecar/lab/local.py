@@ -908,7 +908,11 @@ class LocalCluster:
                 and (by[n]["role"] != "master" or by[n]["in_recovery"] is False)
             ]
             replicas = [n for n in want if by[n]["role"] == "replica" and by[n]["streaming"]]
-            if len(masters) == 1 and len(replicas) == len(want) - 1:
+            if (
+                len(masters) == 1
+                and len(replicas) == len(want) - 1
+                and self._dcs_agrees(masters[0], replicas)
+            ):
                 return rows
             for n in want:
                 if not self.agent_pid(n):
@@ -924,6 +928,19 @@ class LocalCluster:
                     )
             time.sleep(0.2)
         raise LocalClusterError(f"cluster not healthy after {timeout:.0f} s: {rows}")
+
+    def _dcs_agrees(self, leader: str, replicas: list[str]) -> bool:
+        """Does the DCS, which `switchover`, `list` and the peers read, show what the agents'
+        APIs do: ``leader`` holding the key and each replica's member key saying it streams?
+        An agent publishes its key just after its API knows, so a command run at once could
+        otherwise still see a replica that does not stream yet."""
+        try:
+            view = self.read_view()
+        except Exception:  # a DCS that does not answer yet is not a healthy cluster yet
+            return False
+        if view.leader is None or view.leader.name != leader:
+            return False
+        return all(bool(view.members.get(n, {}).get("streaming")) for n in replicas)
 
     def _restore_source(self, path: Path, target: RecoveryTargetSettings) -> dict[str, Any]:
         """The source of a point-in-time recovery: a local cluster's directory or its backup

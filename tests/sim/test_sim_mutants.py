@@ -46,7 +46,7 @@ FLAKY_ELECTIONS = FaultMix(
 
 
 # the seeds searched with FLAKY_ELECTIONS; the control below runs all of them unmutated
-FLAKY_SEEDS = range(1, 31)
+FLAKY_SEEDS = range(1, 61)
 
 
 def test_the_real_agent_passes_the_flaky_election_seeds() -> None:
@@ -134,9 +134,10 @@ def test_an_acquire_failure_taken_for_a_win_is_caught(monkeypatch: pytest.Monkey
         report.outcome(Effect.ACQUIRE, ok=True, won=True, term=term)
 
     monkeypatch.setattr(effects, "acquire", acquire)
-    # caught at once: the keyless master wedges the cluster (no key to follow) in seeds 5 and 9
+    # caught at once: the keyless master wedges the cluster (no key to follow), in seed 10
     assert first_violation(range(1, 11), faults=FLAKY_ELECTIONS) is not None
-    # and the split brain it stands for shows within the searched seeds (seed 24)
+    # and the split brain it stands for shows within the searched seeds (seed 46; each agent
+    # change that reorders callbacks moves it: 24 before the member key was published by the loop)
     found = first_violation(FLAKY_SEEDS, faults=FLAKY_ELECTIONS, invariant="safety")
     assert found is not None, "no seed showed two writable members"
 

@@ -251,6 +251,7 @@ class FakePostgres(Failing):
         self.data = data
         self._running = False
         self.in_recovery = False
+        self.receiver_streaming = False  # a standby's WAL receiver: what the probe reports
         self.timeline = 1 if data is not DataState.MISSING else None
         self.lsn = 100 if data is not DataState.MISSING else None
         self.configs: list[tuple[str, Conninfo | None, str | None, dict[str, Any]]] = []
@@ -282,6 +283,7 @@ class FakePostgres(Failing):
             running=True,
             accepting=True,
             in_recovery=self.in_recovery,
+            receiver_streaming=self.in_recovery and self.receiver_streaming,
             timeline=self.timeline,
             lsn=self.lsn,
         )

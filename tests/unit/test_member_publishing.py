@@ -11,7 +11,7 @@ import pytest
 
 from events.dcs import Leader
 from fsm.machine import Role
-from fsm.snapshot import LeaseFacts, PgFacts
+from fsm.snapshot import DataState, LeaseFacts, PgFacts
 from pgsidecar.agent.membership import LSN_STEP_MAX
 from tests.support.agent_fakes import Rig, peer, put, see
 
@@ -122,6 +122,32 @@ async def test_a_failed_write_is_retried_on_the_next_publish(rig: Rig) -> None:
     del rig.dcs.fail["put_member"]
     rig.agent.members.publish()
     assert await puts(rig) == 2
+
+
+async def test_what_the_probe_saw_is_published_once_the_loop_has_it(rig: Rig) -> None:
+    """The member key is what `switchover`, `list` and the peers' elections read: a replica's
+    key must say it streams as soon as its agent knows, not one probe later."""
+    from fsm.inputs import Input
+
+    put(rig, Role.REPLICA)
+    rig.pg.data = DataState.STANDBY
+    rig.pg.write_config("standby", None, None)
+    await rig.pg.start(timeout=1)
+    await rig.agent.watch.probe_now()
+    for kind, data in rig.posted():
+        rig.agent.handle(Input(kind, rig.clock.monotonic(), data))
+    await puts(rig)
+    assert rig.dcs.members["pg1"]["streaming"] is False
+    rig.pg.receiver_streaming = True
+    await rig.agent.watch.probe_now()
+    ((kind, data),) = rig.posted()
+    assert kind == "pg" and data["receiver_streaming"] is True
+    rig.agent.handle(Input(kind, rig.clock.monotonic(), data))
+    await puts(rig)
+    assert rig.dcs.members["pg1"]["streaming"] is True, "published with the facts it saw"
+    before = await puts(rig)
+    await rig.agent.watch.probe_now()
+    assert rig.posted() == [] and await puts(rig) == before, "nothing new: nothing written"
 
 
 # -- lease renewal cadence --------------------------------------------------------------------------
