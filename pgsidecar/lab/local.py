@@ -641,7 +641,8 @@ class LocalCluster:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=str(self.dir),
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # a crash in C code (a signal) still leaves its traceback in the log
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
             )
         pidfile.write_text(f"{proc.pid}\n")
         if not detach:
@@ -924,10 +925,25 @@ class LocalCluster:
                     # the log's tail in the error itself: a test's cluster dir is gone by the
                     # time anyone reads the failure
                     raise LocalClusterError(
-                        f"the agent of {n} is not running; see {log}; its last lines:\n{tail}"
+                        f"the agent of {n} is not running{self._exit_status(n)}; see {log}; "
+                        f"its last lines:\n{tail}"
                     )
             time.sleep(0.2)
         raise LocalClusterError(f"cluster not healthy after {timeout:.0f} s: {rows}")
+
+    def _exit_status(self, name: str) -> str:
+        """How a member's agent that we started ended (" (exit code 1)", " (killed by SIGKILL)"),
+        or "" if it was not our child or has not been reaped."""
+        proc = self._children.get(name)
+        rc = proc.poll() if proc is not None else None
+        if rc is None:
+            return ""
+        if rc < 0:
+            try:
+                return f" (killed by {signal.Signals(-rc).name})"
+            except ValueError:
+                return f" (killed by signal {-rc})"
+        return f" (exit code {rc})"
 
     def _dcs_agrees(self, leader: str, replicas: list[str]) -> bool:
         """Does the DCS, which `switchover`, `list` and the peers read, show what the agents'

@@ -233,6 +233,7 @@ class Sql:
         self.name = name
         self.log = log
         self._probe_conn: Connection | None = None
+        self._probe_task: asyncio.Future[Any] | None = None  # the query running on it
         self._probe_lock = asyncio.Lock()
 
     async def connect(
@@ -432,10 +433,22 @@ class Sql:
     # ------------------------------------------------------------------ the probe
 
     async def close_probe(self) -> None:
+        """Drop the kept probe connection. It may have a probe query running on it: the exit
+        watch probes a server that has just died (and so closes the connection) while the probe
+        loop still waits for its answer. Closing a psycopg connection frees its libpq connection
+        at once, under the query's generator, which goes on reading the freed memory (a
+        segfault or a hung agent, seen in the fault suite after a frozen master's fence).
+        Such a connection is abandoned instead: the query cancelled, the connection closed once
+        the query has let go of it."""
         conn, self._probe_conn = self._probe_conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 1)
+        task, self._probe_task = self._probe_task, None
+        if conn is None:
+            return
+        if task is not None and not task.done():
+            self._abandon(conn, task)
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 1)
 
     async def probe_row(self) -> tuple[Any, ...]:
         """PROBE_SQL's row, on a connection kept between probes; raises PostgresError within
@@ -448,19 +461,22 @@ class Sql:
                 conn = self._probe_conn
                 assert conn is not None
                 task = asyncio.ensure_future(self._probe_exec(conn))
+                self._probe_task = task  # close_probe must not close the connection under it
                 # not wait_for: cancelling a query makes psycopg send a cancel request and wait
                 # for the server (up to 10 s if it is frozen); the probe returns at once instead
                 # and leaves that clean-up to the abandoned task
                 try:
                     done, _ = await asyncio.wait({task}, timeout=3)
                 except asyncio.CancelledError:
-                    self._probe_conn = None
-                    self._abandon(conn, task)
+                    self._drop_probe(conn, task)
                     raise
                 if not done:
-                    self._probe_conn = None
-                    self._abandon(conn, task)
+                    self._drop_probe(conn, task)
                     raise PostgresError("probe query: no answer within 3s")
+                if self._probe_task is task:
+                    self._probe_task = None
+                if task.cancelled():  # close_probe abandoned it: the server is going away
+                    raise PostgresError("probe query: the connection was closed under it")
                 try:
                     return task.result()
                 except psycopg.Error as exc:
@@ -476,6 +492,14 @@ class Sql:
         row = await cur.fetchone()
         assert row is not None
         return tuple(row)
+
+    def _drop_probe(self, conn: Connection, task: asyncio.Future[Any]) -> None:
+        """Forget ``conn`` (unless close_probe did already) and abandon its running query."""
+        if self._probe_conn is conn:
+            self._probe_conn = None
+        if self._probe_task is task:
+            self._probe_task = None
+        self._abandon(conn, task)
 
     @staticmethod
     def _abandon(conn: Connection, task: asyncio.Future[Any]) -> None:

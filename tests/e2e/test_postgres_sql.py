@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import os
 import signal
 import sys
@@ -18,6 +20,7 @@ from psycopg.conninfo import conninfo_to_dict
 from pgsidecar.config import slot_name
 from pgsidecar.postgres import sql as sql_module
 from pgsidecar.postgres.control import PostgresControl, PostgresError
+from tests.support.fenceutil import REPO
 from tests.support.pgtestutil import Lab, query, wait_for
 
 pytestmark = pytest.mark.integration
@@ -216,6 +219,90 @@ async def test_statement_timeout_and_errors_come_back_as_postgres_error(lab: Lab
     await a.stop("fast")
     with pytest.raises(PostgresError, match=f"cannot connect to 127.0.0.1:{a.settings.port}"):
         await a.pending_restart_settings()
+
+
+# Run in a child process: on the old code this freed the libpq connection under the running
+# query and psycopg's C generator read it, a crash of the whole process (pytest's, in-process).
+# MALLOC_PERTURB_ makes glibc fill freed memory with junk, so the use after free crashes every
+# time instead of now and then (the fault suite's frozen-agent case, CI of 5532f73).
+CLOSE_UNDER_A_PROBE = """
+import asyncio, json, os, signal, sys, time
+from pathlib import Path
+from pgsidecar.postgres.conf import Conninfo
+from pgsidecar.postgres.control import PostgresError
+from pgsidecar.postgres.sql import Sql
+from tests.support.pgtestutil import RecordingLog, query
+
+async def main() -> None:
+    ci, passfile = Conninfo(**json.loads(sys.argv[1])), Path(sys.argv[2])
+    sql = Sql(ci, passfile, "closing", RecordingLog())
+    outcomes = []
+    for _ in range(3):
+        await sql.probe_row()  # the kept connection
+        rows = await query(ci, passfile,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgsidecar-closing'")
+        (backend,), = rows
+        os.kill(backend, signal.SIGSTOP)
+        probe = asyncio.ensure_future(sql.probe_row())
+        await asyncio.sleep(0.3)  # its query sent, waiting for the answer
+        os.kill(backend, signal.SIGKILL)  # the server side goes away: the socket reads EOF
+        time.sleep(0.3)  # the loop blocked: that EOF waits for the probe's task...
+        await sql.close_probe()  # ...while the exit watch closes the connection first
+        try:
+            await probe
+            outcomes.append("answered")
+        except PostgresError as exc:
+            outcomes.append(str(exc))
+        for _ in range(100):  # the postmaster's crash restart; then a fresh connection answers
+            try:
+                await sql.probe_row()
+                outcomes.append("next probe answered")
+                break
+            except PostgresError:
+                await asyncio.sleep(0.1)
+    await sql.close_probe()
+    print(json.dumps(outcomes))
+
+asyncio.run(main())
+"""
+
+
+async def test_closing_the_probe_connection_under_a_running_probe(lab: Lab) -> None:
+    """The exit watch probes a server that has just died, which drops the kept probe
+    connection, while the probe loop still waits for its query's answer on it. The connection
+    must not be freed under that query: the probe fails with PostgresError and the next one
+    opens a new connection. (It was freed: the agent crashed with SIGSEGV or hung.)"""
+    a = lab.control("a")
+    a.write_config("primary", None, None)
+    await a.start(30)
+    ci = dataclasses.asdict(a.superuser_conninfo("127.0.0.1", a.settings.port))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLOSE_UNDER_A_PROBE,
+        json.dumps(ci),
+        str(a.passfile),
+        cwd=str(REPO),
+        env={**os.environ, "MALLOC_PERTURB_": "165", "PYTHONFAULTHANDLER": "1"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, f"the child ended with {proc.returncode}: {err.decode()[-3000:]}"
+    outcomes = json.loads(out.decode().strip().splitlines()[-1])
+    assert (
+        outcomes
+        == [
+            "probe query: the connection was closed under it",
+            "next probe answered",
+        ]
+        * 3
+    ), outcomes
 
 
 async def test_the_rewind_source_checkpoint_waits_for_a_promotion_to_finish(lab: Lab) -> None:
